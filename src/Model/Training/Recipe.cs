@@ -46,6 +46,10 @@ public sealed record Recipe
 
     // ---- network ----
     public NetworkKind Network { get; init; } = NetworkKind.Mlp;
+    /// <summary>U-Net block layout (see <see cref="UNetLayout"/>).</summary>
+    public UNetLayout UNetLayout { get; init; } = UNetLayout.Annotated;
+    /// <summary>U-Net (Ho2020 layout): feature-map sides at which full self-attention is used.</summary>
+    public int[] AttentionResolutions { get; init; } = [16];
     /// <summary>MLP width (Mlp, Sohl2015Mlp).</summary>
     public int HiddenSize { get; init; } = 128;
     /// <summary>MLP depth (Mlp: hidden layers; Sohl2015Mlp: trunk layers).</summary>
