@@ -1,0 +1,47 @@
+using static TorchSharp.torch;
+
+namespace DistDiffusion.Model.Diffusion;
+
+/// <summary>
+/// One reverse-process sampler: the descending timestep indices it visits and how one step maps
+/// x_t to the next x given the network's output there. Knows nothing of networks.
+/// </summary>
+public abstract class ReverseSampler
+{
+    protected ReverseSampler(GaussianDiffusion diffusion, bool clipDenoised, IReadOnlyList<int> timesteps)
+    {
+        Diffusion = diffusion;
+        ClipDenoised = clipDenoised;
+        Timesteps = timesteps;
+    }
+
+    public GaussianDiffusion Diffusion { get; }
+    public bool ClipDenoised { get; }
+
+    /// <summary>Timestep indices visited, from the first (near T-1) down to 0.</summary>
+    public IReadOnlyList<int> Timesteps { get; }
+
+    /// <summary>Does step <paramref name="position"/> add fresh noise (so the caller must supply it)?</summary>
+    public abstract bool UsesNoise(int position);
+
+    /// <summary>
+    /// One step at Timesteps[position]: modelOutput is the network's output for (xt, t) [B, C(*2), ...];
+    /// noise [B, C, ...] standard normal (ignored where <see cref="UsesNoise"/> is false, may be null there).
+    /// Returns x at the next visited timestep (x_0 after the last step).
+    /// </summary>
+    public abstract Tensor Step(Tensor modelOutput, int position, Tensor xt, Tensor? noise);
+
+    /// <summary>Builds the sampler a request names.</summary>
+    /// <param name="steps">DDIM: number of strided steps (1..T); DDPM: must be T (or 0 for "all").</param>
+    public static ReverseSampler Create(GaussianDiffusion diffusion, SamplerKind kind, int steps, double eta, bool clipDenoised) => kind switch
+    {
+        SamplerKind.Ddpm => steps == 0 || steps == diffusion.T
+            ? new DdpmSampler(diffusion, clipDenoised)
+            : throw new ArgumentException($"steps = {steps}: DDPM ancestral sampling runs all {diffusion.T} steps (use ddim for fewer)"),
+        SamplerKind.Ddim => new DdimSampler(diffusion, steps == 0 ? diffusion.T : steps, eta, clipDenoised),
+        _ => throw new ArgumentException($"sampler {kind}: expected ddpm or ddim"),
+    };
+
+    protected static Tensor TimestepTensor(Tensor like, int t) =>
+        full(new[] { like.shape[0] }, (long)t, ScalarType.Int64, like.device);
+}

@@ -1,0 +1,128 @@
+using DistDiffusion.Model.Diffusion;
+using DistDiffusion.Model.Training;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace DistDiffusion.Model.Sampling;
+
+/// <summary>What to sample: samples FirstIndex .. FirstIndex + Count - 1 of the stream named by Seed.</summary>
+/// <param name="TrajectoryEvery">Keep x every k-th visited step (0: no trajectory); x_T and x_0 are always kept when k &gt; 0.</param>
+public sealed record SampleRequest(int Count, SamplerKind Sampler, int Steps, double Eta, long Seed, long FirstIndex = 0, int TrajectoryEvery = 0)
+{
+    public void Validate(int timesteps)
+    {
+        if (Count < 1) throw new ArgumentException($"n = {Count}: expected at least 1 sample");
+        if (FirstIndex < 0) throw new ArgumentException($"first index = {FirstIndex}: expected >= 0");
+        if (TrajectoryEvery < 0) throw new ArgumentException($"trajectory-every = {TrajectoryEvery}: expected >= 0");
+        if (Sampler == SamplerKind.Ddpm && Steps != 0 && Steps != timesteps)
+            throw new ArgumentException($"steps = {Steps}: DDPM ancestral sampling runs all T = {timesteps} steps (use --sampler ddim for fewer)");
+        if (Sampler == SamplerKind.Ddim && (Steps < 0 || Steps > timesteps))
+            throw new ArgumentException($"steps = {Steps}: expected 1..{timesteps} for DDIM (0 means all)");
+        if (!(Eta >= 0 && Eta <= 1)) throw new ArgumentException($"eta = {Eta}: expected a value in [0, 1]");
+    }
+}
+
+/// <summary>Final samples [N, ...] (CPU) and, when asked, the kept trajectory frames x_T ... x_0 (CPU, each [N, ...]).</summary>
+public sealed class SampleResult : IDisposable
+{
+    public SampleResult(Tensor samples, IReadOnlyList<Tensor> trajectory)
+    {
+        Samples = samples;
+        Trajectory = trajectory;
+    }
+
+    public Tensor Samples { get; }
+    public IReadOnlyList<Tensor> Trajectory { get; }
+
+    public void Dispose()
+    {
+        Samples.Dispose();
+        foreach (var t in Trajectory) t.Dispose();
+    }
+}
+
+/// <summary>
+/// Composes a denoising network with a <see cref="ReverseSampler"/>. Sample i's starting noise x_T and every
+/// step's noise come from counter-based streams keyed by (seed, i), so a sample is the same whichever batch,
+/// process or device computes it. Runs under no_grad with the network in eval mode.
+/// </summary>
+public static class SamplingPipeline
+{
+    /// <summary>The noise key of sample <paramref name="index"/> of stream <paramref name="seed"/>.</summary>
+    public static ulong SampleKey(long seed, long index) => SeedMix.Mix(seed, index, 0x5A3D1E);
+
+    public static SampleResult Run(nn.Module<Tensor, Tensor, Tensor> network, GaussianDiffusion diffusion, bool clipDenoised,
+        SampleRequest request, long[] sampleShape, Device device, int batchSize = 256,
+        Action<int>? onSamplesDone = null, CancellationToken cancellationToken = default)
+    {
+        request.Validate(diffusion.T);
+        if (batchSize < 1) throw new ArgumentException($"batch size = {batchSize}: expected >= 1");
+        var sampler = ReverseSampler.Create(diffusion, request.Sampler, request.Steps, request.Eta, clipDenoised);
+        var wasTraining = network.training;
+        network.eval();
+        var outputs = new List<Tensor>();
+        var trajectories = new List<List<Tensor>>();
+        try
+        {
+            using var noGrad = no_grad();
+            for (var start = 0; start < request.Count; start += batchSize)
+            {
+                var n = Math.Min(batchSize, request.Count - start);
+                var keys = new ulong[n];
+                for (var j = 0; j < n; j++) keys[j] = SampleKey(request.Seed, request.FirstIndex + start + j);
+                var frames = new List<Tensor>();
+                outputs.Add(RunBatch(network, sampler, keys, sampleShape, device, request.TrajectoryEvery, frames, cancellationToken));
+                trajectories.Add(frames);
+                onSamplesDone?.Invoke(start + n);
+            }
+            var samples = outputs.Count == 1 ? outputs[0].alias() : cat(outputs, 0);
+            var trajectory = new List<Tensor>();
+            if (trajectories.Count > 0)
+                for (var f = 0; f < trajectories[0].Count; f++)
+                    trajectory.Add(cat(trajectories.Select(tr => tr[f]).ToList(), 0));
+            return new SampleResult(samples.DetachFromDisposeScope(), trajectory.Select(t => t.DetachFromDisposeScope()).ToList());
+        }
+        finally
+        {
+            foreach (var o in outputs) o.Dispose();
+            foreach (var tr in trajectories) foreach (var f in tr) f.Dispose();
+            network.train(wasTraining);
+        }
+    }
+
+    /// <summary>A CPU copy that never aliases <paramref name="x"/> (x.cpu() returns x itself on the CPU).</summary>
+    private static Tensor CpuCopy(Tensor x) =>
+        (x.device_type == DeviceType.CPU ? x.clone() : x.cpu()).DetachFromDisposeScope();
+
+    /// <summary>Runs the whole reverse chain for one batch of sample keys; returns x_0 [n, ...] on the CPU.</summary>
+    private static Tensor RunBatch(nn.Module<Tensor, Tensor, Tensor> network, ReverseSampler sampler, ulong[] keys,
+        long[] sampleShape, Device device, int trajectoryEvery, List<Tensor> frames, CancellationToken ct)
+    {
+        // x_T ~ N(0, I) from position 0 of each sample's stream; step k's noise from the stream keyed (key, k + 1).
+        var x = CounterRng.NormalRows(keys, sampleShape, device).DetachFromDisposeScope();
+        if (trajectoryEvery > 0) frames.Add(CpuCopy(x));
+        var stepKeys = new ulong[keys.Length];
+        for (var pos = 0; pos < sampler.Timesteps.Count; pos++)
+        {
+            ct.ThrowIfCancellationRequested();
+            using var scope = NewDisposeScope();
+            var t = full(new[] { (long)keys.Length }, (long)sampler.Timesteps[pos], ScalarType.Int64, device);
+            var output = network.forward(x, t);
+            Tensor? noise = null;
+            if (sampler.UsesNoise(pos))
+            {
+                for (var j = 0; j < keys.Length; j++) stepKeys[j] = SeedMix.Mix(keys[j], (ulong)(pos + 1));
+                noise = CounterRng.NormalRows(stepKeys, sampleShape, device);
+            }
+            var next = sampler.Step(output, pos, x, noise).DetachFromDisposeScope();
+            x.Dispose();
+            x = next;
+            var last = pos == sampler.Timesteps.Count - 1;
+            if (trajectoryEvery > 0 && ((pos + 1) % trajectoryEvery == 0 || last))
+                frames.Add(CpuCopy(x));
+        }
+        var result = x.cpu().DetachFromDisposeScope();
+        if (!ReferenceEquals(result, x)) x.Dispose();
+        return result;
+    }
+}

@@ -1,0 +1,136 @@
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace DistDiffusion.Model.Training;
+
+/// <summary>
+/// Adam (Kingma &amp; Ba 2015) with bias correction, as torch.optim.Adam computes it, plus decoupled weight
+/// decay (AdamW), global-norm gradient clipping and linear warm-up. Its state (exp_avg, exp_avg_sq per
+/// parameter and the step count) is explicit so that checkpoints can store and restore it exactly.
+/// The gradients are read from each parameter's .grad (set by backward or by the distributed trainer).
+/// </summary>
+public sealed class AdamOptimizer : IDisposable
+{
+    private readonly IReadOnlyList<(string Name, Parameter Param)> _params;
+    private readonly Dictionary<string, Tensor> _expAvg = new();
+    private readonly Dictionary<string, Tensor> _expAvgSq = new();
+
+    public double LearningRate { get; }
+    public double Beta1 { get; }
+    public double Beta2 { get; }
+    public double Epsilon { get; }
+    public double WeightDecay { get; }
+    public double GradClip { get; }
+    public int WarmupSteps { get; }
+
+    /// <summary>Number of optimizer steps taken so far.</summary>
+    public long StepCount { get; private set; }
+
+    public AdamOptimizer(IEnumerable<(string Name, Parameter Param)> parameters, Recipe recipe)
+    {
+        _params = parameters.ToList();
+        LearningRate = recipe.LearningRate;
+        Beta1 = recipe.AdamBeta1;
+        Beta2 = recipe.AdamBeta2;
+        Epsilon = recipe.AdamEpsilon;
+        WeightDecay = recipe.WeightDecay;
+        GradClip = recipe.GradClip;
+        WarmupSteps = recipe.WarmupSteps;
+        foreach (var (name, p) in _params)
+        {
+            _expAvg[name] = zeros_like(p).DetachFromDisposeScope();
+            _expAvgSq[name] = zeros_like(p).DetachFromDisposeScope();
+        }
+    }
+
+    /// <summary>The learning rate used at optimizer step number <paramref name="step"/> (1-based).</summary>
+    public double LearningRateAt(long step) => WarmupSteps > 0 ? LearningRate * Math.Min(1.0, (double)step / WarmupSteps) : LearningRate;
+
+    /// <summary>Global L2 norm of the current gradients (parameters without a gradient count as zero).</summary>
+    public double GradientNorm()
+    {
+        using var scope = NewDisposeScope();
+        var total = 0.0;
+        foreach (var (_, p) in _params)
+            if (p.grad is { } g) total += g.square().sum().to_type(ScalarType.Float64).item<double>();
+        return Math.Sqrt(total);
+    }
+
+    /// <summary>One update from the parameters' gradients. Returns the gradient norm before clipping.</summary>
+    public double Step()
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var norm = GradientNorm();
+        if (!double.IsFinite(norm))
+            throw new InvalidOperationException($"gradient norm is {norm}: refusing to apply a non-finite update");
+        var clipScale = GradClip > 0 && norm > GradClip ? GradClip / (norm + 1e-6) : 1.0;
+        StepCount++;
+        var lr = LearningRateAt(StepCount);
+        var bias1 = 1.0 - Math.Pow(Beta1, StepCount);
+        var bias2 = 1.0 - Math.Pow(Beta2, StepCount);
+        var stepSize = lr / bias1;
+        var sqrtBias2 = Math.Sqrt(bias2);
+        foreach (var (name, p) in _params)
+        {
+            if (p.grad is not { } grad) continue;
+            var g = clipScale != 1.0 ? grad * clipScale : grad;
+            var m = _expAvg[name];
+            var v = _expAvgSq[name];
+            m.mul_(Beta1).add_(g, alpha: 1 - Beta1);
+            v.mul_(Beta2).addcmul_(g, g, value: 1 - Beta2);
+            if (WeightDecay > 0) p.mul_(1 - lr * WeightDecay);
+            var denom = v.sqrt().div_(sqrtBias2).add_(Epsilon);
+            p.addcdiv_(m, denom, value: -stepSize);
+        }
+        return norm;
+    }
+
+    /// <summary>Clears every parameter's gradient.</summary>
+    public void ZeroGrad()
+    {
+        foreach (var (_, p) in _params)
+            if (p.grad is { } g) g.zero_();
+    }
+
+    /// <summary>State tensors by name ("exp_avg.{param}", "exp_avg_sq.{param}"), live references.</summary>
+    public IReadOnlyDictionary<string, Tensor> StateTensors()
+    {
+        var d = new Dictionary<string, Tensor>();
+        foreach (var (name, _) in _params)
+        {
+            d["exp_avg." + name] = _expAvg[name];
+            d["exp_avg_sq." + name] = _expAvgSq[name];
+        }
+        return d;
+    }
+
+    /// <summary>Restores state saved by <see cref="StateTensors"/>; every tensor must be present with the parameter's shape.</summary>
+    public void LoadState(IReadOnlyDictionary<string, Tensor> state, long stepCount)
+    {
+        // Validate everything first so a bad state changes nothing.
+        foreach (var (name, p) in _params)
+            foreach (var prefix in new[] { "exp_avg.", "exp_avg_sq." })
+            {
+                if (!state.TryGetValue(prefix + name, out var t))
+                    throw new InvalidDataException($"optimizer state lacks '{prefix}{name}'");
+                if (!t.shape.SequenceEqual(p.shape))
+                    throw new InvalidDataException($"optimizer state '{prefix}{name}' has shape [{string.Join(",", t.shape)}], expected [{string.Join(",", p.shape)}]");
+            }
+        using var noGrad = no_grad();
+        foreach (var (name, _) in _params)
+        {
+            _expAvg[name].copy_(state["exp_avg." + name]);
+            _expAvgSq[name].copy_(state["exp_avg_sq." + name]);
+        }
+        StepCount = stepCount;
+    }
+
+    public void Dispose()
+    {
+        foreach (var t in _expAvg.Values) t.Dispose();
+        foreach (var t in _expAvgSq.Values) t.Dispose();
+        _expAvg.Clear();
+        _expAvgSq.Clear();
+    }
+}
