@@ -93,6 +93,15 @@ public sealed record Recipe
     [JsonIgnore]
     public bool IsImageData => Dataset is DatasetKind.Mnist or DatasetKind.FashionMnist or DatasetKind.ImageFolder;
 
+    /// <summary>Shape of one training example: [2] for points, [C, H, W] for images.</summary>
+    [JsonIgnore]
+    public long[] SampleShape => Dataset switch
+    {
+        DatasetKind.Mnist or DatasetKind.FashionMnist => [1, 28, 28],
+        DatasetKind.ImageFolder => [3, ImageSize, ImageSize],
+        _ => [2],
+    };
+
     public static readonly JsonSerializerOptions JsonOptions = new()
     {
         WriteIndented = true,

@@ -1,0 +1,104 @@
+using System.CommandLine;
+using System.Globalization;
+using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Data;
+using DistDiffusion.Model.Training;
+
+namespace DistDiffusion.Coordinator.Cli;
+
+/// <summary>`coordinator train`: one-process training, the reference path the distributed trainer must match.</summary>
+internal static class TrainCommand
+{
+    public static Command Create()
+    {
+        var recipe = new Option<string?>("--recipe") { Description = "Named recipe: " + string.Join(", ", Recipes.All.Select(r => r.Name)) };
+        var set = new Option<string[]>("--set") { Description = "Override a recipe field, key=value (repeatable), e.g. --set learning-rate=2e-4", AllowMultipleArgumentsPerToken = false };
+        var steps = new Option<int?>("--steps") { Description = "Train until this many steps are done (default: the recipe's)" };
+        var seed = new Option<long?>("--seed") { Description = "Run seed (weights, data order, per-sample noise)" };
+        var output = new Option<string?>("--out") { Description = "Run folder for checkpoints, samples and recipe.json" };
+        var resume = new Option<string?>("--resume") { Description = "Continue a run: a run folder (its latest checkpoint) or one checkpoint folder" };
+        var device = CliSupport.DeviceOption();
+        var threads = CliSupport.ThreadsOption();
+        var cmd = new Command("train", "Train in this one process (checkpoints and sample pictures go to the run folder)")
+        {
+            recipe, set, steps, seed, output, resume, device, threads,
+        };
+        cmd.SetAction(p => Run(p.GetValue(recipe), p.GetValue(set) ?? [], p.GetValue(steps), p.GetValue(seed),
+            p.GetValue(output), p.GetValue(resume), p.GetValue(device)!, p.GetValue(threads)));
+        return cmd;
+    }
+
+    private static int Run(string? recipeName, string[] sets, int? steps, long? seed, string? outDir, string? resume, string deviceSpec, int threads)
+    {
+        var device = CliSupport.ResolveDevice(deviceSpec, threads);
+        CheckpointData? checkpoint = null;
+        Recipe recipe;
+        string runDir;
+        if (resume is not null)
+        {
+            if (recipeName is not null || sets.Length > 0 || seed is not null)
+                throw new UsageException("--resume continues a run with its own recipe: drop --recipe, --set and --seed (only --steps may change)");
+            var folder = CheckpointStore.ResolveCheckpointFolder(resume);
+            checkpoint = CheckpointStore.Load(folder);
+            recipe = checkpoint.Recipe;
+            // RUN/checkpoints/<step> -> RUN
+            runDir = outDir ?? Path.GetFullPath(Path.Combine(folder, "..", ".."));
+        }
+        else
+        {
+            if (recipeName is null) throw new UsageException("--recipe is required (or --resume DIR)");
+            if (outDir is null) throw new UsageException("--out DIR is required");
+            recipe = Recipes.Get(recipeName).WithOverrides(sets);
+            if (seed is { } s) recipe = recipe with { Seed = s };
+            runDir = Path.GetFullPath(outDir);
+            if (Directory.Exists(Path.Combine(runDir, "checkpoints")) && CheckpointStore.List(runDir).Count > 0)
+                throw new UsageException($"--out {outDir}: already holds a run with checkpoints; use --resume {outDir} to continue it or choose another folder");
+        }
+        if (steps is { } n)
+        {
+            if (n < 0) throw new UsageException($"--steps {n}: expected a count >= 0");
+            recipe = recipe with { Steps = n };
+        }
+        recipe = CliSupport.ResolveDataPath(recipe);
+        recipe.Validate();
+
+        var (train, heldOut) = DatasetLoader.Load(recipe);
+        using (train)
+        using (heldOut)
+        {
+            Directory.CreateDirectory(runDir);
+            File.WriteAllText(Path.Combine(runDir, "recipe.json"), recipe.ToJson());
+            using var state = checkpoint is null
+                ? TrainingState.Create(recipe, train.SampleShape, train.Count, device)
+                : TrainingState.FromCheckpoint(checkpoint with { Recipe = recipe }, train.SampleShape, train.Count, device);
+            var inv = CultureInfo.InvariantCulture;
+            Console.Error.WriteLine(string.Create(inv,
+                $"training {recipe.Name}: {train.Description}, {train.Count} samples, {state.Network.parameters().Sum(p => p.numel())} parameters, batch {recipe.BatchSize}, T = {recipe.Timesteps}, device {device}, from step {state.StepsDone} to {recipe.Steps}"));
+            var bar = new ProgressBar("train", state.StepsDone, recipe.Steps);
+            double smoothed = double.NaN;
+            using var cts = new CancellationTokenSource();
+            ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
+            Console.CancelKeyPress += onCancel;
+            try
+            {
+                var trainer = new LocalTrainer(state, train, runDir)
+                {
+                    OnStep = p =>
+                    {
+                        smoothed = double.IsNaN(smoothed) ? p.Loss : 0.98 * smoothed + 0.02 * p.Loss;
+                        bar.Update(p.Step, "loss " + CliSupport.Format(smoothed));
+                    },
+                    OnCheckpoint = f => Console.Error.WriteLine($"checkpoint {f}"),
+                    OnSampleStep = st => Console.Error.WriteLine($"samples {RunPictures.WriteTrainingSamples(state, runDir, st)}"),
+                };
+                trainer.Run(recipe.Steps, cts.Token);
+            }
+            finally
+            {
+                Console.CancelKeyPress -= onCancel;
+            }
+            Console.WriteLine(string.Create(inv, $"trained {recipe.Name} to step {state.StepsDone}; run folder {runDir}"));
+        }
+        return CliSupport.ExitOk;
+    }
+}

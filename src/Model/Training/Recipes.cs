@@ -1,0 +1,187 @@
+using DistDiffusion.Model.Data;
+using DistDiffusion.Model.Diffusion;
+using DistDiffusion.Model.Networks;
+
+namespace DistDiffusion.Model.Training;
+
+/// <summary>
+/// Named recipes. The seed recipes reproduce the systems of the documents the project started from with
+/// their values, even where those are unsound (see README); <c>swissroll</c> and <c>mnist-small</c> are
+/// the project's own.
+/// </summary>
+public static class Recipes
+{
+    /// <summary>Sohl-Dickstein et al. (2015) on the swiss roll: T = 40, per-step heads, learned mean and variance, KL loss.</summary>
+    public static Recipe SwissRollSohl2015 { get; } = new()
+    {
+        Name = "swissroll-sohl2015",
+        Dataset = DatasetKind.SwissRoll,
+        Timesteps = 40,
+        BetaSchedule = BetaSchedule.Sigmoid,
+        BetaStart = 1e-4,
+        BetaEnd = 0.2,
+        Network = NetworkKind.Sohl2015Mlp,
+        HiddenSize = 128,
+        HiddenLayers = 3,
+        Prediction = PredictionType.Mean,
+        Variance = VarianceType.LearnedRange,
+        Loss = LossType.Kl,
+        Reduction = LossReduction.Mean,
+        BatchSize = 128,
+        LearningRate = 1e-3,
+        Steps = 6000,
+        EmaDecay = 0.995,
+        CheckpointEvery = 2000,
+        SampleEvery = 2000,
+    };
+
+    /// <summary>The seeds' DDPM swiss roll: T = 50, beta 1e-4..0.02 (alpha-bar_T ~ 0.6: unsound, kept), 4 hidden ReLU layers, Adam, batch 128.</summary>
+    public static Recipe SwissRollDdpm { get; } = new()
+    {
+        Name = "swissroll-ddpm",
+        Dataset = DatasetKind.SwissRoll,
+        Timesteps = 50,
+        BetaSchedule = BetaSchedule.Linear,
+        BetaStart = 1e-4,
+        BetaEnd = 0.02,
+        Network = NetworkKind.Mlp,
+        HiddenSize = 128,
+        HiddenLayers = 4,
+        BatchSize = 128,
+        LearningRate = 1e-3,
+        Steps = 6000,
+        EmaDecay = 0.995,
+        CheckpointEvery = 2000,
+        SampleEvery = 2000,
+    };
+
+    /// <summary>The project's own 2-D recipe and the demo default.</summary>
+    public static Recipe SwissRoll { get; } = new()
+    {
+        Name = "swissroll",
+        Dataset = DatasetKind.SwissRoll,
+        Timesteps = 100,
+        BetaSchedule = BetaSchedule.Linear,
+        BetaStart = 1e-4,
+        BetaEnd = 0.1,
+        Network = NetworkKind.Mlp,
+        HiddenSize = 128,
+        HiddenLayers = 4,
+        BatchSize = 256,
+        LearningRate = 2e-3,
+        Steps = 4000,
+        EmaDecay = 0.995,
+        CheckpointEvery = 2000,
+        SampleEvery = 2000,
+    };
+
+    /// <summary>The seeds' MNIST DDPM: T = 50, beta 1e-4..0.1, U-Net 128 channels (1,2,2), 2 res blocks, dropout 0.1, Adam 2e-4, summed squared error.</summary>
+    public static Recipe MnistDdpm { get; } = new()
+    {
+        Name = "mnist-ddpm",
+        Dataset = DatasetKind.Mnist,
+        DataPath = "data/mnist",
+        Timesteps = 50,
+        BetaSchedule = BetaSchedule.Linear,
+        BetaStart = 1e-4,
+        BetaEnd = 0.1,
+        Network = NetworkKind.UNet,
+        UNetLayout = UNetLayout.Annotated,
+        BaseChannels = 128,
+        ChannelMultipliers = [1, 2, 2],
+        ResBlocks = 2,
+        GroupNormGroups = 8,
+        Dropout = 0.1,
+        LearningRate = 2e-4,
+        Reduction = LossReduction.Sum,
+        BatchSize = 128,
+        ClipDenoised = true,
+        Steps = 20_000,
+        EmaDecay = 0.999,
+        CheckpointEvery = 1000,
+        SampleEvery = 1000,
+    };
+
+    /// <summary>The project's CPU-sized MNIST recipe: mnist-ddpm's process on a 32-channel U-Net, mean loss, trains in minutes here.</summary>
+    public static Recipe MnistSmall { get; } = MnistDdpm with
+    {
+        Name = "mnist-small",
+        BaseChannels = 32,
+        ChannelMultipliers = [1, 2, 2],
+        ResBlocks = 1,
+        AttentionHeads = 2,
+        AttentionHeadSize = 16,
+        Dropout = 0.0,
+        Reduction = LossReduction.Mean,
+        LearningRate = 1e-3,
+        BatchSize = 64,
+        Steps = 3000,
+        EmaDecay = 0.995,
+    };
+
+    /// <summary>The annotated diffusion model's Fashion-MNIST run: T = 300 linear, U-Net width 28 (1,2,4), Huber, Adam 1e-3, batch 128, flips.</summary>
+    public static Recipe FashionMnistAnnotated { get; } = new()
+    {
+        Name = "fashion-mnist-annotated",
+        Dataset = DatasetKind.FashionMnist,
+        DataPath = "data/fashion-mnist",
+        Timesteps = 300,
+        BetaSchedule = BetaSchedule.Linear,
+        BetaStart = 1e-4,
+        BetaEnd = 0.02,
+        Network = NetworkKind.UNet,
+        UNetLayout = UNetLayout.Annotated,
+        BaseChannels = 28,
+        ChannelMultipliers = [1, 2, 4],
+        ResBlocks = 2,
+        GroupNormGroups = 4,
+        Loss = LossType.Huber,
+        LearningRate = 1e-3,
+        BatchSize = 128,
+        RandomFlip = true,
+        ClipDenoised = true,
+        EmaDecay = 0,
+        Steps = 2_400,
+        CheckpointEvery = 600,
+        SampleEvery = 600,
+    };
+
+    /// <summary>Ho et al. (2020) CIFAR-10: T = 1000, 35.7M-parameter U-Net, lr 2e-4, batch 128, EMA 0.9999, dropout 0.1, warm-up 5000, grad clip 1, flips.</summary>
+    public static Recipe Cifar10Ddpm { get; } = new()
+    {
+        Name = "cifar10-ddpm",
+        Dataset = DatasetKind.ImageFolder,
+        DataPath = "data/cifar10",
+        ImageSize = 32,
+        Timesteps = 1000,
+        BetaSchedule = BetaSchedule.Linear,
+        BetaStart = 1e-4,
+        BetaEnd = 0.02,
+        Network = NetworkKind.UNet,
+        UNetLayout = UNetLayout.Ho2020,
+        BaseChannels = 128,
+        ChannelMultipliers = [1, 2, 2, 2],
+        ResBlocks = 2,
+        AttentionResolutions = [16],
+        GroupNormGroups = 32,
+        Dropout = 0.1,
+        LearningRate = 2e-4,
+        BatchSize = 128,
+        GradClip = 1.0,
+        WarmupSteps = 5000,
+        EmaDecay = 0.9999,
+        RandomFlip = true,
+        ClipDenoised = true,
+        Steps = 800_000,
+        CheckpointEvery = 10_000,
+        SampleEvery = 10_000,
+    };
+
+    public static IReadOnlyList<Recipe> All { get; } =
+        [SwissRoll, SwissRollDdpm, SwissRollSohl2015, MnistDdpm, MnistSmall, FashionMnistAnnotated, Cifar10Ddpm];
+
+    /// <summary>The recipe named <paramref name="name"/>; <see cref="ArgumentException"/> listing the names otherwise.</summary>
+    public static Recipe Get(string name) =>
+        All.FirstOrDefault(r => string.Equals(r.Name, name, StringComparison.OrdinalIgnoreCase))
+        ?? throw new ArgumentException($"unknown recipe '{name}'; expected one of: {string.Join(", ", All.Select(r => r.Name))}");
+}

@@ -1,0 +1,138 @@
+using System.Globalization;
+using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Diffusion;
+using DistDiffusion.Model.Networks;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace DistDiffusion.Model.Training;
+
+/// <summary>What one step will do: its number, the global batch's dataset indices, and the cursor after it.</summary>
+public sealed record StepPlan(long Step, long[] Indices, DataCursor Next);
+
+/// <summary>
+/// The state a training run carries from step to step — network weights, Adam state, EMA weights, step
+/// number and data cursor — and the one way it advances: <see cref="ApplyGradients"/> with the gradients
+/// of the planned global batch already in the parameters' .grad. The one-process trainer and the
+/// distributed coordinator both drive this class, so their updates are the same code.
+/// </summary>
+public sealed class TrainingState : IDisposable
+{
+    private TrainingState(Recipe recipe, DenoiserNetwork network, long[] sampleShape, long datasetSize, Device device)
+    {
+        Recipe = recipe;
+        Network = network;
+        SampleShape = sampleShape;
+        Device = device;
+        Schedule = NoiseSchedule.Create(recipe.BetaSchedule, recipe.Timesteps, recipe.BetaStart, recipe.BetaEnd);
+        Diffusion = new GaussianDiffusion(Schedule, recipe.Prediction, recipe.Variance, recipe.Loss, recipe.Reduction, discreteData: recipe.IsImageData);
+        Step = new TrainingStep(Diffusion, recipe.Seed, recipe.RandomFlip);
+        var named = network.named_parameters().Select(p => (p.name, p.parameter)).ToList();
+        Optimizer = new AdamOptimizer(named, recipe);
+        Ema = recipe.EmaDecay > 0 ? new ExponentialMovingAverage(named, recipe.EmaDecay) : null;
+        Order = new DataOrder(datasetSize, recipe.Seed);
+    }
+
+    public Recipe Recipe { get; }
+    public DenoiserNetwork Network { get; }
+    public long[] SampleShape { get; }
+    public Device Device { get; }
+    public NoiseSchedule Schedule { get; }
+    public GaussianDiffusion Diffusion { get; }
+    public TrainingStep Step { get; }
+    public AdamOptimizer Optimizer { get; }
+    public ExponentialMovingAverage? Ema { get; }
+    public DataOrder Order { get; }
+
+    /// <summary>Optimizer steps completed.</summary>
+    public long StepsDone { get; private set; }
+    public DataCursor Cursor { get; private set; } = new(0, 0);
+
+    /// <summary>A fresh run: weights initialized from torch's generator seeded with the recipe's seed.</summary>
+    public static TrainingState Create(Recipe recipe, long[] sampleShape, long datasetSize, Device device)
+    {
+        recipe.Validate();
+        random.manual_seed(recipe.Seed);
+        var network = NetworkFactory.Create(recipe, sampleShape);
+        network.to(device);
+        return new TrainingState(recipe, network, sampleShape, datasetSize, device);
+    }
+
+    /// <summary>The run a checkpoint describes, with every tensor restored exactly.</summary>
+    public static TrainingState FromCheckpoint(CheckpointData checkpoint, long[] sampleShape, long datasetSize, Device device)
+    {
+        var state = Create(checkpoint.Recipe, sampleShape, datasetSize, device);
+        try
+        {
+            state.Restore(checkpoint);
+            return state;
+        }
+        catch
+        {
+            state.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>The next step's global batch (does not advance anything).</summary>
+    public StepPlan PlanStep()
+    {
+        var (indices, next) = Order.NextBatch(Cursor, Recipe.BatchSize);
+        return new StepPlan(StepsDone, indices, next);
+    }
+
+    /// <summary>
+    /// Applies the gradients now in the parameters' .grad (those of <paramref name="plan"/>'s whole global batch):
+    /// Adam step, EMA update, step count and cursor advance. A non-finite gradient throws and changes nothing.
+    /// </summary>
+    public double ApplyGradients(StepPlan plan)
+    {
+        if (plan.Step != StepsDone)
+            throw new InvalidOperationException($"plan is for step {plan.Step} but the run is at step {StepsDone}");
+        var norm = Optimizer.Step();
+        StepsDone++;
+        Ema?.Update(StepsDone);
+        Cursor = plan.Next;
+        Optimizer.ZeroGrad();
+        return norm;
+    }
+
+    /// <summary>Weights to sample with: EMA (default, when the recipe keeps one) or the raw weights.</summary>
+    public IReadOnlyDictionary<string, Tensor> SamplingWeights(bool useEma = true) =>
+        useEma && Ema is not null ? Ema.Weights : Network.named_parameters().ToDictionary(p => p.name, p => (Tensor)p.parameter);
+
+    public CheckpointData ToCheckpoint() => new(
+        Recipe, StepsDone, Cursor.Epoch, Cursor.Position, Recipe.Seed,
+        Network.named_parameters().ToDictionary(p => p.name, p => (Tensor)p.parameter),
+        Ema?.Weights ?? new Dictionary<string, Tensor>(),
+        Optimizer.StateTensors(),
+        new Dictionary<string, string> { ["optimizer.step"] = Optimizer.StepCount.ToString(CultureInfo.InvariantCulture) });
+
+    private void Restore(CheckpointData c)
+    {
+        var named = Network.named_parameters().ToList();
+        foreach (var (name, p) in named)
+        {
+            if (!c.Model.TryGetValue(name, out var w))
+                throw new InvalidDataException($"checkpoint lacks weight '{name}'");
+            if (!w.shape.SequenceEqual(p.shape))
+                throw new InvalidDataException($"checkpoint weight '{name}' has shape [{string.Join(",", w.shape)}], expected [{string.Join(",", p.shape)}]");
+        }
+        if (!c.Extra.TryGetValue("optimizer.step", out var stepText) || !long.TryParse(stepText, NumberStyles.Integer, CultureInfo.InvariantCulture, out var optSteps))
+            throw new InvalidDataException("checkpoint lacks 'optimizer.step'");
+        using (no_grad())
+            foreach (var (name, p) in named) p.copy_(c.Model[name]);
+        Optimizer.LoadState(c.Optimizer, optSteps);
+        if (Ema is not null) Ema.Load(c.Ema);
+        StepsDone = c.Step;
+        Cursor = new DataCursor(c.Epoch, c.Cursor);
+    }
+
+    public void Dispose()
+    {
+        Optimizer.Dispose();
+        Ema?.Dispose();
+        Network.Dispose();
+        Schedule.Dispose();
+    }
+}

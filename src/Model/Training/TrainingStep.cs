@@ -1,0 +1,91 @@
+using DistDiffusion.Model.Diffusion;
+using DistDiffusion.Model.Networks;
+using static TorchSharp.torch;
+
+namespace DistDiffusion.Model.Training;
+
+/// <summary>The random choices for a set of samples in one step: t [n] int64, epsilon [n, ...], flips, dropout seeds.</summary>
+public sealed record SampleDraws(long[] Timesteps, ulong[] NoiseKeys, bool[] Flips, long[] DropoutSeeds);
+
+/// <summary>
+/// The loss of one training step on any subset of the global batch (Ho et al. Algorithm 1).
+/// Sample i of step s draws its t, epsilon, flip and dropout masks from streams keyed by
+/// (run seed, s, dataset index of i), and its loss is scaled for the global batch size, so the
+/// sum of the gradients of any partition of the batch equals the gradient of the whole batch.
+/// </summary>
+public sealed class TrainingStep
+{
+    public TrainingStep(GaussianDiffusion diffusion, long runSeed, bool randomFlip)
+    {
+        Diffusion = diffusion;
+        RunSeed = runSeed;
+        RandomFlip = randomFlip;
+    }
+
+    public GaussianDiffusion Diffusion { get; }
+    public long RunSeed { get; }
+    public bool RandomFlip { get; }
+
+    public static ulong SampleKey(long runSeed, long step, long datasetIndex) => SeedMix.Mix(runSeed, step, datasetIndex);
+
+    public SampleDraws Draw(long step, ReadOnlySpan<long> datasetIndices)
+    {
+        var n = datasetIndices.Length;
+        var ts = new long[n];
+        var noiseKeys = new ulong[n];
+        var flips = new bool[n];
+        var dropout = new long[n];
+        for (var i = 0; i < n; i++)
+        {
+            var key = SampleKey(RunSeed, step, datasetIndices[i]);
+            ts[i] = CounterRng.UniformInt(key, 0, Diffusion.T);           // t ~ Uniform({1..T}) as index 0..T-1
+            flips[i] = RandomFlip && CounterRng.Uniform(key, 1) < 0.5;
+            dropout[i] = (long)CounterRng.Bits(key, 2);
+            noiseKeys[i] = SeedMix.Mix(key, 3UL);                        // eps ~ N(0, I) from its own stream
+        }
+        return new SampleDraws(ts, noiseKeys, flips, dropout);
+    }
+
+    /// <summary>
+    /// Scalar loss for the samples x0 [n, ...] (on the network's device) with the given dataset indices:
+    /// sum of per-sample losses divided by the global batch size (mean reduction) or not (sum reduction).
+    /// Call backward on it; gradients of the parts of a batch add up to the whole batch's gradient.
+    /// </summary>
+    public Tensor Loss(DenoiserNetwork network, Tensor x0, long step, ReadOnlySpan<long> datasetIndices, int globalBatchSize)
+    {
+        if (x0.shape[0] != datasetIndices.Length)
+            throw new ArgumentException($"x0 has {x0.shape[0]} samples but {datasetIndices.Length} dataset indices were given");
+        if (globalBatchSize < datasetIndices.Length)
+            throw new ArgumentException($"global batch size {globalBatchSize} is smaller than this part ({datasetIndices.Length})");
+        var draws = Draw(step, datasetIndices);
+        var device = x0.device;
+        if (draws.Flips.Any(f => f))
+        {
+            var mask = tensor(draws.Flips, device: device).reshape(BroadcastShape(x0));
+            x0 = where(mask, x0.flip(-1), x0);                            // horizontal flip of [C, H, W] images
+        }
+        var t = tensor(draws.Timesteps, ScalarType.Int64, device);
+        var eps = CounterRng.NormalRows(draws.NoiseKeys, x0.shape[1..], device);
+        var xt = Diffusion.QSample(x0, t, eps);
+        network.SetSampleSeeds(draws.DropoutSeeds);
+        try
+        {
+            var output = network.forward(xt, t);
+            var perSample = Diffusion.TrainingLosses(output, x0, xt, t, eps);   // [n]
+            var total = perSample.sum();
+            return Diffusion.Reduction == LossReduction.Mean ? total / globalBatchSize : total;
+        }
+        finally
+        {
+            network.SetSampleSeeds(null);
+        }
+    }
+
+    private static long[] BroadcastShape(Tensor x)
+    {
+        var shape = new long[x.dim()];
+        Array.Fill(shape, 1L);
+        shape[0] = x.shape[0];
+        return shape;
+    }
+}
