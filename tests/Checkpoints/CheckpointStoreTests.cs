@@ -178,6 +178,23 @@ public sealed class CheckpointStoreTests : IDisposable
         finally { DisposeLoaded(loaded); }
     }
 
+    /// <summary>
+    /// Pins the platform behaviour the final rename relies on when two savers race past the existence check:
+    /// POSIX rename(2) would silently replace an empty target folder, .NET's Directory.Move must refuse instead.
+    /// </summary>
+    [Fact]
+    public void DirectoryMoveRefusesAnExistingEmptyTarget()
+    {
+        var source = Path.Combine(_run.Path, "a");
+        var target = Path.Combine(_run.Path, "b");
+        Directory.CreateDirectory(source);
+        File.WriteAllText(Path.Combine(source, "f"), "x");
+        Directory.CreateDirectory(target);
+        Assert.Throws<IOException>(() => Directory.Move(source, target));
+        Assert.True(File.Exists(Path.Combine(source, "f")));
+        Assert.Empty(Directory.GetFileSystemEntries(target));
+    }
+
     [Fact]
     public void SaveDeletesOnlyStaleTemporaryFolders()
     {

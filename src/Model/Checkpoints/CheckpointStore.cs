@@ -66,7 +66,14 @@ public static class CheckpointStore
 
             if (Directory.Exists(final) || File.Exists(final))
                 throw new IOException($"checkpoint {final} already exists; checkpoints are never overwritten");
-            Directory.Move(temp, final);
+            try
+            {
+                Directory.Move(temp, final); // refuses an existing target, even an empty one
+            }
+            catch (IOException e) when (Directory.Exists(final))
+            {
+                throw new IOException($"checkpoint {final} already exists (written concurrently); checkpoints are never overwritten", e);
+            }
             return final;
         }
         catch
