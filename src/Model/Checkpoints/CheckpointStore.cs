@@ -1,0 +1,328 @@
+using System.Globalization;
+using System.Security.Cryptography;
+using System.Text.Json;
+using DistDiffusion.Model.Training;
+using static TorchSharp.torch;
+
+namespace DistDiffusion.Model.Checkpoints;
+
+/// <summary>
+/// Checkpoints of a run, one folder per step: <c>RUN/checkpoints/&lt;step&gt;/</c> holding <c>model.safetensors</c>,
+/// <c>ema.safetensors</c>, <c>optimizer.safetensors</c> and <c>checkpoint.json</c> (recipe, position, sizes and SHA-256
+/// of the tensor files). A checkpoint is written into a temporary sibling folder and renamed into place, so a folder
+/// named by a step is always complete; it is never overwritten.
+/// </summary>
+public static class CheckpointStore
+{
+    public const int FormatVersion = 1;
+
+    public const string CheckpointsFolderName = "checkpoints";
+    public const string ManifestFileName = "checkpoint.json";
+    public const string ModelFileName = "model.safetensors";
+    public const string EmaFileName = "ema.safetensors";
+    public const string OptimizerFileName = "optimizer.safetensors";
+
+    private const string TempPrefix = ".tmp-";
+
+    /// <summary>Temporary folders older than this are taken to be leftovers of a crashed save and deleted by <see cref="Save"/>.</summary>
+    private static readonly TimeSpan StaleTempAge = TimeSpan.FromHours(1);
+
+    private static readonly string[] TensorFiles = [ModelFileName, EmaFileName, OptimizerFileName];
+
+    /// <summary>Writes <c>runDir/checkpoints/&lt;step&gt;/</c> atomically and returns its path.</summary>
+    /// <exception cref="IOException">the checkpoint for this step already exists.</exception>
+    public static string Save(string runDir, CheckpointData data)
+    {
+        ArgumentNullException.ThrowIfNull(data);
+        ArgumentNullException.ThrowIfNull(data.Recipe);
+        ArgumentOutOfRangeException.ThrowIfNegative(data.Step);
+        var checkpoints = Path.Combine(Path.GetFullPath(runDir), CheckpointsFolderName);
+        var step = data.Step.ToString(CultureInfo.InvariantCulture);
+        var final = Path.Combine(checkpoints, step);
+        if (Directory.Exists(final) || File.Exists(final))
+            throw new IOException($"checkpoint {final} already exists; checkpoints are never overwritten");
+        Directory.CreateDirectory(checkpoints);
+        DeleteStaleTempFolders(checkpoints);
+
+        var temp = Path.Combine(checkpoints, $"{TempPrefix}{step}-{Guid.NewGuid():N}");
+        Directory.CreateDirectory(temp);
+        try
+        {
+            var files = new List<(string Name, long Bytes, string Sha256)>();
+            foreach (var (name, tensors) in new[] { (ModelFileName, data.Model), (EmaFileName, data.Ema), (OptimizerFileName, data.Optimizer) })
+            {
+                var path = Path.Combine(temp, name);
+                var metadata = new Dictionary<string, string>
+                {
+                    ["format"] = "pt",
+                    ["content"] = Path.GetFileNameWithoutExtension(name),
+                    ["step"] = step,
+                };
+                SafeTensorsFile.Write(path, tensors ?? throw new ArgumentException($"{name}: tensor dictionary is null"), metadata);
+                var (bytes, sha) = Measure(path);
+                files.Add((name, bytes, sha));
+            }
+            WriteManifest(Path.Combine(temp, ManifestFileName), data, files);
+
+            if (Directory.Exists(final) || File.Exists(final))
+                throw new IOException($"checkpoint {final} already exists; checkpoints are never overwritten");
+            try
+            {
+                Directory.Move(temp, final); // refuses an existing target, even an empty one
+            }
+            catch (IOException e) when (Directory.Exists(final))
+            {
+                throw new IOException($"checkpoint {final} already exists (written concurrently); checkpoints are never overwritten", e);
+            }
+            return final;
+        }
+        catch
+        {
+            TryDelete(temp);
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// Loads a checkpoint folder, or the latest complete checkpoint of a run folder, after checking every file's size
+    /// and SHA-256. On any error throws <see cref="CheckpointException"/> and no tensors are handed out.
+    /// </summary>
+    public static CheckpointData Load(string path)
+    {
+        var folder = ResolveCheckpointFolder(path);
+        var manifestPath = Path.Combine(folder, ManifestFileName);
+        var manifest = ReadManifest(manifestPath);
+
+        var loaded = new List<Dictionary<string, Tensor>>();
+        try
+        {
+            foreach (var name in TensorFiles)
+            {
+                var (bytes, sha) = manifest.Files.TryGetValue(name, out var f)
+                    ? f
+                    : throw new CheckpointException(manifestPath, $"'files' does not list {name}", null);
+                loaded.Add(ReadVerified(Path.Combine(folder, name), bytes, sha));
+            }
+        }
+        catch
+        {
+            foreach (var d in loaded) SafeTensorsFile.DisposeAll(d.Values);
+            throw;
+        }
+        return new CheckpointData(manifest.Recipe, manifest.Step, manifest.Epoch, manifest.Cursor, manifest.Seed,
+            loaded[0], loaded[1], loaded[2], manifest.Extra);
+    }
+
+    /// <summary>The checkpoint folder <see cref="Load"/> would read for <paramref name="path"/>.</summary>
+    public static string ResolveCheckpointFolder(string path)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(path);
+        var full = Path.GetFullPath(path);
+        if (File.Exists(full) && Path.GetFileName(full) == ManifestFileName)
+            return Path.GetDirectoryName(full)!;
+        if (!Directory.Exists(full))
+            throw new CheckpointException(full, "no such checkpoint or run folder", null);
+        if (File.Exists(Path.Combine(full, ManifestFileName)))
+            return full;
+        var checkpoints = Path.Combine(full, CheckpointsFolderName);
+        if (Directory.Exists(checkpoints))
+        {
+            var all = List(full);
+            return all.Count > 0
+                ? all[^1].Folder
+                : throw new CheckpointException(full, $"run folder has no complete checkpoint (nothing usable in {checkpoints})", null);
+        }
+        throw new CheckpointException(full, $"neither a checkpoint folder (no {ManifestFileName}) nor a run folder (no {CheckpointsFolderName}/)", null);
+    }
+
+    /// <summary>Complete checkpoints of a run (folders named by a step holding checkpoint.json), by ascending step.</summary>
+    public static IReadOnlyList<(long Step, string Folder)> List(string runDir)
+    {
+        var checkpoints = Path.Combine(Path.GetFullPath(runDir), CheckpointsFolderName);
+        if (!Directory.Exists(checkpoints))
+            return [];
+        var found = new List<(long Step, string Folder)>();
+        foreach (var dir in Directory.EnumerateDirectories(checkpoints))
+        {
+            var name = Path.GetFileName(dir);
+            if (name.Length == 0 || !name.All(char.IsAsciiDigit)
+                || !long.TryParse(name, NumberStyles.None, CultureInfo.InvariantCulture, out var step))
+                continue;
+            if (File.Exists(Path.Combine(dir, ManifestFileName)))
+                found.Add((step, dir));
+        }
+        found.Sort((a, b) => a.Step.CompareTo(b.Step));
+        return found;
+    }
+
+    // ---------------------------------------------------------------- manifest
+
+    private sealed record Manifest(
+        Recipe Recipe, long Step, long Epoch, long Cursor, long Seed,
+        Dictionary<string, string> Extra, Dictionary<string, (long Bytes, string Sha256)> Files);
+
+    private static void WriteManifest(string path, CheckpointData data, List<(string Name, long Bytes, string Sha256)> files)
+    {
+        using var file = new FileStream(path, FileMode.CreateNew, FileAccess.Write, FileShare.None);
+        using (var json = new Utf8JsonWriter(file, new JsonWriterOptions { Indented = true }))
+        {
+            json.WriteStartObject();
+            json.WriteNumber("format_version", FormatVersion);
+            json.WritePropertyName("recipe");
+            json.WriteRawValue(data.Recipe.ToJson());
+            json.WriteNumber("step", data.Step);
+            json.WriteNumber("epoch", data.Epoch);
+            json.WriteNumber("cursor", data.Cursor);
+            json.WriteNumber("seed", data.Seed);
+            json.WriteString("created_utc", DateTime.UtcNow.ToString("O", CultureInfo.InvariantCulture));
+            json.WriteStartObject("extra");
+            foreach (var (k, v) in (data.Extra ?? new Dictionary<string, string>()).OrderBy(kv => kv.Key, StringComparer.Ordinal))
+                json.WriteString(k, v ?? throw new ArgumentException($"extra value for '{k}' is null"));
+            json.WriteEndObject();
+            json.WriteStartObject("files");
+            foreach (var (name, bytes, sha) in files)
+            {
+                json.WriteStartObject(name);
+                json.WriteNumber("bytes", bytes);
+                json.WriteString("sha256", sha);
+                json.WriteEndObject();
+            }
+            json.WriteEndObject();
+            json.WriteEndObject();
+        }
+        file.Flush(flushToDisk: true);
+    }
+
+    private static Manifest ReadManifest(string path)
+    {
+        if (!File.Exists(path))
+            throw new CheckpointException(path, "missing file", null);
+        JsonDocument document;
+        try
+        {
+            document = JsonDocument.Parse(File.ReadAllBytes(path));
+        }
+        catch (JsonException e)
+        {
+            throw new CheckpointException(path, $"not valid JSON: {e.Message}", e);
+        }
+        using (document)
+        {
+            var root = document.RootElement;
+            if (root.ValueKind != JsonValueKind.Object)
+                throw new CheckpointException(path, $"top level is a {root.ValueKind}, expected an object", null);
+            var version = Integer(path, root, "format_version");
+            if (version != FormatVersion)
+                throw new CheckpointException(path, $"unsupported format_version {version} (this build reads version {FormatVersion})", null);
+
+            if (!root.TryGetProperty("recipe", out var recipeElement) || recipeElement.ValueKind != JsonValueKind.Object)
+                throw new CheckpointException(path, "missing or non-object 'recipe'", null);
+            Recipe recipe;
+            try
+            {
+                recipe = Recipe.FromJson(recipeElement.GetRawText());
+            }
+            catch (Exception e) when (e is JsonException or FormatException or NotSupportedException or ArgumentException)
+            {
+                throw new CheckpointException(path, $"'recipe' cannot be read: {e.Message}", e);
+            }
+
+            var extra = new Dictionary<string, string>(StringComparer.Ordinal);
+            if (root.TryGetProperty("extra", out var extraElement))
+            {
+                if (extraElement.ValueKind != JsonValueKind.Object)
+                    throw new CheckpointException(path, "'extra' is not an object", null);
+                foreach (var p in extraElement.EnumerateObject())
+                {
+                    if (p.Value.ValueKind != JsonValueKind.String)
+                        throw new CheckpointException(path, $"'extra.{p.Name}' is a {p.Value.ValueKind}, expected a string", null);
+                    extra[p.Name] = p.Value.GetString()!;
+                }
+            }
+
+            if (!root.TryGetProperty("files", out var filesElement) || filesElement.ValueKind != JsonValueKind.Object)
+                throw new CheckpointException(path, "missing or non-object 'files'", null);
+            var files = new Dictionary<string, (long, string)>(StringComparer.Ordinal);
+            foreach (var p in filesElement.EnumerateObject())
+            {
+                if (p.Value.ValueKind != JsonValueKind.Object)
+                    throw new CheckpointException(path, $"'files.{p.Name}' is not an object", null);
+                var bytes = Integer(path, p.Value, "bytes", $"files.{p.Name}.");
+                if (!p.Value.TryGetProperty("sha256", out var sha) || sha.ValueKind != JsonValueKind.String
+                    || sha.GetString() is not { Length: 64 } shaText || !shaText.All(char.IsAsciiHexDigit))
+                    throw new CheckpointException(path, $"'files.{p.Name}.sha256' is missing or not 64 hex digits", null);
+                files[p.Name] = (bytes, shaText.ToLowerInvariant());
+            }
+
+            return new Manifest(recipe, Integer(path, root, "step"), Integer(path, root, "epoch"),
+                Integer(path, root, "cursor"), Integer(path, root, "seed"), extra, files);
+        }
+    }
+
+    private static long Integer(string path, JsonElement obj, string key, string prefix = "")
+    {
+        if (!obj.TryGetProperty(key, out var value))
+            throw new CheckpointException(path, $"missing '{prefix}{key}'", null);
+        if (value.ValueKind != JsonValueKind.Number || !value.TryGetInt64(out var result))
+            throw new CheckpointException(path, $"'{prefix}{key}' is {value.GetRawText()}, expected an integer", null);
+        return result;
+    }
+
+    // ---------------------------------------------------------------- files
+
+    private static Dictionary<string, Tensor> ReadVerified(string path, long expectedBytes, string expectedSha)
+    {
+        if (!File.Exists(path))
+            throw new CheckpointException(path, "missing file", null);
+        byte[] bytes;
+        try
+        {
+            bytes = File.ReadAllBytes(path);
+        }
+        catch (IOException e)
+        {
+            throw new CheckpointException(path, $"cannot be read: {e.Message}", e);
+        }
+        if (bytes.LongLength < expectedBytes)
+            throw new CheckpointException(path, $"truncated: {bytes.LongLength} bytes, expected {expectedBytes}", null);
+        if (bytes.LongLength > expectedBytes)
+            throw new CheckpointException(path, $"size mismatch: {bytes.LongLength} bytes, expected {expectedBytes}", null);
+        var actualSha = Convert.ToHexStringLower(SHA256.HashData(bytes));
+        if (actualSha != expectedSha)
+            throw new CheckpointException(path, $"checksum mismatch: expected {expectedSha}, got {actualSha}", null);
+        try
+        {
+            return SafeTensorsFile.Deserialize(bytes, path).Tensors;
+        }
+        catch (InvalidDataException e)
+        {
+            throw new CheckpointException(path, e.Message.StartsWith(path + ": ", StringComparison.Ordinal) ? e.Message[(path.Length + 2)..] : e.Message, e);
+        }
+    }
+
+    private static (long Bytes, string Sha256) Measure(string path)
+    {
+        using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 16);
+        return (file.Length, Convert.ToHexStringLower(SHA256.HashData(file)));
+    }
+
+    private static void DeleteStaleTempFolders(string checkpoints)
+    {
+        var cutoff = DateTime.UtcNow - StaleTempAge;
+        foreach (var dir in Directory.EnumerateDirectories(checkpoints, TempPrefix + "*"))
+            if (Directory.GetLastWriteTimeUtc(dir) < cutoff)
+                TryDelete(dir);
+    }
+
+    private static void TryDelete(string dir)
+    {
+        try
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            // Best effort: a leftover temporary folder is ignored by readers.
+        }
+    }
+}

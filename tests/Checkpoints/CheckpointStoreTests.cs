@@ -1,0 +1,358 @@
+using System.Security.Cryptography;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Training;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace DistDiffusion.Tests.Checkpoints;
+
+public sealed class CheckpointStoreTests : IDisposable
+{
+    private readonly TempDir _run = new();
+    private readonly List<Tensor> _owned = [];
+
+    public void Dispose()
+    {
+        TensorAssert.DisposeAll(_owned);
+        _run.Dispose();
+    }
+
+    private Tensor Own(Tensor t)
+    {
+        _owned.Add(t);
+        return t;
+    }
+
+    internal CheckpointData Sample(long step, bool withEma = true)
+    {
+        var w = Own(torch.arange(0, 6, dtype: ScalarType.Float32).reshape(2, 3) * (step + 1));
+        var b = Own(torch.tensor(new float[] { 0.25f, -0.5f }));
+        var model = new Dictionary<string, Tensor> { ["layer.weight"] = w, ["layer.bias"] = b };
+        var ema = withEma
+            ? new Dictionary<string, Tensor> { ["layer.weight"] = Own(w * 0.5f), ["layer.bias"] = Own(b * 0.5f) }
+            : new Dictionary<string, Tensor>();
+        var optimizer = new Dictionary<string, Tensor>
+        {
+            ["exp_avg.layer.weight"] = Own(torch.full(new long[] { 2, 3 }, 0.125f)),
+            ["exp_avg_sq.layer.weight"] = Own(torch.full(new long[] { 2, 3 }, 1e-6, ScalarType.Float64)),
+            ["step_counts"] = Own(torch.tensor(new long[] { step, step })),
+        };
+        return new CheckpointData(
+            new Recipe { Name = "test", Timesteps = 10 } with { Seed = 1234 },
+            step, Epoch: 3, Cursor: 77, Seed: 1234,
+            model, ema, optimizer,
+            new Dictionary<string, string> { ["optimizer.step"] = step.ToString(System.Globalization.CultureInfo.InvariantCulture), ["note"] = "x" });
+    }
+
+    private static void DisposeLoaded(CheckpointData d)
+    {
+        TensorAssert.DisposeAll(d.Model.Values);
+        TensorAssert.DisposeAll(d.Ema.Values);
+        TensorAssert.DisposeAll(d.Optimizer.Values);
+    }
+
+    private static void AssertSame(CheckpointData expected, CheckpointData actual)
+    {
+        Assert.Equal(expected.Recipe, actual.Recipe);
+        Assert.Equal(expected.Step, actual.Step);
+        Assert.Equal(expected.Epoch, actual.Epoch);
+        Assert.Equal(expected.Cursor, actual.Cursor);
+        Assert.Equal(expected.Seed, actual.Seed);
+        Assert.Equal(expected.Extra.OrderBy(kv => kv.Key), actual.Extra.OrderBy(kv => kv.Key));
+        TensorAssert.BitEqual(expected.Model, actual.Model, "model");
+        TensorAssert.BitEqual(expected.Ema, actual.Ema, "ema");
+        TensorAssert.BitEqual(expected.Optimizer, actual.Optimizer, "optimizer");
+    }
+
+    private string Folder(long step) => Path.Combine(_run.Path, "checkpoints", step.ToString(System.Globalization.CultureInfo.InvariantCulture));
+
+    [Fact]
+    public void SaveThenLoadRoundTrips()
+    {
+        var data = Sample(42);
+        var folder = CheckpointStore.Save(_run.Path, data);
+        Assert.Equal(Folder(42), folder);
+        Assert.Equal(
+            new[] { "checkpoint.json", "ema.safetensors", "model.safetensors", "optimizer.safetensors" },
+            Directory.GetFiles(folder).Select(Path.GetFileName).Order(StringComparer.Ordinal));
+        Assert.Empty(Directory.GetDirectories(Path.Combine(_run.Path, "checkpoints"), ".tmp-*"));
+
+        var loaded = CheckpointStore.Load(folder);
+        try { AssertSame(data, loaded); }
+        finally { DisposeLoaded(loaded); }
+    }
+
+    [Fact]
+    public void ManifestRecordsEverythingTheSpecNames()
+    {
+        var data = Sample(7);
+        var folder = CheckpointStore.Save(_run.Path, data);
+        var manifest = JsonNode.Parse(File.ReadAllText(Path.Combine(folder, "checkpoint.json")))!.AsObject();
+        Assert.Equal(CheckpointStore.FormatVersion, (int)manifest["format_version"]!);
+        Assert.Equal(data.Recipe, Recipe.FromJson(manifest["recipe"]!.ToJsonString()));
+        Assert.Equal(7, (long)manifest["step"]!);
+        Assert.Equal(3, (long)manifest["epoch"]!);
+        Assert.Equal(77, (long)manifest["cursor"]!);
+        Assert.Equal(1234, (long)manifest["seed"]!);
+        var created = DateTime.Parse((string)manifest["created_utc"]!, System.Globalization.CultureInfo.InvariantCulture,
+            System.Globalization.DateTimeStyles.RoundtripKind);
+        Assert.Equal(DateTimeKind.Utc, created.Kind);
+        Assert.True(Math.Abs((DateTime.UtcNow - created).TotalMinutes) < 5);
+        Assert.Equal("7", (string)manifest["extra"]!["optimizer.step"]!);
+        foreach (var name in new[] { "model.safetensors", "ema.safetensors", "optimizer.safetensors" })
+        {
+            var bytes = File.ReadAllBytes(Path.Combine(folder, name));
+            Assert.Equal(bytes.LongLength, (long)manifest["files"]![name]!["bytes"]!);
+            Assert.Equal(Convert.ToHexStringLower(SHA256.HashData(bytes)), (string)manifest["files"]![name]!["sha256"]!);
+        }
+        // The tensor files are plain safetensors files.
+        var (model, meta) = SafeTensorsFile.Read(Path.Combine(folder, "model.safetensors"));
+        try
+        {
+            TensorAssert.BitEqual(data.Model, model, "model");
+            Assert.Equal("pt", meta["format"]);
+        }
+        finally { TensorAssert.DisposeAll(model.Values); }
+    }
+
+    [Fact]
+    public void EmptyEmaRoundTrips()
+    {
+        var data = Sample(1, withEma: false);
+        var loaded = CheckpointStore.Load(CheckpointStore.Save(_run.Path, data));
+        try
+        {
+            Assert.Empty(loaded.Ema);
+            AssertSame(data, loaded);
+        }
+        finally { DisposeLoaded(loaded); }
+    }
+
+    [Fact]
+    public void RunFolderResolvesToHighestCompleteCheckpoint()
+    {
+        foreach (var step in new long[] { 20, 5, 100 })
+            CheckpointStore.Save(_run.Path, Sample(step));
+        var checkpoints = Path.Combine(_run.Path, "checkpoints");
+        // Leftovers a reader must ignore: a crashed save (even one that got as far as its manifest),
+        // a step folder without a manifest, and an unrelated folder.
+        var crashed = Path.Combine(checkpoints, ".tmp-900-" + Guid.NewGuid().ToString("N"));
+        Directory.CreateDirectory(crashed);
+        File.Copy(Path.Combine(Folder(100), "checkpoint.json"), Path.Combine(crashed, "checkpoint.json"));
+        Directory.CreateDirectory(Path.Combine(checkpoints, "500"));
+        Directory.CreateDirectory(Path.Combine(checkpoints, "best"));
+        File.Copy(Path.Combine(Folder(100), "checkpoint.json"), Path.Combine(checkpoints, "best", "checkpoint.json"));
+
+        Assert.Equal(new long[] { 5, 20, 100 }, CheckpointStore.List(_run.Path).Select(c => c.Step));
+        Assert.Equal(Folder(100), CheckpointStore.List(_run.Path)[^1].Folder);
+        Assert.Equal(Folder(100), CheckpointStore.ResolveCheckpointFolder(_run.Path));
+        Assert.Equal(Folder(20), CheckpointStore.ResolveCheckpointFolder(Folder(20)));
+        Assert.Equal(Folder(20), CheckpointStore.ResolveCheckpointFolder(Path.Combine(Folder(20), "checkpoint.json")));
+
+        var latest = CheckpointStore.Load(_run.Path);
+        try { AssertSame(Sample(100), latest); }
+        finally { DisposeLoaded(latest); }
+        var older = CheckpointStore.Load(Folder(5));
+        try { Assert.Equal(5, older.Step); }
+        finally { DisposeLoaded(older); }
+    }
+
+    [Fact]
+    public void SavingTheSameStepTwiceThrowsAndKeepsTheFirst()
+    {
+        var first = Sample(10);
+        CheckpointStore.Save(_run.Path, first);
+        var before = Directory.GetFiles(Folder(10)).ToDictionary(f => f, File.ReadAllBytes);
+
+        var e = Assert.Throws<IOException>(() => CheckpointStore.Save(_run.Path, Sample(10) with { Epoch = 99 }));
+        Assert.Contains(Folder(10), e.Message, StringComparison.Ordinal);
+        Assert.IsNotType<CheckpointException>(e);
+
+        foreach (var (file, bytes) in before)
+            Assert.Equal(bytes, File.ReadAllBytes(file));
+        Assert.Empty(Directory.GetDirectories(Path.Combine(_run.Path, "checkpoints"), ".tmp-*"));
+        var loaded = CheckpointStore.Load(_run.Path);
+        try { AssertSame(first, loaded); }
+        finally { DisposeLoaded(loaded); }
+    }
+
+    /// <summary>
+    /// Pins the platform behaviour the final rename relies on when two savers race past the existence check:
+    /// POSIX rename(2) would silently replace an empty target folder, .NET's Directory.Move must refuse instead.
+    /// </summary>
+    [Fact]
+    public void DirectoryMoveRefusesAnExistingEmptyTarget()
+    {
+        var source = Path.Combine(_run.Path, "a");
+        var target = Path.Combine(_run.Path, "b");
+        Directory.CreateDirectory(source);
+        File.WriteAllText(Path.Combine(source, "f"), "x");
+        Directory.CreateDirectory(target);
+        Assert.Throws<IOException>(() => Directory.Move(source, target));
+        Assert.True(File.Exists(Path.Combine(source, "f")));
+        Assert.Empty(Directory.GetFileSystemEntries(target));
+    }
+
+    [Fact]
+    public void SaveDeletesOnlyStaleTemporaryFolders()
+    {
+        var checkpoints = Path.Combine(_run.Path, "checkpoints");
+        var stale = Path.Combine(checkpoints, ".tmp-3-" + Guid.NewGuid().ToString("N"));
+        var fresh = Path.Combine(checkpoints, ".tmp-4-" + Guid.NewGuid().ToString("N"));
+        Directory.CreateDirectory(stale);
+        Directory.CreateDirectory(fresh);
+        Directory.SetLastWriteTimeUtc(stale, DateTime.UtcNow.AddDays(-1));
+
+        CheckpointStore.Save(_run.Path, Sample(5));
+        Assert.False(Directory.Exists(stale), "a day-old temporary folder should be cleaned up");
+        Assert.True(Directory.Exists(fresh), "a recent temporary folder may belong to a save in progress");
+    }
+
+    [Fact]
+    public void UnsupportedTensorLeavesNoCheckpointBehind()
+    {
+        var data = Sample(8);
+        var bad = new Dictionary<string, Tensor>(data.Optimizer) { ["weird"] = Own(torch.zeros(2, dtype: ScalarType.Int16)) };
+        Assert.Throws<ArgumentException>(() => CheckpointStore.Save(_run.Path, data with { Optimizer = bad }));
+        Assert.Empty(CheckpointStore.List(_run.Path));
+        Assert.Empty(Directory.GetDirectories(Path.Combine(_run.Path, "checkpoints")));
+    }
+
+    // ---------------------------------------------------------------- damaged checkpoints
+
+    private CheckpointException LoadFails(string? path = null) =>
+        Assert.Throws<CheckpointException>(() => CheckpointStore.Load(path ?? _run.Path));
+
+    [Fact]
+    public void FlippedByteIsAChecksumMismatch()
+    {
+        var folder = CheckpointStore.Save(_run.Path, Sample(3));
+        var model = Path.Combine(folder, "model.safetensors");
+        var bytes = File.ReadAllBytes(model);
+        bytes[^3] ^= 0x01; // inside the tensor data: the file still parses, only the checksum can tell
+        File.WriteAllBytes(model, bytes);
+
+        var e = LoadFails();
+        Assert.Contains(model, e.Message, StringComparison.Ordinal);
+        Assert.Contains("checksum mismatch: expected ", e.Message, StringComparison.Ordinal);
+        Assert.Equal(model, e.FilePath);
+    }
+
+    [Fact]
+    public void TruncatedFileIsReported()
+    {
+        var folder = CheckpointStore.Save(_run.Path, Sample(3));
+        var ema = Path.Combine(folder, "ema.safetensors");
+        var bytes = File.ReadAllBytes(ema);
+        File.WriteAllBytes(ema, bytes[..^5]);
+
+        var e = LoadFails();
+        Assert.Contains(ema, e.Message, StringComparison.Ordinal);
+        Assert.Contains("truncated", e.Message, StringComparison.Ordinal);
+        Assert.Contains($"expected {bytes.Length}", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void MissingFileIsReported()
+    {
+        var folder = CheckpointStore.Save(_run.Path, Sample(3));
+        var optimizer = Path.Combine(folder, "optimizer.safetensors");
+        File.Delete(optimizer);
+
+        var e = LoadFails(folder);
+        Assert.Contains(optimizer, e.Message, StringComparison.Ordinal);
+        Assert.Contains("missing file", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void CorruptManifestIsReported()
+    {
+        var folder = CheckpointStore.Save(_run.Path, Sample(3));
+        var manifest = Path.Combine(folder, "checkpoint.json");
+        var text = File.ReadAllText(manifest);
+        File.WriteAllText(manifest, text[..(text.Length / 2)]);
+
+        var e = LoadFails();
+        Assert.Contains(manifest, e.Message, StringComparison.Ordinal);
+        Assert.Contains("not valid JSON", e.Message, StringComparison.Ordinal);
+        Assert.IsAssignableFrom<JsonException>(e.InnerException);
+    }
+
+    internal static void EditManifest(string folder, Action<JsonObject> edit)
+    {
+        var path = Path.Combine(folder, "checkpoint.json");
+        var node = JsonNode.Parse(File.ReadAllText(path))!.AsObject();
+        edit(node);
+        File.WriteAllText(path, node.ToJsonString());
+    }
+
+    [Fact]
+    public void WrongFormatVersionIsReported()
+    {
+        var folder = CheckpointStore.Save(_run.Path, Sample(3));
+        EditManifest(folder, m => m["format_version"] = 2);
+
+        var e = LoadFails();
+        Assert.Contains(Path.Combine(folder, "checkpoint.json"), e.Message, StringComparison.Ordinal);
+        Assert.Contains("format_version 2", e.Message, StringComparison.Ordinal);
+    }
+
+    [Theory]
+    [InlineData("step", "missing 'step'")]
+    [InlineData("recipe", "'recipe'")]
+    [InlineData("files", "'files'")]
+    public void MissingManifestFieldIsReported(string field, string problem)
+    {
+        var folder = CheckpointStore.Save(_run.Path, Sample(3));
+        EditManifest(folder, m => m.Remove(field));
+        var e = LoadFails();
+        Assert.Contains("checkpoint.json", e.Message, StringComparison.Ordinal);
+        Assert.Contains(problem, e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void EmptyRunFolderSaysThereIsNoCheckpoint()
+    {
+        var e1 = LoadFails();
+        Assert.Contains(_run.Path, e1.Message, StringComparison.Ordinal);
+        Assert.Contains("neither a checkpoint folder", e1.Message, StringComparison.Ordinal);
+
+        Directory.CreateDirectory(Path.Combine(_run.Path, "checkpoints", ".tmp-1-abc"));
+        var e2 = LoadFails();
+        Assert.Contains(_run.Path, e2.Message, StringComparison.Ordinal);
+        Assert.Contains("no complete checkpoint", e2.Message, StringComparison.Ordinal);
+        Assert.Empty(CheckpointStore.List(_run.Path));
+
+        var e3 = LoadFails(Path.Combine(_run.Path, "does-not-exist"));
+        Assert.Contains("no such checkpoint or run folder", e3.Message, StringComparison.Ordinal);
+    }
+
+    /// <summary>Replaces optimizer.safetensors with a malformed file and updates the manifest so the checksum matches.</summary>
+    internal static string BreakOptimizerFileBehindTheChecksum(string folder)
+    {
+        // A damaged optimizer file whose manifest entry was updated to match: only parsing can catch it,
+        // and by then the model and EMA tensors have been read and must be released.
+        var optimizer = Path.Combine(folder, "optimizer.safetensors");
+        var garbage = new byte[] { 4, 0, 0, 0, 0, 0, 0, 0, (byte)'[', (byte)']', (byte)' ', (byte)' ' };
+        File.WriteAllBytes(optimizer, garbage);
+        EditManifest(folder, m =>
+        {
+            m["files"]!["optimizer.safetensors"]!["bytes"] = garbage.Length;
+            m["files"]!["optimizer.safetensors"]!["sha256"] = Convert.ToHexStringLower(SHA256.HashData(garbage));
+        });
+        return optimizer;
+    }
+
+    [Fact]
+    public void MalformedTensorFileWithMatchingChecksumIsReported()
+    {
+        var folder = CheckpointStore.Save(_run.Path, Sample(3));
+        var optimizer = BreakOptimizerFileBehindTheChecksum(folder);
+        var e = LoadFails();
+        Assert.Contains(optimizer, e.Message, StringComparison.Ordinal);
+        Assert.Contains("expected an object", e.Message, StringComparison.Ordinal);
+        Assert.IsType<InvalidDataException>(e.InnerException);
+    }
+}
