@@ -1,10 +1,1 @@
-using System.CommandLine;
-using DistDiffusion.Coordinator.Cli;
-
-var root = new RootCommand("DistDiffusion coordinator: train, sample and evaluate diffusion models (DDPM)")
-{
-    TrainCommand.Create(),
-    SampleCommand.Create(),
-    EvalCommand.Create(),
-};
-return CliSupport.Invoke(root, args);
+return DistDiffusion.Coordinator.Cli.CoordinatorCli.Run(args);

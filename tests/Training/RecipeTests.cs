@@ -1,0 +1,55 @@
+using DistDiffusion.Model.Data;
+using DistDiffusion.Model.Diffusion;
+using DistDiffusion.Model.Training;
+
+namespace DistDiffusion.Tests.Training;
+
+public class RecipeTests
+{
+    [Fact]
+    public void EveryNamedRecipeIsValidAndRoundTripsThroughJson()
+    {
+        foreach (var r in Recipes.All)
+        {
+            r.Validate();
+            Assert.Equal(r, Recipe.FromJson(r.ToJson()));
+            Assert.Same(r, Recipes.Get(r.Name.ToUpperInvariant()) is var g && g.Name == r.Name ? r : null);
+        }
+    }
+
+    [Fact]
+    public void SeedRecipesKeepTheSeedValues()
+    {
+        Assert.Equal(50, Recipes.SwissRollDdpm.Timesteps);
+        Assert.Equal(0.02, Recipes.SwissRollDdpm.BetaEnd);
+        Assert.Equal(128, Recipes.SwissRollDdpm.BatchSize);
+        Assert.Equal(40, Recipes.SwissRollSohl2015.Timesteps);
+        Assert.Equal(LossType.Kl, Recipes.SwissRollSohl2015.Loss);
+        Assert.Equal(0.1, Recipes.MnistDdpm.BetaEnd);
+        Assert.Equal(128, Recipes.MnistDdpm.BaseChannels);
+        Assert.Equal(LossReduction.Sum, Recipes.MnistDdpm.Reduction);
+        Assert.Equal(300, Recipes.FashionMnistAnnotated.Timesteps);
+        Assert.Equal(LossType.Huber, Recipes.FashionMnistAnnotated.Loss);
+        Assert.Equal(1000, Recipes.Cifar10Ddpm.Timesteps);
+        Assert.Equal(0.9999, Recipes.Cifar10Ddpm.EmaDecay);
+        Assert.Equal(DatasetKind.SwissRoll, Recipes.SwissRoll.Dataset);
+    }
+
+    [Fact]
+    public void OverridesParseEveryFieldTypeAndRejectBadInputByName()
+    {
+        var r = Recipes.SwissRoll.WithOverrides(["learning-rate=2e-4", "beta_schedule=cosine", "ChannelMultipliers=1,2", "random-flip=true", "timesteps=77"]);
+        Assert.Equal(2e-4, r.LearningRate);
+        Assert.Equal(BetaSchedule.Cosine, r.BetaSchedule);
+        Assert.Equal([1, 2], r.ChannelMultipliers);
+        Assert.True(r.RandomFlip);
+        Assert.Equal(77, r.Timesteps);
+        Assert.Contains("learnig-rate", Assert.Throws<ArgumentException>(() => Recipes.SwissRoll.With("learnig-rate", "1")).Message);
+        var bad = Assert.Throws<ArgumentException>(() => Recipes.SwissRoll.With("timesteps", "many")).Message;
+        Assert.Contains("many", bad);
+        Assert.Contains("integer", bad);
+        Assert.Contains("timesteps", Assert.Throws<ArgumentException>(() => Recipes.SwissRoll.With("timesteps", "0")).Message);
+        Assert.Contains("key=value", Assert.Throws<ArgumentException>(() => Recipes.SwissRoll.WithOverrides(["timesteps"])).Message);
+        Assert.Contains("swissroll", Assert.Throws<ArgumentException>(() => Recipes.Get("nope")).Message);
+    }
+}
