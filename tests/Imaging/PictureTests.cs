@@ -32,7 +32,7 @@ public class PictureTests
         // 4 columns x 4 rows of 56 px (28 at 2x) with 2 px padding
         Assert.Equal(4 * 56 + 5 * 2, img.Width);
         Assert.Equal(4 * 56 + 5 * 2, img.Height);
-        Assert.Equal((ImageGrid_PadGrey, ImageGrid_PadGrey, ImageGrid_PadGrey), Pixel(img, 0, 0));
+        Assert.Equal((ImageGrid.PadGrey, ImageGrid.PadGrey, ImageGrid.PadGrey), Pixel(img, 0, 0));
         // every tile pixel is the (2x nearest) image value mapped to 0..255
         var v = first.data<float>().ToArray();
         for (var k = 0; k < 16; k += 5)
@@ -47,8 +47,6 @@ public class PictureTests
         Assert.Empty(Directory.GetFiles(Path.GetDirectoryName(path)!, "*.tmp"));
     }
 
-    private const byte ImageGrid_PadGrey = 48;
-
     [Fact]
     public void RgbGridWithExplicitColumns()
     {
@@ -62,7 +60,7 @@ public class PictureTests
         Assert.Equal(3 * 64 + 4 * 2, img.Height);
         Assert.Equal(((byte)255, (byte)0, (byte)0), Pixel(img, 10, 10));
         // the 6th cell is empty padding colour
-        Assert.Equal((ImageGrid_PadGrey, ImageGrid_PadGrey, ImageGrid_PadGrey), Pixel(img, 2 + 64 + 2 + 10, 2 + 2 * 66 + 10));
+        Assert.Equal((ImageGrid.PadGrey, ImageGrid.PadGrey, ImageGrid.PadGrey), Pixel(img, 2 + 64 + 2 + 10, 2 + 2 * 66 + 10));
         Assert.Throws<ArgumentException>(() => ImageGrid.Save(torch.zeros(2, 2, 8, 8), tmp.File("bad.png")));
     }
 
