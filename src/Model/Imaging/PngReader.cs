@@ -1,0 +1,22 @@
+using System.Runtime.InteropServices;
+using SkiaSharp;
+
+namespace DistDiffusion.Model.Imaging;
+
+/// <summary>Decodes a PNG (or anything SkiaSharp reads) to non-premultiplied RGBA bytes, row-major.</summary>
+public static class PngReader
+{
+    public static (int Width, int Height, byte[] Rgba) Read(string path)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(path);
+        if (!File.Exists(path)) throw new FileNotFoundException($"image {path} does not exist", path);
+        using var codec = SKCodec.Create(path) ?? throw new InvalidDataException($"image {path}: not a decodable image file");
+        var info = new SKImageInfo(codec.Info.Width, codec.Info.Height, SKColorType.Rgba8888, SKAlphaType.Unpremul);
+        using var bmp = SKBitmap.Decode(codec, info) ?? throw new InvalidDataException($"image {path}: decoding failed");
+        var rgba = new byte[info.Width * info.Height * 4];
+        var src = bmp.GetPixels();
+        for (var y = 0; y < info.Height; y++)
+            Marshal.Copy(src + y * bmp.RowBytes, rgba, y * info.Width * 4, info.Width * 4);
+        return (info.Width, info.Height, rgba);
+    }
+}
