@@ -40,6 +40,23 @@ public class ShapeTests
         var (x, t) = TestNetworks.Inputs(2, [channels, side, side]);
         var y = net.forward(x, t);
         Assert.Equal(new[] { 2, learnedVariance ? 2 * channels : channels, side, side }, y.shape);
+        Assert.True(y.isfinite().all().item<bool>(), "non-finite output");
+    }
+
+    [Theory]
+    [InlineData(UNetLayout.Annotated)]
+    [InlineData(UNetLayout.Ho2020)]
+    public void GroupNormsStartAsIdentityAffine(UNetLayout layout)
+    {
+        // Guards against TorchSharp's uninitialized GroupNorm parameters (see Norm.GroupNorm).
+        using var net = NetworkFactory.Create(TestNetworks.UNet(layout, [1, 2]), [1, 8, 8]);
+        var norms = net.modules().OfType<TorchSharp.Modules.GroupNorm>().ToArray();
+        Assert.NotEmpty(norms);
+        Assert.All(norms, n =>
+        {
+            Assert.True(n.weight!.eq(1).all().item<bool>());
+            Assert.True(n.bias!.eq(0).all().item<bool>());
+        });
     }
 
     [Fact]

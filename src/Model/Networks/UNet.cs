@@ -251,7 +251,7 @@ internal sealed class Ho2020UNet : nn.Module<Tensor, Tensor, Tensor>
             upLevels[level] = new HoLevel(blocks, attns, resample);
         }
         up = new ModuleList<HoLevel>(upLevels);
-        norm_out = nn.GroupNorm(groups, blockIn, eps: 1e-6);
+        norm_out = Norm.GroupNorm(groups, blockIn, eps: 1e-6);
         conv_out = nn.Conv2d(blockIn, outChannels, 3, padding: 1);
         RegisterComponents();
     }

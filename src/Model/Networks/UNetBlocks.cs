@@ -50,7 +50,7 @@ internal sealed class AnnotatedBlock : nn.Module
         : base(nameof(AnnotatedBlock))
     {
         proj = new WeightStandardizedConv2d(inChannels, outChannels, 3, 1);
-        norm = nn.GroupNorm(groups, outChannels);
+        norm = Norm.GroupNorm(groups, outChannels);
         this.dropout = dropout;
         RegisterComponents();
     }
@@ -118,7 +118,7 @@ internal sealed class LinearAttention : nn.Module<Tensor, Tensor>
         this.headSize = headSize;
         to_qkv = nn.Conv2d(channels, 3 * heads * headSize, 1, bias: false);
         to_out = nn.Conv2d(heads * headSize, channels, 1);
-        to_out_norm = nn.GroupNorm(1, channels);
+        to_out_norm = Norm.GroupNorm(1, channels);
         RegisterComponents();
     }
 
@@ -180,7 +180,7 @@ internal sealed class PreNorm : nn.Module<Tensor, Tensor>
     public PreNorm(long channels, nn.Module<Tensor, Tensor> fn)
         : base(nameof(PreNorm))
     {
-        norm = nn.GroupNorm(1, channels);
+        norm = Norm.GroupNorm(1, channels);
         this.fn = fn;
         RegisterComponents();
     }
@@ -251,10 +251,10 @@ internal sealed class HoResnetBlock : nn.Module<Tensor, Tensor, Tensor>
     public HoResnetBlock(long inChannels, long outChannels, long tembChannels, long groups, SampleDropout dropout)
         : base(nameof(HoResnetBlock))
     {
-        norm1 = nn.GroupNorm(groups, inChannels, eps: 1e-6);
+        norm1 = Norm.GroupNorm(groups, inChannels, eps: 1e-6);
         conv1 = nn.Conv2d(inChannels, outChannels, 3, padding: 1);
         temb_proj = nn.Linear(tembChannels, outChannels);
-        norm2 = nn.GroupNorm(groups, outChannels, eps: 1e-6);
+        norm2 = Norm.GroupNorm(groups, outChannels, eps: 1e-6);
         this.dropout = dropout;
         conv2 = nn.Conv2d(outChannels, outChannels, 3, padding: 1);
         nin_shortcut = inChannels != outChannels ? nn.Conv2d(inChannels, outChannels, 1) : nn.Identity();
@@ -282,7 +282,7 @@ internal sealed class HoAttnBlock : nn.Module<Tensor, Tensor>
     public HoAttnBlock(long channels, long groups)
         : base(nameof(HoAttnBlock))
     {
-        norm = nn.GroupNorm(groups, channels, eps: 1e-6);
+        norm = Norm.GroupNorm(groups, channels, eps: 1e-6);
         q = nn.Conv2d(channels, channels, 1);
         k = nn.Conv2d(channels, channels, 1);
         v = nn.Conv2d(channels, channels, 1);
@@ -316,4 +316,23 @@ internal sealed class HoDownsample : nn.Module<Tensor, Tensor>
     }
 
     public override Tensor forward(Tensor x) => conv.forward(F.pad(x, new long[] { 0, 1, 0, 1 }));
+}
+
+/// <summary>GroupNorm (Wu &amp; He 2018) with the affine parameters set to PyTorch's defaults (weight 1, bias 0).</summary>
+internal static class Norm
+{
+    /// <summary>
+    /// nn.GroupNorm with weight = 1, bias = 0. TorchSharp 0.107's GroupNorm leaves its affine parameters
+    /// uninitialized (torch.empty), which gave garbage / NaN outputs; they are filled explicitly here.
+    /// </summary>
+    public static GroupNorm GroupNorm(long groups, long channels, double eps = 1e-5)
+    {
+        var norm = nn.GroupNorm(groups, channels, eps: eps);
+        using (no_grad())
+        {
+            norm.weight!.fill_(1.0);
+            norm.bias!.zero_();
+        }
+        return norm;
+    }
 }
