@@ -41,7 +41,7 @@ internal static class EvalCommand
         {
             var report = Evaluator.Evaluate(model, data.Step, train, heldOut, samples, bpdImages);
             if (json)
-                Console.WriteLine(JsonSerializer.Serialize(report, new JsonSerializerOptions { WriteIndented = true }));
+                Console.WriteLine(JsonSerializer.Serialize(report, Model.Training.Recipe.JsonOptions));
             else
                 foreach (var line in report.Lines()) Console.WriteLine(line);
         }

@@ -76,6 +76,8 @@ internal static class TrainCommand
                 $"training {recipe.Name}: {train.Description}, {train.Count} samples, {state.Network.parameters().Sum(p => p.numel())} parameters, batch {recipe.BatchSize}, T = {recipe.Timesteps}, device {device}, from step {state.StepsDone} to {recipe.Steps}"));
             var bar = new ProgressBar("train", state.StepsDone, recipe.Steps);
             double smoothed = double.NaN;
+            var firstStep = state.StepsDone;
+            var clock = new System.Diagnostics.Stopwatch();
             using var cts = new CancellationTokenSource();
             ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
             Console.CancelKeyPress += onCancel;
@@ -85,6 +87,8 @@ internal static class TrainCommand
                 {
                     OnStep = p =>
                     {
+                        // Rate excludes the first step (allocation and one-time set-up).
+                        if (p.Step == firstStep + 1) clock.Restart();
                         smoothed = double.IsNaN(smoothed) ? p.Loss : 0.98 * smoothed + 0.02 * p.Loss;
                         bar.Update(p.Step, "loss " + CliSupport.Format(smoothed));
                     },
@@ -97,7 +101,11 @@ internal static class TrainCommand
             {
                 Console.CancelKeyPress -= onCancel;
             }
-            Console.WriteLine(string.Create(inv, $"trained {recipe.Name} to step {state.StepsDone}; run folder {runDir}"));
+            var timed = state.StepsDone - firstStep - 1;
+            var rate = timed > 0 ? timed / clock.Elapsed.TotalSeconds : double.NaN;
+            var peakMiB = System.Diagnostics.Process.GetCurrentProcess().PeakWorkingSet64 / (1024.0 * 1024.0);
+            Console.WriteLine(string.Create(inv,
+                $"trained {recipe.Name} to step {state.StepsDone}; final loss {smoothed:G4}; {rate:F2} steps/s; peak memory {peakMiB:F0} MiB; run folder {runDir}"));
         }
         return CliSupport.ExitOk;
     }

@@ -2,6 +2,7 @@ using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Networks;
 using DistDiffusion.Model.Training;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Model.Sampling;

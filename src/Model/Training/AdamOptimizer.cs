@@ -89,6 +89,8 @@ public sealed class AdamOptimizer : IDisposable
     /// <summary>Clears every parameter's gradient.</summary>
     public void ZeroGrad()
     {
+        // Each .grad access wraps the gradient in a new Tensor object: let the scope release the wrappers.
+        using var scope = NewDisposeScope();
         foreach (var (_, p) in _params)
             if (p.grad is { } g) g.zero_();
     }

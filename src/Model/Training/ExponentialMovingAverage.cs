@@ -28,6 +28,7 @@ public sealed class ExponentialMovingAverage : IDisposable
 
     public void Update(long step)
     {
+        using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         var d = DecayAt(step);
         foreach (var (name, p) in _params)
