@@ -35,7 +35,7 @@ internal static class EvalCommand
         var data = CheckpointStore.Load(checkpointPath);
         var recipe = CliSupport.ResolveDataPath(data.Recipe);
         using var model = DiffusionModel.FromCheckpoint(data with { Recipe = recipe }, useEma: !rawWeights, device);
-        var (train, heldOut) = DatasetLoader.Load(recipe with { SyntheticSize = Math.Max(recipe.SyntheticSize, samples) });
+        var (train, heldOut) = DatasetLoader.Load(recipe);
         using (train)
         using (heldOut)
         {
