@@ -26,7 +26,7 @@ for r in swissroll swissroll-ddpm swissroll-sohl2015; do
   t1=$(now)
   ev=$("$coord" eval --checkpoint "$out/$r" --samples 2000 | grep 'sliced')
   "$coord" sample --checkpoint "$out/$r" --n 2000 --out "$out/$r/samples.png" >/dev/null
-  say "$r: train $(printf '%.0f' "$(echo "$t1 - $t0" | bc)") s wall; $ev"
+  say "$r: train $(awk "BEGIN{printf \"%.0f\", $t1 - $t0}") s wall; $ev"
   say "    $line"
 done
 
@@ -37,7 +37,7 @@ if [ "$quick" = 0 ]; then
   t0=$(now)
   line=$("$coord" train --recipe mnist-small --out "$out/mnist-small" --set checkpoint-every=0 --set sample-every=0 2>/dev/null | tail -1)
   t1=$(now)
-  say "mnist-small: train $(printf '%.0f' "$(echo "$t1 - $t0" | bc)") s wall"
+  say "mnist-small: train $(awk "BEGIN{printf \"%.0f\", $t1 - $t0}") s wall"
   say "    $line"
   "$coord" sample --checkpoint "$out/mnist-small" --n 64 --out "$here/docs/mnist-small-samples.png" --trajectory-every 10 | tee -a "$report"
   "$coord" eval --checkpoint "$out/mnist-small" --bpd-images 256 | tee -a "$report"
@@ -52,7 +52,7 @@ if [ ! -f "$imgdir/img-10.png" ]; then
   mkdir -p "$imgdir"
   for k in $(seq 1 10); do "$coord" sample --checkpoint "$out/swissroll" --n 300 --seed "$k" --out "$imgdir/img-$k.png" >/dev/null; done
 fi
-for spec in "swissroll:20" "swissroll-ddpm:20" "swissroll-sohl2015:20" "mnist-small:6" "mnist-ddpm:3" "fashion-mnist-annotated:4" "cifar10-ddpm:3"; do
+for spec in "swissroll:20" "swissroll-ddpm:20" "swissroll-sohl2015:20" "mnist-small:6" "mnist-ddpm:3" "fashion-mnist-annotated:3" "cifar10-ddpm:2"; do
   r=${spec%%:*}; n=${spec##*:}
   extra=()
   [ "$r" = fashion-mnist-annotated ] && extra=(--set data-path="$here/data/mnist")   # same shape; Fashion-MNIST needs a download
