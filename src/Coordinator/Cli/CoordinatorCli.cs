@@ -10,6 +10,7 @@ public static class CoordinatorCli
         TrainCommand.Create(),
         SampleCommand.Create(),
         EvalCommand.Create(),
+        DownloadCommand.Create(),
     };
 
     public static int Run(string[] args) => CliSupport.Invoke(Build(), args);

@@ -60,7 +60,7 @@ public static class Recipes
     {
         Name = "swissroll",
         Dataset = DatasetKind.SwissRoll,
-        // T = 200 with beta up to 0.05: alpha-bar_T ~ 0.007, so x_T really is close to N(0, I).
+        // T = 200 with beta up to 0.05: alpha-bar_T ~ 0.006, so x_T really is close to N(0, I).
         Timesteps = 200,
         BetaSchedule = BetaSchedule.Linear,
         BetaStart = 1e-4,
