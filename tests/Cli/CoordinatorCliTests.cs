@@ -100,6 +100,16 @@ public sealed class CoordinatorCliTests : IDisposable
         Assert.True(code == 0, err);
         Assert.Contains("sliced Wasserstein distance", output);
 
+        // Resuming an older checkpoint into the same run would collide with step 30: refused, run untouched.
+        (code, _, err) = Run("train", "--resume", Path.Combine(run, "checkpoints", "20"), "--steps", "40");
+        Assert.Equal(2, code);
+        Assert.Contains("not the latest", err);
+        // Branching off into a new folder is fine.
+        var branch = Path.Combine(_dir, "branch");
+        (code, _, err) = Run("train", "--resume", Path.Combine(run, "checkpoints", "20"), "--out", branch, "--steps", "25", "--threads", "1");
+        Assert.True(code == 0, err);
+        Assert.Equal(25, CheckpointStore.Load(branch).Step);
+
         (code, output, err) = Run("train", "--resume", run, "--steps", "40", "--threads", "1");
         Assert.True(code == 0, err);
         Assert.Contains("to step 40", output);

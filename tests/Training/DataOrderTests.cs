@@ -25,7 +25,9 @@ public class DataOrderTests
         var seen = new List<long>();
         for (var i = 0; i < 5; i++)
         {
-            var (idx, next) = order.NextBatch(cursor, 4);
+            var (idx, epochs, next) = order.NextBatch(cursor, 4);
+            Assert.Equal(idx.Length, epochs.Length);
+            Assert.Equal(idx.Length, idx.Zip(epochs).Distinct().Count()); // never the same (index, epoch) twice
             seen.AddRange(idx);
             cursor = next;
         }

@@ -18,6 +18,16 @@ public class RecipeTests
     }
 
     [Fact]
+    public void DependentFieldsCanBeOverriddenInAnyOrder()
+    {
+        // Each intermediate state is invalid (kl loss needs a learned variance and vice versa): only the result is checked.
+        var learned = Recipes.SwissRoll.WithOverrides(["variance=learned-range", "loss=kl", "prediction=mean"]);
+        Assert.Equal(VarianceType.LearnedRange, learned.Variance);
+        var narrow = Recipes.MnistSmall.WithOverrides(["base-channels=12", "group-norm-groups=4"]);
+        Assert.Equal(12, narrow.BaseChannels);
+    }
+
+    [Fact]
     public void SeedRecipesKeepTheSeedValues()
     {
         Assert.Equal(50, Recipes.SwissRollDdpm.Timesteps);
@@ -38,7 +48,7 @@ public class RecipeTests
     [Fact]
     public void OverridesParseEveryFieldTypeAndRejectBadInputByName()
     {
-        var r = Recipes.SwissRoll.WithOverrides(["learning-rate=2e-4", "beta_schedule=cosine", "ChannelMultipliers=1,2", "random-flip=true", "timesteps=77"]);
+        var r = Recipes.MnistSmall.WithOverrides(["learning-rate=2e-4", "beta_schedule=cosine", "ChannelMultipliers=1,2", "random-flip=true", "timesteps=77"]);
         Assert.Equal(2e-4, r.LearningRate);
         Assert.Equal(BetaSchedule.Cosine, r.BetaSchedule);
         Assert.Equal([1, 2], r.ChannelMultipliers);
@@ -48,7 +58,9 @@ public class RecipeTests
         var bad = Assert.Throws<ArgumentException>(() => Recipes.SwissRoll.With("timesteps", "many")).Message;
         Assert.Contains("many", bad);
         Assert.Contains("integer", bad);
-        Assert.Contains("timesteps", Assert.Throws<ArgumentException>(() => Recipes.SwissRoll.With("timesteps", "0")).Message);
+        Assert.Contains("timesteps", Assert.Throws<ArgumentException>(() => Recipes.SwissRoll.WithOverrides(["timesteps=0"])).Message);
+        Assert.Contains("group-norm-groups", Assert.Throws<ArgumentException>(() => Recipes.MnistSmall.WithOverrides(["group-norm-groups=0"])).Message);
+        Assert.Contains("random-flip", Assert.Throws<ArgumentException>(() => Recipes.SwissRoll.WithOverrides(["random-flip=true"])).Message);
         Assert.Contains("key=value", Assert.Throws<ArgumentException>(() => Recipes.SwissRoll.WithOverrides(["timesteps"])).Message);
         Assert.Contains("swissroll", Assert.Throws<ArgumentException>(() => Recipes.Get("nope")).Message);
     }

@@ -36,18 +36,33 @@ public class TrainingTests
         state.Network.train();
         var plan = state.PlanStep();
         var idx = plan.Indices;
+        var ep = plan.Epochs;
         Tensor X(long[] ix) => data.index_select(0, tensor(ix));
 
-        state.Step.Loss(state.Network, X(idx), plan.Step, idx, recipe.BatchSize).backward();
+        state.Step.Loss(state.Network, X(idx), plan.Step, idx, ep, recipe.BatchSize).backward();
         var whole = Grads(state.Network);
         state.Optimizer.ZeroGrad();
         var cut = idx.Length / 3;
-        foreach (var part in new[] { idx[..cut], idx[cut..] })
-            state.Step.Loss(state.Network, X(part), plan.Step, part, recipe.BatchSize).backward();
+        foreach (var (part, partEpochs) in new[] { (idx[..cut], ep[..cut]), (idx[cut..], ep[cut..]) })
+            state.Step.Loss(state.Network, X(part), plan.Step, part, partEpochs, recipe.BatchSize).backward();
         var parts = Grads(state.Network);
         Assert.Equal(whole.Keys.Order(), parts.Keys.Order());
         foreach (var (name, g) in whole)
             Assert.True(g.allclose(parts[name], rtol: 1e-4, atol: 1e-6), $"{which}: gradient of {name} differs when the batch is split");
+    }
+
+    [Fact]
+    public void AnIndexRepeatedAcrossEpochsInOneBatchGetsIndependentNoise()
+    {
+        // 5 samples, batch 12: every index appears more than once, each time from another epoch.
+        var order = new DataOrder(5, runSeed: 3);
+        var (indices, epochs, _) = order.NextBatch(new DataCursor(0, 0), 12);
+        using var schedule = NoiseSchedule.Create(BetaSchedule.Linear, 1000);
+        var step = new TrainingStep(new GaussianDiffusion(schedule, PredictionType.Epsilon, VarianceType.FixedLarge), 3, randomFlip: false);
+        var draws = step.Draw(0, indices, epochs);
+        Assert.Equal(12, draws.NoiseKeys.Distinct().Count());
+        Assert.Equal(12, draws.DropoutSeeds.Distinct().Count());
+        Assert.Equal(5, indices.Distinct().Count());
     }
 
     [Fact]

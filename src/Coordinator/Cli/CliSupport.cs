@@ -59,6 +59,19 @@ internal static class CliSupport
         return found is null ? recipe : recipe with { DataPath = found };
     }
 
+    /// <summary>Runs <paramref name="build"/>, turning its <see cref="ArgumentException"/> (a bad recipe field, name or request value the user typed) into a usage error.</summary>
+    public static T UserInput<T>(Func<T> build)
+    {
+        try
+        {
+            return build();
+        }
+        catch (ArgumentException e)
+        {
+            throw new UsageException(e.Message);
+        }
+    }
+
     public static string Format(double v) => v.ToString("G4", CultureInfo.InvariantCulture);
 
     /// <summary>Parses, runs the chosen verb and maps failures to exit codes: 2 for usage, 1 for everything else.</summary>
@@ -79,19 +92,15 @@ internal static class CliSupport
             Console.Error.WriteLine($"error: {e.Message}");
             return ExitUsage;
         }
-        catch (ArgumentException e)
-        {
-            Console.Error.WriteLine($"error: {e.Message}");
-            return ExitUsage;
-        }
         catch (OperationCanceledException)
         {
             Console.Error.WriteLine("cancelled");
             return 130;
         }
-        catch (Exception e) when (e is IOException or InvalidDataException or UnauthorizedAccessException or InvalidOperationException)
+        catch (Exception e)
         {
-            Console.Error.WriteLine($"error: {e.Message}");
+            // Anything else (a corrupt checkpoint, missing data, a native torch error) is a failure, not a usage error.
+            Console.Error.WriteLine($"error: {e.Message.ReplaceLineEndings(" ")}");
             return ExitFailure;
         }
     }

@@ -34,7 +34,16 @@ internal static class EvalCommand
         var device = CliSupport.ResolveDevice(deviceSpec, threads);
         var data = CheckpointStore.Load(checkpointPath);
         var recipe = CliSupport.ResolveDataPath(data.Recipe);
-        using var model = DiffusionModel.FromCheckpoint(data with { Recipe = recipe }, useEma: !rawWeights, device);
+        DiffusionModel model;
+        try
+        {
+            model = DiffusionModel.FromCheckpoint(data with { Recipe = recipe }, useEma: !rawWeights, device);
+        }
+        finally
+        {
+            data.DisposeTensors();
+        }
+        using var modelScope = model;
         var (train, heldOut) = DatasetLoader.Load(recipe);
         using (train)
         using (heldOut)

@@ -48,9 +48,18 @@ internal static class SampleCommand
         if (batch < 1) throw new UsageException($"--batch {batch}: expected >= 1");
         var device = CliSupport.ResolveDevice(deviceSpec, threads);
         var data = CheckpointStore.Load(checkpointPath);
-        using var model = DiffusionModel.FromCheckpoint(data, useEma: !rawWeights, device);
+        DiffusionModel model;
+        try
+        {
+            model = DiffusionModel.FromCheckpoint(data, useEma: !rawWeights, device);
+        }
+        finally
+        {
+            data.DisposeTensors();
+        }
+        using var modelScope = model;
         var request = new SampleRequest(n, kind, steps, eta, seed, 0, trajectoryEvery);
-        request.Validate(model.Diffusion.T);
+        CliSupport.UserInput(() => { request.Validate(model.Diffusion.T); return true; });
         var bar = new ProgressBar("sample", 0, n, "samples");
         var started = System.Diagnostics.Stopwatch.StartNew();
         using var result = model.Sample(request, batch, done => bar.Update(done));

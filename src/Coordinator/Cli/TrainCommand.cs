@@ -14,7 +14,7 @@ internal static class TrainCommand
         var recipe = new Option<string?>("--recipe") { Description = "Named recipe: " + string.Join(", ", Recipes.All.Select(r => r.Name)) };
         var set = new Option<string[]>("--set") { Description = "Override a recipe field, key=value (repeatable), e.g. --set learning-rate=2e-4", AllowMultipleArgumentsPerToken = false };
         var steps = new Option<int?>("--steps") { Description = "Train until this many steps are done (default: the recipe's)" };
-        var seed = new Option<long?>("--seed") { Description = "Run seed (weights, data order, per-sample noise)" };
+        var seed = new Option<long?>("--seed") { Description = "Run seed: initial weights, data order, per-sample noise, synthetic data and the train/held-out split" };
         var output = new Option<string?>("--out") { Description = "Run folder for checkpoints, samples and recipe.json" };
         var resume = new Option<string?>("--resume") { Description = "Continue a run: a run folder (its latest checkpoint) or one checkpoint folder" };
         var device = CliSupport.DeviceOption();
@@ -42,13 +42,22 @@ internal static class TrainCommand
             checkpoint = CheckpointStore.Load(folder);
             recipe = checkpoint.Recipe;
             // RUN/checkpoints/<step> -> RUN
-            runDir = outDir ?? Path.GetFullPath(Path.Combine(folder, "..", ".."));
+            runDir = Path.GetFullPath(outDir ?? Path.Combine(folder, "..", ".."));
+            var later = Directory.Exists(Path.Combine(runDir, "checkpoints"))
+                ? CheckpointStore.List(runDir).Where(c => c.Step > checkpoint.Step).Select(c => c.Step).ToList()
+                : [];
+            if (later.Count > 0)
+            {
+                checkpoint.DisposeTensors();
+                throw new UsageException($"--resume {resume}: step {checkpoint.Step} is not the latest checkpoint of {runDir} (it has {string.Join(", ", later)}); resume the run folder itself, or branch off with --out NEW_DIR");
+            }
         }
         else
         {
             if (recipeName is null) throw new UsageException("--recipe is required (or --resume DIR)");
             if (outDir is null) throw new UsageException("--out DIR is required");
-            recipe = Recipes.Get(recipeName).WithOverrides(sets);
+            var overrides = sets;
+            recipe = CliSupport.UserInput(() => Recipes.Get(recipeName).WithOverrides(overrides));
             if (seed is { } s) recipe = recipe with { Seed = s };
             runDir = Path.GetFullPath(outDir);
             if (Directory.Exists(Path.Combine(runDir, "checkpoints")) && CheckpointStore.List(runDir).Count > 0)
@@ -59,18 +68,27 @@ internal static class TrainCommand
             if (n < 0) throw new UsageException($"--steps {n}: expected a count >= 0");
             recipe = recipe with { Steps = n };
         }
-        recipe = CliSupport.ResolveDataPath(recipe);
         recipe.Validate();
-
-        var (train, heldOut) = DatasetLoader.Load(recipe);
+        // The recipe keeps the data path as given (relative paths stay relative, so a moved checkout still resumes);
+        // only loading uses the resolved folder.
+        var (train, heldOut) = DatasetLoader.Load(CliSupport.ResolveDataPath(recipe));
         using (train)
         using (heldOut)
         {
             Directory.CreateDirectory(runDir);
             File.WriteAllText(Path.Combine(runDir, "recipe.json"), recipe.ToJson());
-            using var state = checkpoint is null
-                ? TrainingState.Create(recipe, train.SampleShape, train.Count, device)
-                : TrainingState.FromCheckpoint(checkpoint with { Recipe = recipe }, train.SampleShape, train.Count, device);
+            TrainingState state;
+            try
+            {
+                state = checkpoint is null
+                    ? TrainingState.Create(recipe, train.SampleShape, train.Count, device)
+                    : TrainingState.FromCheckpoint(checkpoint with { Recipe = recipe }, train.SampleShape, train.Count, device);
+            }
+            finally
+            {
+                checkpoint?.DisposeTensors();
+            }
+            using var stateScope = state;
             var inv = CultureInfo.InvariantCulture;
             Console.Error.WriteLine(string.Create(inv,
                 $"training {recipe.Name}: {train.Description}, {train.Count} samples, {state.Network.parameters().Sum(p => p.numel())} parameters, batch {recipe.BatchSize}, T = {recipe.Timesteps}, device {device}, from step {state.StepsDone} to {recipe.Steps}"));
@@ -79,8 +97,10 @@ internal static class TrainCommand
             var firstStep = state.StepsDone;
             var clock = new System.Diagnostics.Stopwatch();
             using var cts = new CancellationTokenSource();
+            // Ctrl+C and SIGTERM (kill, Kubernetes) stop after the current step and write a checkpoint.
             ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
             Console.CancelKeyPress += onCancel;
+            using var onTerm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, c => { c.Cancel = true; cts.Cancel(); });
             try
             {
                 var trainer = new LocalTrainer(state, train, runDir)

@@ -49,8 +49,9 @@ public static class CounterRng
         var shape = new long[rowShape.Length + 1];
         shape[0] = keys.Length;
         rowShape.CopyTo(shape, 1);
-        using var cpu = TorchSharp.torch.tensor(buf, shape);
-        return cpu.to(device);
+        var cpu = TorchSharp.torch.tensor(buf, shape);
+        if (device.type == TorchSharp.DeviceType.CPU) return cpu;
+        using (cpu) return cpu.to(device);
     }
 
     /// <summary>Reinterprets floats as bytes (for checksums in tests and on the wire).</summary>

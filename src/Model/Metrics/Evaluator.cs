@@ -60,11 +60,12 @@ public static class Evaluator
             var vb = zeros(n, device: model.Device);
             for (var t = d.T - 1; t >= 0; t--)
             {
+                using var stepScope = NewDisposeScope();   // per-t intermediates go at once: memory stays flat in T
                 var keys = Enumerable.Range(0, (int)n).Select(i => SeedMix.Mix(seed, start + i, t)).ToArray();
                 var eps = CounterRng.NormalRows(keys, model.SampleShape, model.Device);
                 var tt = full(new[] { n }, (long)t, ScalarType.Int64, model.Device);
                 var xt = d.QSample(x0, tt, eps);
-                vb += d.VbTerms(model.Network.forward(xt, tt), x0, xt, tt, clipDenoised: model.Recipe.ClipDenoised);
+                vb.add_(d.VbTerms(model.Network.forward(xt, tt), x0, xt, tt, clipDenoised: model.Recipe.ClipDenoised));
             }
             var prior = d.PriorBpd(x0);
             totals.Add((vb + prior).cpu().DetachFromDisposeScope());

@@ -71,8 +71,8 @@ public static class SamplingPipeline
                 var keys = new ulong[n];
                 for (var j = 0; j < n; j++) keys[j] = SampleKey(request.Seed, request.FirstIndex + start + j);
                 var frames = new List<Tensor>();
+                trajectories.Add(frames);   // before the run, so frames of a cancelled batch are disposed too
                 outputs.Add(RunBatch(network, sampler, keys, sampleShape, device, request.TrajectoryEvery, frames, cancellationToken));
-                trajectories.Add(frames);
                 onSamplesDone?.Invoke(start + n);
             }
             var samples = outputs.Count == 1 ? outputs[0].alias() : cat(outputs, 0);
@@ -102,27 +102,32 @@ public static class SamplingPipeline
         var x = CounterRng.NormalRows(keys, sampleShape, device).DetachFromDisposeScope();
         if (trajectoryEvery > 0) frames.Add(CpuCopy(x));
         var stepKeys = new ulong[keys.Length];
-        for (var pos = 0; pos < sampler.Timesteps.Count; pos++)
+        try
         {
-            ct.ThrowIfCancellationRequested();
-            using var scope = NewDisposeScope();
-            var t = full(new[] { (long)keys.Length }, (long)sampler.Timesteps[pos], ScalarType.Int64, device);
-            var output = network.forward(x, t);
-            Tensor? noise = null;
-            if (sampler.UsesNoise(pos))
+            for (var pos = 0; pos < sampler.Timesteps.Count; pos++)
             {
-                for (var j = 0; j < keys.Length; j++) stepKeys[j] = SeedMix.Mix(keys[j], (ulong)(pos + 1));
-                noise = CounterRng.NormalRows(stepKeys, sampleShape, device);
+                ct.ThrowIfCancellationRequested();
+                using var scope = NewDisposeScope();
+                var t = full(new[] { (long)keys.Length }, (long)sampler.Timesteps[pos], ScalarType.Int64, device);
+                var output = network.forward(x, t);
+                Tensor? noise = null;
+                if (sampler.UsesNoise(pos))
+                {
+                    for (var j = 0; j < keys.Length; j++) stepKeys[j] = SeedMix.Mix(keys[j], (ulong)(pos + 1));
+                    noise = CounterRng.NormalRows(stepKeys, sampleShape, device);
+                }
+                var next = sampler.Step(output, pos, x, noise).DetachFromDisposeScope();
+                x.Dispose();
+                x = next;
+                var last = pos == sampler.Timesteps.Count - 1;
+                if (trajectoryEvery > 0 && ((pos + 1) % trajectoryEvery == 0 || last))
+                    frames.Add(CpuCopy(x));
             }
-            var next = sampler.Step(output, pos, x, noise).DetachFromDisposeScope();
-            x.Dispose();
-            x = next;
-            var last = pos == sampler.Timesteps.Count - 1;
-            if (trajectoryEvery > 0 && ((pos + 1) % trajectoryEvery == 0 || last))
-                frames.Add(CpuCopy(x));
+            return x.cpu().DetachFromDisposeScope();
         }
-        var result = x.cpu().DetachFromDisposeScope();
-        if (!ReferenceEquals(result, x)) x.Dispose();
-        return result;
+        finally
+        {
+            x.Dispose();   // .cpu() made a new handle; a cancelled chain's x goes too
+        }
     }
 }

@@ -41,20 +41,26 @@ public sealed class DataOrder
         return perm;
     }
 
-    /// <summary>The next <paramref name="batchSize"/> dataset indices from <paramref name="cursor"/>, and the cursor after them.</summary>
-    public (long[] Indices, DataCursor Next) NextBatch(DataCursor cursor, int batchSize)
+    /// <summary>
+    /// The next <paramref name="batchSize"/> dataset indices from <paramref name="cursor"/>, the epoch each was drawn
+    /// in (a batch that runs into the next epoch, or is larger than the data set, can hold an index more than once,
+    /// but never twice from the same epoch), and the cursor after them.
+    /// </summary>
+    public (long[] Indices, long[] Epochs, DataCursor Next) NextBatch(DataCursor cursor, int batchSize)
     {
         if (batchSize < 1) throw new ArgumentException($"batch size = {batchSize}: expected >= 1");
         if (cursor.Epoch < 0 || cursor.Position < 0 || cursor.Position > _count)
             throw new ArgumentException($"data cursor (epoch {cursor.Epoch}, position {cursor.Position}): expected epoch >= 0 and 0 <= position <= {_count}");
         var result = new long[batchSize];
+        var epochs = new long[batchSize];
         var (epoch, pos) = (cursor.Epoch, cursor.Position);
         for (var k = 0; k < batchSize; k++)
         {
             if (pos == _count) { epoch++; pos = 0; }
+            epochs[k] = epoch;
             result[k] = Permutation(epoch)[pos++];
         }
         if (pos == _count) { epoch++; pos = 0; }
-        return (result, new DataCursor(epoch, pos));
+        return (result, epochs, new DataCursor(epoch, pos));
     }
 }

@@ -43,7 +43,7 @@ public sealed class LocalTrainer
         using (var scope = NewDisposeScope())
         {
             var x0 = _train.Gather(plan.Indices).to(_state.Device);
-            var l = _state.Step.Loss(_state.Network, x0, plan.Step, plan.Indices, _state.Recipe.BatchSize);
+            var l = _state.Step.Loss(_state.Network, x0, plan.Step, plan.Indices, plan.Epochs, _state.Recipe.BatchSize);
             l.backward();
             loss = l.item<float>();
         }
@@ -75,7 +75,7 @@ public sealed class LocalTrainer
         }
         finally
         {
-            if (_state.StepsDone > 0 && !CheckpointExists(_state.StepsDone))
+            if (!CheckpointExists(_state.StepsDone))
                 SaveCheckpoint();
         }
         OnSampleStep?.Invoke(_state.StepsDone);

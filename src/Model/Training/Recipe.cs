@@ -119,7 +119,8 @@ public sealed record Recipe
             .Where(p => p.CanWrite && p.GetCustomAttribute<JsonIgnoreAttribute>() is null)
             .Select(p => Kebab(p.Name)).ToArray();
 
-    /// <summary>A copy with one field set from text, e.g. <c>With("learning-rate", "2e-4")</c>.</summary>
+    /// <summary>A copy with one field set from text, e.g. <c>With("learning-rate", "2e-4")</c>. Not validated: fields that
+    /// depend on each other (loss and variance, channels and groups) may be set in any order; call <see cref="Validate"/> after.</summary>
     /// <exception cref="ArgumentException">unknown field or a value that does not parse, naming both.</exception>
     public Recipe With(string key, string value)
     {
@@ -138,11 +139,10 @@ public sealed record Recipe
         }
         var copy = this with { };
         prop.SetValue(copy, parsed);
-        copy.Validate();
         return copy;
     }
 
-    /// <summary>Applies <c>key=value</c> overrides in order.</summary>
+    /// <summary>Applies <c>key=value</c> overrides in order, then validates the result.</summary>
     public Recipe WithOverrides(IEnumerable<string> assignments)
     {
         var r = this;
@@ -153,6 +153,7 @@ public sealed record Recipe
                 throw new ArgumentException($"override '{a}' is not of the form key=value");
             r = r.With(a[..eq].Trim(), a[(eq + 1)..].Trim());
         }
+        r.Validate();
         return r;
     }
 
@@ -183,6 +184,7 @@ public sealed record Recipe
         Check(HiddenLayers >= 1, "hidden-layers", HiddenLayers, "an integer >= 1");
         Check(TimeEmbeddingSize >= 2 && TimeEmbeddingSize % 2 == 0, "time-embedding-size", TimeEmbeddingSize, "an even integer >= 2");
         Check(BaseChannels >= 1, "base-channels", BaseChannels, "an integer >= 1");
+        Check(GroupNormGroups >= 1, "group-norm-groups", GroupNormGroups, "an integer >= 1");
         Check(BaseChannels % GroupNormGroups == 0, "group-norm-groups", GroupNormGroups, $"a divisor of base-channels ({BaseChannels})");
         Check(ChannelMultipliers.Length >= 1 && ChannelMultipliers.All(m => m >= 1), "channel-multipliers", string.Join(",", ChannelMultipliers), "a comma-separated list of integers >= 1");
         Check(ResBlocks >= 1, "res-blocks", ResBlocks, "an integer >= 1");
@@ -196,6 +198,7 @@ public sealed record Recipe
         Check(Variance != VarianceType.LearnedRange || Loss == LossType.Kl, "loss", Loss, "kl when variance is learned-range (a fixed-variance loss gives the variance head no gradient)");
         Check(Loss != LossType.Kl || Variance == VarianceType.LearnedRange, "variance", Variance, "learned-range when loss is kl");
         Check(Prediction != PredictionType.Mean || Loss == LossType.Kl, "prediction", Prediction, "epsilon, x0 or v unless loss is kl (a directly predicted mean has no regression target)");
+        Check(!RandomFlip || IsImageData, "random-flip", RandomFlip, "false for 2-D data (a flip would swap the coordinates)");
         Check(!IsImageData || Network == NetworkKind.UNet, "network", Network, "unet for image data");
         Check(IsImageData || Network != NetworkKind.UNet, "network", Network, "mlp or sohl2015-mlp for 2-D data");
         Check(!IsImageData || !string.IsNullOrWhiteSpace(DataPath), "data-path", DataPath ?? "(unset)", "a folder holding the dataset files");

@@ -7,8 +7,8 @@ using static TorchSharp.torch;
 
 namespace DistDiffusion.Model.Training;
 
-/// <summary>What one step will do: its number, the global batch's dataset indices, and the cursor after it.</summary>
-public sealed record StepPlan(long Step, long[] Indices, DataCursor Next);
+/// <summary>What one step will do: its number, the global batch's dataset indices and the epoch each was drawn in, and the cursor after it.</summary>
+public sealed record StepPlan(long Step, long[] Indices, long[] Epochs, DataCursor Next);
 
 /// <summary>
 /// The state a training run carries from step to step — network weights, Adam state, EMA weights, step
@@ -77,8 +77,8 @@ public sealed class TrainingState : IDisposable
     /// <summary>The next step's global batch (does not advance anything).</summary>
     public StepPlan PlanStep()
     {
-        var (indices, next) = Order.NextBatch(Cursor, Recipe.BatchSize);
-        return new StepPlan(StepsDone, indices, next);
+        var (indices, epochs, next) = Order.NextBatch(Cursor, Recipe.BatchSize);
+        return new StepPlan(StepsDone, indices, epochs, next);
     }
 
     /// <summary>
@@ -89,7 +89,16 @@ public sealed class TrainingState : IDisposable
     {
         if (plan.Step != StepsDone)
             throw new InvalidOperationException($"plan is for step {plan.Step} but the run is at step {StepsDone}");
-        var norm = Optimizer.Step();
+        double norm;
+        try
+        {
+            norm = Optimizer.Step();
+        }
+        catch
+        {
+            Optimizer.ZeroGrad();   // never let a rejected gradient accumulate into the next one
+            throw;
+        }
         StepsDone++;
         Ema?.Update(StepsDone);
         Cursor = plan.Next;
@@ -106,7 +115,14 @@ public sealed class TrainingState : IDisposable
         Network.named_parameters().ToDictionary(p => p.name, p => (Tensor)p.parameter),
         Ema?.Weights ?? new Dictionary<string, Tensor>(),
         Optimizer.StateTensors(),
-        new Dictionary<string, string> { ["optimizer.step"] = Optimizer.StepCount.ToString(CultureInfo.InvariantCulture) });
+        new Dictionary<string, string>
+        {
+            ["optimizer.step"] = Optimizer.StepCount.ToString(CultureInfo.InvariantCulture),
+            [TrainSizeKey] = Order.DatasetSize.ToString(CultureInfo.InvariantCulture),
+        });
+
+    /// <summary>Checkpoint fact: the training-set size the data order was planned for.</summary>
+    public const string TrainSizeKey = "data.train_size";
 
     private void Restore(CheckpointData c)
     {
@@ -118,6 +134,8 @@ public sealed class TrainingState : IDisposable
             if (!w.shape.SequenceEqual(p.shape))
                 throw new InvalidDataException($"checkpoint weight '{name}' has shape [{string.Join(",", w.shape)}], expected [{string.Join(",", p.shape)}]");
         }
+        if (c.Extra.TryGetValue(TrainSizeKey, out var sizeText) && sizeText != Order.DatasetSize.ToString(CultureInfo.InvariantCulture))
+            throw new InvalidDataException($"checkpoint was trained on {sizeText} samples but the data now has {Order.DatasetSize}: resuming would not continue the same run");
         if (!c.Extra.TryGetValue("optimizer.step", out var stepText) || !long.TryParse(stepText, NumberStyles.Integer, CultureInfo.InvariantCulture, out var optSteps))
             throw new InvalidDataException("checkpoint lacks 'optimizer.step'");
         using (no_grad())

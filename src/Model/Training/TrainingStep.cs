@@ -10,7 +10,7 @@ public sealed record SampleDraws(long[] Timesteps, ulong[] NoiseKeys, bool[] Fli
 /// <summary>
 /// The loss of one training step on any subset of the global batch (Ho et al. Algorithm 1).
 /// Sample i of step s draws its t, epsilon, flip and dropout masks from streams keyed by
-/// (run seed, s, dataset index of i), and its loss is scaled for the global batch size, so the
+/// (run seed, s, epoch it was drawn in, dataset index of i), and its loss is scaled for the global batch size, so the
 /// sum of the gradients of any partition of the batch equals the gradient of the whole batch.
 /// </summary>
 public sealed class TrainingStep
@@ -26,10 +26,13 @@ public sealed class TrainingStep
     public long RunSeed { get; }
     public bool RandomFlip { get; }
 
-    public static ulong SampleKey(long runSeed, long step, long datasetIndex) => SeedMix.Mix(runSeed, step, datasetIndex);
+    /// <summary>The stream of one sample of one step; the epoch tells apart two copies of an index in a batch that spans epochs.</summary>
+    public static ulong SampleKey(long runSeed, long step, long epoch, long datasetIndex) => SeedMix.Mix(runSeed, step, epoch, datasetIndex);
 
-    public SampleDraws Draw(long step, ReadOnlySpan<long> datasetIndices)
+    public SampleDraws Draw(long step, ReadOnlySpan<long> datasetIndices, ReadOnlySpan<long> epochs)
     {
+        if (epochs.Length != datasetIndices.Length)
+            throw new ArgumentException($"{datasetIndices.Length} dataset indices but {epochs.Length} epochs");
         var n = datasetIndices.Length;
         var ts = new long[n];
         var noiseKeys = new ulong[n];
@@ -37,7 +40,7 @@ public sealed class TrainingStep
         var dropout = new long[n];
         for (var i = 0; i < n; i++)
         {
-            var key = SampleKey(RunSeed, step, datasetIndices[i]);
+            var key = SampleKey(RunSeed, step, epochs[i], datasetIndices[i]);
             ts[i] = CounterRng.UniformInt(key, 0, Diffusion.T);           // t ~ Uniform({1..T}) as index 0..T-1
             flips[i] = RandomFlip && CounterRng.Uniform(key, 1) < 0.5;
             dropout[i] = (long)CounterRng.Bits(key, 2);
@@ -47,17 +50,17 @@ public sealed class TrainingStep
     }
 
     /// <summary>
-    /// Scalar loss for the samples x0 [n, ...] (on the network's device) with the given dataset indices:
+    /// Scalar loss for the samples x0 [n, ...] (on the network's device) with the given dataset indices and epochs:
     /// sum of per-sample losses divided by the global batch size (mean reduction) or not (sum reduction).
     /// Call backward on it; gradients of the parts of a batch add up to the whole batch's gradient.
     /// </summary>
-    public Tensor Loss(DenoiserNetwork network, Tensor x0, long step, ReadOnlySpan<long> datasetIndices, int globalBatchSize)
+    public Tensor Loss(DenoiserNetwork network, Tensor x0, long step, ReadOnlySpan<long> datasetIndices, ReadOnlySpan<long> epochs, int globalBatchSize)
     {
         if (x0.shape[0] != datasetIndices.Length)
             throw new ArgumentException($"x0 has {x0.shape[0]} samples but {datasetIndices.Length} dataset indices were given");
         if (globalBatchSize < datasetIndices.Length)
             throw new ArgumentException($"global batch size {globalBatchSize} is smaller than this part ({datasetIndices.Length})");
-        var draws = Draw(step, datasetIndices);
+        var draws = Draw(step, datasetIndices, epochs);
         var device = x0.device;
         if (draws.Flips.Any(f => f))
         {
