@@ -125,7 +125,7 @@ internal static class TrainCommand
             var rate = timed > 0 ? timed / clock.Elapsed.TotalSeconds : double.NaN;
             var peakMiB = System.Diagnostics.Process.GetCurrentProcess().PeakWorkingSet64 / (1024.0 * 1024.0);
             Console.WriteLine(string.Create(inv,
-                $"trained {recipe.Name} to step {state.StepsDone}; final loss {smoothed:G4}; {rate:F2} steps/s; peak memory {peakMiB:F0} MiB; run folder {runDir}"));
+                $"trained {recipe.Name} to step {state.StepsDone}; final loss {smoothed:G4}; {rate:G3} steps/s ({1 / rate:G3} s/step); peak memory {peakMiB:F0} MiB; run folder {runDir}"));
         }
         return CliSupport.ExitOk;
     }
