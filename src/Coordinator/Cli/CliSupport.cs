@@ -1,5 +1,7 @@
 using System.CommandLine;
 using System.Globalization;
+using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Sampling;
 using DistDiffusion.Model.Training;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -69,6 +71,24 @@ internal static class CliSupport
         catch (ArgumentException e)
         {
             throw new UsageException(e.Message);
+        }
+    }
+
+    /// <summary>
+    /// A model from a checkpoint folder (EMA weights unless <paramref name="rawWeights"/>); the checkpoint's CPU
+    /// tensors are released once copied. <paramref name="adjust"/> may rewrite the stored recipe (e.g. resolve its data path).
+    /// </summary>
+    public static (DiffusionModel Model, CheckpointData Checkpoint) LoadModel(string checkpointPath, bool rawWeights, Device device, Func<Recipe, Recipe>? adjust = null)
+    {
+        var data = CheckpointStore.Load(checkpointPath);
+        if (adjust is not null) data = data with { Recipe = adjust(data.Recipe) };
+        try
+        {
+            return (DiffusionModel.FromCheckpoint(data, useEma: !rawWeights, device), data);
+        }
+        finally
+        {
+            data.DisposeTensors();
         }
     }
 

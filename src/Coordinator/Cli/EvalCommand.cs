@@ -1,9 +1,7 @@
 using System.CommandLine;
 using System.Text.Json;
-using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Metrics;
-using DistDiffusion.Model.Sampling;
 
 namespace DistDiffusion.Coordinator.Cli;
 
@@ -32,18 +30,9 @@ internal static class EvalCommand
         if (samples < 2) throw new UsageException($"--samples {samples}: expected at least 2");
         if (bpdImages < 1) throw new UsageException($"--bpd-images {bpdImages}: expected at least 1");
         var device = CliSupport.ResolveDevice(deviceSpec, threads);
-        var data = CheckpointStore.Load(checkpointPath);
-        var recipe = CliSupport.ResolveDataPath(data.Recipe);
-        DiffusionModel model;
-        try
-        {
-            model = DiffusionModel.FromCheckpoint(data with { Recipe = recipe }, useEma: !rawWeights, device);
-        }
-        finally
-        {
-            data.DisposeTensors();
-        }
+        var (model, data) = CliSupport.LoadModel(checkpointPath, rawWeights, device, CliSupport.ResolveDataPath);
         using var modelScope = model;
+        var recipe = data.Recipe;
         var (train, heldOut) = DatasetLoader.Load(recipe);
         using (train)
         using (heldOut)

@@ -1,6 +1,5 @@
 using System.CommandLine;
 using System.Globalization;
-using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Sampling;
 
@@ -47,16 +46,7 @@ internal static class SampleCommand
         if (ext is not ".png" and not ".npy") throw new UsageException($"--out {output}: expected a .png or .npy file");
         if (batch < 1) throw new UsageException($"--batch {batch}: expected >= 1");
         var device = CliSupport.ResolveDevice(deviceSpec, threads);
-        var data = CheckpointStore.Load(checkpointPath);
-        DiffusionModel model;
-        try
-        {
-            model = DiffusionModel.FromCheckpoint(data, useEma: !rawWeights, device);
-        }
-        finally
-        {
-            data.DisposeTensors();
-        }
+        var (model, data) = CliSupport.LoadModel(checkpointPath, rawWeights, device);
         using var modelScope = model;
         var request = new SampleRequest(n, kind, steps, eta, seed, 0, trajectoryEvery);
         CliSupport.UserInput(() => { request.Validate(model.Diffusion.T); return true; });
