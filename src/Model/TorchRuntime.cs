@@ -44,4 +44,25 @@ public static class TorchRuntime
 
     [DllImport("libc.so.6", EntryPoint = "setenv", CharSet = CharSet.Ansi, BestFitMapping = false, ThrowOnUnmappableChar = true)]
     private static extern int setenv([MarshalAs(UnmanagedType.LPStr)] string name, [MarshalAs(UnmanagedType.LPStr)] string value, int overwrite);
+
+    /// <summary>
+    /// The device a --device flag names (auto: CUDA when available, else CPU; cpu; cuda; cuda:N) after setting torch's
+    /// CPU threads (0: all cores). Bad values throw <see cref="ArgumentException"/> naming the flag and what is accepted.
+    /// </summary>
+    public static TorchSharp.torch.Device ResolveDevice(string spec, int threads)
+    {
+        EnsureConfigured();
+        if (threads < 0) throw new ArgumentException($"--threads {threads}: expected 0 (all cores) or a positive count");
+        if (threads > 0) TorchSharp.torch.set_num_threads(threads);
+        var s = spec.Trim().ToLowerInvariant();
+        if (s == "auto") return TorchSharp.torch.cuda.is_available() ? TorchSharp.torch.CUDA : TorchSharp.torch.CPU;
+        if (s == "cpu") return TorchSharp.torch.CPU;
+        if (s.StartsWith("cuda", StringComparison.Ordinal))
+        {
+            if (!TorchSharp.torch.cuda.is_available())
+                throw new ArgumentException($"--device {spec}: CUDA is not available in this build or on this machine (use cpu or auto)");
+            return new TorchSharp.torch.Device(s);
+        }
+        throw new ArgumentException($"--device {spec}: expected auto, cpu, cuda or cuda:N");
+    }
 }

@@ -30,36 +30,36 @@ internal static class CliSupport
         DefaultValueFactory = _ => 0,
     };
 
-    public static Device ResolveDevice(string spec, int threads)
+    public static Option<string?> TokenFileOption() => new("--token-file")
     {
-        if (threads < 0) throw new UsageException($"--threads {threads}: expected 0 (all cores) or a positive count");
-        if (threads > 0) torch.set_num_threads(threads);
-        var s = spec.Trim().ToLowerInvariant();
-        if (s == "auto") return cuda.is_available() ? CUDA : CPU;
-        if (s == "cpu") return CPU;
-        if (s.StartsWith("cuda", StringComparison.Ordinal))
-        {
-            if (!cuda.is_available())
-                throw new UsageException($"--device {spec}: CUDA is not available in this build or on this machine (use cpu or auto)");
-            return new Device(s);
-        }
-        throw new UsageException($"--device {spec}: expected auto, cpu, cuda or cuda:N");
-    }
+        Description = $"File holding the shared token (default: the {DistDiffusion.Protocol.Names.TokenEnvironmentVariable} environment variable)",
+    };
 
-    /// <summary>
-    /// A recipe's relative data path resolved against the working directory, then against the folders above
-    /// the executable (so `data/mnist` is found from any folder of a source checkout).
-    /// </summary>
-    public static Recipe ResolveDataPath(Recipe recipe)
+    public static Option<string> AddressOption() => new("--address")
     {
-        if (!recipe.IsImageData || string.IsNullOrWhiteSpace(recipe.DataPath) || Path.IsPathRooted(recipe.DataPath))
-            return recipe;
-        var candidates = new List<string> { Path.GetFullPath(recipe.DataPath) };
-        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
-            candidates.Add(Path.Combine(dir.FullName, recipe.DataPath));
-        var found = candidates.FirstOrDefault(Directory.Exists);
-        return found is null ? recipe : recipe with { DataPath = found };
-    }
+        Description = "The coordinator's URL",
+        DefaultValueFactory = _ => DistDiffusion.Protocol.Names.DefaultAddress,
+    };
+
+    /// <summary>One line for a failed call: unreachable, refused token, or the server's status.</summary>
+    public static string DescribeRpcFailure(Grpc.Core.RpcException e, Uri address) => e.StatusCode switch
+    {
+        Grpc.Core.StatusCode.Unavailable => $"error: cannot reach the coordinator at {address}: {e.Status.Detail} (is `coordinator serve` running there?)",
+        Grpc.Core.StatusCode.DeadlineExceeded => $"error: the coordinator at {address} did not answer in time",
+        Grpc.Core.StatusCode.Unauthenticated => $"error: the coordinator at {address} refused the token: {e.Status.Detail}",
+        _ => $"error: {e.StatusCode}: {e.Status.Detail}",
+    };
+
+    public static Serilog.Events.LogEventLevel ParseLogLevel(string text) => text.ToLowerInvariant() switch
+    {
+        "debug" => Serilog.Events.LogEventLevel.Debug,
+        "information" or "info" => Serilog.Events.LogEventLevel.Information,
+        "warning" => Serilog.Events.LogEventLevel.Warning,
+        "error" => Serilog.Events.LogEventLevel.Error,
+        _ => throw new ArgumentException($"--log-level {text}: expected debug, information, warning or error"),
+    };
+
+    public static Device ResolveDevice(string spec, int threads) => UserInput(() => DistDiffusion.Model.TorchRuntime.ResolveDevice(spec, threads));
 
     /// <summary>Runs <paramref name="build"/>, turning its <see cref="ArgumentException"/> (a bad recipe field, name or request value the user typed) into a usage error.</summary>
     public static T UserInput<T>(Func<T> build)

@@ -11,6 +11,9 @@ public static class CoordinatorCli
         SampleCommand.Create(),
         EvalCommand.Create(),
         DownloadCommand.Create(),
+        ServeCommand.Create(),
+        RunCommand.Create(),
+        StatusCommand.Create(),
     };
 
     public static int Run(string[] args) => CliSupport.Invoke(Build(), args);

@@ -30,7 +30,7 @@ internal static class EvalCommand
         if (samples < 2) throw new UsageException($"--samples {samples}: expected at least 2");
         if (bpdImages < 1) throw new UsageException($"--bpd-images {bpdImages}: expected at least 1");
         var device = CliSupport.ResolveDevice(deviceSpec, threads);
-        var (model, data) = CliSupport.LoadModel(checkpointPath, rawWeights, device, CliSupport.ResolveDataPath);
+        var (model, data) = CliSupport.LoadModel(checkpointPath, rawWeights, device, DatasetLoader.ResolveDataPath);
         using var modelScope = model;
         var recipe = data.Recipe;
         var (train, heldOut) = DatasetLoader.Load(recipe);

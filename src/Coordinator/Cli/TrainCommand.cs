@@ -71,7 +71,7 @@ internal static class TrainCommand
         recipe.Validate();
         // The recipe keeps the data path as given (relative paths stay relative, so a moved checkout still resumes);
         // only loading uses the resolved folder.
-        var (train, heldOut) = DatasetLoader.Load(CliSupport.ResolveDataPath(recipe));
+        var (train, heldOut) = DatasetLoader.Load(DatasetLoader.ResolveDataPath(recipe));
         using (train)
         using (heldOut)
         {

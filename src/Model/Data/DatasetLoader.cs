@@ -43,4 +43,19 @@ public static class DatasetLoader
         };
         return all.Split(recipe.HeldOutFraction, recipe.Seed);
     }
+
+    /// <summary>
+    /// A recipe's relative data path resolved against the working directory, then against the folders above
+    /// the executable (so `data/mnist` is found from any folder of a source checkout).
+    /// </summary>
+    public static Recipe ResolveDataPath(Recipe recipe)
+    {
+        if (!recipe.IsImageData || string.IsNullOrWhiteSpace(recipe.DataPath) || Path.IsPathRooted(recipe.DataPath))
+            return recipe;
+        var candidates = new List<string> { Path.GetFullPath(recipe.DataPath) };
+        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
+            candidates.Add(Path.Combine(dir.FullName, recipe.DataPath));
+        var found = candidates.FirstOrDefault(Directory.Exists);
+        return found is null ? recipe : recipe with { DataPath = found };
+    }
 }

@@ -29,18 +29,27 @@ public sealed class TrainingStep
     /// <summary>The stream of one sample of one step; the epoch tells apart two copies of an index in a batch that spans epochs.</summary>
     public static ulong SampleKey(long runSeed, long step, long epoch, long datasetIndex) => SeedMix.Mix(runSeed, step, epoch, datasetIndex);
 
-    public SampleDraws Draw(long step, ReadOnlySpan<long> datasetIndices, ReadOnlySpan<long> epochs)
+    /// <summary>The per-sample seeds of a step: one key per (dataset index, epoch) pair.</summary>
+    public ulong[] SampleKeys(long step, ReadOnlySpan<long> datasetIndices, ReadOnlySpan<long> epochs)
     {
         if (epochs.Length != datasetIndices.Length)
             throw new ArgumentException($"{datasetIndices.Length} dataset indices but {epochs.Length} epochs");
-        var n = datasetIndices.Length;
+        var keys = new ulong[datasetIndices.Length];
+        for (var i = 0; i < keys.Length; i++) keys[i] = SampleKey(RunSeed, step, epochs[i], datasetIndices[i]);
+        return keys;
+    }
+
+    /// <summary>Draws t, the epsilon stream, flip and dropout seed of each sample from its key.</summary>
+    public SampleDraws Draw(ReadOnlySpan<ulong> sampleKeys)
+    {
+        var n = sampleKeys.Length;
         var ts = new long[n];
         var noiseKeys = new ulong[n];
         var flips = new bool[n];
         var dropout = new long[n];
         for (var i = 0; i < n; i++)
         {
-            var key = SampleKey(RunSeed, step, epochs[i], datasetIndices[i]);
+            var key = sampleKeys[i];
             ts[i] = CounterRng.UniformInt(key, 0, Diffusion.T);           // t ~ Uniform({1..T}) as index 0..T-1
             flips[i] = RandomFlip && CounterRng.Uniform(key, 1) < 0.5;
             dropout[i] = (long)CounterRng.Bits(key, 2);
@@ -49,18 +58,25 @@ public sealed class TrainingStep
         return new SampleDraws(ts, noiseKeys, flips, dropout);
     }
 
+    public SampleDraws Draw(long step, ReadOnlySpan<long> datasetIndices, ReadOnlySpan<long> epochs) =>
+        Draw(SampleKeys(step, datasetIndices, epochs));
+
     /// <summary>
     /// Scalar loss for the samples x0 [n, ...] (on the network's device) with the given dataset indices and epochs:
     /// sum of per-sample losses divided by the global batch size (mean reduction) or not (sum reduction).
     /// Call backward on it; gradients of the parts of a batch add up to the whole batch's gradient.
     /// </summary>
-    public Tensor Loss(DenoiserNetwork network, Tensor x0, long step, ReadOnlySpan<long> datasetIndices, ReadOnlySpan<long> epochs, int globalBatchSize)
+    public Tensor Loss(DenoiserNetwork network, Tensor x0, long step, ReadOnlySpan<long> datasetIndices, ReadOnlySpan<long> epochs, int globalBatchSize) =>
+        Loss(network, x0, SampleKeys(step, datasetIndices, epochs), globalBatchSize);
+
+    /// <summary>The same loss with each sample's seed given directly (what a distributed worker receives).</summary>
+    public Tensor Loss(DenoiserNetwork network, Tensor x0, ReadOnlySpan<ulong> sampleKeys, int globalBatchSize)
     {
-        if (x0.shape[0] != datasetIndices.Length)
-            throw new ArgumentException($"x0 has {x0.shape[0]} samples but {datasetIndices.Length} dataset indices were given");
-        if (globalBatchSize < datasetIndices.Length)
-            throw new ArgumentException($"global batch size {globalBatchSize} is smaller than this part ({datasetIndices.Length})");
-        var draws = Draw(step, datasetIndices, epochs);
+        if (x0.shape[0] != sampleKeys.Length)
+            throw new ArgumentException($"x0 has {x0.shape[0]} samples but {sampleKeys.Length} sample seeds were given");
+        if (globalBatchSize < sampleKeys.Length)
+            throw new ArgumentException($"global batch size {globalBatchSize} is smaller than this part ({sampleKeys.Length})");
+        var draws = Draw(sampleKeys);
         var device = x0.device;
         if (draws.Flips.Any(f => f))
         {

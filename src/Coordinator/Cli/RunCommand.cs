@@ -1,0 +1,149 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Globalization;
+using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Protocol;
+using DistDiffusion.Protocol.V1;
+
+namespace DistDiffusion.Coordinator.Cli;
+
+/// <summary>
+/// `coordinator run --workers N`: a coordinator in this process and N worker processes on this machine (like
+/// torchrun), over real gRPC on loopback with a fresh random token (written to OUT/token, owner-only). Prefixes
+/// each process's log lines, shows a progress bar, and stops everything on Ctrl+C or when a worker fails.
+/// </summary>
+internal static class RunCommand
+{
+    public static Command Create()
+    {
+        var workers = new Option<int>("--workers") { Description = "Worker processes to start", DefaultValueFactory = _ => 2 };
+        var recipe = new Option<string?>("--recipe") { Description = "Named recipe" };
+        var set = new Option<string[]>("--set") { Description = "Override a recipe field, key=value (repeatable)" };
+        var steps = new Option<int?>("--steps") { Description = "Train until this many steps are done" };
+        var seed = new Option<long?>("--seed") { Description = "Run seed" };
+        var output = new Option<string?>("--out") { Description = "Run folder" };
+        var resume = new Option<string?>("--resume") { Description = "Continue the run in this folder from its latest checkpoint" };
+        var workerThreads = new Option<int>("--worker-threads") { Description = "CPU threads per worker (0: the machine's cores divided among the workers)", DefaultValueFactory = _ => 0 };
+        var gradientDtype = new Option<string>("--gradient-dtype") { Description = "float32 (exact) or bfloat16", DefaultValueFactory = _ => "float32" };
+        var logLevel = new Option<string>("--log-level") { Description = "Log level of the coordinator and workers (debug, information, warning, error)", DefaultValueFactory = _ => "warning" };
+        var cmd = new Command("run", "Train with a coordinator and N worker processes on this machine")
+        {
+            workers, recipe, set, steps, seed, output, resume, workerThreads, gradientDtype, logLevel,
+        };
+        cmd.SetAction(p =>
+        {
+            var n = p.GetValue(workers);
+            if (n < 1) throw new UsageException($"--workers {n}: expected at least 1");
+            var threads = p.GetValue(workerThreads);
+            if (threads < 0) throw new UsageException($"--worker-threads {threads}: expected 0 (divide the cores) or a positive count");
+            if (p.GetValue(resume) is null && p.GetValue(output) is null) throw new UsageException("--out DIR is required (or --resume DIR)");
+            if (p.GetValue(resume) is null && p.GetValue(recipe) is null) throw new UsageException("--recipe is required (or --resume DIR)");
+            var options = new CoordinatorOptions
+            {
+                Listen = "http://127.0.0.1:0",
+                Recipe = p.GetValue(recipe),
+                Set = p.GetValue(set) ?? [],
+                Steps = p.GetValue(steps),
+                Seed = p.GetValue(seed),
+                Out = p.GetValue(output),
+                Resume = p.GetValue(resume),
+                GradientDtype = p.GetValue(gradientDtype)!,
+                MinWorkers = n,
+            };
+            var level = p.GetValue(logLevel)!;
+            CliSupport.UserInput(() => CliSupport.ParseLogLevel(level));
+            return CliSupport.UserInput(() => RunAsync(options, n, threads > 0 ? threads : Math.Max(1, Environment.ProcessorCount / n), level)).GetAwaiter().GetResult();
+        });
+        return cmd;
+    }
+
+    /// <summary>The worker executable shipped beside this one.</summary>
+    internal static ProcessStartInfo WorkerStartInfo(IEnumerable<string> args)
+    {
+        var dir = AppContext.BaseDirectory;
+        var host = Path.Combine(dir, OperatingSystem.IsWindows() ? "worker.exe" : "worker");
+        var psi = File.Exists(host) ? new ProcessStartInfo(host) : new ProcessStartInfo("dotnet") { ArgumentList = { Path.Combine(dir, "worker.dll") } };
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        psi.UseShellExecute = false;
+        psi.RedirectStandardOutput = true;
+        psi.RedirectStandardError = true;
+        return psi;
+    }
+
+    private static async Task<int> RunAsync(CoordinatorOptions options, int workerCount, int threads, string logLevel)
+    {
+        var token = Token.Generate();
+        using var cts = new CancellationTokenSource();
+        ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
+        Console.CancelKeyPress += onCancel;
+        using var onTerm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, c => { c.Cancel = true; cts.Cancel(); });
+        var processes = new List<Process>();
+        try
+        {
+            await using var server = await CoordinatorServer.StartAsync(options, token, CliSupport.ParseLogLevel(logLevel), "[coordinator] ");
+            Token.WriteFile(Path.Combine(server.RunDir, "token"), token);
+            var status = server.Loop.Status();
+            Console.Error.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"run {status.RunId}: {status.Recipe} from step {status.Step} to {status.TargetStep}, coordinator {server.Address}, {workerCount} workers x {threads} threads, token in {Path.Combine(server.RunDir, "token")}"));
+            for (var i = 0; i < workerCount; i++)
+            {
+                var psi = WorkerStartInfo(["--coordinator", server.Address.ToString(), "--threads", threads.ToString(CultureInfo.InvariantCulture), "--log-level", logLevel, "--give-up-after", "60"]);
+                psi.Environment[Names.TokenEnvironmentVariable] = token;
+                var process = Process.Start(psi) ?? throw new InvalidOperationException("could not start a worker process");
+                var prefix = $"[worker {i + 1}] ";
+                process.OutputDataReceived += (_, e) => { if (e.Data is not null) Console.Error.WriteLine(prefix + e.Data); };
+                process.ErrorDataReceived += (_, e) => { if (e.Data is not null) Console.Error.WriteLine(prefix + e.Data); };
+                process.BeginOutputReadLine();
+                process.BeginErrorReadLine();
+                processes.Add(process);
+            }
+
+            var bar = new ProgressBar("train", (long)status.Step, (long)status.TargetStep);
+            var clock = Stopwatch.StartNew();
+            var firstStep = status.Step;
+            string? failure = null;
+            while (!server.Stopped.IsCompleted && !cts.IsCancellationRequested)
+            {
+                await Task.WhenAny(server.Stopped, Task.Delay(250, CancellationToken.None));
+                var s = server.Loop.Status();
+                bar.Update((long)s.Step, $"loss {CliSupport.Format(s.Loss)}, {s.Workers.Count(w => w.State is WorkerState.Idle or WorkerState.Busy)} workers");
+                var failed = processes.Select((p, k) => (p, k)).FirstOrDefault(x => x.p.HasExited && x.p.ExitCode != 0 && !server.Loop.Completion.IsCompleted);
+                if (failed.p is not null)
+                {
+                    failure = $"worker {failed.k + 1} exited with code {failed.p.ExitCode}";
+                    break;
+                }
+            }
+            var final = server.Loop.Status();
+            await server.StopAsync();
+            // Workers exit by themselves once training is complete; give them a moment, then make sure.
+            foreach (var p in processes)
+                if (!p.WaitForExit(TimeSpan.FromSeconds(failure is null && !cts.IsCancellationRequested ? 15 : 2))) p.Kill(entireProcessTree: true);
+            if (failure is not null)
+            {
+                Console.Error.WriteLine($"error: {failure}; stopped the run at step {final.Step} (resume with --resume {server.RunDir})");
+                return CliSupport.ExitFailure;
+            }
+            if (cts.IsCancellationRequested)
+            {
+                Console.Error.WriteLine($"stopped at step {final.Step}; resume with --resume {server.RunDir}");
+                return 130;
+            }
+            if (server.Loop.Completion.IsFaulted) return CliSupport.ExitFailure;
+            var steps = final.Step - firstStep;
+            var rate = steps / clock.Elapsed.TotalSeconds;
+            Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"trained {final.Recipe} to step {final.Step} with {workerCount} workers; final loss {final.Loss:G4}; {rate:G3} steps/s ({1 / rate:G3} s/step); last checkpoint {final.LastCheckpoint}; run folder {server.RunDir}"));
+            return CliSupport.ExitOk;
+        }
+        finally
+        {
+            Console.CancelKeyPress -= onCancel;
+            foreach (var p in processes)
+            {
+                if (!p.HasExited) p.Kill(entireProcessTree: true);
+                p.Dispose();
+            }
+        }
+    }
+}

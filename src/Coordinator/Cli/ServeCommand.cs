@@ -1,0 +1,124 @@
+using System.CommandLine;
+using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Protocol;
+using Microsoft.Extensions.Configuration;
+using Serilog.Events;
+
+namespace DistDiffusion.Coordinator.Cli;
+
+/// <summary>
+/// `coordinator serve`: the parameter server. Settings come from appsettings.json (next to the executable,
+/// then the working directory), environment variables (DISTDIFFUSION_Coordinator__KEY) and flags, later
+/// sources winning. The flags' option objects are public so tests can check manifests against them.
+/// </summary>
+internal static class ServeCommand
+{
+    public static readonly Option<string?> Listen = new("--listen") { Description = $"URL to listen on (default {Names.DefaultAddress}; http://0.0.0.0:50051 for all interfaces; port 0 picks one)" };
+    public static readonly Option<string?> Recipe = new("--recipe") { Description = "Named recipe for a new run" };
+    public static readonly Option<string[]> Set = new("--set") { Description = "Override a recipe field, key=value (repeatable)" };
+    public static readonly Option<int?> Steps = new("--steps") { Description = "Train until this many steps are done (default: the recipe's)" };
+    public static readonly Option<long?> Seed = new("--seed") { Description = "Run seed" };
+    public static readonly Option<string?> Out = new("--out") { Description = "Run folder (checkpoints under OUT/checkpoints/<step>/)" };
+    public static readonly Option<string?> Resume = new("--resume") { Description = "Continue the run in this folder from its latest checkpoint; with --recipe, start it there when it has none yet" };
+    public static readonly Option<bool> AllowUnauthenticated = new("--allow-unauthenticated") { Description = "Serve without a token (a warning is logged)" };
+    public static readonly Option<string?> TlsCert = new("--tls-cert") { Description = "TLS certificate (PEM); with --tls-key the server speaks https" };
+    public static readonly Option<string?> TlsKey = new("--tls-key") { Description = "TLS private key (PEM)" };
+    public static readonly Option<double?> StepDeadline = new("--step-deadline") { Description = "Seconds a worker has to return its gradient before it is dropped (default 600)" };
+    public static readonly Option<double?> Heartbeat = new("--heartbeat") { Description = "Seconds between worker heartbeats; silent for 4 of them means dropped (default 5)" };
+    public static readonly Option<string?> GradientDtype = new("--gradient-dtype") { Description = "float32 (default, exact) or bfloat16 (half the bytes)" };
+    public static readonly Option<int?> MinWorkers = new("--min-workers") { Description = "Wait for this many workers before the first step (default 1)" };
+    public static readonly Option<bool> KeepServing = new("--keep-serving") { Description = "Keep serving after training completes instead of exiting" };
+    public static readonly Option<string> LogLevel = new("--log-level") { Description = "debug, information, warning or error", DefaultValueFactory = _ => "information" };
+
+    public static Command Create()
+    {
+        var tokenFile = CliSupport.TokenFileOption();
+        var device = CliSupport.DeviceOption();
+        var threads = CliSupport.ThreadsOption();
+        var cmd = new Command("serve", "Run the coordinator (parameter server) for workers to join")
+        {
+            Listen, Recipe, Set, Steps, Seed, Out, Resume, tokenFile, AllowUnauthenticated, TlsCert, TlsKey,
+            StepDeadline, Heartbeat, GradientDtype, MinWorkers, KeepServing, device, threads, LogLevel,
+        };
+        cmd.SetAction(p =>
+        {
+            var flags = new Dictionary<string, string?>();
+            void Put<T>(string key, Option<T> o) { if (p.GetResult(o) is { Implicit: false }) flags[$"{CoordinatorOptions.Section}:{key}"] = Convert.ToString(p.GetValue(o), System.Globalization.CultureInfo.InvariantCulture); }
+            Put(nameof(CoordinatorOptions.Listen), Listen);
+            Put(nameof(CoordinatorOptions.Recipe), Recipe);
+            Put(nameof(CoordinatorOptions.Steps), Steps);
+            Put(nameof(CoordinatorOptions.Seed), Seed);
+            Put(nameof(CoordinatorOptions.Out), Out);
+            Put(nameof(CoordinatorOptions.Resume), Resume);
+            Put(nameof(CoordinatorOptions.TokenFile), tokenFile);
+            Put(nameof(CoordinatorOptions.AllowUnauthenticated), AllowUnauthenticated);
+            Put(nameof(CoordinatorOptions.TlsCert), TlsCert);
+            Put(nameof(CoordinatorOptions.TlsKey), TlsKey);
+            Put(nameof(CoordinatorOptions.StepDeadlineSeconds), StepDeadline);
+            Put(nameof(CoordinatorOptions.HeartbeatSeconds), Heartbeat);
+            Put(nameof(CoordinatorOptions.GradientDtype), GradientDtype);
+            Put(nameof(CoordinatorOptions.KeepServing), KeepServing);
+            Put(nameof(CoordinatorOptions.MinWorkers), MinWorkers);
+            Put(nameof(CoordinatorOptions.Device), device);
+            Put(nameof(CoordinatorOptions.Threads), threads);
+            var sets = p.GetValue(Set) ?? [];
+            for (var i = 0; i < sets.Length; i++) flags[$"{CoordinatorOptions.Section}:{nameof(CoordinatorOptions.Set)}:{i}"] = sets[i];
+            var options = Configure(flags);
+            var level = CliSupport.UserInput(() => CliSupport.ParseLogLevel(p.GetValue(LogLevel)!));
+            return Serve(options, level);
+        });
+        return cmd;
+    }
+
+    /// <summary>appsettings.json, then DISTDIFFUSION_* environment variables, then the flags given.</summary>
+    internal static CoordinatorOptions Configure(IReadOnlyDictionary<string, string?> flags)
+    {
+        var config = new ConfigurationBuilder()
+            .AddJsonFile(Path.Combine(AppContext.BaseDirectory, "appsettings.json"), optional: true)
+            .AddJsonFile(Path.Combine(Directory.GetCurrentDirectory(), "appsettings.json"), optional: true)
+            .AddEnvironmentVariables(Names.EnvironmentPrefix)
+            .AddInMemoryCollection(flags)
+            .Build();
+        var options = new CoordinatorOptions();
+        CliSupport.UserInput(() =>
+        {
+            try
+            {
+                config.GetSection(CoordinatorOptions.Section).Bind(options, b => b.ErrorOnUnknownConfiguration = true);
+            }
+            catch (InvalidOperationException e)
+            {
+                throw new ArgumentException("configuration: " + e.Message);
+            }
+            options.Validate();
+            return options;
+        });
+        return options;
+    }
+
+    private static int Serve(CoordinatorOptions options, LogEventLevel level)
+    {
+        var token = CliSupport.UserInput(() => Token.Resolve(options.TokenFile));
+        using var cts = new CancellationTokenSource();
+        ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
+        Console.CancelKeyPress += onCancel;
+        using var onTerm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, c => { c.Cancel = true; cts.Cancel(); });
+        try
+        {
+            return CliSupport.UserInput(() => ServeAsync(options, token, level, cts.Token)).GetAwaiter().GetResult();
+        }
+        finally
+        {
+            Console.CancelKeyPress -= onCancel;
+        }
+    }
+
+    private static async Task<int> ServeAsync(CoordinatorOptions options, string? token, LogEventLevel level, CancellationToken ct)
+    {
+        await using var server = await CoordinatorServer.StartAsync(options, token, level, ct: ct);
+        await Task.WhenAny(server.Stopped, Task.Delay(Timeout.Infinite, ct)).ConfigureAwait(false);
+        await server.StopAsync();
+        if (server.Loop.Completion.IsFaulted) return CliSupport.ExitFailure;
+        return ct.IsCancellationRequested && !server.Loop.Completion.IsCompletedSuccessfully ? 130 : CliSupport.ExitOk;
+    }
+}

@@ -1,0 +1,88 @@
+using System.CommandLine;
+using System.Globalization;
+using DistDiffusion.Protocol;
+using DistDiffusion.Protocol.V1;
+using Google.Protobuf;
+using Grpc.Core;
+
+namespace DistDiffusion.Coordinator.Cli;
+
+/// <summary>`coordinator status [--address URL] [--json]`: the run and its workers. Exit 1 when the coordinator cannot be reached.</summary>
+internal static class StatusCommand
+{
+    public static Command Create()
+    {
+        var address = CliSupport.AddressOption();
+        var tokenFile = CliSupport.TokenFileOption();
+        var json = new Option<bool>("--json") { Description = "Print the status as JSON (the StatusReply message)" };
+        var timeout = new Option<double>("--timeout") { Description = "Seconds to wait for the coordinator", DefaultValueFactory = _ => 10 };
+        var tlsCa = new Option<string?>("--tls-ca") { Description = "CA certificate (PEM) to trust for an https coordinator" };
+        var cmd = new Command("status", "Show a running coordinator's run and workers") { address, tokenFile, json, timeout, tlsCa };
+        cmd.SetAction(p => Run(p.GetValue(address)!, p.GetValue(tokenFile), p.GetValue(json), p.GetValue(timeout), p.GetValue(tlsCa)));
+        return cmd;
+    }
+
+    private static int Run(string addressText, string? tokenFile, bool json, double timeoutSeconds, string? tlsCa)
+    {
+        if (!(timeoutSeconds > 0)) throw new UsageException($"--timeout {timeoutSeconds}: expected seconds > 0");
+        var address = CliSupport.UserInput(() => ClientChannel.ParseAddress(addressText, "--address"));
+        var token = CliSupport.UserInput(() => Token.Resolve(tokenFile));
+        using var channel = CliSupport.UserInput(() => ClientChannel.Create(address, tlsCa));
+        var client = new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(channel);
+        StatusReply reply;
+        try
+        {
+            reply = client.GetStatus(new GetStatusRequest(), Token.Headers(token), DateTime.UtcNow.AddSeconds(timeoutSeconds));
+        }
+        catch (RpcException e)
+        {
+            Console.Error.WriteLine(CliSupport.DescribeRpcFailure(e, address));
+            return CliSupport.ExitFailure;
+        }
+        if (json)
+        {
+            Console.WriteLine(new JsonFormatter(JsonFormatter.Settings.Default.WithFormatDefaultValues(true)).Format(reply));
+            return CliSupport.ExitOk;
+        }
+        var inv = CultureInfo.InvariantCulture;
+        Console.WriteLine(string.Create(inv, $"run {reply.RunId}: recipe {reply.Recipe}, {Describe(reply.State)}"));
+        Console.WriteLine(string.Create(inv, $"step {reply.Step} of {reply.TargetStep} (epoch {reply.Epoch}, parameter version {reply.ParameterVersion}), loss {reply.Loss:G4}, {reply.SamplesPerSecond:F1} samples/s"));
+        Console.WriteLine(reply.LastCheckpoint.Length > 0 ? $"last checkpoint: step {reply.LastCheckpointStep} at {reply.LastCheckpoint}" : "last checkpoint: none yet");
+        Console.WriteLine();
+        Console.WriteLine($"{"worker",-12} {"host",-16} {"device",-8} {"threads",7} {"state",-8} {"steps",7} {"s/step",8} {"seen",7} {"in",10} {"out",10}");
+        foreach (var w in reply.Workers)
+            Console.WriteLine(string.Create(inv,
+                $"{w.Id,-12} {Truncate(w.Host, 16),-16} {w.Device,-8} {w.Threads,7} {Describe(w.State),-8} {w.StepsDone,7} {w.MeanStepSeconds,8:F3} {w.LastSeenSecondsAgo,6:F1}s {Bytes(w.BytesIn),10} {Bytes(w.BytesOut),10}"));
+        if (reply.Workers.Count == 0) Console.WriteLine("(no workers)");
+        return CliSupport.ExitOk;
+    }
+
+    private static string Describe(RunState s) => s switch
+    {
+        RunState.WaitingForWorkers => "waiting for workers",
+        RunState.Training => "training",
+        RunState.Complete => "training complete",
+        RunState.Serving => "serving a checkpoint",
+        _ => "unknown",
+    };
+
+    private static string Describe(WorkerState s) => s switch
+    {
+        WorkerState.Joining => "joining",
+        WorkerState.Idle => "idle",
+        WorkerState.Busy => "busy",
+        WorkerState.Dropped => "dropped",
+        WorkerState.Left => "left",
+        _ => "unknown",
+    };
+
+    private static string Truncate(string s, int n) => s.Length <= n ? s : s[..(n - 1)] + "~";
+
+    private static string Bytes(ulong b) => b switch
+    {
+        < 1024 => $"{b} B",
+        < 1024 * 1024 => string.Create(CultureInfo.InvariantCulture, $"{b / 1024.0:F1} KiB"),
+        < 1024UL * 1024 * 1024 => string.Create(CultureInfo.InvariantCulture, $"{b / 1048576.0:F1} MiB"),
+        _ => string.Create(CultureInfo.InvariantCulture, $"{b / 1073741824.0:F2} GiB"),
+    };
+}

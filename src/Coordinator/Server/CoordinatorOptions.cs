@@ -1,0 +1,73 @@
+using DistDiffusion.Protocol;
+using DistDiffusion.Protocol.V1;
+
+namespace DistDiffusion.Coordinator.Server;
+
+/// <summary>
+/// Settings of `coordinator serve`, bound from the configuration section "Coordinator": appsettings.json,
+/// then environment variables (DISTDIFFUSION_Coordinator__StepDeadlineSeconds=...), then CLI flags.
+/// </summary>
+public sealed class CoordinatorOptions
+{
+    public const string Section = "Coordinator";
+
+    /// <summary>Kestrel listen URL (http:// or https://; port 0 picks a free port).</summary>
+    public string Listen { get; set; } = Names.DefaultAddress;
+    /// <summary>Run folder: checkpoints under RUN/checkpoints/&lt;step&gt;/.</summary>
+    public string? Out { get; set; }
+    /// <summary>Recipe name for a new run.</summary>
+    public string? Recipe { get; set; }
+    /// <summary>Recipe overrides, key=value.</summary>
+    public string[] Set { get; set; } = [];
+    /// <summary>Train until this many steps are done (null: the recipe's).</summary>
+    public int? Steps { get; set; }
+    public long? Seed { get; set; }
+    /// <summary>Continue the run in this folder from its latest checkpoint (a fresh run there when it has none and a recipe is given).</summary>
+    public string? Resume { get; set; }
+    /// <summary>File holding the shared token (else DISTDIFFUSION_TOKEN).</summary>
+    public string? TokenFile { get; set; }
+    /// <summary>Serve without a token (logs a warning).</summary>
+    public bool AllowUnauthenticated { get; set; }
+    /// <summary>TLS: PEM certificate and key; https listen URLs need them.</summary>
+    public string? TlsCert { get; set; }
+    public string? TlsKey { get; set; }
+    /// <summary>A worker that has not returned its gradient this long after the assignment is dropped.</summary>
+    public double StepDeadlineSeconds { get; set; } = 600;
+    /// <summary>How often workers send heartbeats; a worker silent for 4 intervals is dropped.</summary>
+    public double HeartbeatSeconds { get; set; } = 5;
+    /// <summary>Bound on waiting for a worker's Join and on each write to a stream.</summary>
+    public double CallTimeoutSeconds { get; set; } = 30;
+    /// <summary>Gradient encoding the workers use: float32 (exact) or bfloat16 (half the bytes).</summary>
+    public string GradientDtype { get; set; } = "float32";
+    /// <summary>After training completes, keep serving (status, sampling) instead of exiting.</summary>
+    public bool KeepServing { get; set; }
+    /// <summary>Wait for this many workers before the first step (later steps run with whoever is live).</summary>
+    public int MinWorkers { get; set; } = 1;
+    /// <summary>Device for the optimizer state (the coordinator computes no gradients).</summary>
+    public string Device { get; set; } = "cpu";
+    public int Threads { get; set; }
+
+    public double HeartbeatTimeoutSeconds => HeartbeatSeconds * 4;
+
+    public DType ParseGradientDtype() => GradientDtype.Trim().ToLowerInvariant() switch
+    {
+        "float32" or "fp32" => DType.Float32,
+        "bfloat16" or "bf16" => DType.Bfloat16,
+        _ => throw new ArgumentException($"gradient dtype '{GradientDtype}': expected float32 or bfloat16"),
+    };
+
+    /// <summary>Checks the numbers; throws naming the bad one.</summary>
+    public void Validate()
+    {
+        if (!(StepDeadlineSeconds > 0)) throw new ArgumentException($"step deadline {StepDeadlineSeconds} s: expected > 0");
+        if (!(HeartbeatSeconds > 0)) throw new ArgumentException($"heartbeat interval {HeartbeatSeconds} s: expected > 0");
+        if (!(CallTimeoutSeconds > 0)) throw new ArgumentException($"call timeout {CallTimeoutSeconds} s: expected > 0");
+        if (MinWorkers < 1) throw new ArgumentException($"--min-workers {MinWorkers}: expected at least 1");
+        if (Steps is < 0) throw new ArgumentException($"--steps {Steps}: expected a count >= 0");
+        ParseGradientDtype();
+        ClientChannel.ParseAddress(Listen, "--listen");
+        if ((TlsCert is null) != (TlsKey is null)) throw new ArgumentException("--tls-cert and --tls-key go together");
+        if (Listen.StartsWith("https", StringComparison.OrdinalIgnoreCase) && TlsCert is null)
+            throw new ArgumentException($"--listen {Listen}: https needs --tls-cert and --tls-key");
+    }
+}

@@ -1,0 +1,229 @@
+using DistDiffusion.Protocol;
+using DistDiffusion.Protocol.V1;
+using Google.Protobuf.WellKnownTypes;
+using Google.Rpc;
+using Grpc.Core;
+using Microsoft.Extensions.Logging;
+using StatusCode = Grpc.Core.StatusCode;
+
+namespace DistDiffusion.Coordinator.Server;
+
+/// <summary>
+/// The worker-facing stream. Decodes and validates every message before anything reaches the training loop:
+/// a bad message ends this worker's stream with a specific status (and a google.rpc.Status BadRequest detail
+/// naming the field) and the training state never sees it; the worker's unfinished slices go to others.
+/// </summary>
+public sealed class TrainerService : Trainer.TrainerBase
+{
+    private readonly TrainingLoop _loop;
+    private readonly CoordinatorOptions _options;
+    private readonly ILogger<TrainerService> _log;
+
+    public TrainerService(TrainingLoop loop, CoordinatorOptions options, ILogger<TrainerService> log)
+    {
+        _loop = loop;
+        _options = options;
+        _log = log;
+    }
+
+    public override async Task Connect(IAsyncStreamReader<WorkerMessage> requestStream, IServerStreamWriter<CoordinatorMessage> responseStream, ServerCallContext context)
+    {
+        var timeout = TimeSpan.FromSeconds(_options.CallTimeoutSeconds);
+        if (!await requestStream.MoveNext(context.CancellationToken).WaitAsync(timeout, context.CancellationToken))
+            return;
+        var first = requestStream.Current;
+        if (first.KindCase != WorkerMessage.KindOneofCase.Join)
+            throw Reject(StatusCode.InvalidArgument, $"first message is {first.KindCase}, expected Join", "kind", context.Peer);
+        if (first.Join.ProtocolVersion != Names.ProtocolVersion)
+            throw Reject(StatusCode.FailedPrecondition, $"protocol version {first.Join.ProtocolVersion}, this coordinator speaks {Names.ProtocolVersion}", "join.protocol_version", context.Peer);
+
+        var worker = new WorkerConnection(first.Join, context.Peer);
+        worker.Seen(first.CalculateSize());
+        using var linked = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken, worker.Aborted);
+        var writer = WriteLoopAsync(worker, responseStream, timeout, linked);
+        worker.Send(new CoordinatorMessage
+        {
+            Welcome = new Welcome
+            {
+                WorkerId = worker.Id,
+                RecipeJson = _loop.RecipeJson,
+                TrainSize = _loop.TrainSize,
+                Parameters = { _loop.ParameterInfos },
+                HeartbeatIntervalMs = (uint)(_options.HeartbeatSeconds * 1000),
+                GradientDtype = _loop.GradientDtype,
+                RunId = _loop.RunId,
+            },
+        });
+        _log.LogInformation("Worker {Worker} joined from {Peer}: host {Host}, device {Device}, {Threads} threads", worker.Id, context.Peer, worker.Host, worker.Device, worker.Threads);
+        _loop.Post(new WorkerJoined(worker));
+        var reason = "stream closed";
+        try
+        {
+            while (await requestStream.MoveNext(linked.Token))
+            {
+                var message = requestStream.Current;
+                worker.Seen(message.CalculateSize());
+                if (Handle(worker, message) is { } left)
+                {
+                    reason = left;
+                    break;
+                }
+            }
+        }
+        catch (ProtocolException e)
+        {
+            reason = e.Message;
+            throw Reject(e.Code, e.Message, e.Field, worker.Id);
+        }
+        catch (OperationCanceledException) when (worker.AbortStatus is { } status)
+        {
+            reason = status.Detail;
+            throw new RpcException(status);
+        }
+        catch (Exception e) when (e is IOException or OperationCanceledException or RpcException)
+        {
+            reason = "connection lost: " + e.Message;
+        }
+        finally
+        {
+            _loop.Post(new WorkerGone(worker, reason));
+            worker.CloseOutbox();
+            await writer.ConfigureAwait(false);
+        }
+    }
+
+    /// <summary>Handles one message; returns a reason when the worker is leaving.</summary>
+    private string? Handle(WorkerConnection worker, WorkerMessage message)
+    {
+        switch (message.KindCase)
+        {
+            case WorkerMessage.KindOneofCase.Join:
+                throw new ProtocolException(StatusCode.FailedPrecondition, $"worker {worker.Id} sent a second Join on its stream", "join");
+            case WorkerMessage.KindOneofCase.Heartbeat:
+                CheckId(worker, message.Heartbeat.WorkerId);
+                return null;
+            case WorkerMessage.KindOneofCase.Leave:
+                CheckId(worker, message.Leave.WorkerId);
+                return "left: " + message.Leave.Reason;
+            case WorkerMessage.KindOneofCase.Gradient:
+                StartGradient(worker, message.Gradient);
+                return null;
+            case WorkerMessage.KindOneofCase.GradientChunk:
+                AddChunk(worker, message.GradientChunk);
+                return null;
+            default:
+                throw new ProtocolException(StatusCode.InvalidArgument, $"message kind {message.KindCase} is not one a worker may send", "kind");
+        }
+    }
+
+    private static void CheckId(WorkerConnection worker, string id)
+    {
+        if (id != worker.Id)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"unknown worker id '{id}': this stream belongs to {worker.Id}", "worker_id");
+    }
+
+    private void StartGradient(WorkerConnection worker, GradientHeader h)
+    {
+        CheckId(worker, h.WorkerId);
+        if (worker.Incoming is { } pending)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"gradient header for step {h.Step} slice {h.Slice} while slice {pending.Header.Slice} of step {pending.Header.Step} is incomplete", "gradient");
+        worker.Ignoring = null;
+        var current = _loop.Current;
+        var done = (ulong)_loop.StepsDone;
+        if (current is null || h.Step < current.Step)
+        {
+            if (h.Step < (current?.Step ?? done))
+            {
+                Ignore(worker, h, $"step {h.Step} is already done (the run is at step {current?.Step ?? done})");
+                return;
+            }
+            throw new ProtocolException(StatusCode.FailedPrecondition, $"step {h.Step} is not in progress (the run is at step {done})", "step");
+        }
+        if (h.Step > current.Step)
+            throw new ProtocolException(StatusCode.FailedPrecondition, $"step {h.Step} is not current: the run is at step {current.Step}", "step");
+        if (h.ParameterVersion != current.Version)
+            throw new ProtocolException(StatusCode.FailedPrecondition, $"parameter version {h.ParameterVersion} is not current: step {current.Step} uses version {current.Version}", "parameter_version");
+        if (h.Slice >= current.Owners.Length)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"slice {h.Slice}: step {current.Step} has slices 0..{current.Owners.Length - 1}", "slice");
+        if (current.Done[h.Slice])
+        {
+            Ignore(worker, h, $"slice {h.Slice} of step {h.Step} is already in");
+            return;
+        }
+        if (current.Owners[h.Slice] != worker.Id)
+            throw new ProtocolException(StatusCode.FailedPrecondition, $"slice {h.Slice} of step {h.Step} is not assigned to {worker.Id}", "slice");
+        if (h.SampleCount != current.SliceSizes[h.Slice])
+            throw new ProtocolException(StatusCode.InvalidArgument, $"sample_count {h.SampleCount}, slice {h.Slice} has {current.SliceSizes[h.Slice]} samples", "sample_count");
+        if (!double.IsFinite(h.Loss))
+            throw new ProtocolException(StatusCode.InvalidArgument, $"loss {h.Loss}: expected a finite number", "loss");
+        var presentBytes = (_loop.ParameterCount + 7) / 8;
+        if (h.Present.Length != presentBytes)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"present bitmap has {h.Present.Length} bytes, expected {presentBytes} for {_loop.ParameterCount} parameters", "present");
+        if (h.Tensor is null)
+            throw new ProtocolException(StatusCode.InvalidArgument, "gradient header without a tensor header", "tensor");
+        if (h.Tensor.Step != h.Step || h.Tensor.ParameterVersion != h.ParameterVersion)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"tensor header says step {h.Tensor.Step} version {h.Tensor.ParameterVersion}, the gradient header step {h.Step} version {h.ParameterVersion}", "tensor.step");
+        if (h.Tensor.Dtype != _loop.GradientDtype)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"gradient dtype {h.Tensor.Dtype}: this run exchanges {_loop.GradientDtype}", "tensor.dtype");
+        worker.Incoming = (h, new TensorAssembler(h.Tensor, _loop.ParameterElements, $"gradient of step {h.Step} slice {h.Slice}"));
+    }
+
+    private void Ignore(WorkerConnection worker, GradientHeader h, string note)
+    {
+        _log.LogInformation("Ignoring push from {Worker}: {Note}", worker.Id, note);
+        worker.Ignoring = (h.Step, h.Slice);
+        worker.Send(new CoordinatorMessage { Ack = new Ack { Step = h.Step, Slice = h.Slice, Applied = false, Note = note } });
+    }
+
+    private void AddChunk(WorkerConnection worker, GradientChunk c)
+    {
+        CheckId(worker, c.WorkerId);
+        if (c.Chunk is null)
+            throw new ProtocolException(StatusCode.InvalidArgument, "gradient chunk without data", "chunk");
+        if (worker.Ignoring is { } ignoring && ignoring.Step == c.Chunk.Step && ignoring.Slice == c.Slice)
+            return;
+        if (worker.Incoming is not { } incoming)
+            throw new ProtocolException(StatusCode.FailedPrecondition, $"gradient chunk {c.Chunk.Index} for step {c.Chunk.Step} slice {c.Slice} without a gradient header", "chunk");
+        if (c.Slice != incoming.Header.Slice)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"chunk for slice {c.Slice} while receiving slice {incoming.Header.Slice}", "slice");
+        incoming.Assembler.Add(c.Chunk);
+        if (!incoming.Assembler.IsComplete) return;
+        worker.Incoming = null;
+        var values = incoming.Assembler.ToFloat32();
+        var bad = TensorTransport.FirstNonFinite(values);
+        if (bad >= 0)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"gradient of step {incoming.Header.Step} slice {incoming.Header.Slice}: element {bad} is {values[bad]}; gradients must be finite", "tensor.data");
+        _loop.Post(new GradientArrived(new SliceGradient(worker, incoming.Header.Step, incoming.Header.Slice, values,
+            incoming.Header.Present.ToByteArray(), incoming.Header.Loss, incoming.Header.ComputeSeconds)));
+    }
+
+    private async Task WriteLoopAsync(WorkerConnection worker, IServerStreamWriter<CoordinatorMessage> stream, TimeSpan timeout, CancellationTokenSource linked)
+    {
+        try
+        {
+            await foreach (var message in worker.Outbox.ReadAllAsync(linked.Token))
+                await stream.WriteAsync(message, linked.Token).WaitAsync(timeout, linked.Token);
+        }
+        catch (Exception e) when (e is OperationCanceledException or IOException or InvalidOperationException or TimeoutException)
+        {
+            // The stream is gone or the worker stopped reading: end the call so the loop hands its work on.
+            if (e is TimeoutException) worker.Abort(StatusCode.DeadlineExceeded, $"worker did not read for {timeout.TotalSeconds:F0} s");
+            await linked.CancelAsync();
+        }
+    }
+
+    private RpcException Reject(StatusCode code, string message, string field, string who)
+    {
+        _log.LogWarning("Rejected {Who}: {Code} {Message}", who, code, message);
+        var status = new Google.Rpc.Status
+        {
+            Code = (int)code,
+            Message = message,
+            Details =
+            {
+                Any.Pack(new BadRequest { FieldViolations = { new BadRequest.Types.FieldViolation { Field = field, Description = message } } }),
+            },
+        };
+        return status.ToRpcException();
+    }
+}

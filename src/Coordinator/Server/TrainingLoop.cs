@@ -1,0 +1,434 @@
+using System.Diagnostics;
+using System.Numerics;
+using System.Runtime.InteropServices;
+using System.Threading.Channels;
+using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Training;
+using DistDiffusion.Protocol;
+using DistDiffusion.Protocol.V1;
+using Grpc.Core;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+
+namespace DistDiffusion.Coordinator.Server;
+
+/// <summary>A finished slice gradient, decoded and checked for finiteness by the stream handler.</summary>
+internal sealed record SliceGradient(WorkerConnection Worker, ulong Step, uint Slice, float[] Values, byte[] Present, double Loss, double ComputeSeconds);
+
+/// <summary>What the stream handlers tell the loop.</summary>
+internal abstract record LoopEvent;
+internal sealed record WorkerJoined(WorkerConnection Worker) : LoopEvent;
+internal sealed record WorkerGone(WorkerConnection Worker, string Reason) : LoopEvent;
+internal sealed record GradientArrived(SliceGradient Gradient) : LoopEvent;
+
+/// <summary>The step in progress as the stream handlers see it (immutable; replaced as slices move).</summary>
+internal sealed record StepSnapshot(ulong Step, ulong Version, int[] SliceSizes, string?[] Owners, bool[] Done);
+
+/// <summary>
+/// The parameter server's training loop (synchronous data parallelism). For each step it plans the global batch,
+/// cuts it into one contiguous slice per live worker, sends each worker the current parameters (when it lacks
+/// them) and its slice (indices and one seed per sample), gathers the slice gradients, sums them in slice
+/// order — each is already divided by the global batch size, so the sum is the global-batch mean — and applies
+/// Adam and EMA through <see cref="TrainingState.ApplyGradients"/>, the same update `coordinator train` runs.
+/// A worker that disconnects or misses the deadline is dropped and its slices go to the others, so every step
+/// has exactly its planned samples. Workers that join are admitted at the next step boundary.
+/// All torch work happens on this loop; handlers only decode and validate bytes.
+/// </summary>
+public sealed class TrainingLoop : BackgroundService
+{
+    private readonly RunSetup _run;
+    private readonly CoordinatorOptions _options;
+    private readonly ILogger<TrainingLoop> _log;
+    private readonly IHostApplicationLifetime _lifetime;
+    private readonly Channel<LoopEvent> _events = Channel.CreateUnbounded<LoopEvent>();
+    private readonly ParameterVector _vector;
+    private readonly List<WorkerConnection> _live = [];
+    private readonly List<WorkerConnection> _joining = [];
+    private readonly object _statusLock = new();
+    private readonly List<WorkerConnection> _known = [];
+    private byte[] _parameterBytes = [];
+    private TensorHeader _parameterHeader = new();
+    private ulong _version;
+    private volatile StepSnapshot? _current;
+    private RunState _state = RunState.WaitingForWorkers;
+    private double _loss = double.NaN, _samplesPerSecond;
+    private string _lastCheckpoint = "";
+    private long _lastCheckpointStep = -1;
+
+    public TrainingLoop(RunSetup run, CoordinatorOptions options, ILogger<TrainingLoop> log, IHostApplicationLifetime lifetime)
+    {
+        _run = run;
+        _options = options;
+        _log = log;
+        _lifetime = lifetime;
+        _vector = new ParameterVector(run.State.Network.named_parameters().Select(p => (p.name, p.parameter)));
+        RunId = Guid.NewGuid().ToString("N")[..12];
+        GradientDtype = options.ParseGradientDtype();
+        RecipeJson = run.State.Recipe.ToJson();
+        _version = (ulong)run.State.StepsDone;
+        PublishParameters();
+        if (Directory.Exists(Path.Combine(run.RunDir, "checkpoints")))
+        {
+            var all = CheckpointStore.List(run.RunDir);
+            if (all.Count > 0) (_lastCheckpoint, _lastCheckpointStep) = (all[^1].Folder, all[^1].Step);
+        }
+    }
+
+    public string RunId { get; }
+    public string RecipeJson { get; }
+    public DType GradientDtype { get; }
+    public long ParameterElements => _vector.Elements;
+    public int ParameterCount => _vector.Count;
+    public long TrainSize => _run.TrainSize;
+    public IEnumerable<ParameterInfo> ParameterInfos => _vector.Shapes.Select(s => new ParameterInfo { Name = s.Name, Shape = { s.Shape } });
+    internal StepSnapshot? Current => _current;
+    /// <summary>Checksum of the current parameters (what workers are sent): tests use it to see that nothing changed.</summary>
+    public ulong ParameterChecksum => _parameterHeader.Checksum;
+    public long StepsDone => _run.State.StepsDone;
+    /// <summary>Completes when training reached its target step and the final checkpoint is written.</summary>
+    public Task Completion => _completion.Task;
+    private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+    internal void Post(LoopEvent e) => _events.Writer.TryWrite(e);
+
+    public StatusReply Status()
+    {
+        var s = _run.State;
+        var reply = new StatusReply
+        {
+            Recipe = s.Recipe.Name,
+            TargetStep = (ulong)_run.TargetStep,
+            RunId = RunId,
+        };
+        lock (_statusLock)
+        {
+            reply.Step = (ulong)s.StepsDone;
+            reply.Epoch = s.Cursor.Epoch;
+            reply.ParameterVersion = _version;
+            reply.State = _state;
+            reply.Loss = _loss;
+            reply.SamplesPerSecond = _samplesPerSecond;
+            reply.LastCheckpoint = _lastCheckpoint;
+            reply.LastCheckpointStep = _lastCheckpointStep < 0 ? 0 : (ulong)_lastCheckpointStep;
+            reply.Workers.AddRange(_known.Select(w => w.ToStatus()));
+        }
+        return reply;
+    }
+
+    protected override async Task ExecuteAsync(CancellationToken stoppingToken)
+    {
+        await Task.Yield();
+        var s = _run.State;
+        s.Network.train();
+        try
+        {
+            _log.LogInformation("Run {RunId}: recipe {Recipe}, {Parameters} parameters, batch {Batch}, from step {Step} to {Target}, gradients as {Dtype}",
+                RunId, s.Recipe.Name, _vector.Elements, s.Recipe.BatchSize, s.StepsDone, _run.TargetStep, GradientDtype);
+            var waitingLogged = false;
+            var started = false;
+            var clock = Stopwatch.StartNew();
+            while (s.StepsDone < _run.TargetStep)
+            {
+                stoppingToken.ThrowIfCancellationRequested();
+                Admit();
+                var needed = started ? 1 : _options.MinWorkers;
+                if (_live.Count < needed)
+                {
+                    SetState(RunState.WaitingForWorkers);
+                    if (!waitingLogged) _log.LogWarning("Waiting for workers: {Live} of {Needed} live (step {Step} of {Target})", _live.Count, needed, s.StepsDone, _run.TargetStep);
+                    waitingLogged = true;
+                    await HandleNextAsync(TimeSpan.FromSeconds(1), stoppingToken);
+                    continue;
+                }
+                waitingLogged = false;
+                started = true;
+                SetState(RunState.Training);
+                clock.Restart();
+                var (loss, norm) = await RunStepAsync(stoppingToken);
+                var seconds = clock.Elapsed.TotalSeconds;
+                lock (_statusLock)
+                {
+                    _loss = double.IsNaN(_loss) ? loss : 0.9 * _loss + 0.1 * loss;
+                    var rate = s.Recipe.BatchSize / Math.Max(seconds, 1e-9);
+                    _samplesPerSecond = _samplesPerSecond == 0 ? rate : 0.9 * _samplesPerSecond + 0.1 * rate;
+                }
+                _log.LogDebug("Step {Step}: loss {Loss:G4}, gradient norm {Norm:G4}, {Seconds:F3} s over {Workers} workers", s.StepsDone, loss, norm, seconds, _live.Count);
+                if (s.Recipe.CheckpointEvery > 0 && s.StepsDone % s.Recipe.CheckpointEvery == 0 && s.StepsDone < _run.TargetStep)
+                    SaveCheckpoint();
+            }
+            if (_lastCheckpointStep != s.StepsDone) SaveCheckpoint();
+            SetState(RunState.Complete);
+            _log.LogInformation("Training complete at step {Step}", s.StepsDone);
+            _completion.TrySetResult();
+            if (!_options.KeepServing)
+            {
+                foreach (var w in _live.Concat(_joining)) w.Send(new CoordinatorMessage { Finish = new Finish { Reason = "training complete", Reconnect = false } });
+                await Task.Delay(200, CancellationToken.None);   // let the finish messages go out before the host stops
+                _lifetime.StopApplication();
+            }
+            else
+            {
+                // Keep the workers for sampling; answer joins and departures.
+                while (!stoppingToken.IsCancellationRequested)
+                {
+                    await HandleNextAsync(TimeSpan.FromSeconds(1), stoppingToken);
+                    Admit();
+                }
+            }
+        }
+        catch (OperationCanceledException) when (stoppingToken.IsCancellationRequested)
+        {
+            // Shutdown (Ctrl+C, SIGTERM): keep the last completed step.
+            if (_lastCheckpointStep != s.StepsDone) SaveCheckpoint();
+            foreach (var w in _live.Concat(_joining)) w.Send(new CoordinatorMessage { Finish = new Finish { Reason = "coordinator shutting down", Reconnect = true } });
+            _completion.TrySetCanceled(stoppingToken);
+        }
+        catch (Exception e)
+        {
+            _log.LogError(e, "Training loop failed at step {Step}", s.StepsDone);
+            _completion.TrySetException(e);
+            _lifetime.StopApplication();
+            throw;
+        }
+    }
+
+    private void SetState(RunState state)
+    {
+        lock (_statusLock) _state = state;
+    }
+
+    /// <summary>Joined workers become live (at a step boundary, or when orphaned slices need them).</summary>
+    private void Admit()
+    {
+        foreach (var w in _joining)
+        {
+            w.State = WorkerState.Idle;
+            _live.Add(w);
+            _log.LogInformation("Worker {Worker} ({Host}, {Device}) admitted at step {Step}; {Count} live", w.Id, w.Host, w.Device, _run.State.StepsDone, _live.Count);
+        }
+        _joining.Clear();
+    }
+
+    private void Register(WorkerConnection w)
+    {
+        _joining.Add(w);
+        lock (_statusLock)
+        {
+            _known.RemoveAll(k => k.State is WorkerState.Dropped or WorkerState.Left && k.SecondsSinceSeen > 600);
+            _known.Add(w);
+        }
+    }
+
+    private void Remove(WorkerConnection w, string reason)
+    {
+        var wasLive = _live.Remove(w) | _joining.Remove(w);
+        if (w.State is not (WorkerState.Dropped or WorkerState.Left))
+            w.State = reason == "left" ? WorkerState.Left : WorkerState.Dropped;
+        if (wasLive) _log.LogWarning("Worker {Worker} removed: {Reason}; {Count} live", w.Id, reason, _live.Count);
+    }
+
+    /// <summary>Waits up to <paramref name="timeout"/> for one event and handles joins and departures (outside a step).</summary>
+    private async Task HandleNextAsync(TimeSpan timeout, CancellationToken ct)
+    {
+        var e = await NextEventAsync(timeout, ct);
+        switch (e)
+        {
+            case WorkerJoined j: Register(j.Worker); break;
+            case WorkerGone g: Remove(g.Worker, g.Reason); break;
+            case GradientArrived a: Ack(a.Gradient, applied: false, "no step in progress"); break;
+        }
+    }
+
+    private async Task<LoopEvent?> NextEventAsync(TimeSpan timeout, CancellationToken ct)
+    {
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        cts.CancelAfter(timeout);
+        try
+        {
+            return await _events.Reader.ReadAsync(cts.Token);
+        }
+        catch (OperationCanceledException) when (!ct.IsCancellationRequested)
+        {
+            return null;
+        }
+    }
+
+    private async Task<(double Loss, double Norm)> RunStepAsync(CancellationToken ct)
+    {
+        var s = _run.State;
+        var plan = s.PlanStep();
+        var keys = s.Step.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
+        var step = (ulong)plan.Step;
+        var sliceCount = _live.Count;
+        var bounds = SliceBounds(plan.Indices.Length, sliceCount);
+        var owners = new WorkerConnection?[sliceCount];
+        var deadlines = new DateTime[sliceCount];
+        var results = new SliceGradient?[sliceCount];
+        var deadline = TimeSpan.FromSeconds(_options.StepDeadlineSeconds);
+        var silence = _options.HeartbeatTimeoutSeconds;
+        for (var i = 0; i < sliceCount; i++) Assign(i, _live[i]);
+
+        while (results.Any(r => r is null))
+        {
+            var e = await NextEventAsync(TimeSpan.FromMilliseconds(500), ct);
+            switch (e)
+            {
+                case WorkerJoined j:
+                    Register(j.Worker);
+                    break;
+                case WorkerGone g:
+                    Remove(g.Worker, g.Reason);
+                    Reassign(g.Worker);
+                    break;
+                case GradientArrived { Gradient: var gr }:
+                    if (gr.Step != step || gr.Slice >= sliceCount || owners[gr.Slice] != gr.Worker || results[gr.Slice] is not null)
+                    {
+                        Ack(gr, applied: false, "stale or duplicate");
+                        break;
+                    }
+                    results[gr.Slice] = gr;
+                    gr.Worker.CompletedSlice(gr.ComputeSeconds);
+                    if (!owners.Where((o, k) => o == gr.Worker && results[k] is null).Any()) gr.Worker.State = WorkerState.Idle;
+                    Ack(gr, applied: true, "");
+                    Publish();
+                    break;
+            }
+            var now = DateTime.UtcNow;
+            foreach (var w in _live.ToList())
+            {
+                var late = Enumerable.Range(0, sliceCount).Any(k => owners[k] == w && results[k] is null && now > deadlines[k]);
+                if (late || w.SecondsSinceSeen > silence)
+                {
+                    var why = late ? $"missed the step deadline ({deadline.TotalSeconds:F0} s) of step {step}" : $"silent for {w.SecondsSinceSeen:F0} s (heartbeat every {_options.HeartbeatSeconds} s)";
+                    w.Abort(StatusCode.DeadlineExceeded, why);
+                    Remove(w, why);
+                    Reassign(w);
+                }
+            }
+            if (_live.Count == 0 && results.Any(r => r is null))
+            {
+                SetState(RunState.WaitingForWorkers);
+                if (_joining.Count > 0)
+                {
+                    Admit();
+                    foreach (var orphan in Enumerable.Range(0, sliceCount).Where(k => results[k] is null && (owners[k] is null || !_live.Contains(owners[k]!))))
+                        Assign(orphan, LeastLoaded());
+                    SetState(RunState.Training);
+                }
+            }
+        }
+
+        // Sum in slice order: the result does not depend on which worker computed which slice or when it arrived.
+        var total = results[0]!.Values;
+        var present = results[0]!.Present.ToArray();
+        double loss = results[0]!.Loss;
+        for (var k = 1; k < sliceCount; k++)
+        {
+            Add(total, results[k]!.Values);
+            for (var b = 0; b < present.Length; b++) present[b] |= results[k]!.Present[b];
+            loss += results[k]!.Loss;
+        }
+        var gathered = Stopwatch.GetTimestamp();
+        _vector.WriteGradients(total, present);
+        var norm = s.ApplyGradients(plan);
+        lock (_statusLock) _version++;
+        PublishParameters();
+        _log.LogDebug("Step {Step} applied in {Ms:F1} ms after the last gradient", plan.Step, Stopwatch.GetElapsedTime(gathered).TotalMilliseconds);
+        _current = null;
+        return (loss, norm);
+
+        void Assign(int slice, WorkerConnection w)
+        {
+            owners[slice] = w;
+            deadlines[slice] = DateTime.UtcNow + deadline;
+            w.State = WorkerState.Busy;
+            if (w.ParameterVersion != _version)
+            {
+                w.Send(new CoordinatorMessage { Parameters = _parameterHeader });
+                foreach (var chunk in TensorTransport.Chunks(_parameterBytes, _parameterHeader.Step, _version))
+                    w.Send(new CoordinatorMessage { ParametersChunk = chunk });
+                w.ParameterVersion = _version;
+            }
+            var (start, end) = bounds[slice];
+            var assignment = new StepAssignment
+            {
+                Step = step,
+                ParameterVersion = _version,
+                Slice = (uint)slice,
+                GlobalBatchSize = (uint)s.Recipe.BatchSize,
+            };
+            assignment.Indices.Add(plan.Indices[start..end]);
+            assignment.SampleSeeds.Add(keys[start..end]);
+            w.Send(new CoordinatorMessage { Assignment = assignment });
+            Publish();
+        }
+
+        void Reassign(WorkerConnection gone)
+        {
+            for (var k = 0; k < sliceCount; k++)
+            {
+                if (owners[k] != gone || results[k] is not null) continue;
+                if (_live.Count == 0)
+                {
+                    owners[k] = null;
+                    _log.LogWarning("Step {Step} slice {Slice} waits for a worker", step, k);
+                    continue;
+                }
+                var to = LeastLoaded();
+                _log.LogInformation("Step {Step} slice {Slice} ({Samples} samples) of {Gone} goes to {Worker}", step, k, bounds[k].End - bounds[k].Start, gone.Id, to.Id);
+                Assign(k, to);
+            }
+            Publish();
+        }
+
+        WorkerConnection LeastLoaded() =>
+            _live.OrderBy(w => Enumerable.Range(0, sliceCount).Count(k => owners[k] == w && results[k] is null)).First();
+
+        void Publish() => _current = new StepSnapshot(step, _version,
+            bounds.Select(b => b.End - b.Start).ToArray(), owners.Select(o => o?.Id).ToArray(), results.Select(r => r is not null).ToArray());
+    }
+
+    /// <summary>Contiguous slices of a batch of n over k workers, sizes differing by at most one.</summary>
+    internal static (int Start, int End)[] SliceBounds(int n, int k)
+    {
+        var bounds = new (int, int)[k];
+        var start = 0;
+        for (var i = 0; i < k; i++)
+        {
+            var size = n / k + (i < n % k ? 1 : 0);
+            bounds[i] = (start, start + size);
+            start += size;
+        }
+        return bounds;
+    }
+
+    private static void Add(float[] total, float[] part)
+    {
+        var t = MemoryMarshal.Cast<float, Vector<float>>(total.AsSpan());
+        var p = MemoryMarshal.Cast<float, Vector<float>>(part.AsSpan());
+        for (var i = 0; i < t.Length; i++) t[i] += p[i];
+        for (var i = t.Length * Vector<float>.Count; i < total.Length; i++) total[i] += part[i];
+    }
+
+    private static void Ack(SliceGradient g, bool applied, string note) =>
+        g.Worker.Send(new CoordinatorMessage { Ack = new Ack { Step = g.Step, Slice = g.Slice, Applied = applied, Note = note } });
+
+    private void PublishParameters()
+    {
+        _parameterBytes = _vector.ReadValues();
+        _parameterHeader = TensorTransport.Header(_parameterBytes, DType.Float32, _vector.Elements, (ulong)_run.State.StepsDone, _version);
+    }
+
+    private void SaveCheckpoint()
+    {
+        var folder = CheckpointStore.Save(_run.RunDir, _run.State.ToCheckpoint());
+        lock (_statusLock) (_lastCheckpoint, _lastCheckpointStep) = (folder, _run.State.StepsDone);
+        _log.LogInformation("Checkpoint {Folder}", folder);
+    }
+
+    public override void Dispose()
+    {
+        _completion.TrySetCanceled();
+        base.Dispose();
+    }
+}

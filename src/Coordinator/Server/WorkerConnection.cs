@@ -1,0 +1,98 @@
+using System.Diagnostics;
+using System.Threading.Channels;
+using DistDiffusion.Protocol;
+using DistDiffusion.Protocol.V1;
+using Grpc.Core;
+
+namespace DistDiffusion.Coordinator.Server;
+
+/// <summary>
+/// The coordinator's side of one worker's stream: identity, protocol state, the outgoing queue (one writer
+/// task drains it), the gradient being received, and the figures `coordinator status` shows.
+/// </summary>
+[System.Diagnostics.CodeAnalysis.SuppressMessage("Design", "CA1001", Justification = "The token source has no timer; the loop may abort a connection after its handler returned, so it is never disposed.")]
+public sealed class WorkerConnection
+{
+    private static long _counter;
+    private readonly Channel<CoordinatorMessage> _outbox = Channel.CreateUnbounded<CoordinatorMessage>(new UnboundedChannelOptions { SingleReader = true });
+    private readonly CancellationTokenSource _abort = new();
+    private readonly Stopwatch _sinceSeen = Stopwatch.StartNew();
+    private long _bytesIn, _bytesOut, _stepsDone;
+    private double _computeSeconds;
+
+    public WorkerConnection(Join join, string peer)
+    {
+        Id = $"w{Interlocked.Increment(ref _counter)}-{Guid.NewGuid().ToString("N")[..6]}";
+        Host = join.Host;
+        Device = join.Device;
+        Threads = join.Threads;
+        Peer = peer;
+    }
+
+    public string Id { get; }
+    public string Host { get; }
+    public string Device { get; }
+    public int Threads { get; }
+    public string Peer { get; }
+    public WorkerState State { get; set; } = WorkerState.Joining;
+    /// <summary>Parameter version this worker was last sent (null: none).</summary>
+    public ulong? ParameterVersion { get; set; }
+    /// <summary>Gradient being received: its header and assembler; the slice it answers.</summary>
+    public (GradientHeader Header, TensorAssembler Assembler)? Incoming { get; set; }
+    /// <summary>A push being ignored (stale or duplicate): its chunks are skipped.</summary>
+    public (ulong Step, uint Slice)? Ignoring { get; set; }
+
+    public CancellationToken Aborted => _abort.Token;
+    /// <summary>Why the coordinator ended this stream (deadline, heartbeat): the status the worker gets.</summary>
+    public Status? AbortStatus { get; private set; }
+
+    public ChannelReader<CoordinatorMessage> Outbox => _outbox.Reader;
+
+    public void Send(CoordinatorMessage message)
+    {
+        if (_outbox.Writer.TryWrite(message)) Interlocked.Add(ref _bytesOut, message.CalculateSize());
+    }
+
+    public void CloseOutbox() => _outbox.Writer.TryComplete();
+
+    /// <summary>Ends the stream from the coordinator's side (the handler returns this status to the worker).</summary>
+    public void Abort(StatusCode code, string detail)
+    {
+        AbortStatus ??= new Status(code, detail);
+        _abort.Cancel();
+    }
+
+    public void Seen(long bytes)
+    {
+        Interlocked.Add(ref _bytesIn, bytes);
+        lock (_sinceSeen) _sinceSeen.Restart();
+    }
+
+    public double SecondsSinceSeen { get { lock (_sinceSeen) return _sinceSeen.Elapsed.TotalSeconds; } }
+
+    public void CompletedSlice(double computeSeconds)
+    {
+        Interlocked.Increment(ref _stepsDone);
+        lock (_abort) _computeSeconds += computeSeconds;
+    }
+
+    public WorkerStatus ToStatus()
+    {
+        var steps = Interlocked.Read(ref _stepsDone);
+        double seconds;
+        lock (_abort) seconds = _computeSeconds;
+        return new WorkerStatus
+        {
+            Id = Id,
+            Host = Host,
+            Device = Device,
+            Threads = Threads,
+            State = State,
+            StepsDone = (ulong)steps,
+            MeanStepSeconds = steps > 0 ? seconds / steps : 0,
+            LastSeenSecondsAgo = SecondsSinceSeen,
+            BytesIn = (ulong)Interlocked.Read(ref _bytesIn),
+            BytesOut = (ulong)Interlocked.Read(ref _bytesOut),
+        };
+    }
+}

@@ -1,0 +1,122 @@
+using System.Runtime.InteropServices;
+using TorchSharp;
+using static TorchSharp.torch;
+using Parameter = TorchSharp.Modules.Parameter;
+
+namespace DistDiffusion.Model.Training;
+
+/// <summary>
+/// A network's parameters (or their gradients) as one flat float32 vector in named_parameters order:
+/// how the coordinator and the workers exchange them. Copies are whole-tensor memcpys, never per element.
+/// </summary>
+public sealed class ParameterVector
+{
+    private readonly (string Name, Parameter Parameter, long Offset, long Count)[] _layout;
+
+    public ParameterVector(IEnumerable<(string Name, Parameter Parameter)> parameters)
+    {
+        var layout = new List<(string, Parameter, long, long)>();
+        long offset = 0;
+        foreach (var (name, p) in parameters)
+        {
+            if (p.dtype != ScalarType.Float32)
+                throw new ArgumentException($"parameter '{name}' is {p.dtype}; only float32 parameters can be exchanged");
+            layout.Add((name, p, offset, p.numel()));
+            offset += p.numel();
+        }
+        _layout = [.. layout];
+        Elements = offset;
+    }
+
+    public long Elements { get; }
+    public int Count => _layout.Length;
+    public IEnumerable<(string Name, long[] Shape)> Shapes => _layout.Select(l => (l.Name, l.Parameter.shape));
+
+    /// <summary>The parameters' values as little-endian float32 bytes [Elements * 4].</summary>
+    public byte[] ReadValues()
+    {
+        var bytes = new byte[Elements * 4];
+        foreach (var (_, p, offset, count) in _layout)
+            CopyOut(p, bytes.AsSpan((int)(offset * 4), (int)(count * 4)));
+        return bytes;
+    }
+
+    /// <summary>Overwrites the parameters with <paramref name="values"/> [Elements].</summary>
+    public void WriteValues(ReadOnlySpan<float> values)
+    {
+        CheckLength(values.Length);
+        using var noGrad = no_grad();
+        foreach (var (_, p, offset, count) in _layout)
+            CopyIn(p, MemoryMarshal.AsBytes(values.Slice((int)offset, (int)count)));
+    }
+
+    /// <summary>
+    /// The current gradients as little-endian float32 bytes [Elements * 4] (zeros where a parameter has none) and a
+    /// bitmap of which parameters have one (bit i of byte i/8).
+    /// </summary>
+    public (byte[] Values, byte[] Present) ReadGradients()
+    {
+        var values = new byte[Elements * 4];
+        var present = new byte[(_layout.Length + 7) / 8];
+        using var scope = NewDisposeScope();
+        for (var i = 0; i < _layout.Length; i++)
+        {
+            var (_, p, offset, count) = _layout[i];
+            if (p.grad is not { } g) continue;
+            present[i / 8] |= (byte)(1 << (i % 8));
+            CopyOut(g, values.AsSpan((int)(offset * 4), (int)(count * 4)));
+        }
+        return (values, present);
+    }
+
+    /// <summary>
+    /// Sets the gradients to <paramref name="values"/> [Elements] for the parameters marked in <paramref name="present"/>;
+    /// the others keep the gradient they have (zeroed after each step, or none), exactly as after a local backward pass.
+    /// </summary>
+    public void WriteGradients(ReadOnlySpan<float> values, ReadOnlySpan<byte> present)
+    {
+        CheckLength(values.Length);
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        for (var i = 0; i < _layout.Length; i++)
+        {
+            if (!IsPresent(present, i)) continue;
+            var (_, p, offset, count) = _layout[i];
+            var slice = MemoryMarshal.AsBytes(values.Slice((int)offset, (int)count));
+            if (p.grad is { } g)
+                CopyIn(g, slice);
+            else
+            {
+                var fresh = zeros_like(p);
+                CopyIn(fresh, slice);
+                p.grad = fresh.DetachFromDisposeScope();
+            }
+        }
+    }
+
+    public static bool IsPresent(ReadOnlySpan<byte> present, int i) => i / 8 < present.Length && (present[i / 8] & (1 << (i % 8))) != 0;
+
+    private void CheckLength(int length)
+    {
+        if (length != Elements)
+            throw new ArgumentException($"vector has {length} elements, expected {Elements}");
+    }
+
+    private static void CopyOut(Tensor t, Span<byte> destination)
+    {
+        using var cpu = t.device_type == DeviceType.CPU ? t.contiguous() : t.cpu().contiguous();
+        cpu.bytes.CopyTo(destination);
+    }
+
+    private static void CopyIn(Tensor t, ReadOnlySpan<byte> source)
+    {
+        if (t.device_type == DeviceType.CPU && t.is_contiguous())
+        {
+            source.CopyTo(t.bytes);
+            return;
+        }
+        using var staging = empty(t.shape, ScalarType.Float32);
+        source.CopyTo(staging.bytes);
+        t.copy_(staging);
+    }
+}

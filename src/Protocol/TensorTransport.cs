@@ -1,0 +1,164 @@
+using System.Buffers.Binary;
+using System.IO.Hashing;
+using System.Runtime.InteropServices;
+using DistDiffusion.Protocol.V1;
+using Google.Protobuf;
+using Grpc.Core;
+
+namespace DistDiffusion.Protocol;
+
+/// <summary>
+/// Tensors on the wire: a <see cref="TensorHeader"/> (step, version, dtype, shape, byte length, XxHash64
+/// checksum) followed by <see cref="TensorChunk"/>s of at most 1 MiB that wrap the payload buffer without
+/// copying it (<see cref="UnsafeByteOperations.UnsafeWrap"/>). The payload is little-endian, as in memory here.
+/// </summary>
+public static class TensorTransport
+{
+    public const int ChunkBytes = 1 << 20;
+
+    public static int ElementSize(DType dtype) => dtype switch
+    {
+        DType.Float32 => 4,
+        DType.Bfloat16 => 2,
+        _ => throw new ProtocolException(StatusCode.InvalidArgument, $"dtype {dtype}: expected DTYPE_FLOAT32 or DTYPE_BFLOAT16", "dtype"),
+    };
+
+    public static ulong Checksum(ReadOnlySpan<byte> payload) => XxHash64.HashToUInt64(payload);
+
+    public static uint ChunkCount(long byteLength) => (uint)((byteLength + ChunkBytes - 1) / ChunkBytes);
+
+    public static TensorHeader Header(ReadOnlySpan<byte> payload, DType dtype, long elements, ulong step, ulong version) => new()
+    {
+        Step = step,
+        ParameterVersion = version,
+        Dtype = dtype,
+        Shape = { elements },
+        ByteLength = (ulong)payload.Length,
+        Checksum = Checksum(payload),
+        ChunkCount = ChunkCount(payload.Length),
+    };
+
+    /// <summary>The payload cut into chunks that reference <paramref name="payload"/> (which must not change until they are sent).</summary>
+    public static IEnumerable<TensorChunk> Chunks(ReadOnlyMemory<byte> payload, ulong step, ulong version)
+    {
+        for (int offset = 0, index = 0; offset < payload.Length; offset += ChunkBytes, index++)
+        {
+            var length = Math.Min(ChunkBytes, payload.Length - offset);
+            yield return new TensorChunk
+            {
+                Step = step,
+                ParameterVersion = version,
+                Index = (uint)index,
+                Data = UnsafeByteOperations.UnsafeWrap(payload.Slice(offset, length)),
+            };
+        }
+    }
+
+    /// <summary>float32 -> bfloat16 (round to nearest even; NaN stays NaN), little-endian.</summary>
+    public static byte[] ToBFloat16(ReadOnlySpan<float> values)
+    {
+        var bytes = new byte[values.Length * 2];
+        var bits = MemoryMarshal.Cast<float, uint>(values);
+        for (var i = 0; i < bits.Length; i++)
+        {
+            var b = bits[i];
+            ushort h = (b & 0x7FFFFFFF) > 0x7F800000
+                ? (ushort)((b >> 16) | 0x40)                                   // quiet NaN
+                : (ushort)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+            BinaryPrimitives.WriteUInt16LittleEndian(bytes.AsSpan(i * 2), h);
+        }
+        return bytes;
+    }
+
+    /// <summary>Decodes a payload of <paramref name="dtype"/> into float32.</summary>
+    public static float[] ToFloat32(ReadOnlySpan<byte> payload, DType dtype)
+    {
+        if (dtype == DType.Float32)
+            return MemoryMarshal.Cast<byte, float>(payload).ToArray();
+        var result = new float[payload.Length / 2];
+        var bits = MemoryMarshal.Cast<float, uint>(result.AsSpan());
+        for (var i = 0; i < result.Length; i++)
+            bits[i] = (uint)BinaryPrimitives.ReadUInt16LittleEndian(payload[(i * 2)..]) << 16;
+        return result;
+    }
+
+    /// <summary>Index of the first NaN or infinity, or -1.</summary>
+    public static int FirstNonFinite(ReadOnlySpan<float> values)
+    {
+        for (var i = 0; i < values.Length; i++)
+            if (!float.IsFinite(values[i])) return i;
+        return -1;
+    }
+}
+
+/// <summary>
+/// Receives one tensor: checks the header against what is expected, accepts chunks idempotently (a
+/// duplicate chunk index is ignored), and on completion verifies the checksum and decodes to float32.
+/// Every violation is a <see cref="ProtocolException"/> naming the value and what was expected.
+/// </summary>
+public sealed class TensorAssembler
+{
+    private readonly byte[] _payload;
+    private readonly bool[] _received;
+    private int _receivedCount;
+
+    public TensorAssembler(TensorHeader header, long expectedElements, string what)
+    {
+        Header = header;
+        What = what;
+        var size = TensorTransport.ElementSize(header.Dtype);
+        if (header.Shape.Count != 1 || header.Shape[0] != expectedElements)
+            throw new ProtocolException(StatusCode.InvalidArgument,
+                $"{what}: shape [{string.Join(",", header.Shape)}], expected [{expectedElements}]", "tensor.shape");
+        if (header.ByteLength != (ulong)(expectedElements * size))
+            throw new ProtocolException(StatusCode.InvalidArgument,
+                $"{what}: byte_length {header.ByteLength}, expected {expectedElements * size} ({expectedElements} elements of {header.Dtype})", "tensor.byte_length");
+        if (header.ChunkCount != TensorTransport.ChunkCount((long)header.ByteLength))
+            throw new ProtocolException(StatusCode.InvalidArgument,
+                $"{what}: chunk_count {header.ChunkCount}, expected {TensorTransport.ChunkCount((long)header.ByteLength)} for {header.ByteLength} bytes in chunks of {TensorTransport.ChunkBytes}", "tensor.chunk_count");
+        _payload = new byte[header.ByteLength];
+        _received = new bool[header.ChunkCount];
+    }
+
+    public TensorHeader Header { get; }
+    public string What { get; }
+    public bool IsComplete => _receivedCount == _received.Length;
+    public long BytesReceived { get; private set; }
+
+    /// <summary>Adds a chunk; false when this chunk index was already received (ignored).</summary>
+    public bool Add(TensorChunk chunk)
+    {
+        if (chunk.Step != Header.Step || chunk.ParameterVersion != Header.ParameterVersion)
+            throw new ProtocolException(StatusCode.FailedPrecondition,
+                $"{What}: chunk for step {chunk.Step} version {chunk.ParameterVersion}, expected step {Header.Step} version {Header.ParameterVersion}", "chunk.step");
+        if (chunk.Index >= _received.Length)
+            throw new ProtocolException(StatusCode.InvalidArgument,
+                $"{What}: chunk index {chunk.Index}, expected 0..{_received.Length - 1}", "chunk.index");
+        var offset = (long)chunk.Index * TensorTransport.ChunkBytes;
+        var expected = (int)Math.Min(TensorTransport.ChunkBytes, _payload.Length - offset);
+        if (chunk.Data.Length > TensorTransport.ChunkBytes)
+            throw new ProtocolException(StatusCode.ResourceExhausted,
+                $"{What}: chunk {chunk.Index} has {chunk.Data.Length} bytes, at most {TensorTransport.ChunkBytes} allowed", "chunk.data");
+        if (chunk.Data.Length != expected)
+            throw new ProtocolException(StatusCode.InvalidArgument,
+                $"{What}: chunk {chunk.Index} has {chunk.Data.Length} bytes, expected {expected}", "chunk.data");
+        if (_received[chunk.Index]) return false;
+        chunk.Data.Span.CopyTo(_payload.AsSpan((int)offset));
+        _received[chunk.Index] = true;
+        _receivedCount++;
+        BytesReceived += expected;
+        return true;
+    }
+
+    /// <summary>The complete payload as float32, after the checksum check.</summary>
+    public float[] ToFloat32()
+    {
+        if (!IsComplete)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"{What}: {_receivedCount} of {_received.Length} chunks received", "chunk");
+        var sum = TensorTransport.Checksum(_payload);
+        if (sum != Header.Checksum)
+            throw new ProtocolException(StatusCode.InvalidArgument,
+                $"{What}: payload checksum {sum:x16} does not match the header's {Header.Checksum:x16}", "tensor.checksum");
+        return TensorTransport.ToFloat32(_payload, Header.Dtype);
+    }
+}

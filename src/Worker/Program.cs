@@ -1,0 +1,1 @@
+return DistDiffusion.Worker.WorkerCli.Run(args);

@@ -1,0 +1,123 @@
+using DistDiffusion.Protocol;
+using DistDiffusion.Protocol.V1;
+using Grpc.Core;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+using static TorchSharp.torch;
+
+namespace DistDiffusion.Worker;
+
+/// <summary>
+/// The worker process's service: connects to the coordinator with retry and exponential back-off, runs a
+/// <see cref="WorkerSession"/>, and reconnects by itself when the stream breaks or the coordinator restarts.
+/// Stops the host when the coordinator says training is complete, or on an error retrying cannot fix
+/// (wrong token, incompatible protocol, a dataset that differs from the coordinator's).
+/// </summary>
+internal sealed class TrainerWorker : BackgroundService
+{
+    private readonly WorkerOptions _options;
+    private readonly Device _device;
+    private readonly IHostApplicationLifetime _lifetime;
+    private readonly ILogger<TrainerWorker> _log;
+    private WorkerModel? _model;
+
+    public TrainerWorker(WorkerOptions options, Device device, IHostApplicationLifetime lifetime, ILogger<TrainerWorker> log)
+    {
+        _options = options;
+        _device = device;
+        _lifetime = lifetime;
+        _log = log;
+    }
+
+    /// <summary>Process exit code: 0 done, 1 failed.</summary>
+    public int ExitCode { get; private set; }
+
+    protected override async Task ExecuteAsync(CancellationToken stoppingToken)
+    {
+        // Torch work runs on this loop: leave the host's start-up path at once.
+        await Task.Yield();
+        using var channel = ClientChannel.Create(_options.Coordinator, _options.TlsCaFile);
+        var client = new Trainer.TrainerClient(channel);
+        var delay = TimeSpan.FromMilliseconds(250);
+        var lastJoin = DateTime.UtcNow;
+        try
+        {
+            while (!stoppingToken.IsCancellationRequested)
+            {
+                var session = new WorkerSession(_options, _device, ModelFor, _log);
+                try
+                {
+                    _log.LogInformation("Connecting to {Coordinator}", _options.Coordinator);
+                    var outcome = await session.RunAsync(client, stoppingToken);
+                    if (outcome == SessionOutcome.Finished)
+                        return;
+                }
+                catch (RpcException e) when (e.StatusCode is StatusCode.Unauthenticated or StatusCode.PermissionDenied)
+                {
+                    _log.LogError("Coordinator refused this worker: {Status} {Detail} (check --token-file or {TokenVariable})", e.StatusCode, e.Status.Detail, Names.TokenEnvironmentVariable);
+                    ExitCode = 1;
+                    return;
+                }
+                catch (ProtocolException e) when (e.Code == StatusCode.FailedPrecondition)
+                {
+                    _log.LogError("Cannot work for this coordinator: {Reason}", e.Message);
+                    ExitCode = 1;
+                    return;
+                }
+                catch (RpcException e) when (e.StatusCode == StatusCode.FailedPrecondition && !session.Joined)
+                {
+                    _log.LogError("Coordinator rejected the join: {Detail}", e.Status.Detail);
+                    ExitCode = 1;
+                    return;
+                }
+                catch (OperationCanceledException) when (stoppingToken.IsCancellationRequested)
+                {
+                    return;
+                }
+                catch (Exception e) when (e is RpcException or IOException or TimeoutException or OperationCanceledException or HttpRequestException or ProtocolException)
+                {
+                    _log.LogWarning("Connection to {Coordinator} lost: {Error}", _options.Coordinator, Describe(e));
+                }
+                if (session.Joined)
+                {
+                    delay = TimeSpan.FromMilliseconds(250);
+                    lastJoin = DateTime.UtcNow;
+                }
+                if (_options.GiveUpAfter > TimeSpan.Zero && DateTime.UtcNow - lastJoin > _options.GiveUpAfter)
+                {
+                    _log.LogError("No coordinator at {Coordinator} for {Seconds:F0} s: giving up", _options.Coordinator, _options.GiveUpAfter.TotalSeconds);
+                    ExitCode = 1;
+                    return;
+                }
+                _log.LogInformation("Retrying in {Delay:F1} s", delay.TotalSeconds);
+                await Task.Delay(delay, stoppingToken);
+                delay = TimeSpan.FromTicks(Math.Min(_options.MaxRetryDelay.Ticks, delay.Ticks * 2));
+            }
+        }
+        catch (OperationCanceledException) when (stoppingToken.IsCancellationRequested)
+        {
+            // Ctrl+C / SIGTERM
+        }
+        catch (Exception e)
+        {
+            _log.LogError(e, "Worker failed");
+            ExitCode = 1;
+        }
+        finally
+        {
+            _model?.Dispose();
+            _lifetime.StopApplication();
+        }
+    }
+
+    private WorkerModel ModelFor(string recipeJson)
+    {
+        if (_model is not null && _model.RecipeJson == recipeJson) return _model;
+        _model?.Dispose();
+        _model = null;
+        _model = WorkerModel.Load(recipeJson, _device);
+        return _model;
+    }
+
+    private static string Describe(Exception e) => e is RpcException r ? $"{r.StatusCode}: {r.Status.Detail}" : e.Message;
+}

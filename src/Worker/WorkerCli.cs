@@ -1,0 +1,120 @@
+using System.CommandLine;
+using DistDiffusion.Model;
+using DistDiffusion.Protocol;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
+using Serilog;
+using Serilog.Events;
+
+namespace DistDiffusion.Worker;
+
+/// <summary>
+/// `worker --coordinator URL [--token-file PATH] [--threads N] [--device D]`: a Generic Host running
+/// <see cref="TrainerWorker"/>. Exit codes: 0 training complete or stopped, 1 failure, 2 usage.
+/// </summary>
+public static class WorkerCli
+{
+    public static readonly Option<string> CoordinatorOption = new("--coordinator")
+    {
+        Description = "The coordinator's URL",
+        DefaultValueFactory = _ => Names.DefaultAddress,
+    };
+    public static readonly Option<string?> TokenFileOption = new("--token-file")
+    {
+        Description = $"File holding the shared token (default: the {Names.TokenEnvironmentVariable} environment variable)",
+    };
+    public static readonly Option<int> ThreadsOption = new("--threads")
+    {
+        Description = "CPU threads for torch (0: all cores)",
+        DefaultValueFactory = _ => 0,
+    };
+    public static readonly Option<string> DeviceOption = new("--device")
+    {
+        Description = "Device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N",
+        DefaultValueFactory = _ => "auto",
+    };
+    public static readonly Option<string?> TlsCaOption = new("--tls-ca")
+    {
+        Description = "CA certificate (PEM) to trust for an https coordinator with a private certificate",
+    };
+    public static readonly Option<double> GiveUpOption = new("--give-up-after")
+    {
+        Description = "Exit with an error after this many seconds without reaching the coordinator (0: keep trying)",
+        DefaultValueFactory = _ => 0,
+    };
+    public static readonly Option<string> LogLevelOption = new("--log-level")
+    {
+        Description = "Minimum log level: debug, information, warning, error",
+        DefaultValueFactory = _ => "information",
+    };
+
+    public static RootCommand Build()
+    {
+        var root = new RootCommand("DistDiffusion worker: joins a coordinator, computes gradients of its share of each step and serves sampling work")
+        {
+            CoordinatorOption, TokenFileOption, ThreadsOption, DeviceOption, TlsCaOption, GiveUpOption, LogLevelOption,
+        };
+        root.SetAction(p => Execute(p));
+        return root;
+    }
+
+    public static int Run(string[] args)
+    {
+        var parsed = Build().Parse(args);
+        if (parsed.Errors.Count > 0)
+        {
+            Console.Error.WriteLine($"error: {parsed.Errors[0].Message} (see --help)");
+            return 2;
+        }
+        try
+        {
+            return parsed.Invoke(new InvocationConfiguration { EnableDefaultExceptionHandler = false });
+        }
+        catch (ArgumentException e)
+        {
+            Console.Error.WriteLine($"error: {e.Message}");
+            return 2;
+        }
+    }
+
+    private static int Execute(ParseResult p)
+    {
+        var threads = p.GetValue(ThreadsOption);
+        var giveUp = p.GetValue(GiveUpOption);
+        if (giveUp < 0 || !double.IsFinite(giveUp)) throw new ArgumentException($"--give-up-after {giveUp}: expected seconds >= 0");
+        var level = p.GetValue(LogLevelOption)!.ToLowerInvariant() switch
+        {
+            "debug" => LogEventLevel.Debug,
+            "information" or "info" => LogEventLevel.Information,
+            "warning" => LogEventLevel.Warning,
+            "error" => LogEventLevel.Error,
+            var other => throw new ArgumentException($"--log-level {other}: expected debug, information, warning or error"),
+        };
+        var options = new WorkerOptions
+        {
+            Coordinator = ClientChannel.ParseAddress(p.GetValue(CoordinatorOption)!, "--coordinator"),
+            Token = Token.Resolve(p.GetValue(TokenFileOption)),
+            Threads = threads,
+            Device = p.GetValue(DeviceOption)!,
+            TlsCaFile = p.GetValue(TlsCaOption),
+            GiveUpAfter = TimeSpan.FromSeconds(giveUp),
+        };
+        var device = TorchRuntime.ResolveDevice(options.Device, threads);
+
+        var builder = Host.CreateApplicationBuilder();
+        builder.Services.AddSerilog(c => c
+            .MinimumLevel.Is(level)
+            .MinimumLevel.Override("Microsoft", LogEventLevel.Warning)
+            .MinimumLevel.Override("Grpc", LogEventLevel.Warning)
+            .WriteTo.Console(outputTemplate: "{Timestamp:HH:mm:ss.fff} {Level:u3} {Message:lj}{NewLine}{Exception}", standardErrorFromLevel: LogEventLevel.Verbose));
+        builder.Services.AddSingleton(options);
+        builder.Services.AddSingleton(device);
+        builder.Services.AddSingleton<TrainerWorker>();
+        builder.Services.AddHostedService(s => s.GetRequiredService<TrainerWorker>());
+        builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = TimeSpan.FromSeconds(10));
+        using var host = builder.Build();
+        var worker = host.Services.GetRequiredService<TrainerWorker>();
+        host.Run();
+        return worker.ExitCode;
+    }
+}

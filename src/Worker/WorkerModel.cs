@@ -1,0 +1,87 @@
+using DistDiffusion.Model.Data;
+using DistDiffusion.Model.Networks;
+using DistDiffusion.Model.Training;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace DistDiffusion.Worker;
+
+/// <summary>
+/// What a worker computes with for one run: its copy of the recipe's network, the training split loaded
+/// locally, and the loss of Algorithm 1. Kept across reconnects while the recipe stays the same.
+/// </summary>
+internal sealed class WorkerModel : IDisposable
+{
+    private WorkerModel(string recipeJson, Recipe recipe, Dataset train, Dataset heldOut, DenoiserNetwork network, TrainingStep step, Device device)
+    {
+        RecipeJson = recipeJson;
+        Recipe = recipe;
+        Train = train;
+        HeldOut = heldOut;
+        Network = network;
+        Step = step;
+        Device = device;
+        Vector = new ParameterVector(network.named_parameters().Select(p => (p.name, p.parameter)));
+    }
+
+    public string RecipeJson { get; }
+    public Recipe Recipe { get; }
+    public Dataset Train { get; }
+    public Dataset HeldOut { get; }
+    public DenoiserNetwork Network { get; }
+    public TrainingStep Step { get; }
+    public Device Device { get; }
+    public ParameterVector Vector { get; }
+    /// <summary>Version of the parameters now in <see cref="Network"/> (null: none received yet).</summary>
+    public ulong? ParameterVersion { get; set; }
+
+    public static WorkerModel Load(string recipeJson, Device device)
+    {
+        var recipe = Recipe.FromJson(recipeJson);
+        recipe.Validate();
+        var (train, heldOut) = DatasetLoader.Load(DatasetLoader.ResolveDataPath(recipe));
+        try
+        {
+            var network = NetworkFactory.Create(recipe, train.SampleShape);
+            network.to(device);
+            network.train();
+            var schedule = Model.Diffusion.NoiseSchedule.Create(recipe.BetaSchedule, recipe.Timesteps, recipe.BetaStart, recipe.BetaEnd);
+            var diffusion = new Model.Diffusion.GaussianDiffusion(schedule, recipe.Prediction, recipe.Variance, recipe.Loss, recipe.Reduction, discreteData: recipe.IsImageData);
+            return new WorkerModel(recipeJson, recipe, train, heldOut, network, new TrainingStep(diffusion, recipe.Seed, recipe.RandomFlip), device);
+        }
+        catch
+        {
+            train.Dispose();
+            heldOut.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// The gradient of one slice: L_simple of the samples at <paramref name="indices"/> with their seeds, divided by
+    /// the global batch size, backpropagated. Returns the gradient bytes (float32), the presence bitmap and the slice's loss.
+    /// </summary>
+    public (byte[] Gradient, byte[] Present, double Loss) Gradient(ReadOnlySpan<long> indices, ReadOnlySpan<ulong> seeds, int globalBatch)
+    {
+        Network.zero_grad(set_to_none: true);   // presence then means "this slice touched it"
+        double loss;
+        using (var scope = NewDisposeScope())
+        {
+            var x0 = Train.Gather(indices).to(Device);
+            var l = Step.Loss(Network, x0, seeds, globalBatch);
+            l.backward();
+            loss = l.to_type(ScalarType.Float64).item<double>();
+        }
+        var (values, present) = Vector.ReadGradients();
+        Network.zero_grad(set_to_none: true);
+        return (values, present, loss);
+    }
+
+    public void Dispose()
+    {
+        Network.Dispose();
+        Step.Diffusion.Schedule.Dispose();
+        Train.Dispose();
+        HeldOut.Dispose();
+    }
+}

@@ -1,0 +1,223 @@
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using System.Threading.Channels;
+using DistDiffusion.Protocol;
+using DistDiffusion.Protocol.V1;
+using Grpc.Core;
+using Microsoft.Extensions.Logging;
+using static TorchSharp.torch;
+
+namespace DistDiffusion.Worker;
+
+/// <summary>How a connection ended.</summary>
+internal enum SessionOutcome
+{
+    /// <summary>The coordinator said the work is done: exit.</summary>
+    Finished,
+    /// <summary>The stream ended or the coordinator is restarting: connect again.</summary>
+    Reconnect,
+}
+
+/// <summary>Where a worker's stream is in the protocol.</summary>
+internal enum SessionState
+{
+    Connecting,
+    Joining,
+    Ready,
+    Computing,
+    Closed,
+}
+
+/// <summary>
+/// One connection of a worker to the coordinator's Trainer stream: join, receive the recipe and parameters,
+/// compute the gradient of each assigned slice and stream it back, send heartbeats. One outgoing writer
+/// task serializes writes (a gRPC stream allows one writer at a time).
+/// </summary>
+internal sealed class WorkerSession
+{
+    private readonly WorkerOptions _options;
+    private readonly Device _device;
+    private readonly Func<string, WorkerModel> _modelFor;
+    private readonly ILogger _log;
+    private readonly Channel<WorkerMessage> _outbox = Channel.CreateUnbounded<WorkerMessage>(new UnboundedChannelOptions { SingleReader = true });
+    private TensorAssembler? _incomingParameters;
+    private string _workerId = "";
+
+    public WorkerSession(WorkerOptions options, Device device, Func<string, WorkerModel> modelFor, ILogger log)
+    {
+        _options = options;
+        _device = device;
+        _modelFor = modelFor;
+        _log = log;
+    }
+
+    public SessionState State { get; private set; } = SessionState.Connecting;
+
+    /// <summary>Set once the coordinator welcomed this worker (the caller resets its retry back-off then).</summary>
+    public bool Joined { get; private set; }
+
+    public async Task<SessionOutcome> RunAsync(Trainer.TrainerClient client, CancellationToken ct)
+    {
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        using var call = client.Connect(Token.Headers(_options.Token), cancellationToken: cts.Token);
+        var writer = Task.Run(() => WriteLoopAsync(call.RequestStream, cts.Token), CancellationToken.None);
+        try
+        {
+            State = SessionState.Joining;
+            Send(new WorkerMessage
+            {
+                Join = new Join
+                {
+                    Host = Environment.MachineName,
+                    Device = _device.ToString(),
+                    Threads = get_num_threads(),
+                    ProtocolVersion = Names.ProtocolVersion,
+                },
+            });
+            if (!await call.ResponseStream.MoveNext(cts.Token).WaitAsync(_options.CallTimeout, cts.Token))
+                return SessionOutcome.Reconnect;
+            var first = call.ResponseStream.Current;
+            if (first.KindCase == CoordinatorMessage.KindOneofCase.Finish)
+                return Finish(first.Finish);
+            if (first.KindCase != CoordinatorMessage.KindOneofCase.Welcome)
+                throw new ProtocolException(StatusCode.Internal, $"coordinator answered the join with {first.KindCase}, expected Welcome");
+            var welcome = first.Welcome;
+            _workerId = welcome.WorkerId;
+            var model = _modelFor(welcome.RecipeJson);
+            if (model.Train.Count != welcome.TrainSize)
+                throw new ProtocolException(StatusCode.FailedPrecondition,
+                    $"this worker's training split has {model.Train.Count} samples but the coordinator's has {welcome.TrainSize}: the dataset at '{model.Recipe.DataPath}' differs");
+            CheckLayout(model, welcome);
+            Joined = true;
+            State = SessionState.Ready;
+            _log.LogInformation("Joined run {RunId} as {WorkerId}: recipe {Recipe}, {Samples} training samples, device {Device}, {Threads} threads",
+                welcome.RunId, _workerId, model.Recipe.Name, model.Train.Count, _device, get_num_threads());
+            var heartbeat = HeartbeatLoopAsync(TimeSpan.FromMilliseconds(Math.Max(100, welcome.HeartbeatIntervalMs)), cts.Token);
+
+            while (await call.ResponseStream.MoveNext(cts.Token))
+            {
+                var message = call.ResponseStream.Current;
+                switch (message.KindCase)
+                {
+                    case CoordinatorMessage.KindOneofCase.Parameters:
+                        _incomingParameters = new TensorAssembler(message.Parameters, model.Vector.Elements, "parameters");
+                        break;
+                    case CoordinatorMessage.KindOneofCase.ParametersChunk:
+                        ReceiveParameterChunk(model, message.ParametersChunk);
+                        break;
+                    case CoordinatorMessage.KindOneofCase.Assignment:
+                        Compute(model, message.Assignment, welcome.GradientDtype);
+                        break;
+                    case CoordinatorMessage.KindOneofCase.Ack:
+                        if (!message.Ack.Applied)
+                            _log.LogDebug("Coordinator ignored our push for step {Step} slice {Slice}: {Note}", message.Ack.Step, message.Ack.Slice, message.Ack.Note);
+                        break;
+                    case CoordinatorMessage.KindOneofCase.Finish:
+                        return Finish(message.Finish);
+                    default:
+                        throw new ProtocolException(StatusCode.Internal, $"unexpected coordinator message {message.KindCase}");
+                }
+            }
+            _log.LogWarning("Coordinator closed the stream; reconnecting");
+            return SessionOutcome.Reconnect;
+        }
+        finally
+        {
+            State = SessionState.Closed;
+            _outbox.Writer.TryComplete();
+            await cts.CancelAsync();
+            try { await writer.WaitAsync(TimeSpan.FromSeconds(5), CancellationToken.None); } catch (Exception) { /* the stream is gone either way */ }
+        }
+    }
+
+    private SessionOutcome Finish(Finish finish)
+    {
+        _log.LogInformation("Coordinator finished the session: {Reason}", finish.Reason);
+        return finish.Reconnect ? SessionOutcome.Reconnect : SessionOutcome.Finished;
+    }
+
+    private static void CheckLayout(WorkerModel model, Welcome welcome)
+    {
+        var mine = model.Vector.Shapes.ToList();
+        if (mine.Count != welcome.Parameters.Count)
+            throw new ProtocolException(StatusCode.FailedPrecondition, $"the coordinator's network has {welcome.Parameters.Count} parameters, this worker's {mine.Count}");
+        for (var i = 0; i < mine.Count; i++)
+        {
+            var theirs = welcome.Parameters[i];
+            if (theirs.Name != mine[i].Name || !theirs.Shape.SequenceEqual(mine[i].Shape))
+                throw new ProtocolException(StatusCode.FailedPrecondition,
+                    $"parameter {i}: coordinator has '{theirs.Name}' [{string.Join(",", theirs.Shape)}], this worker '{mine[i].Name}' [{string.Join(",", mine[i].Shape)}]");
+        }
+    }
+
+    private void ReceiveParameterChunk(WorkerModel model, TensorChunk chunk)
+    {
+        var assembler = _incomingParameters
+            ?? throw new ProtocolException(StatusCode.Internal, $"parameter chunk {chunk.Index} arrived without a header");
+        assembler.Add(chunk);
+        if (!assembler.IsComplete) return;
+        model.Vector.WriteValues(assembler.ToFloat32());
+        model.ParameterVersion = assembler.Header.ParameterVersion;
+        _incomingParameters = null;
+        _log.LogDebug("Loaded parameters version {Version}", model.ParameterVersion);
+    }
+
+    private void Compute(WorkerModel model, StepAssignment a, DType dtype)
+    {
+        if (model.ParameterVersion != a.ParameterVersion)
+            throw new ProtocolException(StatusCode.Internal, $"assignment for parameter version {a.ParameterVersion} but this worker holds {model.ParameterVersion?.ToString() ?? "none"}");
+        if (a.Indices.Count != a.SampleSeeds.Count)
+            throw new ProtocolException(StatusCode.Internal, $"assignment has {a.Indices.Count} indices but {a.SampleSeeds.Count} seeds");
+        State = SessionState.Computing;
+        var clock = Stopwatch.StartNew();
+        var (gradient, present, loss) = model.Gradient(a.Indices.ToArray(), a.SampleSeeds.ToArray(), (int)a.GlobalBatchSize);
+        var payload = dtype == DType.Bfloat16 ? TensorTransport.ToBFloat16(MemoryMarshal.Cast<byte, float>(gradient.AsSpan())) : gradient;
+        var seconds = clock.Elapsed.TotalSeconds;
+        Send(new WorkerMessage
+        {
+            Gradient = new GradientHeader
+            {
+                WorkerId = _workerId,
+                Step = a.Step,
+                ParameterVersion = a.ParameterVersion,
+                Slice = a.Slice,
+                Tensor = TensorTransport.Header(payload, dtype == DType.Bfloat16 ? DType.Bfloat16 : DType.Float32, model.Vector.Elements, a.Step, a.ParameterVersion),
+                Present = Google.Protobuf.ByteString.CopyFrom(present),
+                Loss = loss,
+                SampleCount = (uint)a.Indices.Count,
+                ComputeSeconds = seconds,
+            },
+        });
+        foreach (var chunk in TensorTransport.Chunks(payload, a.Step, a.ParameterVersion))
+            Send(new WorkerMessage { GradientChunk = new GradientChunk { WorkerId = _workerId, Slice = a.Slice, Chunk = chunk } });
+        State = SessionState.Ready;
+        _log.LogDebug("Step {Step} slice {Slice}: {Count} samples in {Seconds:F3} s, loss part {Loss:G4}", a.Step, a.Slice, a.Indices.Count, seconds, loss);
+    }
+
+    private void Send(WorkerMessage message)
+    {
+        if (!_outbox.Writer.TryWrite(message))
+            throw new OperationCanceledException("the session is closing");
+    }
+
+    private async Task WriteLoopAsync(IClientStreamWriter<WorkerMessage> stream, CancellationToken ct)
+    {
+        await foreach (var message in _outbox.Reader.ReadAllAsync(ct))
+            // Bounded: a peer that stops reading for this long is as good as gone.
+            await stream.WriteAsync(message, ct).WaitAsync(_options.CallTimeout, ct);
+    }
+
+    private async Task HeartbeatLoopAsync(TimeSpan interval, CancellationToken ct)
+    {
+        using var timer = new PeriodicTimer(interval);
+        try
+        {
+            while (await timer.WaitForNextTickAsync(ct))
+                if (!_outbox.Writer.TryWrite(new WorkerMessage { Heartbeat = new Heartbeat { WorkerId = _workerId } })) return;
+        }
+        catch (OperationCanceledException)
+        {
+            // session over
+        }
+    }
+}
