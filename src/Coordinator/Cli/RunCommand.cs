@@ -52,7 +52,10 @@ internal static class RunCommand
             };
             var level = p.GetValue(logLevel)!;
             CliSupport.UserInput(() => CliSupport.ParseLogLevel(level));
-            return CliSupport.UserInput(() => RunAsync(options, n, threads > 0 ? threads : Math.Max(1, Environment.ProcessorCount / n), level)).GetAwaiter().GetResult();
+            var token = Token.Generate();
+            // Bad settings surface while starting (usage errors, exit 2); later failures are failures (exit 1).
+            var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, token, CliSupport.ParseLogLevel(level), "[coordinator] ").GetAwaiter().GetResult());
+            return RunAsync(server, token, n, threads > 0 ? threads : Math.Max(1, Environment.ProcessorCount / n), level).GetAwaiter().GetResult();
         });
         return cmd;
     }
@@ -70,9 +73,8 @@ internal static class RunCommand
         return psi;
     }
 
-    private static async Task<int> RunAsync(CoordinatorOptions options, int workerCount, int threads, string logLevel)
+    private static async Task<int> RunAsync(CoordinatorServer started, string token, int workerCount, int threads, string logLevel)
     {
-        var token = Token.Generate();
         using var cts = new CancellationTokenSource();
         ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
         Console.CancelKeyPress += onCancel;
@@ -80,7 +82,7 @@ internal static class RunCommand
         var processes = new List<Process>();
         try
         {
-            await using var server = await CoordinatorServer.StartAsync(options, token, CliSupport.ParseLogLevel(logLevel), "[coordinator] ");
+            await using var server = started;
             Token.WriteFile(Path.Combine(server.RunDir, "token"), token);
             var status = server.Loop.Status();
             Console.Error.WriteLine(string.Create(CultureInfo.InvariantCulture,

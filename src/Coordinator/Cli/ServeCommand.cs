@@ -105,7 +105,9 @@ internal static class ServeCommand
         using var onTerm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, c => { c.Cancel = true; cts.Cancel(); });
         try
         {
-            return CliSupport.UserInput(() => ServeAsync(options, token, level, cts.Token)).GetAwaiter().GetResult();
+            // Bad settings surface while starting (usage errors, exit 2); later failures are failures (exit 1).
+            var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, token, level, ct: cts.Token).GetAwaiter().GetResult());
+            return ServeAsync(server, cts.Token).GetAwaiter().GetResult();
         }
         finally
         {
@@ -113,9 +115,9 @@ internal static class ServeCommand
         }
     }
 
-    private static async Task<int> ServeAsync(CoordinatorOptions options, string? token, LogEventLevel level, CancellationToken ct)
+    private static async Task<int> ServeAsync(CoordinatorServer started, CancellationToken ct)
     {
-        await using var server = await CoordinatorServer.StartAsync(options, token, level, ct: ct);
+        await using var server = started;
         await Task.WhenAny(server.Stopped, Task.Delay(Timeout.Infinite, ct)).ConfigureAwait(false);
         await server.StopAsync();
         if (server.Loop.Completion.IsFaulted) return CliSupport.ExitFailure;

@@ -80,6 +80,13 @@ public sealed class TrainerService : Trainer.TrainerBase
             reason = status.Detail;
             throw new RpcException(status);
         }
+        catch (RpcException e) when (e.StatusCode is StatusCode.ResourceExhausted or StatusCode.InvalidArgument or StatusCode.Internal)
+        {
+            // gRPC itself refused a message (larger than the limit, or undecodable): tell the worker why.
+            reason = e.Status.Detail;
+            _log.LogWarning("Rejected {Who}: {Code} {Message}", worker.Id, e.StatusCode, e.Status.Detail);
+            throw;
+        }
         catch (Exception e) when (e is IOException or OperationCanceledException or RpcException)
         {
             reason = "connection lost: " + e.Message;
