@@ -101,13 +101,15 @@ internal static class RunCommand
             }
 
             var bar = new ProgressBar("train", (long)status.Step, (long)status.TargetStep);
-            var clock = Stopwatch.StartNew();
-            var firstStep = status.Step;
+            // The rate excludes the first step (joining, loading, one-time set-up), as `coordinator train`'s does.
+            var clock = new Stopwatch();
+            var firstStep = status.Step + 1;
             string? failure = null;
             while (!server.Stopped.IsCompleted && !cts.IsCancellationRequested)
             {
                 await Task.WhenAny(server.Stopped, Task.Delay(250, CancellationToken.None));
                 var s = server.Loop.Status();
+                if (!clock.IsRunning && s.Step >= firstStep) clock.Start();
                 bar.Update((long)s.Step, $"loss {CliSupport.Format(s.Loss)}, {s.Workers.Count(w => w.State is WorkerState.Idle or WorkerState.Busy)} workers");
                 var failed = processes.Select((p, k) => (p, k)).FirstOrDefault(x => x.p.HasExited && x.p.ExitCode != 0 && !server.Loop.Completion.IsCompleted);
                 if (failed.p is not null)

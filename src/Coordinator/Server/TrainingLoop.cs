@@ -85,6 +85,12 @@ public sealed class TrainingLoop : BackgroundService
     /// <summary>Checksum of the current parameters (what workers are sent): tests use it to see that nothing changed.</summary>
     public ulong ParameterChecksum => _parameterHeader.Checksum;
     public long StepsDone => _run.State.StepsDone;
+    /// <summary>
+    /// Seconds the loop spent computing (planning, summing gradients, Adam, EMA, serializing parameters) rather than
+    /// waiting for workers: the benchmark subtracts it to isolate the exchange itself.
+    /// </summary>
+    public double BusySeconds => Volatile.Read(ref _busySeconds);
+    private double _busySeconds;
     /// <summary>Completes when training reached its target step and the final checkpoint is written.</summary>
     public Task Completion => _completion.Task;
     private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -255,6 +261,7 @@ public sealed class TrainingLoop : BackgroundService
 
     private async Task<(double Loss, double Norm)> RunStepAsync(CancellationToken ct)
     {
+        var planning = Stopwatch.GetTimestamp();
         var s = _run.State;
         var plan = s.PlanStep();
         var keys = s.Step.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
@@ -267,6 +274,7 @@ public sealed class TrainingLoop : BackgroundService
         var deadline = TimeSpan.FromSeconds(_options.StepDeadlineSeconds);
         var silence = _options.HeartbeatTimeoutSeconds;
         for (var i = 0; i < sliceCount; i++) Assign(i, _live[i]);
+        _busySeconds += Stopwatch.GetElapsedTime(planning).TotalSeconds;
 
         while (results.Any(r => r is null))
         {
@@ -333,7 +341,9 @@ public sealed class TrainingLoop : BackgroundService
         var norm = s.ApplyGradients(plan);
         lock (_statusLock) _version++;
         PublishParameters();
-        _log.LogDebug("Step {Step} applied in {Ms:F1} ms after the last gradient", plan.Step, Stopwatch.GetElapsedTime(gathered).TotalMilliseconds);
+        var applying = Stopwatch.GetElapsedTime(gathered);
+        _busySeconds += applying.TotalSeconds;
+        _log.LogDebug("Step {Step} applied in {Ms:F1} ms after the last gradient", plan.Step, applying.TotalMilliseconds);
         _current = null;
         return (loss, norm);
 
