@@ -89,7 +89,7 @@ public class TransportTests
         using var scope = NewDisposeScope();
         var a = nn.Linear(3, 4);
         var b = nn.Linear(4, 2);
-        var named = a.named_parameters().Select(p => ("a." + p.name, p.parameter)).Concat(b.named_parameters().Select(p => ("b." + p.name, p.parameter))).ToList();
+        var named = a.named_parameters().Select(p => ("a." + p.name, (Tensor)p.parameter)).Concat(b.named_parameters().Select(p => ("b." + p.name, (Tensor)p.parameter))).ToList();
         var v = new ParameterVector(named);
         Assert.Equal(3 * 4 + 4 + 4 * 2 + 2, v.Elements);
         var values = v.ReadValues();

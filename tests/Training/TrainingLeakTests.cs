@@ -33,8 +33,9 @@ public sealed class TrainingLeakTests
     {
         var recipe = TinyMlp;
         using var worker = DistDiffusion.Worker.WorkerModel.Load(recipe.ToJson(), CPU);
-        using var state = TrainingState.Create(recipe, [2], worker.Train.Count, CPU);
-        var coordinatorVector = new ParameterVector(state.Network.named_parameters().Select(p => (p.name, p.parameter)));
+        var train = worker.Train(recipe.SyntheticSize);   // synthetic data: the whole generated set is the training split
+        using var state = TrainingState.Create(recipe, [2], train.Count, CPU);
+        var coordinatorVector = ParameterVector.Of(state.Network);
         void Step()
         {
             // Coordinator -> worker: parameters; worker: gradient of a slice; coordinator: apply it.
@@ -42,7 +43,7 @@ public sealed class TrainingLeakTests
             worker.Vector.WriteValues(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(values));
             var plan = state.PlanStep();
             var keys = state.Step.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
-            var (gradient, present, _) = worker.Gradient(plan.Indices, keys, recipe.BatchSize);
+            var (gradient, present, _) = worker.Gradient(train, plan.Indices, keys, recipe.BatchSize);
             coordinatorVector.WriteGradients(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(gradient), present);
             state.ApplyGradients(plan);
         }
