@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmark of distributed sampling (issue 4's figures), measured on this machine in one run:
-#   1. MNIST (mnist-small U-Net, DDPM, all T = 1000 steps): samples/s with 1 and 2 workers of 1 thread each,
+#   1. MNIST (mnist-small U-Net, DDPM, all T = 50 steps): samples/s with 1 and 2 workers of 1 thread each,
 #      the ratio, and the time to the first result (`coordinator serve --sample-only` + `coordinator sample --address`)
 #   2. swiss roll: DDIM with 50 steps vs DDPM with all T = 200 steps, in time and in the quality figure
 #      (sliced Wasserstein distance vs its noise floor, `coordinator eval`)
@@ -8,7 +8,7 @@
 #   Speed does not depend on how well the model is trained: without --mnist-checkpoint, a 20-step mnist-small run is made.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-out="$here/runs/bench-sampling"; n=16; mnist=""
+out="$here/runs/bench-sampling"; n=64; mnist=""
 while [ $# -gt 0 ]; do
   case "$1" in --n) n="$2"; shift ;; --mnist-checkpoint) mnist="$2"; shift ;; *) out="$1" ;; esac; shift
 done
@@ -38,7 +38,7 @@ measure() {  # $1 label
   local t0 t1 line
   t0=$(now); line=$("$coord" sample --address "$url" --token-file "$token" --n "$n" --seed 1 --out "$out/mnist-$1.png" 2>/dev/null | tail -1); t1=$(now)
   local rate; rate=$(awk "BEGIN{printf \"%.3f\", $n / ($t1 - $t0)}")
-  say "mnist-small, $1: $n samples (DDPM, 1000 steps) in $(awk "BEGIN{printf \"%.1f\", $t1 - $t0}") s = $rate samples/s; $(sed -n 's/.*(\(first result after [0-9.]* s\)).*/\1/p' <<<"$line")"
+  say "mnist-small, $1: $n samples (DDPM, all T steps) in $(awk "BEGIN{printf \"%.1f\", $t1 - $t0}") s = $rate samples/s; $(sed -n 's/.*(\(first result after [0-9.]* s\)).*/\1/p' <<<"$line")"
   echo "$rate"
 }
 start_worker; wait_workers 1

@@ -65,4 +65,55 @@ public static class TorchRuntime
         }
         throw new ArgumentException($"--device {spec}: expected auto, cpu, cuda or cuda:N");
     }
+
+    /// <summary>
+    /// Enter before a burst of torch work in a process where other threads run (gRPC, sampling next to training);
+    /// dispose after. TorchSharp 0.107 creates temporary <c>Scalar</c>s (for every <c>a + b</c>, <c>x * 0.5</c>, ...)
+    /// that have finalizers and are not kept alive across the native call they are passed to: a garbage collection
+    /// triggered by another thread's allocation during that call can free the scalar while libtorch reads it
+    /// ("Unknown scalar type", "INTERNAL ASSERT FAILED at Scalar.h"). The guard (1) lets one thread at a time run
+    /// torch work and (2) holds a no-GC region, so no collection, hence no finalizer, can run until it ends.
+    /// Re-entrant; cheap (a region starts with a collection of a small managed heap).
+    /// </summary>
+    public static IDisposable Compute() => new ComputeGuard();
+
+    private sealed class ComputeGuard : IDisposable
+    {
+        private const long Budget = 200L << 20;   // allocations (by any thread) the region tolerates
+        private static readonly object Gate = new();
+        private readonly bool _region;
+        private bool _disposed;
+
+        public ComputeGuard()
+        {
+            Monitor.Enter(Gate);
+            try
+            {
+                _region = GC.TryStartNoGCRegion(Budget);
+            }
+            catch (InvalidOperationException)
+            {
+                _region = false;   // nested on this thread: the outer guard holds the region
+            }
+        }
+
+        public void Dispose()
+        {
+            if (_disposed) return;
+            _disposed = true;
+            try
+            {
+                if (_region && System.Runtime.GCSettings.LatencyMode == System.Runtime.GCLatencyMode.NoGCRegion)
+                    GC.EndNoGCRegion();
+            }
+            catch (InvalidOperationException)
+            {
+                // the budget ran out and a collection already ended the region
+            }
+            finally
+            {
+                Monitor.Exit(Gate);
+            }
+        }
+    }
 }

@@ -68,6 +68,7 @@ internal sealed class WorkerModel : IDisposable
     /// </summary>
     public (byte[] Gradient, byte[] Present, double Loss) Gradient(Dataset train, ReadOnlySpan<long> indices, ReadOnlySpan<ulong> seeds, int globalBatch)
     {
+        using var guard = Model.TorchRuntime.Compute();   // sampling may run on another thread; gRPC threads allocate
         Network.zero_grad(set_to_none: true);   // presence then means "this slice touched it"
         double loss;
         using (var scope = NewDisposeScope())

@@ -69,3 +69,102 @@ public class OptimizerTests
         Assert.Equal(1 - 2.0 / 11.0, ema.Weights["weight"].item<float>(), 5);
     }
 }
+
+/// <summary>
+/// Torch work while another thread allocates, as in the coordinator and workers (whose gRPC threads allocate all the
+/// time): TorchSharp's temporary Scalars must not be finalized while libtorch reads them (see TorchRuntime.Compute).
+/// </summary>
+[Collection(DistDiffusion.Tests.Checkpoints.TensorAccountingCollection.Name)]
+public sealed class OptimizerUnderGcPressureTests
+{
+    [Fact]
+    public void AdamAndEmaStepsSurviveAnotherThreadsAllocations()
+    {
+        using var scope = TorchSharp.torch.NewDisposeScope();
+        var w = TorchSharp.torch.nn.Parameter(TorchSharp.torch.randn(64, 64));
+        var b = TorchSharp.torch.nn.Parameter(TorchSharp.torch.randn(64));
+        var named = new List<(string, TorchSharp.Modules.Parameter)> { ("w", w), ("b", b) };
+        var recipe = DistDiffusion.Model.Training.Recipes.Get("swissroll") with { GradClip = 1.0, WeightDecay = 0.01 };
+        using var adam = new DistDiffusion.Model.Training.AdamOptimizer(named, recipe);
+        using var ema = new DistDiffusion.Model.Training.ExponentialMovingAverage(named, 0.99);
+        using var stop = new CancellationTokenSource();
+        var gen0 = GC.CollectionCount(0);
+        var collector = new Thread(() => Allocate(stop.Token));
+        collector.Start();
+        try
+        {
+            for (var i = 0; i < 3000; i++)
+            {
+                // As the coordinator's training loop does it.
+                using var guard = DistDiffusion.Model.TorchRuntime.Compute();
+                using var s = TorchSharp.torch.NewDisposeScope();
+                (w.sum() + b.sum()).backward();
+                adam.Step();
+                ema.Update(i + 1);
+                adam.ZeroGrad();
+            }
+        }
+        finally
+        {
+            stop.Cancel();
+            collector.Join();
+        }
+        Assert.True(GC.CollectionCount(0) > gen0 + 10, "the allocating thread should have caused collections");
+        Assert.True(TorchSharp.torch.isfinite(w).all().item<bool>());
+    }
+
+    /// <summary>
+    /// What workers run — training steps of the MLP and a U-Net, and sampling — while another thread allocates as gRPC
+    /// threads do (here far faster), so collections keep happening: <see cref="DistDiffusion.Model.TorchRuntime.Compute"/>
+    /// keeps them out of torch calls.
+    /// </summary>
+    [Theory]
+    [InlineData("swissroll")]
+    [InlineData("unet")]
+    public void WorkerStepsAndSamplingSurviveAnotherThreadsAllocations(string which)
+    {
+        var recipe = which == "unet"
+            ? DistDiffusion.Model.Training.Recipes.Get("mnist-small") with { BaseChannels = 8, GroupNormGroups = 4, ChannelMultipliers = [1, 2], AttentionHeads = 1, AttentionHeadSize = 8, Dropout = 0.1, BatchSize = 4, RandomFlip = true }
+            : DistDiffusion.Model.Training.Recipes.Get("swissroll") with { HiddenSize = 64, BatchSize = 64, SyntheticSize = 256 };
+        using var worker = DistDiffusion.Worker.WorkerModel.Load(recipe.ToJson(), TorchSharp.torch.CPU);
+        var n = recipe.BatchSize;
+        using var data = new DistDiffusion.Model.Data.Dataset(TorchSharp.torch.rand([n, .. recipe.SampleShape]) * 2 - 1, "noise");
+        var indices = Enumerable.Range(0, n).Select(i => (long)i).ToArray();
+        using var model = DistDiffusion.Model.Sampling.DiffusionModel.FromWeights(recipe,
+            worker.Network.named_parameters().ToDictionary(p => p.name, p => (TorchSharp.torch.Tensor)p.parameter), TorchSharp.torch.CPU);
+        var gen0 = GC.CollectionCount(0);
+        using var stop = new CancellationTokenSource();
+        var allocator = new Thread(() => Allocate(stop.Token));
+        allocator.Start();
+        try
+        {
+            for (var step = 0; step < (which == "unet" ? 60 : 400); step++)
+            {
+                var seeds = indices.Select(i => (ulong)(step * 1000 + i)).ToArray();
+                worker.Gradient(data, indices, seeds, n);
+            }
+            using var result = model.Sample(new DistDiffusion.Model.Sampling.SampleRequest(8, DistDiffusion.Model.Diffusion.SamplerKind.Ddpm, 0, 0, 1));
+            Assert.True(TorchSharp.torch.isfinite(result.Samples).all().item<bool>());
+        }
+        finally
+        {
+            stop.Cancel();
+            allocator.Join();
+        }
+        Assert.True(GC.CollectionCount(0) > gen0 + 10, "the allocating thread should have caused collections");
+    }
+
+    /// <summary>
+    /// Garbage, small and large objects, at several hundred MB/s — as gRPC threads make it, only faster — but not so fast that one
+    /// guarded step outruns the guard's 200 MB no-GC budget (then a collection could happen inside it again).
+    /// </summary>
+    private static void Allocate(CancellationToken stop)
+    {
+        var keep = new object[64];
+        for (var i = 0; !stop.IsCancellationRequested; i++)
+        {
+            keep[i % keep.Length] = new byte[i % 7 == 0 ? 90_000 : 2_000];
+            if (i % 64 == 0) Thread.Sleep(1);
+        }
+    }
+}

@@ -130,6 +130,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
 
     private static byte[] EncodePng(ReadOnlySpan<byte> sample, long[] shape)
     {
+        using var guard = Model.TorchRuntime.Compute();
         using var scope = NewDisposeScope();
         var t = tensor(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(sample).ToArray(), [1, .. shape]);
         return ImageGrid.Encode(t);

@@ -124,6 +124,7 @@ public sealed class TrainingLoop : BackgroundService
             var ema = request.PreferEma && _emaVector is not null;
             if (!_snapshots.TryGetValue(ema, out var snapshot) || snapshot.Version != _version)
             {
+                using var guard = Model.TorchRuntime.Compute();
                 var bytes = ema ? _emaVector!.ReadValues() : _parameterBytes;
                 var header = TensorTransport.Header(bytes, DType.Float32, _vector.Elements, (ulong)_run.State.StepsDone, _version);
                 snapshot = new WeightsSnapshot((_version << 1) | (ema ? 1UL : 0UL), _version, ema, bytes, header);
@@ -389,10 +390,14 @@ public sealed class TrainingLoop : BackgroundService
             loss += results[k]!.Loss;
         }
         var gathered = Stopwatch.GetTimestamp();
-        _vector.WriteGradients(total, present);
-        var norm = s.ApplyGradients(plan);
-        lock (_statusLock) _version++;
-        PublishParameters();
+        double norm;
+        using (Model.TorchRuntime.Compute())   // gRPC threads allocate all the time: no GC inside torch calls
+        {
+            _vector.WriteGradients(total, present);
+            norm = s.ApplyGradients(plan);
+            lock (_statusLock) _version++;
+            PublishParameters();
+        }
         var applying = Stopwatch.GetElapsedTime(gathered);
         _busySeconds += applying.TotalSeconds;
         _log.LogDebug("Step {Step} applied in {Ms:F1} ms after the last gradient", plan.Step, applying.TotalMilliseconds);
@@ -483,6 +488,7 @@ public sealed class TrainingLoop : BackgroundService
 
     private void SaveCheckpoint()
     {
+        using var guard = Model.TorchRuntime.Compute();
         var folder = CheckpointStore.Save(_run.RunDir, _run.State.ToCheckpoint());
         lock (_statusLock) (_lastCheckpoint, _lastCheckpointStep) = (folder, _run.State.StepsDone);
         _log.LogInformation("Checkpoint {Folder}", folder);

@@ -1,3 +1,4 @@
+using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
 
@@ -52,7 +53,7 @@ public sealed class AdamOptimizer : IDisposable
         using var scope = NewDisposeScope();
         var total = 0.0;
         foreach (var (_, p) in _params)
-            if (p.grad is { } g) total += g.square().sum().to_type(ScalarType.Float64).item<double>();
+            if (p.grad is { } g) total += g.mul(g).sum().to_type(ScalarType.Float64).item<double>();   // no temporary Scalar (see Step)
         return Math.Sqrt(total);
     }
 
@@ -71,17 +72,30 @@ public sealed class AdamOptimizer : IDisposable
         var bias2 = 1.0 - Math.Pow(Beta2, StepCount);
         var stepSize = lr / bias1;
         var sqrtBias2 = Math.Sqrt(bias2);
+        // Every scalar operand is created here and held by `using` until the loop is done. TorchSharp 0.107's Scalar has a
+        // finalizer and is not kept alive across the native call it is passed to: an implicit double -> Scalar temporary can
+        // be finalized (freed) by a GC on another thread while libtorch still reads it ("Unknown scalar type"), which the
+        // coordinator, whose gRPC threads allocate constantly, hit within a few hundred steps under load.
+        using var beta1 = Beta1.ToScalar();
+        using var oneMinusBeta1 = (1 - Beta1).ToScalar();
+        using var beta2 = Beta2.ToScalar();
+        using var oneMinusBeta2 = (1 - Beta2).ToScalar();
+        using var decay = (1 - lr * WeightDecay).ToScalar();
+        using var sqrtBias2Scalar = sqrtBias2.ToScalar();
+        using var epsilon = Epsilon.ToScalar();
+        using var negativeStep = (-stepSize).ToScalar();
+        using var clip = clipScale.ToScalar();
         foreach (var (name, p) in _params)
         {
             if (p.grad is not { } grad) continue;
-            var g = clipScale != 1.0 ? grad * clipScale : grad;
+            var g = clipScale != 1.0 ? grad.mul(clip) : grad;
             var m = _expAvg[name];
             var v = _expAvgSq[name];
-            m.mul_(Beta1).add_(g, alpha: 1 - Beta1);
-            v.mul_(Beta2).addcmul_(g, g, value: 1 - Beta2);
-            if (WeightDecay > 0) p.mul_(1 - lr * WeightDecay);
-            var denom = v.sqrt().div_(sqrtBias2).add_(Epsilon);
-            p.addcdiv_(m, denom, value: -stepSize);
+            m.mul_(beta1).add_(g, alpha: oneMinusBeta1);
+            v.mul_(beta2).addcmul_(g, g, value: oneMinusBeta2);
+            if (WeightDecay > 0) p.mul_(decay);
+            var denom = v.sqrt().div_(sqrtBias2Scalar).add_(epsilon);
+            p.addcdiv_(m, denom, value: negativeStep);
         }
         return norm;
     }

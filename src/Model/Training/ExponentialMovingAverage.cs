@@ -1,3 +1,4 @@
+using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
 
@@ -31,8 +32,11 @@ public sealed class ExponentialMovingAverage : IDisposable
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         var d = DecayAt(step);
+        // Scalars held alive across the native calls (see AdamOptimizer.Step).
+        using var decay = d.ToScalar();
+        using var oneMinusDecay = (1 - d).ToScalar();
         foreach (var (name, p) in _params)
-            _shadow[name].mul_(d).add_(p, alpha: 1 - d);
+            _shadow[name].mul_(decay).add_(p, alpha: oneMinusDecay);
     }
 
     public IReadOnlyDictionary<string, Tensor> Weights => _shadow;
