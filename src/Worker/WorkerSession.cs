@@ -42,6 +42,7 @@ internal sealed class WorkerSession
     private readonly Channel<WorkerMessage> _outbox = Channel.CreateUnbounded<WorkerMessage>(new UnboundedChannelOptions { SingleReader = true });
     private TensorAssembler? _incomingParameters;
     private string _workerId = "";
+    private long _trainSize;
 
     public WorkerSession(WorkerOptions options, Device device, Func<string, WorkerModel> modelFor, ILogger log)
     {
@@ -84,14 +85,13 @@ internal sealed class WorkerSession
             var welcome = first.Welcome;
             _workerId = welcome.WorkerId;
             var model = _modelFor(welcome.RecipeJson);
-            if (model.Train.Count != welcome.TrainSize)
-                throw new ProtocolException(StatusCode.FailedPrecondition,
-                    $"this worker's training split has {model.Train.Count} samples but the coordinator's has {welcome.TrainSize}: the dataset at '{model.Recipe.DataPath}' differs");
             CheckLayout(model, welcome);
+            _trainSize = welcome.TrainSize;
+            using var sampler = new WorkerSampler(model, _device, Send, _log);
             Joined = true;
             State = SessionState.Ready;
             _log.LogInformation("Joined run {RunId} as {WorkerId}: recipe {Recipe}, {Samples} training samples, device {Device}, {Threads} threads",
-                welcome.RunId, _workerId, model.Recipe.Name, model.Train.Count, _device, get_num_threads());
+                welcome.RunId, _workerId, model.Recipe.Name, welcome.TrainSize, _device, get_num_threads());
             var heartbeat = HeartbeatLoopAsync(TimeSpan.FromMilliseconds(Math.Max(100, welcome.HeartbeatIntervalMs)), cts.Token);
 
             while (await call.ResponseStream.MoveNext(cts.Token))
@@ -114,6 +114,18 @@ internal sealed class WorkerSession
                         break;
                     case CoordinatorMessage.KindOneofCase.Finish:
                         return Finish(message.Finish);
+                    case CoordinatorMessage.KindOneofCase.SamplingWeights:
+                        sampler.BeginWeights(message.SamplingWeights);
+                        break;
+                    case CoordinatorMessage.KindOneofCase.SamplingWeightsChunk:
+                        sampler.AddWeightsChunk(message.SamplingWeightsChunk);
+                        break;
+                    case CoordinatorMessage.KindOneofCase.SampleWork:
+                        sampler.Enqueue(message.SampleWork);
+                        break;
+                    case CoordinatorMessage.KindOneofCase.CancelSampleWork:
+                        sampler.Cancel(message.CancelSampleWork.JobId);
+                        break;
                     default:
                         throw new ProtocolException(StatusCode.Internal, $"unexpected coordinator message {message.KindCase}");
                 }
@@ -170,7 +182,7 @@ internal sealed class WorkerSession
             throw new ProtocolException(StatusCode.Internal, $"assignment has {a.Indices.Count} indices but {a.SampleSeeds.Count} seeds");
         State = SessionState.Computing;
         var clock = Stopwatch.StartNew();
-        var (gradient, present, loss) = model.Gradient(a.Indices.ToArray(), a.SampleSeeds.ToArray(), (int)a.GlobalBatchSize);
+        var (gradient, present, loss) = model.Gradient(model.Train(_trainSize), a.Indices.ToArray(), a.SampleSeeds.ToArray(), (int)a.GlobalBatchSize);
         var payload = dtype == DType.Bfloat16 ? TensorTransport.ToBFloat16(MemoryMarshal.Cast<byte, float>(gradient.AsSpan())) : gradient;
         var seconds = clock.Elapsed.TotalSeconds;
         Send(new WorkerMessage

@@ -28,4 +28,31 @@ public sealed class TrainingLeakTests
         Assert.Equal(11, state.StepsDone);
     }
 
+    [Fact]
+    public void DistributedStepsLeakNoTensorsOnWorkerOrCoordinator()
+    {
+        var recipe = TinyMlp;
+        using var worker = DistDiffusion.Worker.WorkerModel.Load(recipe.ToJson(), CPU);
+        var train = worker.Train(recipe.SyntheticSize);   // synthetic data: the whole generated set is the training split
+        using var state = TrainingState.Create(recipe, [2], train.Count, CPU);
+        var coordinatorVector = ParameterVector.Of(state.Network);
+        void Step()
+        {
+            // Coordinator -> worker: parameters; worker: gradient of a slice; coordinator: apply it.
+            var values = coordinatorVector.ReadValues();
+            worker.Vector.WriteValues(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(values));
+            var plan = state.PlanStep();
+            var keys = state.Step.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
+            var (gradient, present, _) = worker.Gradient(train, plan.Indices, keys, recipe.BatchSize);
+            coordinatorVector.WriteGradients(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(gradient), present);
+            state.ApplyGradients(plan);
+        }
+        Step();   // warm-up: gradients are allocated on the first backward
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+        var before = Tensor.TotalCount;
+        for (var i = 0; i < 10; i++) Step();
+        Assert.Equal(before, Tensor.TotalCount);
+        Assert.Equal(11, state.StepsDone);
+    }
 }

@@ -14,6 +14,7 @@ public static class CoordinatorCli
         ServeCommand.Create(),
         RunCommand.Create(),
         StatusCommand.Create(),
+        BenchmarkExchangeCommand.Create(),
     };
 
     public static int Run(string[] args) => CliSupport.Invoke(Build(), args);

@@ -15,29 +15,34 @@ internal static class EvalCommand
         var images = new Option<int>("--bpd-images") { Description = "Images: held-out images for bits/dim", DefaultValueFactory = _ => 256 };
         var raw = new Option<bool>("--raw-weights") { Description = "Evaluate the raw weights instead of the EMA weights" };
         var json = new Option<bool>("--json") { Description = "Print the figures as JSON" };
+        var sampler = new Option<string>("--sampler") { Description = "Sampler of the evaluated samples: ddpm (all T steps) or ddim", DefaultValueFactory = _ => "ddpm" };
+        var steps = new Option<int>("--steps") { Description = "DDIM: number of strided steps (0: all T)", DefaultValueFactory = _ => 0 };
+        var eta = new Option<double>("--eta") { Description = "DDIM eta in [0, 1]", DefaultValueFactory = _ => 0.0 };
         var device = CliSupport.DeviceOption();
         var threads = CliSupport.ThreadsOption();
         var cmd = new Command("eval", "Print quality figures: sliced Wasserstein distance vs its noise floor (2-D), bits/dim and nearest-neighbour distances (images)")
         {
-            checkpoint, samples, images, raw, json, device, threads,
+            checkpoint, samples, images, raw, json, sampler, steps, eta, device, threads,
         };
-        cmd.SetAction(p => Run(p.GetValue(checkpoint)!, p.GetValue(samples), p.GetValue(images), p.GetValue(raw), p.GetValue(json), p.GetValue(device)!, p.GetValue(threads)));
+        cmd.SetAction(p => Run(p.GetValue(checkpoint)!, p.GetValue(samples), p.GetValue(images), p.GetValue(raw), p.GetValue(json),
+            SampleCommand.ParseSampler(p.GetValue(sampler)!), p.GetValue(steps), p.GetValue(eta), p.GetValue(device)!, p.GetValue(threads)));
         return cmd;
     }
 
-    private static int Run(string checkpointPath, int samples, int bpdImages, bool rawWeights, bool json, string deviceSpec, int threads)
+    private static int Run(string checkpointPath, int samples, int bpdImages, bool rawWeights, bool json, Model.Diffusion.SamplerKind sampler, int steps, double eta, string deviceSpec, int threads)
     {
         if (samples < 2) throw new UsageException($"--samples {samples}: expected at least 2");
         if (bpdImages < 1) throw new UsageException($"--bpd-images {bpdImages}: expected at least 1");
         var device = CliSupport.ResolveDevice(deviceSpec, threads);
         var (model, data) = CliSupport.LoadModel(checkpointPath, rawWeights, device, DatasetLoader.ResolveDataPath);
         using var modelScope = model;
+        CliSupport.UserInput(() => { new Model.Sampling.SampleRequest(1, sampler, steps, eta, 0).Validate(model.Diffusion.T); return true; });
         var recipe = data.Recipe;
         var (train, heldOut) = DatasetLoader.Load(recipe);
         using (train)
         using (heldOut)
         {
-            var report = Evaluator.Evaluate(model, data.Step, train, heldOut, samples, bpdImages);
+            var report = Evaluator.Evaluate(model, data.Step, train, heldOut, samples, bpdImages, sampler: sampler, samplerSteps: steps, eta: eta);
             if (json)
                 Console.WriteLine(JsonSerializer.Serialize(report, Model.Training.Recipe.JsonOptions));
             else

@@ -52,7 +52,10 @@ internal static class RunCommand
             };
             var level = p.GetValue(logLevel)!;
             CliSupport.UserInput(() => CliSupport.ParseLogLevel(level));
-            return CliSupport.UserInput(() => RunAsync(options, n, threads > 0 ? threads : Math.Max(1, Environment.ProcessorCount / n), level)).GetAwaiter().GetResult();
+            var token = Token.Generate();
+            // Bad settings surface while starting (usage errors, exit 2); later failures are failures (exit 1).
+            var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, token, CliSupport.ParseLogLevel(level), "[coordinator] ").GetAwaiter().GetResult());
+            return RunAsync(server, token, n, threads > 0 ? threads : Math.Max(1, Environment.ProcessorCount / n), level).GetAwaiter().GetResult();
         });
         return cmd;
     }
@@ -70,9 +73,8 @@ internal static class RunCommand
         return psi;
     }
 
-    private static async Task<int> RunAsync(CoordinatorOptions options, int workerCount, int threads, string logLevel)
+    private static async Task<int> RunAsync(CoordinatorServer started, string token, int workerCount, int threads, string logLevel)
     {
-        var token = Token.Generate();
         using var cts = new CancellationTokenSource();
         ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
         Console.CancelKeyPress += onCancel;
@@ -80,7 +82,7 @@ internal static class RunCommand
         var processes = new List<Process>();
         try
         {
-            await using var server = await CoordinatorServer.StartAsync(options, token, CliSupport.ParseLogLevel(logLevel), "[coordinator] ");
+            await using var server = started;
             Token.WriteFile(Path.Combine(server.RunDir, "token"), token);
             var status = server.Loop.Status();
             Console.Error.WriteLine(string.Create(CultureInfo.InvariantCulture,
@@ -99,13 +101,15 @@ internal static class RunCommand
             }
 
             var bar = new ProgressBar("train", (long)status.Step, (long)status.TargetStep);
-            var clock = Stopwatch.StartNew();
-            var firstStep = status.Step;
+            // The rate excludes the first step (joining, loading, one-time set-up), as `coordinator train`'s does.
+            var clock = new Stopwatch();
+            var firstStep = status.Step + 1;
             string? failure = null;
             while (!server.Stopped.IsCompleted && !cts.IsCancellationRequested)
             {
                 await Task.WhenAny(server.Stopped, Task.Delay(250, CancellationToken.None));
                 var s = server.Loop.Status();
+                if (!clock.IsRunning && s.Step >= firstStep) clock.Start();
                 bar.Update((long)s.Step, $"loss {CliSupport.Format(s.Loss)}, {s.Workers.Count(w => w.State is WorkerState.Idle or WorkerState.Busy)} workers");
                 var failed = processes.Select((p, k) => (p, k)).FirstOrDefault(x => x.p.HasExited && x.p.ExitCode != 0 && !server.Loop.Completion.IsCompleted);
                 if (failed.p is not null)

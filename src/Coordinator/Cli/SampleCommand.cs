@@ -5,12 +5,19 @@ using DistDiffusion.Model.Sampling;
 
 namespace DistDiffusion.Coordinator.Cli;
 
-/// <summary>`coordinator sample --checkpoint DIR`: samples from a checkpoint in this process.</summary>
+/// <summary>
+/// `coordinator sample --checkpoint DIR`: samples from a checkpoint in this process; `coordinator sample --address URL`:
+/// asks a running coordinator, whose workers compute the chains (same samples for the same seed either way).
+/// </summary>
 internal static class SampleCommand
 {
     public static Command Create()
     {
-        var checkpoint = new Option<string>("--checkpoint") { Description = "A run folder (its latest checkpoint) or one checkpoint folder", Required = true };
+        var checkpoint = new Option<string?>("--checkpoint") { Description = "Sample in this process from a run folder (its latest checkpoint) or one checkpoint folder" };
+        var address = new Option<string?>("--address") { Description = $"Ask the coordinator at this URL instead (e.g. {DistDiffusion.Protocol.Names.DefaultAddress})" };
+        var tokenFile = CliSupport.TokenFileOption();
+        var timeout = new Option<double>("--timeout") { Description = "With --address: give up after this many seconds (0: no deadline)", DefaultValueFactory = _ => 0 };
+        var tlsCa = new Option<string?>("--tls-ca") { Description = "With --address: CA certificate (PEM) to trust for an https coordinator" };
         var n = new Option<int>("--n") { Description = "Number of samples", DefaultValueFactory = _ => 64 };
         var sampler = new Option<string>("--sampler") { Description = "ddpm (ancestral, all T steps) or ddim", DefaultValueFactory = _ => "ddpm" };
         var steps = new Option<int>("--steps") { Description = "DDIM: number of strided steps (0: all T)", DefaultValueFactory = _ => 0 };
@@ -24,10 +31,18 @@ internal static class SampleCommand
         var threads = CliSupport.ThreadsOption();
         var cmd = new Command("sample", "Draw samples from a trained model")
         {
-            checkpoint, n, sampler, steps, eta, seed, raw, trajectory, output, batch, device, threads,
+            checkpoint, address, tokenFile, timeout, tlsCa, n, sampler, steps, eta, seed, raw, trajectory, output, batch, device, threads,
         };
-        cmd.SetAction(p => Run(p.GetValue(checkpoint)!, p.GetValue(n), p.GetValue(sampler)!, p.GetValue(steps), p.GetValue(eta),
-            p.GetValue(seed), p.GetValue(raw), p.GetValue(trajectory), p.GetValue(output)!, p.GetValue(batch), p.GetValue(device)!, p.GetValue(threads)));
+        cmd.SetAction(p =>
+        {
+            if ((p.GetValue(checkpoint) is null) == (p.GetValue(address) is null))
+                throw new UsageException("give exactly one of --checkpoint DIR (sample here) or --address URL (ask a coordinator)");
+            if (p.GetValue(address) is { } url)
+                return RemoteSampler.Run(url, p.GetValue(tokenFile), p.GetValue(timeout), p.GetValue(tlsCa), p.GetValue(n), ParseSampler(p.GetValue(sampler)!),
+                    p.GetValue(steps), p.GetValue(eta), p.GetValue(seed), p.GetValue(raw), p.GetValue(trajectory), p.GetValue(output)!);
+            return Run(p.GetValue(checkpoint)!, p.GetValue(n), p.GetValue(sampler)!, p.GetValue(steps), p.GetValue(eta),
+                p.GetValue(seed), p.GetValue(raw), p.GetValue(trajectory), p.GetValue(output)!, p.GetValue(batch), p.GetValue(device)!, p.GetValue(threads));
+        });
         return cmd;
     }
 

@@ -27,6 +27,9 @@ internal static class ServeCommand
     public static readonly Option<double?> Heartbeat = new("--heartbeat") { Description = "Seconds between worker heartbeats; silent for 4 of them means dropped (default 5)" };
     public static readonly Option<string?> GradientDtype = new("--gradient-dtype") { Description = "float32 (default, exact) or bfloat16 (half the bytes)" };
     public static readonly Option<int?> MinWorkers = new("--min-workers") { Description = "Wait for this many workers before the first step (default 1)" };
+    public static readonly Option<string?> Checkpoint = new("--checkpoint") { Description = "With --sample-only: a checkpoint or run folder whose weights to serve" };
+    public static readonly Option<bool> SampleOnly = new("--sample-only") { Description = "Serve samples from --checkpoint without training" };
+    public static readonly Option<int?> MaxSamples = new("--max-samples") { Description = "Most samples one request may ask for (default 10000)" };
     public static readonly Option<bool> KeepServing = new("--keep-serving") { Description = "Keep serving after training completes instead of exiting" };
     public static readonly Option<string> LogLevel = new("--log-level") { Description = "debug, information, warning or error", DefaultValueFactory = _ => "information" };
 
@@ -35,10 +38,10 @@ internal static class ServeCommand
         var tokenFile = CliSupport.TokenFileOption();
         var device = CliSupport.DeviceOption();
         var threads = CliSupport.ThreadsOption();
-        var cmd = new Command("serve", "Run the coordinator (parameter server) for workers to join")
+        var cmd = new Command("serve", "Run the coordinator (parameter server) for workers to join, and serve samples")
         {
             Listen, Recipe, Set, Steps, Seed, Out, Resume, tokenFile, AllowUnauthenticated, TlsCert, TlsKey,
-            StepDeadline, Heartbeat, GradientDtype, MinWorkers, KeepServing, device, threads, LogLevel,
+            StepDeadline, Heartbeat, GradientDtype, MinWorkers, KeepServing, Checkpoint, SampleOnly, MaxSamples, device, threads, LogLevel,
         };
         cmd.SetAction(p =>
         {
@@ -59,6 +62,9 @@ internal static class ServeCommand
             Put(nameof(CoordinatorOptions.GradientDtype), GradientDtype);
             Put(nameof(CoordinatorOptions.KeepServing), KeepServing);
             Put(nameof(CoordinatorOptions.MinWorkers), MinWorkers);
+            Put(nameof(CoordinatorOptions.Checkpoint), Checkpoint);
+            Put(nameof(CoordinatorOptions.SampleOnly), SampleOnly);
+            Put(nameof(CoordinatorOptions.MaxSamplesPerRequest), MaxSamples);
             Put(nameof(CoordinatorOptions.Device), device);
             Put(nameof(CoordinatorOptions.Threads), threads);
             var sets = p.GetValue(Set) ?? [];
@@ -105,7 +111,9 @@ internal static class ServeCommand
         using var onTerm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, c => { c.Cancel = true; cts.Cancel(); });
         try
         {
-            return CliSupport.UserInput(() => ServeAsync(options, token, level, cts.Token)).GetAwaiter().GetResult();
+            // Bad settings surface while starting (usage errors, exit 2); later failures are failures (exit 1).
+            var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, token, level, ct: cts.Token).GetAwaiter().GetResult());
+            return ServeAsync(server, cts.Token).GetAwaiter().GetResult();
         }
         finally
         {
@@ -113,9 +121,9 @@ internal static class ServeCommand
         }
     }
 
-    private static async Task<int> ServeAsync(CoordinatorOptions options, string? token, LogEventLevel level, CancellationToken ct)
+    private static async Task<int> ServeAsync(CoordinatorServer started, CancellationToken ct)
     {
-        await using var server = await CoordinatorServer.StartAsync(options, token, level, ct: ct);
+        await using var server = started;
         await Task.WhenAny(server.Stopped, Task.Delay(Timeout.Infinite, ct)).ConfigureAwait(false);
         await server.StopAsync();
         if (server.Loop.Completion.IsFaulted) return CliSupport.ExitFailure;

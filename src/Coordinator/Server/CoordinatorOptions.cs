@@ -43,6 +43,14 @@ public sealed class CoordinatorOptions
     public bool KeepServing { get; set; }
     /// <summary>Wait for this many workers before the first step (later steps run with whoever is live).</summary>
     public int MinWorkers { get; set; } = 1;
+    /// <summary>With <see cref="SampleOnly"/>: the checkpoint (or run folder) whose weights to serve.</summary>
+    public string? Checkpoint { get; set; }
+    /// <summary>Serve samples from <see cref="Checkpoint"/> without training.</summary>
+    public bool SampleOnly { get; set; }
+    /// <summary>Most samples one Sample request may ask for.</summary>
+    public int MaxSamplesPerRequest { get; set; } = 10_000;
+    /// <summary>How long a Sample request waits for a worker when none is connected before failing with Unavailable.</summary>
+    public double SampleWaitSeconds { get; set; } = 30;
     /// <summary>Device for the optimizer state (the coordinator computes no gradients).</summary>
     public string Device { get; set; } = "cpu";
     public int Threads { get; set; }
@@ -62,6 +70,10 @@ public sealed class CoordinatorOptions
         if (!(StepDeadlineSeconds > 0)) throw new ArgumentException($"step deadline {StepDeadlineSeconds} s: expected > 0");
         if (!(HeartbeatSeconds > 0)) throw new ArgumentException($"heartbeat interval {HeartbeatSeconds} s: expected > 0");
         if (!(CallTimeoutSeconds > 0)) throw new ArgumentException($"call timeout {CallTimeoutSeconds} s: expected > 0");
+        if (SampleOnly && Checkpoint is null) throw new ArgumentException("--sample-only needs --checkpoint DIR (the weights to serve)");
+        if (!SampleOnly && Checkpoint is not null) throw new ArgumentException("--checkpoint DIR serves a trained model: add --sample-only (to continue training use --resume DIR)");
+        if (MaxSamplesPerRequest < 1) throw new ArgumentException($"max samples per request {MaxSamplesPerRequest}: expected >= 1");
+        if (!(SampleWaitSeconds > 0)) throw new ArgumentException($"sample wait {SampleWaitSeconds} s: expected > 0");
         if (MinWorkers < 1) throw new ArgumentException($"--min-workers {MinWorkers}: expected at least 1");
         if (Steps is < 0) throw new ArgumentException($"--steps {Steps}: expected a count >= 0");
         ParseGradientDtype();

@@ -69,6 +69,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
             builder.Services.AddSingleton(run);
             builder.Services.AddSingleton(new ServerToken(token));
             builder.Services.AddSingleton<TrainingLoop>();
+            builder.Services.AddSingleton<SamplingCoordinator>();
             builder.Services.AddHostedService(s => s.GetRequiredService<TrainingLoop>());
             builder.Services.AddGrpc(o =>
             {
@@ -101,10 +102,11 @@ public sealed class CoordinatorServer : IAsyncDisposable
             var app = builder.Build();
             app.MapGrpcService<TrainerService>();
             app.MapGrpcService<StatusService>();
+            app.MapGrpcService<SamplingService>();
             app.MapGrpcService<HealthServiceImpl>();
             app.MapGrpcReflectionService();
             var health = app.Services.GetRequiredService<HealthServiceImpl>();
-            string[] services = ["", "distdiffusion.v1.Trainer", "distdiffusion.v1.Coordinator"];
+            string[] services = ["", "distdiffusion.v1.Trainer", "distdiffusion.v1.Coordinator", "distdiffusion.v1.Sampler"];
             foreach (var name in services) health.SetStatus(name, HealthCheckResponse.Types.ServingStatus.Serving);
             app.Lifetime.ApplicationStopping.Register(() =>
             {

@@ -30,6 +30,7 @@ public sealed class RunSetup : IDisposable
     /// </summary>
     public static RunSetup Create(CoordinatorOptions o, ILogger log)
     {
+        if (o.SampleOnly) return ForSampling(o);
         CheckpointData? checkpoint = null;
         Recipe recipe;
         string runDir;
@@ -78,6 +79,24 @@ public sealed class RunSetup : IDisposable
             {
                 checkpoint?.DisposeTensors();
             }
+        }
+    }
+
+    /// <summary>A trained model to serve: the checkpoint's state, no dataset needed (sample shape from the recipe).</summary>
+    private static RunSetup ForSampling(CoordinatorOptions o)
+    {
+        var folder = CheckpointStore.ResolveCheckpointFolder(o.Checkpoint!);
+        var checkpoint = CheckpointStore.Load(folder);
+        try
+        {
+            var trainSize = checkpoint.Extra.TryGetValue(TrainingState.TrainSizeKey, out var text) && long.TryParse(text, System.Globalization.CultureInfo.InvariantCulture, out var n) ? n : 1;
+            var device = DistDiffusion.Model.TorchRuntime.ResolveDevice(o.Device, o.Threads);
+            var state = TrainingState.FromCheckpoint(checkpoint, checkpoint.Recipe.SampleShape, trainSize, device);
+            return new RunSetup(state, trainSize, Path.GetFullPath(Path.Combine(folder, "..", "..")), checkpoint.Step, folder);
+        }
+        finally
+        {
+            checkpoint.DisposeTensors();
         }
     }
 

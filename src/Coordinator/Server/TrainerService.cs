@@ -16,12 +16,14 @@ namespace DistDiffusion.Coordinator.Server;
 public sealed class TrainerService : Trainer.TrainerBase
 {
     private readonly TrainingLoop _loop;
+    private readonly SamplingCoordinator _sampling;
     private readonly CoordinatorOptions _options;
     private readonly ILogger<TrainerService> _log;
 
-    public TrainerService(TrainingLoop loop, CoordinatorOptions options, ILogger<TrainerService> log)
+    public TrainerService(TrainingLoop loop, SamplingCoordinator sampling, CoordinatorOptions options, ILogger<TrainerService> log)
     {
         _loop = loop;
+        _sampling = sampling;
         _options = options;
         _log = log;
     }
@@ -56,6 +58,7 @@ public sealed class TrainerService : Trainer.TrainerBase
         });
         _log.LogInformation("Worker {Worker} joined from {Peer}: host {Host}, device {Device}, {Threads} threads", worker.Id, context.Peer, worker.Host, worker.Device, worker.Threads);
         _loop.Post(new WorkerJoined(worker));
+        _sampling.AddWorker(worker);
         var reason = "stream closed";
         try
         {
@@ -80,12 +83,20 @@ public sealed class TrainerService : Trainer.TrainerBase
             reason = status.Detail;
             throw new RpcException(status);
         }
+        catch (RpcException e) when (e.StatusCode is StatusCode.ResourceExhausted or StatusCode.InvalidArgument or StatusCode.Internal)
+        {
+            // gRPC itself refused a message (larger than the limit, or undecodable): tell the worker why.
+            reason = e.Status.Detail;
+            _log.LogWarning("Rejected {Who}: {Code} {Message}", worker.Id, e.StatusCode, e.Status.Detail);
+            throw;
+        }
         catch (Exception e) when (e is IOException or OperationCanceledException or RpcException)
         {
             reason = "connection lost: " + e.Message;
         }
         finally
         {
+            _sampling.RemoveWorker(worker);
             _loop.Post(new WorkerGone(worker, reason));
             worker.CloseOutbox();
             await writer.ConfigureAwait(false);
@@ -110,6 +121,9 @@ public sealed class TrainerService : Trainer.TrainerBase
                 return null;
             case WorkerMessage.KindOneofCase.GradientChunk:
                 AddChunk(worker, message.GradientChunk);
+                return null;
+            case WorkerMessage.KindOneofCase.SampleOutput:
+                _sampling.OnOutput(worker, message.SampleOutput);
                 return null;
             default:
                 throw new ProtocolException(StatusCode.InvalidArgument, $"message kind {message.KindCase} is not one a worker may send", "kind");

@@ -21,6 +21,12 @@ internal sealed record WorkerJoined(WorkerConnection Worker) : LoopEvent;
 internal sealed record WorkerGone(WorkerConnection Worker, string Reason) : LoopEvent;
 internal sealed record GradientArrived(SliceGradient Gradient) : LoopEvent;
 
+/// <summary>A request from the sampling side for the current weights (served by the loop, which owns them).</summary>
+internal sealed record WeightsRequested(bool PreferEma, TaskCompletionSource<WeightsSnapshot> Reply) : LoopEvent;
+
+/// <summary>One consistent set of weights to sample with: id (cache key on workers), parameter version, EMA or raw, float32 bytes.</summary>
+public sealed record WeightsSnapshot(ulong Id, ulong Version, bool Ema, byte[] Bytes, TensorHeader Header);
+
 /// <summary>The step in progress as the stream handlers see it (immutable; replaced as slices move).</summary>
 internal sealed record StepSnapshot(ulong Step, ulong Version, int[] SliceSizes, string?[] Owners, bool[] Done);
 
@@ -46,6 +52,8 @@ public sealed class TrainingLoop : BackgroundService
     private readonly List<WorkerConnection> _joining = [];
     private readonly object _statusLock = new();
     private readonly List<WorkerConnection> _known = [];
+    private readonly ParameterVector? _emaVector;
+    private readonly Dictionary<bool, WeightsSnapshot> _snapshots = [];
     private byte[] _parameterBytes = [];
     private TensorHeader _parameterHeader = new();
     private ulong _version;
@@ -61,7 +69,9 @@ public sealed class TrainingLoop : BackgroundService
         _options = options;
         _log = log;
         _lifetime = lifetime;
-        _vector = new ParameterVector(run.State.Network.named_parameters().Select(p => (p.name, p.parameter)));
+        _vector = ParameterVector.Of(run.State.Network);
+        if (run.State.Ema is { } ema)
+            _emaVector = new ParameterVector(_vector.Shapes.Select(p => (p.Name, ema.Weights[p.Name])));
         RunId = Guid.NewGuid().ToString("N")[..12];
         GradientDtype = options.ParseGradientDtype();
         RecipeJson = run.State.Recipe.ToJson();
@@ -85,11 +95,47 @@ public sealed class TrainingLoop : BackgroundService
     /// <summary>Checksum of the current parameters (what workers are sent): tests use it to see that nothing changed.</summary>
     public ulong ParameterChecksum => _parameterHeader.Checksum;
     public long StepsDone => _run.State.StepsDone;
+    /// <summary>
+    /// Seconds the loop spent computing (planning, summing gradients, Adam, EMA, serializing parameters) rather than
+    /// waiting for workers: the benchmark subtracts it to isolate the exchange itself.
+    /// </summary>
+    public double BusySeconds => Volatile.Read(ref _busySeconds);
+    private double _busySeconds;
     /// <summary>Completes when training reached its target step and the final checkpoint is written.</summary>
     public Task Completion => _completion.Task;
     private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
     internal void Post(LoopEvent e) => _events.Writer.TryWrite(e);
+
+    /// <summary>The current weights (EMA when preferred and kept), read by the loop between steps.</summary>
+    public Task<WeightsSnapshot> SnapshotAsync(bool preferEma, CancellationToken ct)
+    {
+        var reply = new TaskCompletionSource<WeightsSnapshot>(TaskCreationOptions.RunContinuationsAsynchronously);
+        Post(new WeightsRequested(preferEma, reply));
+        return reply.Task.WaitAsync(ct);
+    }
+
+    public Model.Training.Recipe Recipe => _run.State.Recipe;
+
+    private void Serve(WeightsRequested request)
+    {
+        try
+        {
+            var ema = request.PreferEma && _emaVector is not null;
+            if (!_snapshots.TryGetValue(ema, out var snapshot) || snapshot.Version != _version)
+            {
+                var bytes = ema ? _emaVector!.ReadValues() : _parameterBytes;
+                var header = TensorTransport.Header(bytes, DType.Float32, _vector.Elements, (ulong)_run.State.StepsDone, _version);
+                snapshot = new WeightsSnapshot((_version << 1) | (ema ? 1UL : 0UL), _version, ema, bytes, header);
+                _snapshots[ema] = snapshot;
+            }
+            request.Reply.TrySetResult(snapshot);
+        }
+        catch (Exception e)
+        {
+            request.Reply.TrySetException(e);
+        }
+    }
 
     public StatusReply Status()
     {
@@ -156,11 +202,19 @@ public sealed class TrainingLoop : BackgroundService
                 if (s.Recipe.CheckpointEvery > 0 && s.StepsDone % s.Recipe.CheckpointEvery == 0 && s.StepsDone < _run.TargetStep)
                     SaveCheckpoint();
             }
-            if (_lastCheckpointStep != s.StepsDone) SaveCheckpoint();
-            SetState(RunState.Complete);
-            _log.LogInformation("Training complete at step {Step}", s.StepsDone);
+            if (_options.SampleOnly)
+            {
+                SetState(RunState.Serving);
+                _log.LogInformation("Serving samples from the weights of step {Step} (no training)", s.StepsDone);
+            }
+            else
+            {
+                if (_lastCheckpointStep != s.StepsDone) SaveCheckpoint();
+                SetState(RunState.Complete);
+                _log.LogInformation("Training complete at step {Step}", s.StepsDone);
+            }
             _completion.TrySetResult();
-            if (!_options.KeepServing)
+            if (!_options.KeepServing && !_options.SampleOnly)
             {
                 foreach (var w in _live.Concat(_joining)) w.Send(new CoordinatorMessage { Finish = new Finish { Reason = "training complete", Reconnect = false } });
                 await Task.Delay(200, CancellationToken.None);   // let the finish messages go out before the host stops
@@ -179,7 +233,7 @@ public sealed class TrainingLoop : BackgroundService
         catch (OperationCanceledException) when (stoppingToken.IsCancellationRequested)
         {
             // Shutdown (Ctrl+C, SIGTERM): keep the last completed step.
-            if (_lastCheckpointStep != s.StepsDone) SaveCheckpoint();
+            if (_lastCheckpointStep != s.StepsDone && !_options.SampleOnly) SaveCheckpoint();
             foreach (var w in _live.Concat(_joining)) w.Send(new CoordinatorMessage { Finish = new Finish { Reason = "coordinator shutting down", Reconnect = true } });
             _completion.TrySetCanceled(stoppingToken);
         }
@@ -236,6 +290,7 @@ public sealed class TrainingLoop : BackgroundService
             case WorkerJoined j: Register(j.Worker); break;
             case WorkerGone g: Remove(g.Worker, g.Reason); break;
             case GradientArrived a: Ack(a.Gradient, applied: false, "no step in progress"); break;
+            case WeightsRequested w: Serve(w); break;
         }
     }
 
@@ -255,6 +310,7 @@ public sealed class TrainingLoop : BackgroundService
 
     private async Task<(double Loss, double Norm)> RunStepAsync(CancellationToken ct)
     {
+        var planning = Stopwatch.GetTimestamp();
         var s = _run.State;
         var plan = s.PlanStep();
         var keys = s.Step.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
@@ -267,6 +323,7 @@ public sealed class TrainingLoop : BackgroundService
         var deadline = TimeSpan.FromSeconds(_options.StepDeadlineSeconds);
         var silence = _options.HeartbeatTimeoutSeconds;
         for (var i = 0; i < sliceCount; i++) Assign(i, _live[i]);
+        _busySeconds += Stopwatch.GetElapsedTime(planning).TotalSeconds;
 
         while (results.Any(r => r is null))
         {
@@ -279,6 +336,9 @@ public sealed class TrainingLoop : BackgroundService
                 case WorkerGone g:
                     Remove(g.Worker, g.Reason);
                     Reassign(g.Worker);
+                    break;
+                case WeightsRequested w:
+                    Serve(w);
                     break;
                 case GradientArrived { Gradient: var gr }:
                     if (gr.Step != step || gr.Slice >= sliceCount || owners[gr.Slice] != gr.Worker || results[gr.Slice] is not null)
@@ -333,7 +393,9 @@ public sealed class TrainingLoop : BackgroundService
         var norm = s.ApplyGradients(plan);
         lock (_statusLock) _version++;
         PublishParameters();
-        _log.LogDebug("Step {Step} applied in {Ms:F1} ms after the last gradient", plan.Step, Stopwatch.GetElapsedTime(gathered).TotalMilliseconds);
+        var applying = Stopwatch.GetElapsedTime(gathered);
+        _busySeconds += applying.TotalSeconds;
+        _log.LogDebug("Step {Step} applied in {Ms:F1} ms after the last gradient", plan.Step, applying.TotalMilliseconds);
         _current = null;
         return (loss, norm);
 

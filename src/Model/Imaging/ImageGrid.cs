@@ -15,7 +15,10 @@ public static class ImageGrid
     internal const byte PadGrey = 48;
 
     /// <param name="columns">Images per row; 0 means ceil(sqrt(N)).</param>
-    public static void Save(Tensor images, string path, int columns = 0)
+    public static void Save(Tensor images, string path, int columns = 0) => PngIO.WriteAtomically(path, Encode(images, columns));
+
+    /// <summary>The grid as PNG file bytes.</summary>
+    public static byte[] Encode(Tensor images, int columns = 0)
     {
         ArgumentNullException.ThrowIfNull(images);
         var (n, c, h, w) = CheckImages(images, nameof(images));
@@ -26,7 +29,7 @@ public static class ImageGrid
         var tiles = new List<(float[] Data, int Offset)>(n);
         for (var i = 0; i < n; i++) tiles.Add((values, i * c * h * w));
         var (width, height, rgba) = Compose(tiles, c, h, w, columns, UpscaleFor(h, w));
-        PngIO.WriteRgba(path, width, height, rgba);
+        return PngIO.EncodeRgba(width, height, rgba);
     }
 
     /// <summary>Integer enlargement so the longer side reaches at least 56 px.</summary>

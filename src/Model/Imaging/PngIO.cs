@@ -20,7 +20,10 @@ internal static class PngIO
     public static byte ToByte(float v) =>
         float.IsNaN(v) ? (byte)0 : (byte)Math.Round(Math.Clamp((v + 1f) * 127.5f, 0f, 255f));
 
-    public static void WriteRgba(string path, int width, int height, byte[] rgba)
+    public static void WriteRgba(string path, int width, int height, byte[] rgba) => WriteAtomically(path, EncodeRgba(width, height, rgba));
+
+    /// <summary>An RGBA buffer [height, width, 4] as PNG file bytes.</summary>
+    public static byte[] EncodeRgba(int width, int height, byte[] rgba)
     {
         if (rgba.Length != checked(width * height * 4))
             throw new ArgumentException($"RGBA buffer of {rgba.Length} bytes for a {width}x{height} image", nameof(rgba));
@@ -35,7 +38,10 @@ internal static class PngIO
             for (var y = 0; y < height; y++)
                 Marshal.Copy(rgba, y * width * 4, dst + y * bmp.RowBytes, width * 4);
         }
-        WriteBitmap(path, bmp);
+        using var image = SKImage.FromBitmap(bmp);
+        using var data = image.Encode(SKEncodedImageFormat.Png, 100)
+            ?? throw new IOException($"PNG encoding of a {width}x{height} image failed");
+        return data.ToArray();
     }
 
     public static void WriteBitmap(string path, SKBitmap bmp)

@@ -1,7 +1,6 @@
 using System.Runtime.InteropServices;
 using TorchSharp;
 using static TorchSharp.torch;
-using Parameter = TorchSharp.Modules.Parameter;
 
 namespace DistDiffusion.Model.Training;
 
@@ -11,11 +10,12 @@ namespace DistDiffusion.Model.Training;
 /// </summary>
 public sealed class ParameterVector
 {
-    private readonly (string Name, Parameter Parameter, long Offset, long Count)[] _layout;
+    private readonly (string Name, Tensor Parameter, long Offset, long Count)[] _layout;
 
-    public ParameterVector(IEnumerable<(string Name, Parameter Parameter)> parameters)
+    /// <summary>Over parameters, or any same-shaped tensors such as the EMA weights.</summary>
+    public ParameterVector(IEnumerable<(string Name, Tensor Parameter)> parameters)
     {
-        var layout = new List<(string, Parameter, long, long)>();
+        var layout = new List<(string, Tensor, long, long)>();
         long offset = 0;
         foreach (var (name, p) in parameters)
         {
@@ -27,6 +27,9 @@ public sealed class ParameterVector
         _layout = [.. layout];
         Elements = offset;
     }
+
+    public static ParameterVector Of(TorchSharp.torch.nn.Module module) =>
+        new(module.named_parameters().Select(p => (p.name, (Tensor)p.parameter)));
 
     public long Elements { get; }
     public int Count => _layout.Length;

@@ -1,0 +1,157 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Globalization;
+using System.Net;
+using System.Net.Sockets;
+using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Protocol;
+using DistDiffusion.Protocol.V1;
+using Grpc.Core;
+
+namespace DistDiffusion.Coordinator.Cli;
+
+/// <summary>
+/// `coordinator benchmark-exchange`: how fast parameters and gradients move through the real coordinator (gRPC
+/// on loopback, a worker that computes nothing and pushes zero gradients), next to the raw loopback TCP
+/// throughput measured in the same run with the same byte count.
+/// </summary>
+internal static class BenchmarkExchangeCommand
+{
+    public static Command Create()
+    {
+        var recipe = new Option<string>("--recipe") { Description = "Recipe whose network sets the message sizes", DefaultValueFactory = _ => "mnist-small" };
+        var steps = new Option<int>("--steps") { Description = "Steps to exchange", DefaultValueFactory = _ => 30 };
+        var cmd = new Command("benchmark-exchange", "Measure the parameter + gradient exchange rate against raw loopback TCP") { recipe, steps };
+        cmd.SetAction(p => Run(p.GetValue(recipe)!, p.GetValue(steps)));
+        return cmd;
+    }
+
+    private static int Run(string recipe, int steps)
+    {
+        if (steps < 2) throw new UsageException($"--steps {steps}: expected at least 2");
+        var dir = Path.Combine(Path.GetTempPath(), "dd-bench-exchange-" + Guid.NewGuid().ToString("N"));
+        try
+        {
+            var token = Token.Generate();
+            var options = new CoordinatorOptions
+            {
+                Listen = "http://127.0.0.1:0",
+                Out = dir,
+                Recipe = recipe,
+                Steps = steps,
+                Set = ["checkpoint-every=0", "sample-every=0"],
+            };
+            var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, token, Serilog.Events.LogEventLevel.Warning).GetAwaiter().GetResult());
+            var (bytes, seconds, busy) = ExchangeAsync(server, token, steps).GetAwaiter().GetResult();
+            var tcp = RawTcpAsync(bytes).GetAwaiter().GetResult();
+            var exchange = seconds - busy;
+            var rate = bytes / exchange;
+            var inv = CultureInfo.InvariantCulture;
+            Console.WriteLine(string.Create(inv, $"steps: {steps - 1} timed, {seconds:F2} s wall, of which {busy:F2} s the coordinator's own work (gradient sum, Adam, EMA, parameter copy)"));
+            Console.WriteLine(string.Create(inv, $"exchange: {bytes / 1048576.0:F1} MiB (parameters down + gradients up) in {exchange:F2} s = {rate / 1048576.0:F1} MiB/s (wall rate including the coordinator's work: {bytes / seconds / 1048576.0:F1} MiB/s)"));
+            Console.WriteLine(string.Create(inv, $"raw loopback TCP: {tcp / 1048576.0:F1} MiB/s"));
+            Console.WriteLine(string.Create(inv, $"exchange / raw TCP: {rate / tcp:P0}"));
+            return CliSupport.ExitOk;
+        }
+        finally
+        {
+            if (Directory.Exists(dir)) Directory.Delete(dir, true);
+        }
+    }
+
+    /// <summary>A worker that returns a zero gradient at once; bytes moved and time from the end of step 1 (warm-up) to the last step.</summary>
+    private static async Task<(long Bytes, double Seconds, double Busy)> ExchangeAsync(CoordinatorServer started, string token, int steps)
+    {
+        await using var server = started;
+        using var channel = ClientChannel.Create(server.Address);
+        using var call = new Trainer.TrainerClient(channel).Connect(Token.Headers(token));
+        await call.RequestStream.WriteAsync(new WorkerMessage { Join = new Join { Host = "benchmark", Device = "none", Threads = 1, ProtocolVersion = Names.ProtocolVersion } });
+        Welcome? welcome = null;
+        TensorAssembler? parameters = null;
+        long bytes = 0;
+        var clock = new Stopwatch();
+        var busyAtStart = 0.0;
+        byte[]? zeros = null;
+        while (await call.ResponseStream.MoveNext(CancellationToken.None).WaitAsync(TimeSpan.FromSeconds(60)))
+        {
+            var m = call.ResponseStream.Current;
+            switch (m.KindCase)
+            {
+                case CoordinatorMessage.KindOneofCase.Welcome:
+                    welcome = m.Welcome;
+                    break;
+                case CoordinatorMessage.KindOneofCase.Parameters:
+                    parameters = new TensorAssembler(m.Parameters, welcome!.Parameters.Sum(p => p.Shape.Aggregate(1L, (a, b) => a * b)), "parameters");
+                    break;
+                case CoordinatorMessage.KindOneofCase.ParametersChunk:
+                    parameters!.Add(m.ParametersChunk);
+                    if (parameters.IsComplete)
+                    {
+                        parameters.ToFloat32();   // checksum and decode, as a worker does
+                        if (clock.IsRunning) bytes += (long)parameters.Header.ByteLength;
+                    }
+                    break;
+                case CoordinatorMessage.KindOneofCase.Assignment:
+                    var a = m.Assignment;
+                    if (a.Step == 1)
+                    {
+                        clock.Start();
+                        busyAtStart = server.Loop.BusySeconds;
+                    }
+                    zeros ??= new byte[parameters!.Header.ByteLength];
+                    await call.RequestStream.WriteAsync(new WorkerMessage
+                    {
+                        Gradient = new GradientHeader
+                        {
+                            WorkerId = welcome!.WorkerId,
+                            Step = a.Step,
+                            ParameterVersion = a.ParameterVersion,
+                            Slice = a.Slice,
+                            Tensor = TensorTransport.Header(zeros, DType.Float32, zeros.Length / 4, a.Step, a.ParameterVersion),
+                            Present = Google.Protobuf.ByteString.CopyFrom(new byte[(welcome.Parameters.Count + 7) / 8]),
+                            SampleCount = (uint)a.Indices.Count,
+                        },
+                    });
+                    foreach (var c in TensorTransport.Chunks(zeros, a.Step, a.ParameterVersion))
+                        await call.RequestStream.WriteAsync(new WorkerMessage { GradientChunk = new GradientChunk { WorkerId = welcome.WorkerId, Slice = a.Slice, Chunk = c } });
+                    if (clock.IsRunning) bytes += zeros.Length;
+                    break;
+                case CoordinatorMessage.KindOneofCase.Finish:
+                    clock.Stop();
+                    return (bytes, clock.Elapsed.TotalSeconds, server.Loop.BusySeconds - busyAtStart);
+            }
+        }
+        throw new InvalidOperationException("the coordinator closed the stream before training completed");
+    }
+
+    /// <summary>Bytes/s of a plain TCP connection on loopback moving <paramref name="bytes"/> in 1 MiB writes.</summary>
+    private static async Task<double> RawTcpAsync(long bytes)
+    {
+        using var listener = new TcpListener(IPAddress.Loopback, 0);
+        listener.Start();
+        var port = ((IPEndPoint)listener.LocalEndpoint).Port;
+        var receive = Task.Run(async () =>
+        {
+            using var s = await listener.AcceptTcpClientAsync();
+            var stream = s.GetStream();
+            var buffer = new byte[1 << 20];
+            long got = 0;
+            while (got < bytes)
+            {
+                var n = await stream.ReadAsync(buffer);
+                if (n == 0) break;
+                got += n;
+            }
+        });
+        using var client = new TcpClient();
+        await client.ConnectAsync(IPAddress.Loopback, port);
+        client.NoDelay = true;
+        var send = client.GetStream();
+        var chunk = new byte[1 << 20];
+        var clock = Stopwatch.StartNew();
+        for (long sent = 0; sent < bytes; sent += chunk.Length)
+            await send.WriteAsync(chunk.AsMemory(0, (int)Math.Min(chunk.Length, bytes - sent)));
+        await receive;
+        return bytes / clock.Elapsed.TotalSeconds;
+    }
+}

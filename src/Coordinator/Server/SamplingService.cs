@@ -1,0 +1,137 @@
+using System.Diagnostics;
+using DistDiffusion.Model.Imaging;
+using DistDiffusion.Protocol.V1;
+using Google.Protobuf;
+using Grpc.Core;
+using Microsoft.Extensions.Logging;
+using static TorchSharp.torch;
+
+namespace DistDiffusion.Coordinator.Server;
+
+/// <summary>
+/// The client-facing Sampler service: validates the request, takes one consistent weights snapshot, lets
+/// <see cref="SamplingCoordinator"/> spread the chains over the workers, and streams progress and results in
+/// sample order. A client's cancellation or deadline stops the workers' chains.
+/// </summary>
+public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampling, CoordinatorOptions options, ILogger<SamplingService> log)
+    : Sampler.SamplerBase
+{
+    public override async Task Sample(SampleRequest request, IServerStreamWriter<SampleResponse> responseStream, ServerCallContext context)
+    {
+        var recipe = loop.Recipe;
+        var T = recipe.Timesteps;
+        Validate(request, T, recipe.IsImageData);
+        var ct = context.CancellationToken;
+        var clock = Stopwatch.StartNew();
+        var snapshot = await loop.SnapshotAsync(request.Weights != Weights.Raw, ct).WaitAsync(TimeSpan.FromSeconds(options.CallTimeoutSeconds), ct);
+        var ddim = request.Sampler == SamplerKind.Ddim;
+        var steps = ddim ? (request.Steps == 0 ? (uint)T : request.Steps) : (uint)T;
+        var frames = request.TrajectoryEvery == 0 ? 0 : (int)((steps + request.TrajectoryEvery - 1) / request.TrajectoryEvery) + 1;
+        var template = new SampleWork
+        {
+            Count = request.Count,
+            Sampler = ddim ? SamplerKind.Ddim : SamplerKind.Ddpm,
+            Steps = ddim ? steps : 0,
+            Eta = request.Eta,
+            Seed = request.Seed,
+            TrajectoryEvery = request.TrajectoryEvery,
+        };
+        var shape = recipe.SampleShape;
+        var job = sampling.Start(template, snapshot, shape, frames, recipe.IsImageData ? 64 : 2000);
+        var wantTensor = request.Tensor || !request.Png;
+        var resolved = snapshot.Ema ? Weights.Ema : Weights.Raw;
+        log.LogInformation("Sample job {Job}: {Count} x {Sampler} ({Steps} steps), seed {Seed}, {Weights} weights of version {Version}, {Batches} batches",
+            job.Id, request.Count, template.Sampler, steps, request.Seed, resolved, snapshot.Version, job.Batches.Length);
+        try
+        {
+            SampleProgress Progress(uint done) => new() { Done = done, Total = request.Count, Workers = (uint)sampling.WorkerCount, ParameterVersion = snapshot.Version, Weights = resolved, Recipe = recipe.Name };
+            await responseStream.WriteAsync(new SampleResponse { Progress = Progress(0) }, ct);
+            var next = 0;            // next batch to forward, in order
+            uint done = 0;
+            var noWorkerSince = sampling.WorkerCount == 0 ? Stopwatch.StartNew() : null;
+            while (next < job.Batches.Length)
+            {
+                using var wait = CancellationTokenSource.CreateLinkedTokenSource(ct);
+                wait.CancelAfter(TimeSpan.FromMilliseconds(500));
+                try
+                {
+                    if (await job.Changes.Reader.ReadAsync(wait.Token) is { } failure)
+                        throw new RpcException(new Status(StatusCode.Internal, failure));
+                }
+                catch (OperationCanceledException) when (!ct.IsCancellationRequested)
+                {
+                    // poll: check for workers below
+                }
+                if (sampling.WorkerCount > 0) noWorkerSince = null;
+                else if ((noWorkerSince ??= Stopwatch.StartNew()).Elapsed.TotalSeconds > options.SampleWaitSeconds)
+                    throw new RpcException(new Status(StatusCode.Unavailable,
+                        $"no worker is connected to compute samples (waited {options.SampleWaitSeconds:F0} s); start workers with `worker --coordinator URL`"));
+                while (next < job.Batches.Length && job.Results[next] is { } output)
+                {
+                    await WriteBatchAsync(responseStream, output, shape, frames, wantTensor, request.Png, ct);
+                    done += output.Count;
+                    job.Results[next] = null;   // forwarded: let it go
+                    next++;
+                    await responseStream.WriteAsync(new SampleResponse { Progress = Progress(done) }, ct);
+                }
+            }
+            log.LogInformation("Sample job {Job} done: {Count} samples in {Seconds:F2} s", job.Id, request.Count, clock.Elapsed.TotalSeconds);
+        }
+        catch (OperationCanceledException) when (ct.IsCancellationRequested)
+        {
+            log.LogInformation("Sample job {Job} cancelled by the client after {Seconds:F2} s", job.Id, clock.Elapsed.TotalSeconds);
+            throw;
+        }
+        finally
+        {
+            sampling.End(job);
+        }
+    }
+
+    private void Validate(SampleRequest r, int T, bool images)
+    {
+        static RpcException Bad(StatusCode code, string message) => new(new Status(code, message));
+        if (r.Count == 0) throw Bad(StatusCode.InvalidArgument, "count 0: expected at least 1 sample");
+        if (r.Count > options.MaxSamplesPerRequest)
+            throw Bad(StatusCode.ResourceExhausted, $"count {r.Count}: at most {options.MaxSamplesPerRequest} samples per request (split it, or raise MaxSamplesPerRequest)");
+        if (r.Sampler is not (SamplerKind.Unspecified or SamplerKind.Ddpm or SamplerKind.Ddim))
+            throw Bad(StatusCode.InvalidArgument, $"sampler {(int)r.Sampler}: expected SAMPLER_KIND_DDPM or SAMPLER_KIND_DDIM");
+        if (r.Weights is not (Weights.Unspecified or Weights.Ema or Weights.Raw))
+            throw Bad(StatusCode.InvalidArgument, $"weights {(int)r.Weights}: expected WEIGHTS_EMA or WEIGHTS_RAW");
+        if (r.Sampler == SamplerKind.Ddim)
+        {
+            if (r.Steps > T) throw Bad(StatusCode.InvalidArgument, $"steps {r.Steps}: DDIM takes 1..{T} strided steps (0: all {T})");
+            if (!(r.Eta >= 0 && r.Eta <= 1)) throw Bad(StatusCode.InvalidArgument, $"eta {r.Eta}: expected 0..1");
+        }
+        else
+        {
+            if (r.Steps != 0 && r.Steps != T) throw Bad(StatusCode.InvalidArgument, $"steps {r.Steps}: DDPM runs all {T} steps (give 0 or {T}, or use DDIM for fewer)");
+            if (r.Eta != 0) throw Bad(StatusCode.InvalidArgument, $"eta {r.Eta}: only DDIM takes eta");
+        }
+        if (r.TrajectoryEvery > T) throw Bad(StatusCode.InvalidArgument, $"trajectory_every {r.TrajectoryEvery}: expected 0..{T}");
+        if (r.Png && !images) throw Bad(StatusCode.InvalidArgument, "png: this recipe's samples are 2-D points, not images; ask for tensors");
+    }
+
+    private static async Task WriteBatchAsync(IServerStreamWriter<SampleResponse> stream, SampleOutput output, long[] shape, int frames, bool tensor, bool png, CancellationToken ct)
+    {
+        var elements = (int)shape.Aggregate(1L, (a, b) => a * b);
+        var bytesPer = elements * 4;
+        for (var k = 0; k < output.Count; k++)
+        {
+            var result = new SampleResult { Index = output.FirstIndex + (uint)k, Shape = { shape } };
+            var slice = output.Samples.Memory.Slice(k * bytesPer, bytesPer);
+            if (tensor) result.Tensor = UnsafeByteOperations.UnsafeWrap(slice);
+            if (png) result.Png = ByteString.CopyFrom(EncodePng(slice.Span, shape));
+            foreach (var frame in output.Trajectory)
+                result.Trajectory.Add(UnsafeByteOperations.UnsafeWrap(frame.Memory.Slice(k * bytesPer, bytesPer)));
+            await stream.WriteAsync(new SampleResponse { Result = result }, ct);
+        }
+    }
+
+    private static byte[] EncodePng(ReadOnlySpan<byte> sample, long[] shape)
+    {
+        using var scope = NewDisposeScope();
+        var t = tensor(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(sample).ToArray(), [1, .. shape]);
+        return ImageGrid.Encode(t);
+    }
+}

@@ -1,0 +1,161 @@
+using System.Collections.Concurrent;
+using System.Runtime.InteropServices;
+using System.Threading.Channels;
+using DistDiffusion.Model.Sampling;
+using DistDiffusion.Protocol;
+using DistDiffusion.Protocol.V1;
+using Google.Protobuf;
+using Grpc.Core;
+using Microsoft.Extensions.Logging;
+using static TorchSharp.torch;
+
+namespace DistDiffusion.Worker;
+
+/// <summary>
+/// A worker's sampling side: caches the weights the coordinator sends (by weights id), runs batches of reverse
+/// chains on its own task — so a training step keeps flowing and a cancel arrives while a chain runs — and
+/// streams each batch back. Chain i of a request draws its noise from (seed, i) only, whatever the batch.
+/// </summary>
+internal sealed class WorkerSampler : IDisposable
+{
+    private readonly WorkerModel _model;
+    private readonly Device _device;
+    private readonly Action<WorkerMessage> _send;
+    private readonly ILogger _log;
+    private readonly Channel<SampleWork> _queue = Channel.CreateUnbounded<SampleWork>(new UnboundedChannelOptions { SingleReader = true });
+    private readonly ConcurrentDictionary<ulong, CancellationTokenSource> _jobs = new();
+    private readonly CancellationTokenSource _stop = new();
+    private readonly Task _runner;
+    private (ulong Id, TensorAssembler Assembler)? _incoming;
+    private readonly ConcurrentDictionary<ulong, float[]> _weights = new();
+    private (ulong Id, DiffusionModel Model)? _loaded;
+
+    public WorkerSampler(WorkerModel model, Device device, Action<WorkerMessage> send, ILogger log)
+    {
+        _model = model;
+        _device = device;
+        _send = send;
+        _log = log;
+        _runner = Task.Run(RunAsync);
+    }
+
+    public void BeginWeights(WeightsHeader header) =>
+        _incoming = (header.WeightsId, new TensorAssembler(header.Tensor, _model.Vector.Elements, $"sampling weights {header.WeightsId}"));
+
+    public void AddWeightsChunk(WeightsChunk chunk)
+    {
+        if (_incoming is not { } incoming || incoming.Id != chunk.WeightsId)
+            throw new ProtocolException(StatusCode.Internal, $"weights chunk for {chunk.WeightsId} without its header");
+        incoming.Assembler.Add(chunk.Chunk);
+        if (!incoming.Assembler.IsComplete) return;
+        // Keep the two newest weight sets (a request in flight and the next one).
+        foreach (var old in _weights.Keys.Where(k => k < incoming.Id).OrderDescending().Skip(1)) _weights.TryRemove(old, out _);
+        _weights[incoming.Id] = incoming.Assembler.ToFloat32();
+        _incoming = null;
+    }
+
+    public void Enqueue(SampleWork work)
+    {
+        _jobs.GetOrAdd(work.JobId, _ => new CancellationTokenSource());
+        _queue.Writer.TryWrite(work);
+    }
+
+    public void Cancel(ulong jobId)
+    {
+        if (_jobs.TryRemove(jobId, out var cts)) cts.Cancel();
+    }
+
+    private async Task RunAsync()
+    {
+        try
+        {
+            await foreach (var work in _queue.Reader.ReadAllAsync(_stop.Token))
+            {
+                if (!_jobs.TryGetValue(work.JobId, out var job) || job.IsCancellationRequested) continue;
+                try
+                {
+                    Run(work, job.Token);
+                }
+                catch (OperationCanceledException)
+                {
+                    _log.LogDebug("Sample job {Job} batch {Batch} cancelled", work.JobId, work.Batch);
+                }
+                catch (Exception e) when (e is not ObjectDisposedException)
+                {
+                    _log.LogWarning("Sample job {Job} batch {Batch} failed: {Error}", work.JobId, work.Batch, e.Message);
+                    TrySend(new WorkerMessage { SampleOutput = new SampleOutput { JobId = work.JobId, Batch = work.Batch, FirstIndex = work.FirstIndex, Count = work.Count, Error = e.Message } });
+                }
+            }
+        }
+        catch (OperationCanceledException)
+        {
+            // session over
+        }
+    }
+
+    private void Run(SampleWork work, CancellationToken ct)
+    {
+        var model = ModelFor(work.WeightsId);
+        var kind = work.Sampler == DistDiffusion.Protocol.V1.SamplerKind.Ddim ? DistDiffusion.Model.Diffusion.SamplerKind.Ddim : DistDiffusion.Model.Diffusion.SamplerKind.Ddpm;
+        var request = new DistDiffusion.Model.Sampling.SampleRequest((int)work.Count, kind, (int)work.Steps, work.Eta, work.Seed, work.FirstIndex, (int)work.TrajectoryEvery);
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        using var result = model.Sample(request, batchSize: (int)work.Count, ct: ct);
+        var output = new SampleOutput { JobId = work.JobId, Batch = work.Batch, FirstIndex = work.FirstIndex, Count = work.Count, Samples = Bytes(result.Samples) };
+        foreach (var frame in result.Trajectory) output.Trajectory.Add(Bytes(frame));
+        _log.LogDebug("Sample job {Job} batch {Batch}: {Count} chains in {Seconds:F2} s", work.JobId, work.Batch, work.Count, clock.Elapsed.TotalSeconds);
+        TrySend(new WorkerMessage { SampleOutput = output });
+    }
+
+    private static ByteString Bytes(Tensor t)
+    {
+        using var cpu = t.to_type(ScalarType.Float32).cpu().contiguous();
+        return ByteString.CopyFrom(cpu.bytes);
+    }
+
+    private DiffusionModel ModelFor(ulong weightsId)
+    {
+        if (_loaded is { } loaded && loaded.Id == weightsId) return loaded.Model;
+        if (!_weights.TryGetValue(weightsId, out var values))
+            throw new InvalidOperationException($"sampling weights {weightsId} were not received");
+        var weights = new Dictionary<string, Tensor>();
+        long offset = 0;
+        foreach (var (name, shape) in _model.Vector.Shapes)
+        {
+            var count = shape.Aggregate(1L, (a, b) => a * b);
+            weights[name] = tensor(values.AsSpan((int)offset, (int)count).ToArray(), shape);
+            offset += count;
+        }
+        try
+        {
+            var model = DiffusionModel.FromWeights(_model.Recipe, weights, _device);
+            _loaded?.Model.Dispose();
+            _loaded = (weightsId, model);
+            return model;
+        }
+        finally
+        {
+            foreach (var t in weights.Values) t.Dispose();
+        }
+    }
+
+    private void TrySend(WorkerMessage message)
+    {
+        try
+        {
+            _send(message);
+        }
+        catch (OperationCanceledException)
+        {
+            // the session closed; the coordinator hands the batch to another worker
+        }
+    }
+
+    public void Dispose()
+    {
+        _stop.Cancel();
+        _queue.Writer.TryComplete();
+        foreach (var cts in _jobs.Values) cts.Cancel();
+        try { _runner.Wait(TimeSpan.FromSeconds(10)); } catch (AggregateException) { /* cancelled */ }
+        _loaded?.Model.Dispose();
+    }
+}

@@ -1,0 +1,139 @@
+using System.Collections.Concurrent;
+using System.Diagnostics;
+using System.Net;
+using System.Net.Sockets;
+using DistDiffusion.Coordinator.Cli;
+using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Data;
+using DistDiffusion.Model.Training;
+using DistDiffusion.Protocol;
+using static TorchSharp.torch;
+
+namespace DistDiffusion.Tests.Distributed;
+
+/// <summary>Tests that start real servers and worker processes run one at a time (2 cores; per-test timeouts).</summary>
+[CollectionDefinition(Name, DisableParallelization = true)]
+public sealed class ClusterCollection
+{
+    public const string Name = "cluster";
+}
+
+/// <summary>A worker process (the real `worker` executable) with its output kept for failure messages.</summary>
+internal sealed class WorkerProcess : IDisposable
+{
+    private readonly ConcurrentQueue<string> _lines = new();
+
+    public WorkerProcess(Uri coordinator, string? token, int threads = 1, params string[] extra)
+    {
+        var psi = RunCommand.WorkerStartInfo(["--coordinator", coordinator.ToString(), "--threads", threads.ToString(System.Globalization.CultureInfo.InvariantCulture), "--log-level", "debug", .. extra]);
+        psi.Environment.Remove(Names.TokenEnvironmentVariable);
+        if (token is not null) psi.Environment[Names.TokenEnvironmentVariable] = token;
+        Process = Process.Start(psi)!;
+        Process.OutputDataReceived += (_, e) => { if (e.Data is not null) _lines.Enqueue(e.Data); };
+        Process.ErrorDataReceived += (_, e) => { if (e.Data is not null) _lines.Enqueue(e.Data); };
+        Process.BeginOutputReadLine();
+        Process.BeginErrorReadLine();
+    }
+
+    public Process Process { get; }
+    public string Output => string.Join("\n", _lines);
+
+    public void Kill()
+    {
+        if (!Process.HasExited) Process.Kill(entireProcessTree: true);
+        Process.WaitForExit(10_000);
+    }
+
+    public void Dispose()
+    {
+        Kill();
+        Process.Dispose();
+    }
+}
+
+internal static class Cluster
+{
+    public const string Token = "cluster-test-token-7f3a";
+
+    /// <summary>A small, fast swiss-roll run: 61 samples per batch so that slices over 2 and 3 workers are uneven.</summary>
+    public static string[] Sets(int checkpointEvery = 0) =>
+    [
+        "hidden-size=32", "batch-size=61", "synthetic-size=500", "timesteps=50", $"checkpoint-every={checkpointEvery}", "sample-every=0", "ema-decay=0.9",
+    ];
+
+    public static Recipe Recipe(int steps, int checkpointEvery = 0) =>
+        Recipes.Get("swissroll").WithOverrides(Sets(checkpointEvery)) with { Steps = steps, Seed = 11 };
+
+    public static CoordinatorOptions Options(string runDir, int steps, int minWorkers = 1, int checkpointEvery = 0) => new()
+    {
+        Listen = "http://127.0.0.1:0",
+        Out = runDir,
+        Recipe = "swissroll",
+        Set = Sets(checkpointEvery),
+        Steps = steps,
+        Seed = 11,
+        MinWorkers = minWorkers,
+        StepDeadlineSeconds = 60,
+        HeartbeatSeconds = 1,
+    };
+
+    public static Task<CoordinatorServer> Start(CoordinatorOptions options, string? token = Token) =>
+        CoordinatorServer.StartAsync(options, token, Serilog.Events.LogEventLevel.Warning);
+
+    /// <summary>Polls until <paramref name="condition"/> holds, failing with <paramref name="what"/> (and the diagnostics) after the timeout.</summary>
+    public static async Task WaitUntil(Func<bool> condition, TimeSpan timeout, string what, Func<string>? diagnostics = null)
+    {
+        var clock = Stopwatch.StartNew();
+        while (!condition())
+        {
+            if (clock.Elapsed > timeout)
+                Assert.Fail($"timed out after {timeout.TotalSeconds:F0} s waiting for {what}\n{diagnostics?.Invoke()}");
+            await Task.Delay(50);
+        }
+    }
+
+    public static int FreePort()
+    {
+        using var l = new TcpListener(IPAddress.Loopback, 0);
+        l.Start();
+        return ((IPEndPoint)l.LocalEndpoint).Port;
+    }
+
+    /// <summary>The one-process reference: `coordinator train`'s trainer for <paramref name="steps"/> steps; its final checkpoint.</summary>
+    public static CheckpointData LocalReference(Recipe recipe, string dir)
+    {
+        var (train, heldOut) = DatasetLoader.Load(recipe);
+        using (train)
+        using (heldOut)
+        {
+            using var state = TrainingState.Create(recipe, train.SampleShape, train.Count, CPU);
+            new LocalTrainer(state, train, dir).Run(recipe.Steps);
+            return CheckpointStore.Load(CheckpointStore.ResolveCheckpointFolder(dir));
+        }
+    }
+
+    /// <summary>
+    /// Asserts two checkpoints describe the same run state: step, epoch and cursor exactly; weights, EMA weights and
+    /// Adam moments to float tolerance (the distributed sum adds the slices' float32 gradients in another order).
+    /// </summary>
+    public static void AssertSameState(CheckpointData expected, CheckpointData actual, string diagnostics = "")
+    {
+        Assert.Equal(expected.Step, actual.Step);
+        Assert.Equal(expected.Epoch, actual.Epoch);
+        Assert.Equal(expected.Cursor, actual.Cursor);
+        foreach (var (group, e, a) in new[] { ("model", expected.Model, actual.Model), ("ema", expected.Ema, actual.Ema), ("optimizer", expected.Optimizer, actual.Optimizer) })
+        {
+            Assert.Equal(e.Keys.Order(), a.Keys.Order());
+            foreach (var (name, t) in e)
+            {
+                var other = a[name];
+                var diff = (t - other).abs().max().item<float>();
+                var scale = t.abs().max().item<float>();
+                Assert.True(diff <= 1e-5f + 1e-4f * scale, $"{group} '{name}' differs by {diff} (scale {scale}) at step {actual.Step}\n{diagnostics}");
+            }
+        }
+    }
+
+    public static CheckpointData Latest(string runDir) => CheckpointStore.Load(CheckpointStore.ResolveCheckpointFolder(runDir));
+}

@@ -1,0 +1,152 @@
+using System.Diagnostics;
+using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Protocol;
+using DistDiffusion.Protocol.V1;
+
+namespace DistDiffusion.Tests.Distributed;
+
+/// <summary>
+/// The product's guarantee, end to end over real gRPC between real processes: training with any number of
+/// workers — or with workers dying, joining and the coordinator restarting — ends with the parameters
+/// `coordinator train` reaches in one process with the same seed.
+/// </summary>
+[Collection(ClusterCollection.Name)]
+public sealed class DistributedTrainingTests : IDisposable
+{
+    private readonly string _dir = Path.Combine(Path.GetTempPath(), "dd-dist-" + Guid.NewGuid().ToString("N"));
+
+    public DistributedTrainingTests() => Directory.CreateDirectory(_dir);
+
+    public void Dispose()
+    {
+        if (Directory.Exists(_dir)) Directory.Delete(_dir, true);
+    }
+
+    private static string Logs(IEnumerable<WorkerProcess> workers) =>
+        string.Join("\n", workers.Select((w, i) => $"--- worker {i + 1} (exit {(w.Process.HasExited ? w.Process.ExitCode.ToString(System.Globalization.CultureInfo.InvariantCulture) : "running")})\n{w.Output}"));
+
+    [Theory(Timeout = 180_000)]
+    [InlineData(1)]
+    [InlineData(2)]
+    [InlineData(3)]
+    public async Task AnyNumberOfWorkersReachesTheOneProcessParameters(int workerCount)
+    {
+        const int steps = 12;
+        var reference = Cluster.LocalReference(Cluster.Recipe(steps), Path.Combine(_dir, "local"));
+        var runDir = Path.Combine(_dir, "dist");
+        await using var server = await Cluster.Start(Cluster.Options(runDir, steps, minWorkers: workerCount));
+        var workers = Enumerable.Range(0, workerCount).Select(_ => new WorkerProcess(server.Address, Cluster.Token)).ToList();
+        try
+        {
+            await server.Loop.Completion.WaitAsync(TimeSpan.FromSeconds(150));
+            var status = server.Loop.Status();
+            // Every worker took part in every step (admitted before step 0, none dropped).
+            Assert.Equal(workerCount, status.Workers.Count);
+            Assert.All(status.Workers, w => Assert.Equal((ulong)steps, w.StepsDone));
+            Cluster.AssertSameState(reference, Cluster.Latest(runDir), Logs(workers));
+            // Workers exit 0 by themselves when the coordinator says training is complete.
+            await Cluster.WaitUntil(() => workers.All(w => w.Process.HasExited), TimeSpan.FromSeconds(30), "workers to exit", () => Logs(workers));
+            Assert.All(workers, w => Assert.Equal(0, w.Process.ExitCode));
+        }
+        catch (TimeoutException)
+        {
+            Assert.Fail("training did not complete\n" + Logs(workers));
+        }
+        finally
+        {
+            foreach (var w in workers) w.Dispose();
+            reference.DisposeTensors();
+        }
+    }
+
+    [Fact(Timeout = 240_000)]
+    public async Task KillingAWorkerMidRunLosesNothingAndARestartedWorkerIsAdmitted()
+    {
+        const int steps = 80;
+        var reference = Cluster.LocalReference(Cluster.Recipe(steps), Path.Combine(_dir, "local"));
+        var runDir = Path.Combine(_dir, "dist");
+        await using var server = await Cluster.Start(Cluster.Options(runDir, steps, minWorkers: 2));
+        var workers = new List<WorkerProcess> { new(server.Address, Cluster.Token), new(server.Address, Cluster.Token) };
+        try
+        {
+            await Cluster.WaitUntil(() => server.Loop.StepsDone >= 10, TimeSpan.FromSeconds(90), "step 10", () => Logs(workers));
+            workers[0].Kill();   // SIGKILL mid-run: its share of the step in flight goes to the other worker
+            var killedAt = server.Loop.StepsDone;
+            await Cluster.WaitUntil(() => server.Loop.Status().Workers.Count(w => w.State == WorkerState.Dropped) == 1, TimeSpan.FromSeconds(30), "the killed worker to be dropped", () => Logs(workers));
+            workers.Add(new WorkerProcess(server.Address, Cluster.Token));   // a restarted worker joins at a step boundary
+            await server.Loop.Completion.WaitAsync(TimeSpan.FromSeconds(150));
+            Assert.True(killedAt < steps, $"the worker was killed after training ended (step {killedAt})");
+            var status = server.Loop.Status();
+            var newcomer = status.Workers.OrderBy(w => w.Id, StringComparer.Ordinal).Last();
+            Assert.True(newcomer.StepsDone > 0, "the restarted worker never got work\n" + Logs(workers));
+            Cluster.AssertSameState(reference, Cluster.Latest(runDir), Logs(workers));
+        }
+        finally
+        {
+            foreach (var w in workers) w.Dispose();
+            reference.DisposeTensors();
+        }
+    }
+
+    [Fact(Timeout = 300_000)]
+    public async Task ACoordinatorKilledAndResumedFromItsCheckpointEndsIdenticalToAnUninterruptedRun()
+    {
+        const int steps = 60;
+        var reference = Cluster.LocalReference(Cluster.Recipe(steps, checkpointEvery: 10), Path.Combine(_dir, "local"));
+        var runDir = Path.Combine(_dir, "dist");
+        var port = Cluster.FreePort();
+        var address = new Uri($"http://127.0.0.1:{port}");
+        var tokenFile = Path.Combine(_dir, "token");
+        Token.WriteFile(tokenFile, Cluster.Token);
+        string[] serveArgs = ["serve", "--listen", address.ToString(), "--token-file", tokenFile, "--heartbeat", "1", "--log-level", "debug"];
+        var first = CoordinatorProcess([.. serveArgs, "--out", runDir, "--recipe", "swissroll", "--seed", "11", "--steps", steps.ToString(System.Globalization.CultureInfo.InvariantCulture),
+            .. Cluster.Sets(checkpointEvery: 10).SelectMany(s => new[] { "--set", s })]);
+        var workers = new List<WorkerProcess> { new(address, Cluster.Token), new(address, Cluster.Token) };
+        Process? second = null;
+        try
+        {
+            bool HasCheckpoint(long atLeast) => Directory.Exists(Path.Combine(runDir, "checkpoints")) && CheckpointStore.List(runDir).Any(c => c.Step >= atLeast);
+            await Cluster.WaitUntil(() => HasCheckpoint(20), TimeSpan.FromSeconds(120), "a checkpoint at step 20", () => Logs(workers));
+            first.Kill(entireProcessTree: true);   // SIGKILL: no shutdown checkpoint, the run continues from the last periodic one
+            await first.WaitForExitAsync();
+            second = CoordinatorProcess([.. serveArgs, "--resume", runDir]);
+            // The same workers reconnect and rejoin by themselves.
+            await second.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(150));
+            Assert.Equal(0, second.ExitCode);
+            Cluster.AssertSameState(reference, Cluster.Latest(runDir), Logs(workers));
+            // At least one of the original workers reconnected and rejoined the restarted coordinator by itself.
+            Assert.Contains(workers, w => w.Output.Split("Joined run").Length - 1 >= 2);
+        }
+        finally
+        {
+            foreach (var w in workers) w.Dispose();
+            foreach (var p in new[] { first, second })
+            {
+                if (p is null) continue;
+                if (!p.HasExited) p.Kill(entireProcessTree: true);
+                p.Dispose();
+            }
+            reference.DisposeTensors();
+        }
+    }
+
+    /// <summary>`coordinator serve` as its own process (the executable beside the tests).</summary>
+    private static Process CoordinatorProcess(string[] args)
+    {
+        var dir = AppContext.BaseDirectory;
+        var host = Path.Combine(dir, "coordinator");
+        var psi = File.Exists(host) ? new ProcessStartInfo(host) : new ProcessStartInfo("dotnet") { ArgumentList = { Path.Combine(dir, "coordinator.dll") } };
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        psi.UseShellExecute = false;
+        psi.RedirectStandardOutput = true;
+        psi.RedirectStandardError = true;
+        psi.Environment.Remove(Names.TokenEnvironmentVariable);
+        var p = Process.Start(psi)!;
+        p.OutputDataReceived += (_, _) => { };
+        p.ErrorDataReceived += (_, _) => { };
+        p.BeginOutputReadLine();
+        p.BeginErrorReadLine();
+        return p;
+    }
+}

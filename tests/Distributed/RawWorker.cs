@@ -1,0 +1,116 @@
+using DistDiffusion.Protocol;
+using DistDiffusion.Protocol.V1;
+using Grpc.Core;
+using Grpc.Net.Client;
+
+namespace DistDiffusion.Tests.Distributed;
+
+/// <summary>A hand-driven worker stream, to send exactly the (good or hostile) messages a test wants.</summary>
+internal sealed class RawWorker : IAsyncDisposable
+{
+    private readonly GrpcChannel _channel;
+    private readonly AsyncDuplexStreamingCall<WorkerMessage, CoordinatorMessage> _call;
+
+    private RawWorker(GrpcChannel channel, AsyncDuplexStreamingCall<WorkerMessage, CoordinatorMessage> call)
+    {
+        _channel = channel;
+        _call = call;
+    }
+
+    public Welcome Welcome { get; private set; } = new();
+
+    public static RawWorker Open(Uri address, string? token)
+    {
+        var channel = ClientChannel.Create(address);
+        var call = new Trainer.TrainerClient(channel).Connect(Token.Headers(token), deadline: DateTime.UtcNow.AddSeconds(60));
+        return new RawWorker(channel, call);
+    }
+
+    public static async Task<RawWorker> JoinAsync(Uri address, string? token = Cluster.Token)
+    {
+        var w = Open(address, token);
+        await w.SendAsync(new WorkerMessage { Join = new Join { Host = "raw", Device = "cpu", Threads = 1, ProtocolVersion = Names.ProtocolVersion } });
+        var first = await w.ReadAsync();
+        Assert.Equal(CoordinatorMessage.KindOneofCase.Welcome, first.KindCase);
+        w.Welcome = first.Welcome;
+        return w;
+    }
+
+    public Task SendAsync(WorkerMessage m) => _call.RequestStream.WriteAsync(m);
+
+    public async Task<CoordinatorMessage> ReadAsync()
+    {
+        Assert.True(await _call.ResponseStream.MoveNext(CancellationToken.None).WaitAsync(TimeSpan.FromSeconds(30)), "the coordinator closed the stream");
+        return _call.ResponseStream.Current;
+    }
+
+    /// <summary>Reads past parameters and acks to the next assignment.</summary>
+    public async Task<StepAssignment> NextAssignmentAsync()
+    {
+        while (true)
+        {
+            var m = await ReadAsync();
+            if (m.KindCase == CoordinatorMessage.KindOneofCase.Assignment) return m.Assignment;
+        }
+    }
+
+    public async Task<Ack> NextAckAsync()
+    {
+        while (true)
+        {
+            var m = await ReadAsync();
+            if (m.KindCase == CoordinatorMessage.KindOneofCase.Ack) return m.Ack;
+        }
+    }
+
+    /// <summary>Reads until the call fails; the status the coordinator ended it with.</summary>
+    public async Task<RpcException> FailureAsync()
+    {
+        try
+        {
+            while (await _call.ResponseStream.MoveNext(CancellationToken.None).WaitAsync(TimeSpan.FromSeconds(30))) { }
+        }
+        catch (RpcException e)
+        {
+            return e;
+        }
+        Assert.Fail("the stream ended without an error status");
+        return null!;
+    }
+
+    public long Elements => Welcome.Parameters.Sum(p => p.Shape.Aggregate(1L, (a, b) => a * b));
+
+    /// <summary>The messages of a gradient push for <paramref name="a"/> with <paramref name="values"/>; <paramref name="tamper"/> may corrupt the header.</summary>
+    public List<WorkerMessage> Push(StepAssignment a, float[] values, Action<GradientHeader>? tamper = null)
+    {
+        var bytes = System.Runtime.InteropServices.MemoryMarshal.AsBytes(values.AsSpan()).ToArray();
+        var header = new GradientHeader
+        {
+            WorkerId = Welcome.WorkerId,
+            Step = a.Step,
+            ParameterVersion = a.ParameterVersion,
+            Slice = a.Slice,
+            Tensor = TensorTransport.Header(bytes, DType.Float32, values.Length, a.Step, a.ParameterVersion),
+            Present = Google.Protobuf.ByteString.CopyFrom(Enumerable.Repeat((byte)0xFF, (Welcome.Parameters.Count + 7) / 8).ToArray()),
+            Loss = 0.5,
+            SampleCount = (uint)a.Indices.Count,
+        };
+        tamper?.Invoke(header);
+        var messages = new List<WorkerMessage> { new() { Gradient = header } };
+        messages.AddRange(TensorTransport.Chunks(bytes, a.Step, a.ParameterVersion)
+            .Select(c => new WorkerMessage { GradientChunk = new GradientChunk { WorkerId = Welcome.WorkerId, Slice = a.Slice, Chunk = c } }));
+        return messages;
+    }
+
+    public async Task SendAllAsync(IEnumerable<WorkerMessage> messages)
+    {
+        foreach (var m in messages) await SendAsync(m);
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        try { await _call.RequestStream.CompleteAsync(); } catch (Exception e) when (e is RpcException or InvalidOperationException) { /* already failed */ }
+        _call.Dispose();
+        _channel.Dispose();
+    }
+}

@@ -1,0 +1,117 @@
+using System.Runtime.InteropServices;
+using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Model.Training;
+using DistDiffusion.Protocol;
+using DistDiffusion.Protocol.V1;
+using Grpc.Core;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace DistDiffusion.Tests.Distributed;
+
+public class TransportTests
+{
+    private static byte[] Payload(int bytes) => Enumerable.Range(0, bytes).Select(i => (byte)(i * 31 + 7)).ToArray();
+
+    [Theory]
+    [InlineData(4)]
+    [InlineData(1 << 20)]
+    [InlineData((1 << 20) + 4)]
+    [InlineData(3 * (1 << 20) - 8)]
+    public void ChunksAreAtMostOneMebibyteAndReassembleExactly(int bytes)
+    {
+        var payload = Payload(bytes);
+        var header = TensorTransport.Header(payload, DType.Float32, bytes / 4, 3, 4);
+        var chunks = TensorTransport.Chunks(payload, 3, 4).ToList();
+        Assert.Equal((int)header.ChunkCount, chunks.Count);
+        Assert.All(chunks, c => Assert.InRange(c.Data.Length, 1, TensorTransport.ChunkBytes));
+        var assembler = new TensorAssembler(header, bytes / 4, "t");
+        foreach (var c in chunks.AsEnumerable().Reverse()) Assert.True(assembler.Add(c));   // any order
+        Assert.False(assembler.Add(chunks[0]));                                         // a duplicate is ignored
+        Assert.Equal(MemoryMarshal.Cast<byte, float>(payload).ToArray(), assembler.ToFloat32());
+    }
+
+    [Fact]
+    public void ACorruptedChunkFailsTheChecksum()
+    {
+        var payload = Payload(4096);
+        var header = TensorTransport.Header(payload, DType.Float32, 1024, 0, 0);
+        var assembler = new TensorAssembler(header, 1024, "t");
+        var chunk = TensorTransport.Chunks(payload, 0, 0).Single();
+        var bad = chunk.Data.ToByteArray();
+        bad[100] ^= 0x40;
+        chunk.Data = Google.Protobuf.ByteString.CopyFrom(bad);
+        assembler.Add(chunk);
+        var e = Assert.Throws<ProtocolException>(() => assembler.ToFloat32());
+        Assert.Equal(StatusCode.InvalidArgument, e.Code);
+        Assert.Contains("checksum", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void HeadersThatDisagreeWithTheExpectedTensorAreRefused()
+    {
+        var header = TensorTransport.Header(Payload(400), DType.Float32, 100, 0, 0);
+        Assert.Equal(StatusCode.InvalidArgument, Assert.Throws<ProtocolException>(() => new TensorAssembler(header, 101, "t")).Code);
+        header.ByteLength = 404;
+        Assert.Equal(StatusCode.InvalidArgument, Assert.Throws<ProtocolException>(() => new TensorAssembler(header, 100, "t")).Code);
+    }
+
+    [Fact]
+    public void BFloat16KeepsEightBitsOfMantissaAndRoundsToNearestEven()
+    {
+        float[] values = [1f, -2.5f, 3.14159f, 1e-20f, 65504f, 0f, float.NaN, 1.00390625f, 1.01171875f];
+        var back = TensorTransport.ToFloat32(TensorTransport.ToBFloat16(values), DType.Bfloat16);
+        Assert.Equal(1f, back[0]);
+        Assert.Equal(-2.5f, back[1]);
+        Assert.InRange(Math.Abs(back[2] - 3.14159f) / 3.14159f, 0, 1.0 / 256);
+        Assert.InRange(back[3] / 1e-20f, 1 - 1.0 / 256, 1 + 1.0 / 256);
+        Assert.True(float.IsNaN(back[6]));
+        Assert.Equal(1f, back[7]);              // halfway between 1 and 1+2^-7: ties to even (1)
+        Assert.Equal(1.015625f, back[8]);       // halfway between 1+2^-7 and 1+2^-6: ties to even (1+2^-6)
+    }
+
+    [Fact]
+    public void SlicesCoverTheBatchContiguouslyWithSizesWithinOne()
+    {
+        foreach (var (n, k) in new[] { (61, 1), (61, 2), (61, 3), (5, 5), (7, 4) })
+        {
+            var bounds = TrainingLoop.SliceBounds(n, k);
+            Assert.Equal(0, bounds[0].Start);
+            Assert.Equal(n, bounds[^1].End);
+            for (var i = 1; i < k; i++) Assert.Equal(bounds[i - 1].End, bounds[i].Start);
+            Assert.InRange(bounds.Max(b => b.End - b.Start) - bounds.Min(b => b.End - b.Start), 0, 1);
+        }
+    }
+
+    [Fact]
+    public void ParameterVectorRoundTripsValuesAndGradientsWithPresence()
+    {
+        using var scope = NewDisposeScope();
+        var a = nn.Linear(3, 4);
+        var b = nn.Linear(4, 2);
+        var named = a.named_parameters().Select(p => ("a." + p.name, (Tensor)p.parameter)).Concat(b.named_parameters().Select(p => ("b." + p.name, (Tensor)p.parameter))).ToList();
+        var v = new ParameterVector(named);
+        Assert.Equal(3 * 4 + 4 + 4 * 2 + 2, v.Elements);
+        var values = v.ReadValues();
+        var floats = MemoryMarshal.Cast<byte, float>(values).ToArray();
+        Assert.Equal(a.weight!.data<float>().ToArray(), floats[..12]);
+        var changed = floats.Select(f => f + 1).ToArray();
+        v.WriteValues(changed);
+        Assert.Equal(changed, MemoryMarshal.Cast<byte, float>(v.ReadValues()).ToArray());
+
+        // Only a's parameters get gradients: presence bits 0 and 1 set, b's zeros.
+        a.forward(ones(2, 3)).sum().backward();
+        var (grad, present) = v.ReadGradients();
+        Assert.Equal(0b0011, present[0]);
+        var g = MemoryMarshal.Cast<byte, float>(grad).ToArray();
+        Assert.All(g[16..], x => Assert.Equal(0f, x));
+        Assert.Equal(2f, g[12]);   // d/d bias of sum over 2 rows
+
+        // Writing gradients sets only the present ones; b keeps none.
+        a.zero_grad(set_to_none: true);
+        v.WriteGradients(g, present);
+        Assert.NotNull(a.bias!.grad);
+        Assert.Null(b.bias!.grad);
+        Assert.Equal(2f, a.bias!.grad!.data<float>()[0]);
+    }
+}
