@@ -131,6 +131,41 @@ public sealed class DistributedTrainingTests : IDisposable
         }
     }
 
+    [Fact(Timeout = 120_000)]
+    public async Task SigtermStopsTheCoordinatorPromptlyWithACheckpointOfTheLastStep()
+    {
+        var runDir = Path.Combine(_dir, "dist");
+        var port = Cluster.FreePort();
+        var address = new Uri($"http://127.0.0.1:{port}");
+        var tokenFile = Path.Combine(_dir, "token");
+        Token.WriteFile(tokenFile, Cluster.Token);
+        var serve = CoordinatorProcess(["serve", "--listen", address.ToString(), "--token-file", tokenFile, "--out", runDir, "--recipe", "swissroll", "--steps", "100000",
+            .. Cluster.Sets().SelectMany(s => new[] { "--set", s })]);
+        using var worker = new WorkerProcess(address, Cluster.Token);
+        try
+        {
+            using var channel = ClientChannel.Create(address);
+            var client = new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(channel);
+            ulong Step()
+            {
+                try { return client.GetStatus(new GetStatusRequest(), Token.Headers(Cluster.Token), DateTime.UtcNow.AddSeconds(5)).Step; }
+                catch (Grpc.Core.RpcException) { return 0; }
+            }
+            await Cluster.WaitUntil(() => Step() >= 20, TimeSpan.FromSeconds(60), "step 20", () => worker.Output);
+            using (var kill = Process.Start("kill", ["-TERM", serve.Id.ToString(System.Globalization.CultureInfo.InvariantCulture)])) await kill.WaitForExitAsync();
+            var clock = Stopwatch.StartNew();
+            await serve.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(30));
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(10), $"serve took {clock.Elapsed} to stop after SIGTERM");
+            var last = CheckpointStore.List(runDir)[^1].Step;
+            Assert.True(last >= 20, $"the shutdown checkpoint is at step {last}");
+        }
+        finally
+        {
+            if (!serve.HasExited) serve.Kill(entireProcessTree: true);
+            serve.Dispose();
+        }
+    }
+
     /// <summary>`coordinator serve` as its own process (the executable beside the tests).</summary>
     private static Process CoordinatorProcess(string[] args)
     {

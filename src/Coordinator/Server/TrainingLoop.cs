@@ -165,6 +165,14 @@ public sealed class TrainingLoop : BackgroundService
     protected override async Task ExecuteAsync(CancellationToken stoppingToken)
     {
         await Task.Yield();
+        // Stop at the first sign of shutdown (SIGTERM, Ctrl+C): ApplicationStopping fires before Kestrel's graceful
+        // shutdown, which would otherwise wait for the workers' streams while training went on.
+        using var stopping = CancellationTokenSource.CreateLinkedTokenSource(stoppingToken, _lifetime.ApplicationStopping);
+        await RunAsync(stopping.Token);
+    }
+
+    private async Task RunAsync(CancellationToken stoppingToken)
+    {
         var s = _run.State;
         s.Network.train();
         try
