@@ -33,7 +33,7 @@ port=$((20000 + RANDOM % 20000)); url="http://127.0.0.1:$port"
 "$coord" serve --checkpoint "$mnist" --sample-only --listen "$url" --token-file "$token" --log-level warning >"$out/serve.log" 2>&1 &
 pids+=($!)
 start_worker() { "$worker" --coordinator "$url" --token-file "$token" --threads 1 --log-level warning >>"$out/workers.log" 2>&1 & pids+=($!); }
-wait_workers() { for _ in $(seq 1 120); do [ "$("$coord" status --address "$url" --token-file "$token" --json 2>/dev/null | grep -c '"id"')" -ge "$1" ] && return 0; sleep 0.5; done; echo "workers did not join" >&2; exit 1; }
+wait_workers() { for _ in $(seq 1 120); do [ "$("$coord" status --address "$url" --token-file "$token" --json 2>/dev/null | grep -o '"id"' | wc -l)" -ge "$1" ] && return 0; sleep 0.5; done; echo "workers did not join" >&2; exit 1; }
 measure() {  # $1 label
   local t0 t1 line
   t0=$(now); line=$("$coord" sample --address "$url" --token-file "$token" --n "$n" --seed 1 --out "$out/mnist-$1.png" 2>/dev/null | tail -1); t1=$(now)

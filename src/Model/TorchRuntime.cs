@@ -42,6 +42,21 @@ public static class TorchRuntime
         Environment.SetEnvironmentVariable(IsaVariable, SafeIsa);   // inherited by child processes
     }
 
+    public const string OmpWaitVariable = "OMP_WAIT_POLICY";
+
+    /// <summary>
+    /// For processes that share the machine's cores with others (`coordinator run` and its workers): idle OpenMP
+    /// threads sleep instead of spinning, which otherwise steals the cores the other processes compute on. Must run
+    /// before libtorch loads; the user's own setting wins. Child processes inherit it.
+    /// </summary>
+    public static void PreferPassiveThreads()
+    {
+        if (!string.IsNullOrEmpty(Environment.GetEnvironmentVariable(OmpWaitVariable))) return;
+        if ((OperatingSystem.IsLinux() || OperatingSystem.IsMacOS()) && setenv(OmpWaitVariable, "PASSIVE", 0) != 0)
+            return;   // could not set it natively: leave the default
+        Environment.SetEnvironmentVariable(OmpWaitVariable, "PASSIVE");
+    }
+
     [DllImport("libc.so.6", EntryPoint = "setenv", CharSet = CharSet.Ansi, BestFitMapping = false, ThrowOnUnmappableChar = true)]
     private static extern int setenv([MarshalAs(UnmanagedType.LPStr)] string name, [MarshalAs(UnmanagedType.LPStr)] string value, int overwrite);
 

@@ -49,7 +49,11 @@ internal static class RunCommand
                 Resume = p.GetValue(resume),
                 GradientDtype = p.GetValue(gradientDtype)!,
                 MinWorkers = n,
+                // The coordinator's own torch work (Adam, EMA) is small; its cores belong to the workers.
+                Threads = 1,
             };
+            // All processes share this machine: OpenMP threads must not spin on cores another process computes on.
+            Model.TorchRuntime.PreferPassiveThreads();
             var level = p.GetValue(logLevel)!;
             CliSupport.UserInput(() => CliSupport.ParseLogLevel(level));
             var token = Token.Generate();
