@@ -6,34 +6,9 @@ namespace DistDiffusion.Tests.Cli;
 
 /// <summary>The coordinator's verbs end to end, in process; console output is captured per call.</summary>
 [Collection(CliCollection.Name)]
-public sealed class CoordinatorCliTests : IDisposable
+public sealed class CoordinatorCliTests() : TempFolderTest("dd-cli")
 {
-    private readonly string _dir = Path.Combine(Path.GetTempPath(), "dd-cli-" + Guid.NewGuid().ToString("N"));
 
-    public CoordinatorCliTests() => Directory.CreateDirectory(_dir);
-
-    public void Dispose()
-    {
-        if (Directory.Exists(_dir)) Directory.Delete(_dir, true);
-    }
-
-    private static (int Code, string Out, string Err) Run(params string[] args)
-    {
-        var (oldOut, oldErr) = (Console.Out, Console.Error);
-        using var o = new StringWriter();
-        using var e = new StringWriter();
-        Console.SetOut(o);
-        Console.SetError(e);
-        try
-        {
-            return (CoordinatorCli.Run(args), o.ToString(), e.ToString());
-        }
-        finally
-        {
-            Console.SetOut(oldOut);
-            Console.SetError(oldErr);
-        }
-    }
 
     [Theory]
     [InlineData("train", "--recipe", "swissroll", "--out", "X", "--bogus")]
@@ -50,7 +25,7 @@ public sealed class CoordinatorCliTests : IDisposable
     [InlineData("frobnicate")]
     public void WrongFlagsOrValuesGiveOneLineAndExitCodeTwo(params string[] args)
     {
-        var (code, _, err) = Run(args.Select(a => a == "X" ? Path.Combine(Path.GetTempPath(), "dd-missing-" + Guid.NewGuid()) : a).ToArray());
+        var (code, _, err) = CliHarness.Run(args.Select(a => a == "X" ? Path.Combine(Path.GetTempPath(), "dd-missing-" + Guid.NewGuid()) : a).ToArray());
         Assert.Equal(2, code);
         var lines = err.Trim().Split('\n');
         Assert.Single(lines);
@@ -62,7 +37,7 @@ public sealed class CoordinatorCliTests : IDisposable
     {
         foreach (var verb in new[] { "train", "sample", "eval" })
         {
-            var (code, output, _) = Run(verb, "--help");
+            var (code, output, _) = CliHarness.Run(verb, "--help");
             Assert.Equal(0, code);
             Assert.Contains("--", output);
         }
@@ -71,8 +46,8 @@ public sealed class CoordinatorCliTests : IDisposable
     [Fact]
     public void TrainSampleEvalAndResumeWorkEndToEnd()
     {
-        var run = Path.Combine(_dir, "run");
-        var (code, output, err) = Run("train", "--recipe", "swissroll", "--out", run, "--steps", "30",
+        var run = Path.Combine(Dir, "run");
+        var (code, output, err) = CliHarness.Run("train", "--recipe", "swissroll", "--out", run, "--steps", "30",
             "--set", "hidden-size=32", "--set", "checkpoint-every=20", "--set", "sample-every=0", "--set", "timesteps=20", "--threads", "1");
         Assert.True(code == 0, err);
         Assert.Contains("trained swissroll to step 30", output);
@@ -81,36 +56,36 @@ public sealed class CoordinatorCliTests : IDisposable
         Assert.True(File.Exists(Path.Combine(run, "samples", "step-0000030.png")));
 
         // Training into a folder that already holds a run is refused (checkpoints are never overwritten).
-        Assert.Equal(2, Run("train", "--recipe", "swissroll", "--out", run, "--steps", "5").Code);
+        Assert.Equal(2, CliHarness.Run("train", "--recipe", "swissroll", "--out", run, "--steps", "5").Code);
 
-        var npy = Path.Combine(_dir, "s.npy");
-        (code, output, err) = Run("sample", "--checkpoint", run, "--n", "7", "--sampler", "ddim", "--steps", "5", "--out", npy);
+        var npy = Path.Combine(Dir, "s.npy");
+        (code, output, err) = CliHarness.Run("sample", "--checkpoint", run, "--n", "7", "--sampler", "ddim", "--steps", "5", "--out", npy);
         Assert.True(code == 0, err);
         using (var samples = Npy.Read(npy))
             Assert.Equal(new long[] { 7, 2 }, samples.shape);
-        var png = Path.Combine(_dir, "s.png");
-        (code, _, err) = Run("sample", "--checkpoint", Path.Combine(run, "checkpoints", "20"), "--n", "50", "--trajectory-every", "5", "--out", png);
+        var png = Path.Combine(Dir, "s.png");
+        (code, _, err) = CliHarness.Run("sample", "--checkpoint", Path.Combine(run, "checkpoints", "20"), "--n", "50", "--trajectory-every", "5", "--out", png);
         Assert.True(code == 0, err);
         Assert.True(PngReader.Read(png).Width > 0);
-        Assert.True(File.Exists(Path.Combine(_dir, "s-trajectory.png")));
+        Assert.True(File.Exists(Path.Combine(Dir, "s-trajectory.png")));
         // DDPM runs all T steps; asking for fewer is a usage error.
-        Assert.Equal(2, Run("sample", "--checkpoint", run, "--n", "3", "--steps", "5", "--out", npy).Code);
+        Assert.Equal(2, CliHarness.Run("sample", "--checkpoint", run, "--n", "3", "--steps", "5", "--out", npy).Code);
 
-        (code, output, err) = Run("eval", "--checkpoint", run, "--samples", "200");
+        (code, output, err) = CliHarness.Run("eval", "--checkpoint", run, "--samples", "200");
         Assert.True(code == 0, err);
         Assert.Contains("sliced Wasserstein distance", output);
 
         // Resuming an older checkpoint into the same run would collide with step 30: refused, run untouched.
-        (code, _, err) = Run("train", "--resume", Path.Combine(run, "checkpoints", "20"), "--steps", "40");
+        (code, _, err) = CliHarness.Run("train", "--resume", Path.Combine(run, "checkpoints", "20"), "--steps", "40");
         Assert.Equal(2, code);
         Assert.Contains("not the latest", err);
         // Branching off into a new folder is fine.
-        var branch = Path.Combine(_dir, "branch");
-        (code, _, err) = Run("train", "--resume", Path.Combine(run, "checkpoints", "20"), "--out", branch, "--steps", "25", "--threads", "1");
+        var branch = Path.Combine(Dir, "branch");
+        (code, _, err) = CliHarness.Run("train", "--resume", Path.Combine(run, "checkpoints", "20"), "--out", branch, "--steps", "25", "--threads", "1");
         Assert.True(code == 0, err);
         Assert.Equal(25, CheckpointStore.Load(branch).Step);
 
-        (code, output, err) = Run("train", "--resume", run, "--steps", "40", "--threads", "1");
+        (code, output, err) = CliHarness.Run("train", "--resume", run, "--steps", "40", "--threads", "1");
         Assert.True(code == 0, err);
         Assert.Contains("to step 40", output);
         Assert.Equal(40, CheckpointStore.Load(run).Step);
@@ -119,16 +94,16 @@ public sealed class CoordinatorCliTests : IDisposable
     [Fact]
     public void CorruptCheckpointIsReportedNotLoaded()
     {
-        var run = Path.Combine(_dir, "bad");
-        Assert.Equal(0, Run("train", "--recipe", "swissroll", "--out", run, "--steps", "3", "--set", "hidden-size=8", "--set", "timesteps=5", "--set", "sample-every=0").Code);
+        var run = Path.Combine(Dir, "bad");
+        Assert.Equal(0, CliHarness.Run("train", "--recipe", "swissroll", "--out", run, "--steps", "3", "--set", "hidden-size=8", "--set", "timesteps=5", "--set", "sample-every=0").Code);
         var model = Path.Combine(run, "checkpoints", "3", "model.safetensors");
         var bytes = File.ReadAllBytes(model);
         bytes[^1] ^= 0xFF;
         File.WriteAllBytes(model, bytes);
-        var (code, _, err) = Run("sample", "--checkpoint", run, "--n", "2", "--out", Path.Combine(_dir, "x.npy"));
+        var (code, _, err) = CliHarness.Run("sample", "--checkpoint", run, "--n", "2", "--out", Path.Combine(Dir, "x.npy"));
         Assert.Equal(1, code);
         Assert.Contains("checksum", err);
-        Assert.False(File.Exists(Path.Combine(_dir, "x.npy")));
+        Assert.False(File.Exists(Path.Combine(Dir, "x.npy")));
     }
 }
 

@@ -12,16 +12,8 @@ namespace DistDiffusion.Tests.Distributed;
 /// `coordinator train` reaches in one process with the same seed.
 /// </summary>
 [Collection(ClusterCollection.Name)]
-public sealed class DistributedTrainingTests : IDisposable
+public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
 {
-    private readonly string _dir = Path.Combine(Path.GetTempPath(), "dd-dist-" + Guid.NewGuid().ToString("N"));
-
-    public DistributedTrainingTests() => Directory.CreateDirectory(_dir);
-
-    public void Dispose()
-    {
-        if (Directory.Exists(_dir)) Directory.Delete(_dir, true);
-    }
 
     private static string Logs(IEnumerable<WorkerProcess> workers) =>
         string.Join("\n", workers.Select((w, i) => $"--- worker {i + 1} (exit {(w.Process.HasExited ? w.Process.ExitCode.ToString(System.Globalization.CultureInfo.InvariantCulture) : "running")})\n{w.Output}"));
@@ -33,8 +25,8 @@ public sealed class DistributedTrainingTests : IDisposable
     public async Task AnyNumberOfWorkersReachesTheOneProcessParameters(int workerCount)
     {
         const int steps = 12;
-        var reference = Cluster.LocalReference(Cluster.Recipe(steps), Path.Combine(_dir, "local"));
-        var runDir = Path.Combine(_dir, "dist");
+        var reference = Cluster.LocalReference(Cluster.Recipe(steps), Path.Combine(Dir, "local"));
+        var runDir = Path.Combine(Dir, "dist");
         await using var server = await Cluster.Start(Cluster.Options(runDir, steps, minWorkers: workerCount));
         var workers = Enumerable.Range(0, workerCount).Select(_ => new WorkerProcess(server.Address, Cluster.Token)).ToList();
         try
@@ -64,8 +56,8 @@ public sealed class DistributedTrainingTests : IDisposable
     public async Task KillingAWorkerMidRunLosesNothingAndARestartedWorkerIsAdmitted()
     {
         const int steps = 80;
-        var reference = Cluster.LocalReference(Cluster.Recipe(steps), Path.Combine(_dir, "local"));
-        var runDir = Path.Combine(_dir, "dist");
+        var reference = Cluster.LocalReference(Cluster.Recipe(steps), Path.Combine(Dir, "local"));
+        var runDir = Path.Combine(Dir, "dist");
         await using var server = await Cluster.Start(Cluster.Options(runDir, steps, minWorkers: 2));
         var workers = new List<WorkerProcess> { new(server.Address, Cluster.Token), new(server.Address, Cluster.Token) };
         try
@@ -93,11 +85,11 @@ public sealed class DistributedTrainingTests : IDisposable
     public async Task ACoordinatorKilledAndResumedFromItsCheckpointEndsIdenticalToAnUninterruptedRun()
     {
         const int steps = 60;
-        var reference = Cluster.LocalReference(Cluster.Recipe(steps, checkpointEvery: 10), Path.Combine(_dir, "local"));
-        var runDir = Path.Combine(_dir, "dist");
+        var reference = Cluster.LocalReference(Cluster.Recipe(steps, checkpointEvery: 10), Path.Combine(Dir, "local"));
+        var runDir = Path.Combine(Dir, "dist");
         var port = Cluster.FreePort();
         var address = new Uri($"http://127.0.0.1:{port}");
-        var tokenFile = Path.Combine(_dir, "token");
+        var tokenFile = Path.Combine(Dir, "token");
         Token.WriteFile(tokenFile, Cluster.Token);
         string[] serveArgs = ["serve", "--listen", address.ToString(), "--token-file", tokenFile, "--heartbeat", "1", "--log-level", "debug"];
         var first = CoordinatorProcess([.. serveArgs, "--out", runDir, "--recipe", "swissroll", "--seed", "11", "--steps", steps.ToString(System.Globalization.CultureInfo.InvariantCulture),
@@ -134,10 +126,10 @@ public sealed class DistributedTrainingTests : IDisposable
     [Fact(Timeout = 120_000)]
     public async Task SigtermStopsTheCoordinatorPromptlyWithACheckpointOfTheLastStep()
     {
-        var runDir = Path.Combine(_dir, "dist");
+        var runDir = Path.Combine(Dir, "dist");
         var port = Cluster.FreePort();
         var address = new Uri($"http://127.0.0.1:{port}");
-        var tokenFile = Path.Combine(_dir, "token");
+        var tokenFile = Path.Combine(Dir, "token");
         Token.WriteFile(tokenFile, Cluster.Token);
         var serve = CoordinatorProcess(["serve", "--listen", address.ToString(), "--token-file", tokenFile, "--out", runDir, "--recipe", "swissroll", "--steps", "100000",
             .. Cluster.Sets().SelectMany(s => new[] { "--set", s })]);

@@ -13,16 +13,8 @@ namespace DistDiffusion.Tests.Distributed;
 /// duplicate and stale pushes are acknowledged and ignored; every RPC but health needs the token.
 /// </summary>
 [Collection(ClusterCollection.Name)]
-public sealed class HostileInputTests : IDisposable
+public sealed class HostileInputTests() : TempFolderTest("dd-hostile")
 {
-    private readonly string _dir = Path.Combine(Path.GetTempPath(), "dd-hostile-" + Guid.NewGuid().ToString("N"));
-
-    public HostileInputTests() => Directory.CreateDirectory(_dir);
-
-    public void Dispose()
-    {
-        if (Directory.Exists(_dir)) Directory.Delete(_dir, true);
-    }
 
     public static TheoryData<string, StatusCode> Cases => new()
     {
@@ -44,7 +36,7 @@ public sealed class HostileInputTests : IDisposable
     [MemberData(nameof(Cases))]
     public async Task ABadPushGetsItsStatusAndChangesNothing(string kind, StatusCode expected)
     {
-        await using var server = await Cluster.Start(Cluster.Options(Path.Combine(_dir, "run"), steps: 5));
+        await using var server = await Cluster.Start(Cluster.Options(Path.Combine(Dir, "run"), steps: 5));
         await using var w = await RawWorker.JoinAsync(server.Address);
         var a = await w.NextAssignmentAsync();
         var before = (server.Loop.StepsDone, server.Loop.ParameterChecksum);
@@ -85,7 +77,7 @@ public sealed class HostileInputTests : IDisposable
     [Fact(Timeout = 60_000)]
     public async Task DuplicateAndStalePushesAreAcknowledgedAndIgnored()
     {
-        await using var server = await Cluster.Start(Cluster.Options(Path.Combine(_dir, "run"), steps: 5));
+        await using var server = await Cluster.Start(Cluster.Options(Path.Combine(Dir, "run"), steps: 5));
         await using var w = await RawWorker.JoinAsync(server.Address);
         var a = await w.NextAssignmentAsync();
         var push = w.Push(a, new float[w.Elements]);
@@ -111,7 +103,7 @@ public sealed class HostileInputTests : IDisposable
     [Fact(Timeout = 60_000)]
     public async Task EveryRpcButHealthNeedsTheToken()
     {
-        await using var server = await Cluster.Start(Cluster.Options(Path.Combine(_dir, "run"), steps: 5));
+        await using var server = await Cluster.Start(Cluster.Options(Path.Combine(Dir, "run"), steps: 5));
         using var channel = ClientChannel.Create(server.Address);
         var status = new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(channel);
         foreach (var token in new string?[] { null, "wrong-token" })
@@ -159,9 +151,9 @@ public sealed class HostileInputTests : IDisposable
     [Fact(Timeout = 60_000)]
     public async Task ServeRefusesToStartWithoutATokenUnlessAllowed()
     {
-        var e = await Assert.ThrowsAsync<ArgumentException>(() => Cluster.Start(Cluster.Options(Path.Combine(_dir, "a"), steps: 5), token: null));
+        var e = await Assert.ThrowsAsync<ArgumentException>(() => Cluster.Start(Cluster.Options(Path.Combine(Dir, "a"), steps: 5), token: null));
         Assert.Contains("--allow-unauthenticated", e.Message, StringComparison.Ordinal);
-        var open = Cluster.Options(Path.Combine(_dir, "b"), steps: 5);
+        var open = Cluster.Options(Path.Combine(Dir, "b"), steps: 5);
         open.AllowUnauthenticated = true;
         await using var server = await Cluster.Start(open, token: null);
         using var channel = ClientChannel.Create(server.Address);

@@ -17,21 +17,13 @@ namespace DistDiffusion.Tests.Distributed;
 /// workers serve it and whatever happens to them; bad requests get specific codes; training is not disturbed.
 /// </summary>
 [Collection(ClusterCollection.Name)]
-public sealed class SamplingTests : IDisposable
+public sealed class SamplingTests() : TempFolderTest("dd-sampling")
 {
-    private readonly string _dir = Path.Combine(Path.GetTempPath(), "dd-sampling-" + Guid.NewGuid().ToString("N"));
-
-    public SamplingTests() => Directory.CreateDirectory(_dir);
-
-    public void Dispose()
-    {
-        if (Directory.Exists(_dir)) Directory.Delete(_dir, true);
-    }
 
     /// <summary>A small trained model on disk (20 local steps of the cluster recipe).</summary>
     private string TrainedRun(string name = "trained", Func<DistDiffusion.Model.Training.Recipe, DistDiffusion.Model.Training.Recipe>? adjust = null)
     {
-        var run = Path.Combine(_dir, name);
+        var run = Path.Combine(Dir, name);
         var recipe = Cluster.Recipe(20);
         Cluster.LocalReference(adjust?.Invoke(recipe) ?? recipe, run).DisposeTensors();
         return run;
@@ -180,7 +172,7 @@ public sealed class SamplingTests : IDisposable
     [MemberData(nameof(BadRequests))]
     public async Task ABadRequestGetsItsStatusAndTrainingContinuesUndisturbed(string kind, StatusCode expected)
     {
-        var options = Cluster.Options(Path.Combine(_dir, "run"), steps: 100_000);
+        var options = Cluster.Options(Path.Combine(Dir, "run"), steps: 100_000);
         options.MaxSamplesPerRequest = 500;
         options.SampleWaitSeconds = 1;
         await using var server = await Cluster.Start(options);
@@ -224,10 +216,10 @@ public sealed class SamplingTests : IDisposable
         var run = TrainedRun();
         await using var server = await ServeSamples(run);
         using var worker = new WorkerProcess(server.Address, Cluster.Token);
-        var tokenFile = Path.Combine(_dir, "token");
+        var tokenFile = Path.Combine(Dir, "token");
         Token.WriteFile(tokenFile, Cluster.Token);
-        var remote = Path.Combine(_dir, "remote.npy");
-        var local = Path.Combine(_dir, "local.npy");
+        var remote = Path.Combine(Dir, "remote.npy");
+        var local = Path.Combine(Dir, "local.npy");
         Assert.Equal(0, DistDiffusion.Coordinator.Cli.CoordinatorCli.Run(["sample", "--address", server.Address.ToString(), "--token-file", tokenFile, "--n", "100", "--seed", "7", "--out", remote]));
         Assert.Equal(0, DistDiffusion.Coordinator.Cli.CoordinatorCli.Run(["sample", "--checkpoint", run, "--n", "100", "--seed", "7", "--out", local]));
         using var a = DistDiffusion.Model.Imaging.Npy.Read(remote);

@@ -10,16 +10,8 @@ using Grpc.Core;
 namespace DistDiffusion.Tests.Distributed;
 
 [Collection(ClusterCollection.Name)]
-public sealed class TlsAndConfigurationTests : IDisposable
+public sealed class TlsAndConfigurationTests() : TempFolderTest("dd-tls")
 {
-    private readonly string _dir = Path.Combine(Path.GetTempPath(), "dd-tls-" + Guid.NewGuid().ToString("N"));
-
-    public TlsAndConfigurationTests() => Directory.CreateDirectory(_dir);
-
-    public void Dispose()
-    {
-        if (Directory.Exists(_dir)) Directory.Delete(_dir, true);
-    }
 
     /// <summary>A self-signed certificate for 127.0.0.1 written as PEM (certificate, key).</summary>
     private (string Cert, string Key) SelfSigned()
@@ -32,8 +24,8 @@ public sealed class TlsAndConfigurationTests : IDisposable
         request.CertificateExtensions.Add(san.Build());
         request.CertificateExtensions.Add(new X509BasicConstraintsExtension(true, false, 0, true));
         using var cert = request.CreateSelfSigned(DateTimeOffset.UtcNow.AddDays(-1), DateTimeOffset.UtcNow.AddDays(1));
-        var certPath = Path.Combine(_dir, "tls.crt");
-        var keyPath = Path.Combine(_dir, "tls.key");
+        var certPath = Path.Combine(Dir, "tls.crt");
+        var keyPath = Path.Combine(Dir, "tls.key");
         File.WriteAllText(certPath, cert.ExportCertificatePem());
         File.WriteAllText(keyPath, key.ExportPkcs8PrivateKeyPem());
         return (certPath, keyPath);
@@ -43,7 +35,7 @@ public sealed class TlsAndConfigurationTests : IDisposable
     public async Task WithACertificateTheCoordinatorSpeaksTlsAndAWorkerTrustingItsCaTrains()
     {
         var (cert, key) = SelfSigned();
-        var options = Cluster.Options(Path.Combine(_dir, "run"), steps: 3);
+        var options = Cluster.Options(Path.Combine(Dir, "run"), steps: 3);
         options.Listen = "https://127.0.0.1:0";
         options.TlsCert = cert;
         options.TlsKey = key;

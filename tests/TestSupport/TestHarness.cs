@@ -1,0 +1,48 @@
+using DistDiffusion.Coordinator.Cli;
+
+namespace DistDiffusion.Tests;
+
+/// <summary>Runs the `coordinator` command line in process with stdout and stderr captured (callers run one at a time).</summary>
+internal static class CliHarness
+{
+    public static (int Code, string Out, string Err) Run(params string[] args)
+    {
+        var (oldOut, oldErr) = (Console.Out, Console.Error);
+        using var o = new StringWriter();
+        using var e = new StringWriter();
+        Console.SetOut(o);
+        Console.SetError(e);
+        try
+        {
+            return (CoordinatorCli.Run(args), o.ToString(), e.ToString());
+        }
+        finally
+        {
+            Console.SetOut(oldOut);
+            Console.SetError(oldErr);
+        }
+    }
+}
+
+/// <summary>A test class with its own temporary folder, deleted afterwards.</summary>
+public abstract class TempFolderTest : IDisposable
+{
+    protected TempFolderTest(string prefix)
+    {
+        Dir = Path.Combine(Path.GetTempPath(), prefix + "-" + Guid.NewGuid().ToString("N"));
+        Directory.CreateDirectory(Dir);
+    }
+
+    protected string Dir { get; }
+
+    public void Dispose()
+    {
+        Dispose(true);
+        GC.SuppressFinalize(this);
+    }
+
+    protected virtual void Dispose(bool disposing)
+    {
+        if (disposing && Directory.Exists(Dir)) Directory.Delete(Dir, true);
+    }
+}
