@@ -66,11 +66,12 @@ public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
             workers[0].Kill();   // SIGKILL mid-run: its share of the step in flight goes to the other worker
             var killedAt = server.Loop.StepsDone;
             await Cluster.WaitUntil(() => server.Loop.Status().Workers.Count(w => w.State == WorkerState.Dropped) == 1, TimeSpan.FromSeconds(30), "the killed worker to be dropped", () => Logs(workers));
+            var earlier = server.Loop.Status().Workers.Select(w => w.Id).ToHashSet();
             workers.Add(new WorkerProcess(server.Address, Cluster.Token));   // a restarted worker joins at a step boundary
             await server.Loop.Completion.WaitAsync(TimeSpan.FromSeconds(150));
             Assert.True(killedAt < steps, $"the worker was killed after training ended (step {killedAt})");
             var status = server.Loop.Status();
-            var newcomer = status.Workers.OrderBy(w => w.Id, StringComparer.Ordinal).Last();
+            var newcomer = Assert.Single(status.Workers, w => !earlier.Contains(w.Id));
             Assert.True(newcomer.StepsDone > 0, "the restarted worker never got work\n" + Logs(workers));
             Cluster.AssertSameState(reference, Cluster.Latest(runDir), Logs(workers));
         }

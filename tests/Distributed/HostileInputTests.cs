@@ -68,10 +68,13 @@ public sealed class HostileInputTests() : TempFolderTest("dd-hostile")
         var error = await w.FailureAsync();
         Assert.Equal(expected, error.StatusCode);
         Assert.False(string.IsNullOrWhiteSpace(error.Status.Detail));
-        // Give the loop a moment to see the worker go, then check that nothing moved.
-        await Cluster.WaitUntil(() => server.Loop.Status().Workers.All(x => x.State == WorkerState.Dropped), TimeSpan.FromSeconds(10), "the worker to be dropped");
+        // The loop sees the worker go and waits for another (polling: the two state changes are not atomic).
+        await Cluster.WaitUntil(() =>
+        {
+            var status = server.Loop.Status();
+            return status.Workers.All(x => x.State == WorkerState.Dropped) && status.State == RunState.WaitingForWorkers;
+        }, TimeSpan.FromSeconds(10), "the worker to be dropped and training to wait");
         Assert.Equal(before, (server.Loop.StepsDone, server.Loop.ParameterChecksum));
-        Assert.Equal(RunState.WaitingForWorkers, server.Loop.Status().State);
     }
 
     [Fact(Timeout = 60_000)]
