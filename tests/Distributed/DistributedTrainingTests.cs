@@ -66,12 +66,18 @@ public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
             workers[0].Kill();   // SIGKILL mid-run: its share of the step in flight goes to the other worker
             var killedAt = server.Loop.StepsDone;
             await Cluster.WaitUntil(() => server.Loop.Status().Workers.Count(w => w.State == WorkerState.Dropped) == 1, TimeSpan.FromSeconds(30), "the killed worker to be dropped", () => Logs(workers));
+
+            // Hold the run still while a restarted worker process starts: a hand-driven worker takes a slice and sits on it.
+            var held = await RawWorker.JoinAsync(server.Address);
+            await held.NextAssignmentAsync();
             var earlier = server.Loop.Status().Workers.Select(w => w.Id).ToHashSet();
-            workers.Add(new WorkerProcess(server.Address, Cluster.Token));   // a restarted worker joins at a step boundary
+            workers.Add(new WorkerProcess(server.Address, Cluster.Token));
+            await Cluster.WaitUntil(() => server.Loop.Status().Workers.Any(w => !earlier.Contains(w.Id)), TimeSpan.FromSeconds(60), "the restarted worker to connect", () => Logs(workers));
+            await held.DisposeAsync();   // leaves without pushing: its slice goes to a live worker, the result is unchanged
             await server.Loop.Completion.WaitAsync(TimeSpan.FromSeconds(150));
+
             Assert.True(killedAt < steps, $"the worker was killed after training ended (step {killedAt})");
-            var status = server.Loop.Status();
-            var newcomer = Assert.Single(status.Workers, w => !earlier.Contains(w.Id));
+            var newcomer = Assert.Single(server.Loop.Status().Workers, w => !earlier.Contains(w.Id));
             Assert.True(newcomer.StepsDone > 0, "the restarted worker never got work\n" + Logs(workers));
             Cluster.AssertSameState(reference, Cluster.Latest(runDir), Logs(workers));
         }
