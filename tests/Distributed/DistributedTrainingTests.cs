@@ -92,7 +92,8 @@ public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
     public async Task ACoordinatorKilledAndResumedFromItsCheckpointEndsIdenticalToAnUninterruptedRun()
     {
         const int steps = 60;
-        var reference = Cluster.LocalReference(Cluster.Recipe(steps, checkpointEvery: 10), Path.Combine(Dir, "local"));
+        // A wider network (slower steps) so the kill surely lands before the run ends.
+        var reference = Cluster.LocalReference(Cluster.Recipe(steps, checkpointEvery: 10) with { HiddenSize = 256 }, Path.Combine(Dir, "local"));
         var runDir = Path.Combine(Dir, "dist");
         var port = Cluster.FreePort();
         var address = new Uri($"http://127.0.0.1:{port}");
@@ -100,7 +101,7 @@ public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
         Token.WriteFile(tokenFile, Cluster.Token);
         string[] serveArgs = ["serve", "--listen", address.ToString(), "--token-file", tokenFile, "--heartbeat", "1", "--log-level", "debug"];
         var first = CoordinatorProcess([.. serveArgs, "--out", runDir, "--recipe", "swissroll", "--seed", "11", "--steps", steps.ToString(System.Globalization.CultureInfo.InvariantCulture),
-            .. Cluster.Sets(checkpointEvery: 10).SelectMany(s => new[] { "--set", s })]);
+            .. Cluster.Sets(checkpointEvery: 10).SelectMany(s => new[] { "--set", s }), "--set", "hidden-size=256"]);
         var workers = new List<WorkerProcess> { new(address, Cluster.Token), new(address, Cluster.Token) };
         Process? second = null;
         try
@@ -109,6 +110,7 @@ public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
             await Cluster.WaitUntil(() => HasCheckpoint(20), TimeSpan.FromSeconds(120), "a checkpoint at step 20", () => Logs(workers));
             first.Kill(entireProcessTree: true);   // SIGKILL: no shutdown checkpoint, the run continues from the last periodic one
             await first.WaitForExitAsync();
+            Assert.True(CheckpointStore.List(runDir)[^1].Step < steps, "the first coordinator finished before it was killed");
             second = CoordinatorProcess([.. serveArgs, "--resume", runDir]);
             // The same workers reconnect and rejoin by themselves.
             await second.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(150));
