@@ -98,7 +98,9 @@ public static class TensorTransport
 /// </summary>
 public sealed class TensorAssembler
 {
-    private readonly byte[] _payload;
+    // float32 payloads are received straight into the float array handed out by ToFloat32 (no second copy).
+    private readonly float[]? _floats;
+    private readonly byte[]? _bytes;
     private readonly bool[] _received;
     private int _receivedCount;
 
@@ -116,9 +118,12 @@ public sealed class TensorAssembler
         if (header.ChunkCount != TensorTransport.ChunkCount((long)header.ByteLength))
             throw new ProtocolException(StatusCode.InvalidArgument,
                 $"{what}: chunk_count {header.ChunkCount}, expected {TensorTransport.ChunkCount((long)header.ByteLength)} for {header.ByteLength} bytes in chunks of {TensorTransport.ChunkBytes}", "tensor.chunk_count");
-        _payload = new byte[header.ByteLength];
+        if (header.Dtype == DType.Float32) _floats = new float[expectedElements];
+        else _bytes = new byte[header.ByteLength];
         _received = new bool[header.ChunkCount];
     }
+
+    private Span<byte> Payload => _floats is not null ? MemoryMarshal.AsBytes(_floats.AsSpan()) : _bytes;
 
     public TensorHeader Header { get; }
     public string What { get; }
@@ -135,7 +140,7 @@ public sealed class TensorAssembler
             throw new ProtocolException(StatusCode.InvalidArgument,
                 $"{What}: chunk index {chunk.Index}, expected 0..{_received.Length - 1}", "chunk.index");
         var offset = (long)chunk.Index * TensorTransport.ChunkBytes;
-        var expected = (int)Math.Min(TensorTransport.ChunkBytes, _payload.Length - offset);
+        var expected = (int)Math.Min(TensorTransport.ChunkBytes, (long)Header.ByteLength - offset);
         if (chunk.Data.Length > TensorTransport.ChunkBytes)
             throw new ProtocolException(StatusCode.ResourceExhausted,
                 $"{What}: chunk {chunk.Index} has {chunk.Data.Length} bytes, at most {TensorTransport.ChunkBytes} allowed", "chunk.data");
@@ -143,22 +148,22 @@ public sealed class TensorAssembler
             throw new ProtocolException(StatusCode.InvalidArgument,
                 $"{What}: chunk {chunk.Index} has {chunk.Data.Length} bytes, expected {expected}", "chunk.data");
         if (_received[chunk.Index]) return false;
-        chunk.Data.Span.CopyTo(_payload.AsSpan((int)offset));
+        chunk.Data.Span.CopyTo(Payload[(int)offset..]);
         _received[chunk.Index] = true;
         _receivedCount++;
         BytesReceived += expected;
         return true;
     }
 
-    /// <summary>The complete payload as float32, after the checksum check.</summary>
+    /// <summary>The complete payload as float32, after the checksum check (for float32, the receive buffer itself).</summary>
     public float[] ToFloat32()
     {
         if (!IsComplete)
             throw new ProtocolException(StatusCode.InvalidArgument, $"{What}: {_receivedCount} of {_received.Length} chunks received", "chunk");
-        var sum = TensorTransport.Checksum(_payload);
+        var sum = TensorTransport.Checksum(Payload);
         if (sum != Header.Checksum)
             throw new ProtocolException(StatusCode.InvalidArgument,
                 $"{What}: payload checksum {sum:x16} does not match the header's {Header.Checksum:x16}", "tensor.checksum");
-        return TensorTransport.ToFloat32(_payload, Header.Dtype);
+        return _floats ?? TensorTransport.ToFloat32(_bytes, Header.Dtype);
     }
 }

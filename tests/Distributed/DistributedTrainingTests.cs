@@ -170,13 +170,7 @@ public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
     /// <summary>`coordinator serve` as its own process (the executable beside the tests).</summary>
     private static Process CoordinatorProcess(string[] args)
     {
-        var dir = AppContext.BaseDirectory;
-        var host = Path.Combine(dir, "coordinator");
-        var psi = File.Exists(host) ? new ProcessStartInfo(host) : new ProcessStartInfo("dotnet") { ArgumentList = { Path.Combine(dir, "coordinator.dll") } };
-        foreach (var a in args) psi.ArgumentList.Add(a);
-        psi.UseShellExecute = false;
-        psi.RedirectStandardOutput = true;
-        psi.RedirectStandardError = true;
+        var psi = DistDiffusion.Coordinator.Cli.RunCommand.StartInfo("coordinator", args);
         psi.Environment.Remove(Names.TokenEnvironmentVariable);
         var p = Process.Start(psi)!;
         p.OutputDataReceived += (_, _) => { };

@@ -65,11 +65,14 @@ internal static class RunCommand
     }
 
     /// <summary>The worker executable shipped beside this one.</summary>
-    internal static ProcessStartInfo WorkerStartInfo(IEnumerable<string> args)
+    internal static ProcessStartInfo WorkerStartInfo(IEnumerable<string> args) => StartInfo("worker", args);
+
+    /// <summary>One of the executables in this folder (its apphost, else `dotnet NAME.dll`), output redirected.</summary>
+    internal static ProcessStartInfo StartInfo(string executable, IEnumerable<string> args)
     {
         var dir = AppContext.BaseDirectory;
-        var host = Path.Combine(dir, OperatingSystem.IsWindows() ? "worker.exe" : "worker");
-        var psi = File.Exists(host) ? new ProcessStartInfo(host) : new ProcessStartInfo("dotnet") { ArgumentList = { Path.Combine(dir, "worker.dll") } };
+        var host = Path.Combine(dir, OperatingSystem.IsWindows() ? executable + ".exe" : executable);
+        var psi = File.Exists(host) ? new ProcessStartInfo(host) : new ProcessStartInfo("dotnet") { ArgumentList = { Path.Combine(dir, executable + ".dll") } };
         foreach (var a in args) psi.ArgumentList.Add(a);
         psi.UseShellExecute = false;
         psi.RedirectStandardOutput = true;
