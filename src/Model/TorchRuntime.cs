@@ -85,50 +85,95 @@ public static class TorchRuntime
     /// Enter before a burst of torch work in a process where other threads run (gRPC, sampling next to training);
     /// dispose after. TorchSharp 0.107 creates temporary <c>Scalar</c>s (for every <c>a + b</c>, <c>x * 0.5</c>, ...)
     /// that have finalizers and are not kept alive across the native call they are passed to: a garbage collection
-    /// triggered by another thread's allocation during that call can free the scalar while libtorch reads it
-    /// ("Unknown scalar type", "INTERNAL ASSERT FAILED at Scalar.h"). The guard (1) lets one thread at a time run
-    /// torch work and (2) holds a no-GC region, so no collection, hence no finalizer, can run until it ends.
-    /// Re-entrant; cheap (a region starts with a collection of a small managed heap).
+    /// triggered by another thread's allocation during that call can make the scalar unreachable, and the finalizer
+    /// thread then frees it while libtorch reads it ("Unknown scalar type", "INTERNAL ASSERT FAILED at Scalar.h").
+    /// The guard holds the finalizer thread for as long as any thread is inside a burst (see <see cref="FinalizerGate"/>),
+    /// so every temporary created in the burst stays valid until the burst ends. Collections still run; threads are not
+    /// serialized; nothing is allocated ahead. Re-entrant and safe from several threads at once.
     /// </summary>
-    public static IDisposable Compute() => new ComputeGuard();
+    public static IDisposable Compute() => FinalizerGate.Enter();
+}
 
-    private sealed class ComputeGuard : IDisposable
+/// <summary>
+/// Defers finalization while torch work is in flight. The first thread to enter parks the finalizer thread inside the
+/// finalizer of a sentinel object (one induced gen-0 collection makes the sentinel due, then we wait until its finalizer
+/// runs, so everything queued before it has been finalized and everything queued after it waits). The last thread to
+/// leave releases it. A native object that becomes garbage during a burst is therefore finalized only after every burst
+/// in flight has ended: exactly the lifetime TorchSharp 0.107 fails to guarantee for its temporaries.
+/// Cost: one gen-0 collection and one hand-off to the finalizer thread per burst that starts while none is in flight.
+/// </summary>
+public static class FinalizerGate
+{
+    private static readonly object Arm = new();
+    private static int _inFlight;
+    private static ManualResetEventSlim? _release;
+    private static long _armed;
+
+    /// <summary>How many times the finalizer thread was parked (tests and diagnostics).</summary>
+    public static long TimesArmed => Interlocked.Read(ref _armed);
+
+    /// <summary>Threads inside a burst right now.</summary>
+    public static int InFlight => Volatile.Read(ref _inFlight);
+
+    public static IDisposable Enter()
     {
-        private const long Budget = 200L << 20;   // allocations (by any thread) the region tolerates
-        private static readonly object Gate = new();
-        private readonly bool _region;
-        private bool _disposed;
-
-        public ComputeGuard()
+        lock (Arm)
         {
-            Monitor.Enter(Gate);
-            try
-            {
-                _region = GC.TryStartNoGCRegion(Budget);
-            }
-            catch (InvalidOperationException)
-            {
-                _region = false;   // nested on this thread: the outer guard holds the region
-            }
+            if (_inFlight == 0) Park();
+            _inFlight++;
         }
+        return new Ticket();
+    }
+
+    private static void Leave()
+    {
+        lock (Arm)
+        {
+            if (--_inFlight > 0) return;
+            _release!.Set();
+            _release = null;
+        }
+    }
+
+    private static void Park()
+    {
+        var parked = new ManualResetEventSlim();
+        var release = new ManualResetEventSlim();
+        MakeSentinel(parked, release);
+        // The sentinel is new, so a gen-0 collection finds it dead; should another collection have promoted it first,
+        // full collections find it. The finalizer thread reaches it after the finalizers queued before it.
+        GC.Collect(0, GCCollectionMode.Forced, blocking: true);
+        for (var tries = 0; !parked.Wait(TimeSpan.FromMilliseconds(200)); tries++)
+        {
+            if (tries == 50)
+                throw new InvalidOperationException("the finalizer thread did not reach the finalizer gate within 10 s");
+            GC.Collect();
+        }
+        _release = release;
+        Interlocked.Increment(ref _armed);
+    }
+
+    [MethodImpl(MethodImplOptions.NoInlining)]
+    private static void MakeSentinel(ManualResetEventSlim parked, ManualResetEventSlim release) => _ = new Sentinel(parked, release);
+
+    private sealed class Sentinel(ManualResetEventSlim parked, ManualResetEventSlim release)
+    {
+        ~Sentinel()
+        {
+            parked.Set();
+            release.Wait();
+            parked.Dispose();
+            release.Dispose();
+        }
+    }
+
+    private sealed class Ticket : IDisposable
+    {
+        private int _left;
 
         public void Dispose()
         {
-            if (_disposed) return;
-            _disposed = true;
-            try
-            {
-                if (_region && System.Runtime.GCSettings.LatencyMode == System.Runtime.GCLatencyMode.NoGCRegion)
-                    GC.EndNoGCRegion();
-            }
-            catch (InvalidOperationException)
-            {
-                // the budget ran out and a collection already ended the region
-            }
-            finally
-            {
-                Monitor.Exit(Gate);
-            }
+            if (Interlocked.Exchange(ref _left, 1) == 0) Leave();
         }
     }
 }

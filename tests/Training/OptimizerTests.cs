@@ -155,8 +155,8 @@ public sealed class OptimizerUnderGcPressureTests
     }
 
     /// <summary>
-    /// Garbage, small and large objects, at several hundred MB/s — as gRPC threads make it, only faster — but not so fast that one
-    /// guarded step outruns the guard's 200 MB no-GC budget (then a collection could happen inside it again).
+    /// Garbage, small and large objects, as gRPC threads make it, plus a forced gen-0 collection every few hundred
+    /// allocations, so collections (and with them finalizers of unreachable temporaries) land inside torch calls often.
     /// </summary>
     private static void Allocate(CancellationToken stop)
     {
@@ -164,7 +164,8 @@ public sealed class OptimizerUnderGcPressureTests
         for (var i = 0; !stop.IsCancellationRequested; i++)
         {
             keep[i % keep.Length] = new byte[i % 7 == 0 ? 90_000 : 2_000];
-            if (i % 64 == 0) Thread.Sleep(1);
+            if (i % 256 == 0) GC.Collect(0, GCCollectionMode.Forced, blocking: true);
+            if (i % 64 == 0) Thread.Sleep(0);
         }
     }
 }
