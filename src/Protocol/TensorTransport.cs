@@ -104,10 +104,28 @@ public sealed class TensorAssembler
     private readonly bool[] _received;
     private int _receivedCount;
 
-    public TensorAssembler(TensorHeader header, long expectedElements, string what)
+    /// <param name="destination">float32 payloads are received straight into this array when given (a pooled buffer of
+    /// <paramref name="expectedElements"/> floats); otherwise a new one.</param>
+    public TensorAssembler(TensorHeader header, long expectedElements, string what, float[]? destination = null)
     {
         Header = header;
         What = what;
+        CheckHeader(header, expectedElements, what);
+        if (header.SharedMemory)
+            throw new ProtocolException(StatusCode.FailedPrecondition, $"{what}: the payload is in shared memory, but this connection has no segment", "tensor.shared_memory");
+        if (header.ChunkCount != TensorTransport.ChunkCount((long)header.ByteLength))
+            throw new ProtocolException(StatusCode.InvalidArgument,
+                $"{what}: chunk_count {header.ChunkCount}, expected {TensorTransport.ChunkCount((long)header.ByteLength)} for {header.ByteLength} bytes in chunks of {TensorTransport.ChunkBytes}", "tensor.chunk_count");
+        if (destination is not null && destination.Length != expectedElements)
+            throw new ArgumentException($"destination of {destination.Length} floats for {expectedElements} elements");
+        if (header.Dtype == DType.Float32) _floats = destination ?? new float[expectedElements];
+        else _bytes = new byte[header.ByteLength];
+        _received = new bool[header.ChunkCount];
+    }
+
+    /// <summary>Shape and byte length against what is expected, for streamed and shared-memory payloads alike.</summary>
+    private static void CheckHeader(TensorHeader header, long expectedElements, string what)
+    {
         var size = TensorTransport.ElementSize(header.Dtype);
         if (header.Shape.Count != 1 || header.Shape[0] != expectedElements)
             throw new ProtocolException(StatusCode.InvalidArgument,
@@ -115,12 +133,45 @@ public sealed class TensorAssembler
         if (header.ByteLength != (ulong)(expectedElements * size))
             throw new ProtocolException(StatusCode.InvalidArgument,
                 $"{what}: byte_length {header.ByteLength}, expected {expectedElements * size} ({expectedElements} elements of {header.Dtype})", "tensor.byte_length");
-        if (header.ChunkCount != TensorTransport.ChunkCount((long)header.ByteLength))
+    }
+
+    /// <summary>
+    /// A payload announced as in shared memory: checks the header, then the checksum of the first byte_length bytes of
+    /// <paramref name="region"/>, and returns them. The caller copies first when the other side may still write the region.
+    /// </summary>
+    public static ReadOnlySpan<byte> CheckShared(TensorHeader header, long expectedElements, string what, ReadOnlySpan<byte> region)
+    {
+        CheckHeader(header, expectedElements, what);
+        if (header.ChunkCount != 0)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"{what}: chunk_count {header.ChunkCount} for a shared-memory payload, expected 0", "tensor.chunk_count");
+        if ((long)header.ByteLength > region.Length)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"{what}: byte_length {header.ByteLength} exceeds the {region.Length}-byte shared region", "tensor.byte_length");
+        var payload = region[..(int)header.ByteLength];
+        var sum = TensorTransport.Checksum(payload);
+        if (sum != header.Checksum)
             throw new ProtocolException(StatusCode.InvalidArgument,
-                $"{what}: chunk_count {header.ChunkCount}, expected {TensorTransport.ChunkCount((long)header.ByteLength)} for {header.ByteLength} bytes in chunks of {TensorTransport.ChunkBytes}", "tensor.chunk_count");
-        if (header.Dtype == DType.Float32) _floats = new float[expectedElements];
-        else _bytes = new byte[header.ByteLength];
-        _received = new bool[header.ChunkCount];
+                $"{what}: shared-memory payload checksum {sum:x16} does not match the header's {header.Checksum:x16}", "tensor.checksum");
+        return payload;
+    }
+
+    /// <summary>A shared-memory payload copied out of the region first (the worker owns it), then checked and decoded to float32.</summary>
+    public static float[] CopyShared(TensorHeader header, long expectedElements, string what, ReadOnlySpan<byte> region, float[]? destination = null)
+    {
+        CheckHeader(header, expectedElements, what);
+        if ((long)header.ByteLength > region.Length)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"{what}: byte_length {header.ByteLength} exceeds the {region.Length}-byte shared region", "tensor.byte_length");
+        if (header.Dtype == DType.Float32)
+        {
+            var floats = destination ?? new float[expectedElements];
+            if (floats.Length != expectedElements) throw new ArgumentException($"destination of {floats.Length} floats for {expectedElements} elements");
+            var bytes = MemoryMarshal.AsBytes(floats.AsSpan());
+            region[..bytes.Length].CopyTo(bytes);
+            CheckShared(header, expectedElements, what, bytes);
+            return floats;
+        }
+        var copy = region[..(int)header.ByteLength].ToArray();
+        CheckShared(header, expectedElements, what, copy);
+        return TensorTransport.ToFloat32(copy, header.Dtype);
     }
 
     private Span<byte> Payload => _floats is not null ? MemoryMarshal.AsBytes(_floats.AsSpan()) : _bytes;

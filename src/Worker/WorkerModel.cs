@@ -68,7 +68,15 @@ internal sealed class WorkerModel : IDisposable
     /// </summary>
     public (byte[] Gradient, byte[] Present, double Loss) Gradient(Dataset train, ReadOnlySpan<long> indices, ReadOnlySpan<ulong> seeds, int globalBatch)
     {
-        using var guard = Model.TorchRuntime.Compute();   // sampling may run on another thread; gRPC threads allocate
+        var values = new byte[Vector.Elements * 4];
+        var (present, loss) = Gradient(train, indices, seeds, globalBatch, values);
+        return (values, present, loss);
+    }
+
+    /// <summary>As above, the gradient written into <paramref name="values"/> [Elements * 4 bytes] (a pooled or shared buffer).</summary>
+    public (byte[] Present, double Loss) Gradient(Dataset train, ReadOnlySpan<long> indices, ReadOnlySpan<ulong> seeds, int globalBatch, Span<byte> values)
+    {
+        using var guard = Model.TorchRuntime.Compute();   // other threads allocate: temporaries must outlive their native calls
         Network.zero_grad(set_to_none: true);   // presence then means "this slice touched it"
         double loss;
         using (var scope = NewDisposeScope())
@@ -78,9 +86,9 @@ internal sealed class WorkerModel : IDisposable
             l.backward();
             loss = l.to_type(ScalarType.Float64).item<double>();
         }
-        var (values, present) = Vector.ReadGradients();
+        var present = Vector.ReadGradients(values);
         Network.zero_grad(set_to_none: true);
-        return (values, present, loss);
+        return (present, loss);
     }
 
     public void Dispose()

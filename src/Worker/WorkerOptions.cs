@@ -17,6 +17,8 @@ public sealed record WorkerOptions
     public TimeSpan MaxRetryDelay { get; init; } = TimeSpan.FromSeconds(10);
     /// <summary>Bound on every single remote wait that is not a long-lived stream read (connect, join reply).</summary>
     public TimeSpan CallTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    /// <summary>Accept a coordinator's shared-memory offer (only made under the same kernel).</summary>
+    public bool SharedMemory { get; init; } = true;
     /// <summary>Give up after this long without a successful join (zero: never).</summary>
     public TimeSpan GiveUpAfter { get; init; } = TimeSpan.Zero;
 }

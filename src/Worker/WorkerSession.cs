@@ -41,6 +41,13 @@ internal sealed class WorkerSession
     private readonly ILogger _log;
     private readonly Channel<WorkerMessage> _outbox = Channel.CreateUnbounded<WorkerMessage>(new UnboundedChannelOptions { SingleReader = true });
     private TensorAssembler? _incomingParameters;
+    /// <summary>The push whose gradient sits in the shared region until the coordinator acknowledges it.</summary>
+    private (ulong Step, uint Slice)? _sharedGradientInFlight;
+    /// <summary>The reused buffer for gradients sent on the stream, and the push its chunks still wrap until acknowledged.</summary>
+    private byte[]? _streamGradient;
+    private (ulong Step, uint Slice)? _streamGradientInFlight;
+    /// <summary>The reused buffer parameters sent on the stream are received into (copied into the network at once).</summary>
+    private float[]? _parameterBuffer;
     private string _workerId = "";
     private long _trainSize;
 
@@ -73,6 +80,8 @@ internal sealed class WorkerSession
                     Device = _device.ToString(),
                     Threads = get_num_threads(),
                     ProtocolVersion = Names.ProtocolVersion,
+                    SharedMemory = _options.SharedMemory && SharedTensorSegment.Supported,
+                    BootId = SharedTensorSegment.BootId,
                 },
             });
             if (!await call.ResponseStream.MoveNext(cts.Token).WaitAsync(_options.CallTimeout, cts.Token))
@@ -87,6 +96,7 @@ internal sealed class WorkerSession
             var model = _modelFor(welcome.RecipeJson);
             CheckLayout(model, welcome);
             _trainSize = welcome.TrainSize;
+            using var segment = AnswerSharedMemoryOffer(welcome.SharedMemory, model.Vector.Elements * 4);
             using var sampler = new WorkerSampler(model, _device, Send, _log);
             Joined = true;
             State = SessionState.Ready;
@@ -99,16 +109,22 @@ internal sealed class WorkerSession
                 var message = call.ResponseStream.Current;
                 switch (message.KindCase)
                 {
+                    case CoordinatorMessage.KindOneofCase.Parameters when message.Parameters.SharedMemory:
+                        ReceiveSharedParameters(model, message.Parameters, segment);
+                        break;
                     case CoordinatorMessage.KindOneofCase.Parameters:
-                        _incomingParameters = new TensorAssembler(message.Parameters, model.Vector.Elements, "parameters");
+                        _incomingParameters = new TensorAssembler(message.Parameters, model.Vector.Elements, "parameters",
+                            _parameterBuffer ??= new float[model.Vector.Elements]);
                         break;
                     case CoordinatorMessage.KindOneofCase.ParametersChunk:
                         ReceiveParameterChunk(model, message.ParametersChunk);
                         break;
                     case CoordinatorMessage.KindOneofCase.Assignment:
-                        Compute(model, message.Assignment, welcome.GradientDtype);
+                        Compute(model, message.Assignment, welcome.GradientDtype, segment);
                         break;
                     case CoordinatorMessage.KindOneofCase.Ack:
+                        if (_sharedGradientInFlight == (message.Ack.Step, message.Ack.Slice)) _sharedGradientInFlight = null;
+                        if (_streamGradientInFlight == (message.Ack.Step, message.Ack.Slice)) _streamGradientInFlight = null;
                         if (!message.Ack.Applied)
                             _log.LogDebug("Coordinator ignored our push for step {Step} slice {Slice}: {Note}", message.Ack.Step, message.Ack.Slice, message.Ack.Note);
                         break;
@@ -162,6 +178,33 @@ internal sealed class WorkerSession
         }
     }
 
+    /// <summary>Maps the offered segment when there is one and it checks out; tells the coordinator either way.</summary>
+    private SharedTensorSegment? AnswerSharedMemoryOffer(SharedMemoryOffer? offer, long regionBytes)
+    {
+        if (offer is null) return null;
+        SharedTensorSegment? segment = null;
+        string reason;
+        if (!_options.SharedMemory) reason = "disabled on this worker";
+        else if ((long)offer.RegionBytes != regionBytes) reason = $"offered regions of {offer.RegionBytes} bytes, this network needs {regionBytes}";
+        else segment = SharedTensorSegment.TryOpen(offer.Path, offer.Nonce, regionBytes, out reason);
+        Send(new WorkerMessage { SharedMemoryReply = new SharedMemoryReply { Accepted = segment is not null, Reason = reason } });
+        if (segment is not null) _log.LogInformation("Tensors move through shared memory ({Path})", offer.Path);
+        else _log.LogInformation("Tensors move on the stream: {Reason}", reason);
+        return segment;
+    }
+
+    private static void ReceiveSharedParameters(WorkerModel model, TensorHeader header, SharedTensorSegment? segment)
+    {
+        if (segment is null)
+            throw new ProtocolException(StatusCode.Internal, "parameters announced in shared memory, but this worker mapped no segment");
+        if (header.Dtype != DType.Float32)
+            throw new ProtocolException(StatusCode.Internal, $"parameters as {header.Dtype}, expected DTYPE_FLOAT32");
+        // The coordinator writes the region only between steps, never while we read it: no copy needed before the check.
+        var payload = TensorAssembler.CheckShared(header, model.Vector.Elements, "parameters", segment.Parameters);
+        model.Vector.WriteValues(MemoryMarshal.Cast<byte, float>(payload));
+        model.ParameterVersion = header.ParameterVersion;
+    }
+
     private void ReceiveParameterChunk(WorkerModel model, TensorChunk chunk)
     {
         var assembler = _incomingParameters
@@ -174,7 +217,7 @@ internal sealed class WorkerSession
         _log.LogDebug("Loaded parameters version {Version}", model.ParameterVersion);
     }
 
-    private void Compute(WorkerModel model, StepAssignment a, DType dtype)
+    private void Compute(WorkerModel model, StepAssignment a, DType dtype, SharedTensorSegment? segment)
     {
         if (model.ParameterVersion != a.ParameterVersion)
             throw new ProtocolException(StatusCode.Internal, $"assignment for parameter version {a.ParameterVersion} but this worker holds {model.ParameterVersion?.ToString() ?? "none"}");
@@ -182,8 +225,25 @@ internal sealed class WorkerSession
             throw new ProtocolException(StatusCode.Internal, $"assignment has {a.Indices.Count} indices but {a.SampleSeeds.Count} seeds");
         State = SessionState.Computing;
         var clock = Stopwatch.StartNew();
-        var (gradient, present, loss) = model.Gradient(model.Train(_trainSize), a.Indices.ToArray(), a.SampleSeeds.ToArray(), (int)a.GlobalBatchSize);
-        var payload = dtype == DType.Bfloat16 ? TensorTransport.ToBFloat16(MemoryMarshal.Cast<byte, float>(gradient.AsSpan())) : gradient;
+        // A buffer (the shared region, or the reused stream buffer) is ours again once the coordinator acknowledged the
+        // push it carried (it copies a shared gradient on arrival; chunks wrap the stream buffer until written).
+        // A second slice in the same step before that takes a fresh buffer.
+        var bytes = (int)(model.Vector.Elements * 4);
+        var shared = segment is not null && dtype != DType.Bfloat16 && _sharedGradientInFlight is null;
+        var reuse = !shared && _streamGradientInFlight is null;
+        var gradient = shared ? null : reuse ? _streamGradient ??= new byte[bytes] : new byte[bytes];
+        Span<byte> values = shared ? segment!.Gradients[..bytes] : gradient;
+        var (present, loss) = model.Gradient(model.Train(_trainSize), a.Indices.ToArray(), a.SampleSeeds.ToArray(), (int)a.GlobalBatchSize, values);
+        byte[]? payload = dtype == DType.Bfloat16 ? TensorTransport.ToBFloat16(MemoryMarshal.Cast<byte, float>(values)) : gradient;
+        var header = TensorTransport.Header(payload ?? values, dtype == DType.Bfloat16 ? DType.Bfloat16 : DType.Float32, model.Vector.Elements, a.Step, a.ParameterVersion);
+        if (shared)
+        {
+            header.SharedMemory = true;
+            header.ChunkCount = 0;
+            _sharedGradientInFlight = (a.Step, a.Slice);
+        }
+        else if (reuse)
+            _streamGradientInFlight = (a.Step, a.Slice);
         var seconds = clock.Elapsed.TotalSeconds;
         Send(new WorkerMessage
         {
@@ -193,15 +253,16 @@ internal sealed class WorkerSession
                 Step = a.Step,
                 ParameterVersion = a.ParameterVersion,
                 Slice = a.Slice,
-                Tensor = TensorTransport.Header(payload, dtype == DType.Bfloat16 ? DType.Bfloat16 : DType.Float32, model.Vector.Elements, a.Step, a.ParameterVersion),
+                Tensor = header,
                 Present = Google.Protobuf.ByteString.CopyFrom(present),
                 Loss = loss,
                 SampleCount = (uint)a.Indices.Count,
                 ComputeSeconds = seconds,
             },
         });
-        foreach (var chunk in TensorTransport.Chunks(payload, a.Step, a.ParameterVersion))
-            Send(new WorkerMessage { GradientChunk = new GradientChunk { WorkerId = _workerId, Slice = a.Slice, Chunk = chunk } });
+        if (payload is not null)
+            foreach (var chunk in TensorTransport.Chunks(payload, a.Step, a.ParameterVersion))
+                Send(new WorkerMessage { GradientChunk = new GradientChunk { WorkerId = _workerId, Slice = a.Slice, Chunk = chunk } });
         State = SessionState.Ready;
         _log.LogDebug("Step {Step} slice {Slice}: {Count} samples in {Seconds:F3} s, loss part {Loss:G4}", a.Step, a.Slice, a.Indices.Count, seconds, loss);
     }

@@ -54,6 +54,11 @@ public sealed class CoordinatorOptions
     /// <summary>Device for the optimizer state (the coordinator computes no gradients).</summary>
     public string Device { get; set; } = "cpu";
     public int Threads { get; set; }
+    /// <summary>
+    /// Offer workers under the same kernel a /dev/shm segment, so tensors move as one memcpy each way instead of through
+    /// the stream (headers and checksums still go on the stream). Remote workers always use the stream.
+    /// </summary>
+    public bool SharedMemory { get; set; } = true;
 
     public double HeartbeatTimeoutSeconds => HeartbeatSeconds * 4;
 

@@ -43,10 +43,14 @@ public sealed class TrainerService : Trainer.TrainerBase
         worker.Seen(first.CalculateSize());
         using var linked = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken, worker.Aborted);
         var writer = WriteLoopAsync(worker, responseStream, timeout, linked);
+        worker.OfferedSegment = OfferSharedMemory(first.Join, worker.Id);
         worker.Send(new CoordinatorMessage
         {
             Welcome = new Welcome
             {
+                SharedMemory = worker.OfferedSegment is { } offered
+                    ? new SharedMemoryOffer { Path = offered.Path, Nonce = offered.Nonce, RegionBytes = (ulong)offered.RegionBytes }
+                    : null,
                 WorkerId = worker.Id,
                 RecipeJson = _loop.RecipeJson,
                 TrainSize = _loop.TrainSize,
@@ -96,6 +100,10 @@ public sealed class TrainerService : Trainer.TrainerBase
         }
         finally
         {
+            // The name goes now; the mapping stays until the loop removes the worker (it may be writing parameters into it).
+            worker.OfferedSegment?.Dispose();
+            worker.OfferedSegment = null;
+            worker.SharedMemory?.Unlink();
             _sampling.RemoveWorker(worker);
             _loop.Post(new WorkerGone(worker, reason));
             worker.CloseOutbox();
@@ -125,10 +133,43 @@ public sealed class TrainerService : Trainer.TrainerBase
             case WorkerMessage.KindOneofCase.SampleOutput:
                 _sampling.OnOutput(worker, message.SampleOutput);
                 return null;
+            case WorkerMessage.KindOneofCase.SharedMemoryReply:
+                AnswerOffer(worker, message.SharedMemoryReply);
+                return null;
             default:
                 throw new ProtocolException(StatusCode.InvalidArgument, $"message kind {message.KindCase} is not one a worker may send", "kind");
         }
     }
+
+    /// <summary>A segment for a worker under this kernel, when enabled and possible (else null: the stream carries tensors).</summary>
+    private SharedTensorSegment? OfferSharedMemory(Join join, string workerId)
+    {
+        if (!_options.SharedMemory || !join.SharedMemory || join.BootId.Length == 0 || join.BootId != SharedTensorSegment.BootId)
+            return null;
+        var segment = SharedTensorSegment.TryCreate(_loop.ParameterElements * 4, out var reason);
+        if (segment is null) _log.LogInformation("No shared memory for {Worker}: {Reason}", workerId, reason);
+        return segment;
+    }
+
+    private void AnswerOffer(WorkerConnection worker, SharedMemoryReply reply)
+    {
+        if (worker.OfferedSegment is not { } segment)
+            throw new ProtocolException(StatusCode.FailedPrecondition, $"worker {worker.Id} answered a shared-memory offer it was not made (or answered twice)", "shared_memory_reply");
+        worker.OfferedSegment = null;
+        segment.Unlink();   // both sides have it mapped; no name is left behind whatever happens next
+        if (reply.Accepted)
+        {
+            worker.SharedMemory = segment;
+            _log.LogInformation("Worker {Worker} exchanges tensors through shared memory", worker.Id);
+        }
+        else
+        {
+            segment.Dispose();
+            _log.LogInformation("Worker {Worker} declined shared memory: {Reason}", worker.Id, Truncate(reply.Reason));
+        }
+    }
+
+    private static string Truncate(string s) => s.Length <= 200 ? s : s[..200] + "...";
 
     private static void CheckId(WorkerConnection worker, string id)
     {
@@ -179,7 +220,25 @@ public sealed class TrainerService : Trainer.TrainerBase
             throw new ProtocolException(StatusCode.InvalidArgument, $"tensor header says step {h.Tensor.Step} version {h.Tensor.ParameterVersion}, the gradient header step {h.Step} version {h.ParameterVersion}", "tensor.step");
         if (h.Tensor.Dtype != _loop.GradientDtype)
             throw new ProtocolException(StatusCode.InvalidArgument, $"gradient dtype {h.Tensor.Dtype}: this run exchanges {_loop.GradientDtype}", "tensor.dtype");
-        worker.Incoming = (h, new TensorAssembler(h.Tensor, _loop.ParameterElements, $"gradient of step {h.Step} slice {h.Slice}"));
+        var what = $"gradient of step {h.Step} slice {h.Slice}";
+        if (h.Tensor.SharedMemory)
+        {
+            if (worker.SharedMemory is not { } segment)
+                throw new ProtocolException(StatusCode.FailedPrecondition, $"{what}: announced in shared memory, but this worker has no segment", "tensor.shared_memory");
+            // Copied out before anything is checked: the worker may write its region again at any time.
+            Deliver(worker, h, TensorAssembler.CopyShared(h.Tensor, _loop.ParameterElements, what, segment.Gradients, _loop.GradientBuffers.Rent()));
+            return;
+        }
+        worker.Incoming = (h, new TensorAssembler(h.Tensor, _loop.ParameterElements, what, _loop.GradientBuffers.Rent()));
+    }
+
+    /// <summary>A complete, checksum-verified gradient: checked for finiteness, then handed to the loop.</summary>
+    private void Deliver(WorkerConnection worker, GradientHeader h, float[] values)
+    {
+        var bad = TensorTransport.FirstNonFinite(values);
+        if (bad >= 0)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"gradient of step {h.Step} slice {h.Slice}: element {bad} is {values[bad]}; gradients must be finite", "tensor.data");
+        _loop.Post(new GradientArrived(new SliceGradient(worker, h.Step, h.Slice, values, h.Present.ToByteArray(), h.Loss, h.ComputeSeconds)));
     }
 
     private void Ignore(WorkerConnection worker, GradientHeader h, string note)
@@ -203,12 +262,7 @@ public sealed class TrainerService : Trainer.TrainerBase
         incoming.Assembler.Add(c.Chunk);
         if (!incoming.Assembler.IsComplete) return;
         worker.Incoming = null;
-        var values = incoming.Assembler.ToFloat32();
-        var bad = TensorTransport.FirstNonFinite(values);
-        if (bad >= 0)
-            throw new ProtocolException(StatusCode.InvalidArgument, $"gradient of step {incoming.Header.Step} slice {incoming.Header.Slice}: element {bad} is {values[bad]}; gradients must be finite", "tensor.data");
-        _loop.Post(new GradientArrived(new SliceGradient(worker, incoming.Header.Step, incoming.Header.Slice, values,
-            incoming.Header.Present.ToByteArray(), incoming.Header.Loss, incoming.Header.ComputeSeconds)));
+        Deliver(worker, incoming.Header, incoming.Assembler.ToFloat32());
     }
 
     private async Task WriteLoopAsync(WorkerConnection worker, IServerStreamWriter<CoordinatorMessage> stream, TimeSpan timeout, CancellationTokenSource linked)

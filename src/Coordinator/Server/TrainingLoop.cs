@@ -54,6 +54,9 @@ public sealed class TrainingLoop : BackgroundService
     private readonly List<WorkerConnection> _known = [];
     private readonly ParameterVector? _emaVector;
     private readonly Dictionary<bool, WeightsSnapshot> _snapshots = [];
+    // Two parameter buffers, alternating by version: a worker may still be reading version v's bytes (its chunks queued,
+    // or its shared region filled from them) while v + 1 is written. Both are reused for the whole run.
+    private readonly byte[][] _parameterBuffers;
     private byte[] _parameterBytes = [];
     private TensorHeader _parameterHeader = new();
     private ulong _version;
@@ -70,6 +73,8 @@ public sealed class TrainingLoop : BackgroundService
         _log = log;
         _lifetime = lifetime;
         _vector = ParameterVector.Of(run.State.Network);
+        _parameterBuffers = [new byte[_vector.Elements * 4], new byte[_vector.Elements * 4]];
+        GradientBuffers = new TensorBufferPool(_vector.Elements);
         if (run.State.Ema is { } ema)
             _emaVector = new ParameterVector(_vector.Shapes.Select(p => (p.Name, ema.Weights[p.Name])));
         RunId = Guid.NewGuid().ToString("N")[..12];
@@ -85,6 +90,8 @@ public sealed class TrainingLoop : BackgroundService
     }
 
     public string RunId { get; }
+    /// <summary>Where the stream handlers receive gradients; the loop returns each buffer once summed.</summary>
+    public TensorBufferPool GradientBuffers { get; }
     public string RecipeJson { get; }
     public DType GradientDtype { get; }
     public long ParameterElements => _vector.Elements;
@@ -125,7 +132,7 @@ public sealed class TrainingLoop : BackgroundService
             if (!_snapshots.TryGetValue(ema, out var snapshot) || snapshot.Version != _version)
             {
                 using var guard = Model.TorchRuntime.Compute();
-                var bytes = ema ? _emaVector!.ReadValues() : _parameterBytes;
+                var bytes = ema ? _emaVector!.ReadValues() : _parameterBytes.ToArray();   // the live buffer is reused two versions on
                 var header = TensorTransport.Header(bytes, DType.Float32, _vector.Elements, (ulong)_run.State.StepsDone, _version);
                 snapshot = new WeightsSnapshot((_version << 1) | (ema ? 1UL : 0UL), _version, ema, bytes, header);
                 _snapshots[ema] = snapshot;
@@ -290,6 +297,18 @@ public sealed class TrainingLoop : BackgroundService
         if (wasLive) _log.LogWarning("Worker {Worker} removed: {Reason}; {Count} live", w.Id, reason, _live.Count);
     }
 
+    /// <summary>
+    /// The worker's stream handler has ended (it posts this last): remove the worker, and unmap its shared memory, which
+    /// nobody reads any more (the handler copied gradients out of it; only this loop wrote parameters into it).
+    /// </summary>
+    private void Gone(WorkerGone g)
+    {
+        Remove(g.Worker, g.Reason);
+        var segment = g.Worker.SharedMemory;
+        g.Worker.SharedMemory = null;
+        segment?.Dispose();
+    }
+
     /// <summary>Waits up to <paramref name="timeout"/> for one event and handles joins and departures (outside a step).</summary>
     private async Task HandleNextAsync(TimeSpan timeout, CancellationToken ct)
     {
@@ -297,8 +316,11 @@ public sealed class TrainingLoop : BackgroundService
         switch (e)
         {
             case WorkerJoined j: Register(j.Worker); break;
-            case WorkerGone g: Remove(g.Worker, g.Reason); break;
-            case GradientArrived a: Ack(a.Gradient, applied: false, "no step in progress"); break;
+            case WorkerGone g: Gone(g); break;
+            case GradientArrived a:
+                Ack(a.Gradient, applied: false, "no step in progress");
+                GradientBuffers.Return(a.Gradient.Values);
+                break;
             case WeightsRequested w: Serve(w); break;
         }
     }
@@ -343,7 +365,7 @@ public sealed class TrainingLoop : BackgroundService
                     Register(j.Worker);
                     break;
                 case WorkerGone g:
-                    Remove(g.Worker, g.Reason);
+                    Gone(g);
                     Reassign(g.Worker);
                     break;
                 case WeightsRequested w:
@@ -353,6 +375,7 @@ public sealed class TrainingLoop : BackgroundService
                     if (gr.Step != step || gr.Slice >= sliceCount || owners[gr.Slice] != gr.Worker || results[gr.Slice] is not null)
                     {
                         Ack(gr, applied: false, "stale or duplicate");
+                        GradientBuffers.Return(gr.Values);
                         break;
                     }
                     results[gr.Slice] = gr;
@@ -396,12 +419,14 @@ public sealed class TrainingLoop : BackgroundService
             Add(total, results[k]!.Values);
             for (var b = 0; b < present.Length; b++) present[b] |= results[k]!.Present[b];
             loss += results[k]!.Loss;
+            GradientBuffers.Return(results[k]!.Values);
         }
         var gathered = Stopwatch.GetTimestamp();
         double norm;
         using (Model.TorchRuntime.Compute())   // gRPC threads allocate all the time: no GC inside torch calls
         {
             _vector.WriteGradients(total, present);
+            GradientBuffers.Return(total);
             norm = s.ApplyGradients(plan);
             lock (_statusLock) _version++;
             PublishParameters();
@@ -419,9 +444,7 @@ public sealed class TrainingLoop : BackgroundService
             w.State = WorkerState.Busy;
             if (w.ParameterVersion != _version)
             {
-                w.Send(new CoordinatorMessage { Parameters = _parameterHeader });
-                foreach (var chunk in TensorTransport.Chunks(_parameterBytes, _parameterHeader.Step, _version))
-                    w.Send(new CoordinatorMessage { ParametersChunk = chunk });
+                SendParameters(w);
                 w.ParameterVersion = _version;
             }
             var (start, end) = bounds[slice];
@@ -488,9 +511,31 @@ public sealed class TrainingLoop : BackgroundService
     private static void Ack(SliceGradient g, bool applied, string note) =>
         g.Worker.Send(new CoordinatorMessage { Ack = new Ack { Step = g.Step, Slice = g.Slice, Applied = applied, Note = note } });
 
+    /// <summary>
+    /// The current parameters to one worker: into its shared-memory region (one memcpy; the header with the checksum on
+    /// the stream) or as header + chunks on the stream. The region is free: a worker reads it before computing the slice
+    /// whose gradient this step waits for, and parameters change only between steps.
+    /// </summary>
+    private void SendParameters(WorkerConnection w)
+    {
+        if (w.SharedMemory is { } segment)
+        {
+            _parameterBytes.CopyTo(segment.Parameters);
+            var header = _parameterHeader.Clone();
+            header.SharedMemory = true;
+            header.ChunkCount = 0;
+            w.Send(new CoordinatorMessage { Parameters = header });
+            return;
+        }
+        w.Send(new CoordinatorMessage { Parameters = _parameterHeader });
+        foreach (var chunk in TensorTransport.Chunks(_parameterBytes, _parameterHeader.Step, _version))
+            w.Send(new CoordinatorMessage { ParametersChunk = chunk });
+    }
+
     private void PublishParameters()
     {
-        _parameterBytes = _vector.ReadValues();
+        _parameterBytes = _parameterBuffers[(int)(_version % 2)];
+        _vector.ReadValues(_parameterBytes);
         _parameterHeader = TensorTransport.Header(_parameterBytes, DType.Float32, _vector.Elements, (ulong)_run.State.StepsDone, _version);
     }
 

@@ -39,6 +39,11 @@ public sealed class WorkerConnection
     public ulong? ParameterVersion { get; set; }
     /// <summary>Gradient being received: its header and assembler; the slice it answers.</summary>
     public (GradientHeader Header, TensorAssembler Assembler)? Incoming { get; set; }
+    /// <summary>The shared-memory segment offered in the Welcome, until the worker answers.</summary>
+    public SharedTensorSegment? OfferedSegment { get; set; }
+    /// <summary>The segment the worker mapped (payloads skip the stream); disposed by the loop when the worker is removed.</summary>
+    public SharedTensorSegment? SharedMemory { get => Volatile.Read(ref _sharedMemory); set => Volatile.Write(ref _sharedMemory, value); }
+    private SharedTensorSegment? _sharedMemory;
     /// <summary>A push being ignored (stale or duplicate): its chunks are skipped.</summary>
     public (ulong Step, uint Slice)? Ignoring { get; set; }
 

@@ -39,9 +39,17 @@ public sealed class ParameterVector
     public byte[] ReadValues()
     {
         var bytes = new byte[Elements * 4];
-        foreach (var (_, p, offset, count) in _layout)
-            CopyOut(p, bytes.AsSpan((int)(offset * 4), (int)(count * 4)));
+        ReadValues(bytes);
         return bytes;
+    }
+
+    /// <summary>The parameters' values written into <paramref name="bytes"/> [Elements * 4] (a reused buffer).</summary>
+    public void ReadValues(Span<byte> bytes)
+    {
+        if (bytes.Length != Elements * 4)
+            throw new ArgumentException($"value buffer of {bytes.Length} bytes, expected {Elements * 4}");
+        foreach (var (_, p, offset, count) in _layout)
+            CopyOut(p, bytes.Slice((int)(offset * 4), (int)(count * 4)));
     }
 
     /// <summary>Overwrites the parameters with <paramref name="values"/> [Elements].</summary>
@@ -60,16 +68,29 @@ public sealed class ParameterVector
     public (byte[] Values, byte[] Present) ReadGradients()
     {
         var values = new byte[Elements * 4];
+        return (values, ReadGradients(values));
+    }
+
+    /// <summary>The current gradients written into <paramref name="values"/> [Elements * 4] (e.g. a shared-memory region); returns the presence bitmap.</summary>
+    public byte[] ReadGradients(Span<byte> values)
+    {
+        if (values.Length != Elements * 4)
+            throw new ArgumentException($"gradient buffer of {values.Length} bytes, expected {Elements * 4}");
         var present = new byte[(_layout.Length + 7) / 8];
         using var scope = NewDisposeScope();
         for (var i = 0; i < _layout.Length; i++)
         {
             var (_, p, offset, count) = _layout[i];
-            if (p.grad is not { } g) continue;
+            var destination = values.Slice((int)(offset * 4), (int)(count * 4));
+            if (p.grad is not { } g)
+            {
+                destination.Clear();
+                continue;
+            }
             present[i / 8] |= (byte)(1 << (i % 8));
-            CopyOut(g, values.AsSpan((int)(offset * 4), (int)(count * 4)));
+            CopyOut(g, destination);
         }
-        return (values, present);
+        return present;
     }
 
     /// <summary>

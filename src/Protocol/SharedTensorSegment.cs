@@ -1,0 +1,165 @@
+using System.Buffers.Binary;
+using System.IO.MemoryMappedFiles;
+using System.Security.Cryptography;
+
+namespace DistDiffusion.Protocol;
+
+/// <summary>
+/// The shared-memory fast path for a worker on the coordinator's machine (`coordinator run`, or any worker under the
+/// same kernel): one file in /dev/shm per connection, created by the coordinator (owner-only, space reserved up front
+/// so a full tmpfs is an error at creation, not a SIGBUS later), mapped by both processes. Layout: a 64-byte header
+/// (magic, nonce), then region 0 (parameters, coordinator -> worker) and region 1 (gradients, worker -> coordinator),
+/// <see cref="RegionBytes"/> each. Tensor headers with their checksums still travel on the gRPC stream; only the
+/// payload bytes skip it. The worker accepts a segment only under /dev/shm, named by us, of the announced size and with
+/// the nonce the authenticated stream carried, so a coordinator cannot point it at any other file.
+/// </summary>
+public sealed unsafe class SharedTensorSegment : IDisposable
+{
+    public const string Folder = "/dev/shm";
+    public const string FilePrefix = "distdiffusion-";
+    private const int HeaderBytes = 64;
+    private const ulong Magic = 0x314D_4853_4444_4444;   // "DDDDSHM1" little-endian
+
+    private readonly MemoryMappedFile _file;
+    private readonly MemoryMappedViewAccessor _view;
+    private readonly byte* _base;
+    private readonly bool _owner;
+    private int _disposed;
+
+    private SharedTensorSegment(string path, ulong nonce, long regionBytes, MemoryMappedFile file, bool owner)
+    {
+        Path = path;
+        Nonce = nonce;
+        RegionBytes = regionBytes;
+        _file = file;
+        _owner = owner;
+        _view = file.CreateViewAccessor(0, HeaderBytes + 2 * regionBytes, MemoryMappedFileAccess.ReadWrite);
+        byte* p = null;
+        _view.SafeMemoryMappedViewHandle.AcquirePointer(ref p);
+        _base = p + _view.PointerOffset;
+    }
+
+    public string Path { get; }
+    public ulong Nonce { get; }
+    public long RegionBytes { get; }
+
+    /// <summary>The id of the running kernel: processes that share it may share /dev/shm (empty where unknown).</summary>
+    public static string BootId { get; } = ReadBootId();
+
+    /// <summary>Whether this process can offer or map a segment at all.</summary>
+    public static bool Supported => OperatingSystem.IsLinux() && Directory.Exists(Folder) && BootId.Length > 0;
+
+    /// <summary>Region 0: parameters.</summary>
+    public Span<byte> Parameters => Region(0);
+
+    /// <summary>Region 1: gradients.</summary>
+    public Span<byte> Gradients => Region(1);
+
+    private Span<byte> Region(int index)
+    {
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        return new Span<byte>(_base + HeaderBytes + index * RegionBytes, (int)RegionBytes);
+    }
+
+    /// <summary>The coordinator's side: a new segment for <paramref name="regionBytes"/>-byte tensors, or null with the reason.</summary>
+    public static SharedTensorSegment? TryCreate(long regionBytes, out string reason)
+    {
+        reason = "";
+        if (!Supported || !OperatingSystem.IsLinux()) { reason = $"no {Folder} on this machine"; return null; }
+        if (regionBytes <= 0 || regionBytes > int.MaxValue / 2) { reason = $"tensors of {regionBytes} bytes do not fit a shared region"; return null; }
+        var path = System.IO.Path.Combine(Folder, FilePrefix + Convert.ToHexStringLower(RandomNumberGenerator.GetBytes(12)));
+        var total = HeaderBytes + 2 * regionBytes;
+        var nonce = BinaryPrimitives.ReadUInt64LittleEndian(RandomNumberGenerator.GetBytes(8));
+        try
+        {
+            var stream = new FileStream(path, new FileStreamOptions
+            {
+                Mode = FileMode.CreateNew,   // O_EXCL: never follows or reuses an existing name
+                Access = FileAccess.ReadWrite,
+                UnixCreateMode = UnixFileMode.UserRead | UnixFileMode.UserWrite,
+                PreallocationSize = total,   // fallocate: a full tmpfs fails here, not with SIGBUS on first touch
+            });
+            stream.SetLength(total);
+            var file = MemoryMappedFile.CreateFromFile(stream, null, total, MemoryMappedFileAccess.ReadWrite, HandleInheritability.None, leaveOpen: false);
+            var segment = new SharedTensorSegment(path, nonce, regionBytes, file, owner: true);
+            BinaryPrimitives.WriteUInt64LittleEndian(new Span<byte>(segment._base, 8), Magic);
+            BinaryPrimitives.WriteUInt64LittleEndian(new Span<byte>(segment._base + 8, 8), nonce);
+            return segment;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            reason = $"cannot create a {total}-byte segment in {Folder}: {e.Message}";
+            TryDelete(path);
+            return null;
+        }
+    }
+
+    /// <summary>The worker's side: maps the segment an offer names after checking that it is ours; null with the reason otherwise.</summary>
+    public static SharedTensorSegment? TryOpen(string path, ulong nonce, long regionBytes, out string reason)
+    {
+        reason = "";
+        if (!Supported) { reason = $"no {Folder} on this machine"; return null; }
+        if (System.IO.Path.GetDirectoryName(path) != Folder || !System.IO.Path.GetFileName(path).StartsWith(FilePrefix, StringComparison.Ordinal)
+            || path.Contains("..", StringComparison.Ordinal))
+        {
+            reason = $"segment path '{path}' is not a {Folder}/{FilePrefix}* file";
+            return null;
+        }
+        if (regionBytes <= 0 || regionBytes > int.MaxValue / 2) { reason = $"region size {regionBytes} is out of range"; return null; }
+        var total = HeaderBytes + 2 * regionBytes;
+        try
+        {
+            var info = new FileInfo(path);
+            if (!info.Exists) { reason = $"segment {path} does not exist here (another machine or container)"; return null; }
+            if (info.LinkTarget is not null) { reason = $"segment {path} is a link"; return null; }
+            if (info.Length != total) { reason = $"segment {path} has {info.Length} bytes, expected {total}"; return null; }
+            var stream = new FileStream(path, FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite);
+            var file = MemoryMappedFile.CreateFromFile(stream, null, total, MemoryMappedFileAccess.ReadWrite, HandleInheritability.None, leaveOpen: false);
+            var segment = new SharedTensorSegment(path, nonce, regionBytes, file, owner: false);
+            var magic = BinaryPrimitives.ReadUInt64LittleEndian(new ReadOnlySpan<byte>(segment._base, 8));
+            var theirs = BinaryPrimitives.ReadUInt64LittleEndian(new ReadOnlySpan<byte>(segment._base + 8, 8));
+            if (magic != Magic || theirs != nonce)
+            {
+                segment.Dispose();
+                reason = $"segment {path} does not carry the offered nonce";
+                return null;
+            }
+            return segment;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            reason = $"cannot map {path}: {e.Message}";
+            return null;
+        }
+    }
+
+    /// <summary>Removes the file name (both mappings stay valid): nothing is left in /dev/shm even if a process is killed later.</summary>
+    public void Unlink() => TryDelete(Path);
+
+    public void Dispose()
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0) return;
+        _view.SafeMemoryMappedViewHandle.ReleasePointer();
+        _view.Dispose();
+        _file.Dispose();
+        if (_owner) TryDelete(Path);
+    }
+
+    private static void TryDelete(string path)
+    {
+        try { File.Delete(path); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { /* already gone */ }
+    }
+
+    private static string ReadBootId()
+    {
+        try
+        {
+            return OperatingSystem.IsLinux() ? File.ReadAllText("/proc/sys/kernel/random/boot_id").Trim() : "";
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return "";
+        }
+    }
+}
