@@ -15,6 +15,7 @@ public static class CoordinatorCli
         RunCommand.Create(),
         StatusCommand.Create(),
         BenchmarkExchangeCommand.Create(),
+        BenchmarkSoakCommand.Create(),
     };
 
     public static int Run(string[] args) => CliSupport.Invoke(Build(), args);

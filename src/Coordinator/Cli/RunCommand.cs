@@ -28,7 +28,7 @@ internal static class RunCommand
         var logLevel = new Option<string>("--log-level") { Description = "Log level of the coordinator and workers (debug, information, warning, error)", DefaultValueFactory = _ => "warning" };
         var cmd = new Command("run", "Train with a coordinator and N worker processes on this machine")
         {
-            workers, recipe, set, steps, seed, output, resume, workerThreads, gradientDtype, logLevel,
+            workers, recipe, set, steps, seed, output, resume, workerThreads, gradientDtype, ServeCommand.SharedMemory, logLevel,
         };
         cmd.SetAction(p =>
         {
@@ -48,6 +48,7 @@ internal static class RunCommand
                 Out = p.GetValue(output),
                 Resume = p.GetValue(resume),
                 GradientDtype = p.GetValue(gradientDtype)!,
+                SharedMemory = p.GetValue(ServeCommand.SharedMemory) ?? true,
                 MinWorkers = n,
                 // The coordinator's own torch work (Adam, EMA) is small; its cores belong to the workers.
                 Threads = 1,
