@@ -10,7 +10,8 @@ namespace DistDiffusion.Coordinator.Cli;
 /// <summary>
 /// `coordinator run --workers N`: a coordinator in this process and N worker processes on this machine (like
 /// torchrun), over real gRPC on loopback with a fresh random token (written to OUT/token, owner-only). Prefixes
-/// each process's log lines, shows a progress bar, and stops everything on Ctrl+C or when a worker fails.
+/// each process's log lines, shows a progress bar, and stops everything on Ctrl+C, SIGINT or SIGTERM or when a worker
+/// fails.
 /// </summary>
 internal static class RunCommand
 {
@@ -83,9 +84,7 @@ internal static class RunCommand
     private static async Task<int> RunAsync(CoordinatorServer started, string token, int workerCount, int threads, string logLevel)
     {
         using var cts = new CancellationTokenSource();
-        ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
-        Console.CancelKeyPress += onCancel;
-        using var onTerm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, c => { c.Cancel = true; cts.Cancel(); });
+        using var signals = StopSignals.Register(cts);
         var processes = new List<Process>();
         try
         {
@@ -149,7 +148,6 @@ internal static class RunCommand
         }
         finally
         {
-            Console.CancelKeyPress -= onCancel;
             foreach (var p in processes)
             {
                 if (!p.HasExited) p.Kill(entireProcessTree: true);
