@@ -11,7 +11,7 @@ namespace DistDiffusion.Coordinator.Cli;
 /// `coordinator run --workers N`: a coordinator in this process and N worker processes on this machine (like
 /// torchrun), over real gRPC on loopback with a fresh random token (written to OUT/token, owner-only). Prefixes
 /// each process's log lines, shows a progress bar, and stops everything on Ctrl+C, SIGINT or SIGTERM or when a worker
-/// fails.
+/// fails. The workers are started with --exit-with-parent, so they exit by themselves should this process die.
 /// </summary>
 internal static class RunCommand
 {
@@ -95,7 +95,10 @@ internal static class RunCommand
                 $"run {status.RunId}: {status.Recipe} from step {status.Step} to {status.TargetStep}, coordinator {server.Address}, {workerCount} workers x {threads} threads, token in {Path.Combine(server.RunDir, "token")}"));
             for (var i = 0; i < workerCount; i++)
             {
-                var psi = WorkerStartInfo(["--coordinator", server.Address.ToString(), "--threads", threads.ToString(CultureInfo.InvariantCulture), "--log-level", logLevel, "--give-up-after", "60"]);
+                // --exit-with-parent: should this process die without its finally block (SIGKILL, a crash), the workers
+                // notice within a second and exit instead of retrying the coordinator until --give-up-after runs out.
+                var psi = WorkerStartInfo(["--coordinator", server.Address.ToString(), "--threads", threads.ToString(CultureInfo.InvariantCulture), "--log-level", logLevel, "--give-up-after", "60",
+                    "--exit-with-parent", Environment.ProcessId.ToString(CultureInfo.InvariantCulture)]);
                 psi.Environment[Names.TokenEnvironmentVariable] = token;
                 var process = Process.Start(psi) ?? throw new InvalidOperationException("could not start a worker process");
                 var prefix = $"[worker {i + 1}] ";
