@@ -1,1 +1,3 @@
+// Before anything can start .NET's signal handling: an inherited "ignore SIGINT" would make it deaf to kill -INT.
+DistDiffusion.Coordinator.Cli.StopSignals.StopIgnoringInterrupt();
 return DistDiffusion.Coordinator.Cli.CoordinatorCli.Run(args);

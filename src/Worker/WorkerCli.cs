@@ -3,6 +3,7 @@ using DistDiffusion.Model;
 using DistDiffusion.Protocol;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
 using Serilog;
 using Serilog.Events;
 
@@ -10,7 +11,8 @@ namespace DistDiffusion.Worker;
 
 /// <summary>
 /// `worker --coordinator URL [--token-file PATH] [--threads N] [--device D]`: a Generic Host running
-/// <see cref="TrainerWorker"/>. Exit codes: 0 training complete or stopped, 1 failure, 2 usage.
+/// <see cref="TrainerWorker"/>. Exit codes: 0 training complete or stopped, 1 failure (or the parent given by
+/// --exit-with-parent is gone), 2 usage.
 /// </summary>
 public static class WorkerCli
 {
@@ -42,6 +44,10 @@ public static class WorkerCli
         Description = "Exit with an error after this many seconds without reaching the coordinator (0: keep trying)",
         DefaultValueFactory = _ => 0,
     };
+    public static readonly Option<int?> ExitWithParentOption = new("--exit-with-parent")
+    {
+        Description = "Exit (code 1) within a second or so once the process with this id, which must be this worker's parent, is gone (`coordinator run` passes its own)",
+    };
     public static readonly Option<string> LogLevelOption = new("--log-level")
     {
         Description = "Minimum log level: debug, information, warning, error",
@@ -52,7 +58,7 @@ public static class WorkerCli
     {
         var root = new RootCommand("DistDiffusion worker: joins a coordinator, computes gradients of its share of each step and serves sampling work")
         {
-            CoordinatorOption, TokenFileOption, ThreadsOption, DeviceOption, TlsCaOption, GiveUpOption, LogLevelOption,
+            CoordinatorOption, TokenFileOption, ThreadsOption, DeviceOption, TlsCaOption, GiveUpOption, ExitWithParentOption, LogLevelOption,
         };
         root.SetAction(p => Execute(p));
         return root;
@@ -82,6 +88,8 @@ public static class WorkerCli
         var threads = p.GetValue(ThreadsOption);
         var giveUp = p.GetValue(GiveUpOption);
         if (giveUp < 0 || !double.IsFinite(giveUp)) throw new ArgumentException($"--give-up-after {giveUp}: expected seconds >= 0");
+        var parentId = p.GetValue(ExitWithParentOption);
+        if (parentId is <= 0) throw new ArgumentException($"--exit-with-parent {parentId}: expected a process id");
         var level = p.GetValue(LogLevelOption)!.ToLowerInvariant() switch
         {
             "debug" => LogEventLevel.Debug,
@@ -99,6 +107,13 @@ public static class WorkerCli
             TlsCaFile = p.GetValue(TlsCaOption),
             GiveUpAfter = TimeSpan.FromSeconds(giveUp),
         };
+        // Before anything slow (loading libtorch): a worker whose parent is already gone must not start at all.
+        using var parent = parentId is { } id ? ParentWatch.Start(id) : null;
+        if (parent is { IsGone: true })
+        {
+            Console.Error.WriteLine($"error: --exit-with-parent {parent.Parent}: that process is gone (this worker's parent is now {ParentWatch.CurrentParent()?.ToString(System.Globalization.CultureInfo.InvariantCulture) ?? "unknown"})");
+            return 1;
+        }
         var device = TorchRuntime.ResolveDevice(options.Device, threads);
 
         var builder = Host.CreateApplicationBuilder();
@@ -114,7 +129,13 @@ public static class WorkerCli
         builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = TimeSpan.FromSeconds(10));
         using var host = builder.Build();
         var worker = host.Services.GetRequiredService<TrainerWorker>();
+        using var stopWhenOrphaned = parent?.Gone.Register(() =>
+        {
+            host.Services.GetRequiredService<ILogger<TrainerWorker>>().LogError(
+                "The parent process {Parent} is gone (parent now {Current}): stopping", parent.Parent, ParentWatch.CurrentParent());
+            host.Services.GetRequiredService<IHostApplicationLifetime>().StopApplication();
+        });
         host.Run();
-        return worker.ExitCode;
+        return parent is { IsGone: true } ? 1 : worker.ExitCode;
     }
 }

@@ -52,6 +52,90 @@ internal sealed class WorkerProcess : IDisposable
     }
 }
 
+/// <summary>
+/// `coordinator VERB ...` as its own process (the executable beside the tests), with its output kept for failure
+/// messages; disposing kills it and everything it started.
+/// </summary>
+internal sealed class CoordinatorProcess : IDisposable
+{
+    private readonly ConcurrentQueue<string> _lines = new();
+
+    /// <param name="args">The command line after `coordinator`.</param>
+    /// <param name="ignoringInterrupt">Start it with SIGINT ignored, as a shell without job control (any script) starts a
+    /// background job (`coordinator run ... &amp;`); the process is still this one (sh execs it).</param>
+    public CoordinatorProcess(string[] args, bool ignoringInterrupt = false)
+    {
+        var psi = RunCommand.StartInfo("coordinator", args);
+        psi.Environment.Remove(Names.TokenEnvironmentVariable);
+        if (ignoringInterrupt)
+        {
+            string[] command = [psi.FileName, .. psi.ArgumentList];
+            psi.FileName = "/bin/sh";
+            psi.ArgumentList.Clear();
+            foreach (var a in (string[])["-c", "trap '' INT; exec \"$0\" \"$@\"", .. command]) psi.ArgumentList.Add(a);
+        }
+        Process = Process.Start(psi)!;
+        Process.OutputDataReceived += (_, e) => { if (e.Data is not null) _lines.Enqueue(e.Data); };
+        Process.ErrorDataReceived += (_, e) => { if (e.Data is not null) _lines.Enqueue(e.Data); };
+        Process.BeginOutputReadLine();
+        Process.BeginErrorReadLine();
+    }
+
+    public Process Process { get; }
+    public string Output => string.Join("\n", _lines);
+
+    public void Dispose()
+    {
+        if (!Process.HasExited) Process.Kill(entireProcessTree: true);
+        Process.WaitForExit(10_000);
+        Process.Dispose();
+    }
+}
+
+/// <summary>Processes as Linux's /proc shows them (for tests about which processes are left).</summary>
+internal static class ProcessTable
+{
+    /// <summary>A process: its id and its start time (ids are reused).</summary>
+    public readonly record struct Entry(int Pid, long StartTime);
+
+    /// <summary>The live (not zombie) children of <paramref name="parent"/>.</summary>
+    public static List<Entry> Children(int parent)
+    {
+        var children = new List<Entry>();
+        foreach (var dir in Directory.EnumerateDirectories("/proc"))
+            if (int.TryParse(Path.GetFileName(dir), out var pid) && Read(pid) is { } s && s.Parent == parent && s.Live)
+                children.Add(new Entry(pid, s.StartTime));
+        return children;
+    }
+
+    /// <summary>Whether the process still runs: gone, a zombie (exited, not yet reaped) or a new process under the same id all count as not.</summary>
+    public static bool Running(Entry e) => Read(e.Pid) is { } s && s.StartTime == e.StartTime && s.Live;
+
+    /// <summary>Sends a signal by name (INT, TERM, ...) with kill(1).</summary>
+    public static async Task Signal(int pid, string name)
+    {
+        using var kill = Process.Start("kill", ["-" + name, pid.ToString(System.Globalization.CultureInfo.InvariantCulture)]);
+        await kill.WaitForExitAsync();
+        Assert.True(kill.ExitCode == 0, $"kill -{name} {pid} failed");
+    }
+
+    private static (int Parent, long StartTime, bool Live)? Read(int pid)
+    {
+        string stat;
+        try
+        {
+            stat = File.ReadAllText($"/proc/{pid}/stat");
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return null;   // gone
+        }
+        // "pid (comm) state ppid ... starttime ...": comm may hold spaces and parentheses, so count from the last ')'.
+        var fields = stat[(stat.LastIndexOf(')') + 2)..].Split(' ');
+        return (int.Parse(fields[1], System.Globalization.CultureInfo.InvariantCulture), long.Parse(fields[19], System.Globalization.CultureInfo.InvariantCulture), fields[0] is not ("Z" or "X"));
+    }
+}
+
 internal static class Cluster
 {
     public const string Token = "cluster-test-token-7f3a";
@@ -90,6 +174,20 @@ internal static class Cluster
             if (clock.Elapsed > timeout)
                 Assert.Fail($"timed out after {timeout.TotalSeconds:F0} s waiting for {what}\n{diagnostics?.Invoke()}");
             await Task.Delay(50);
+        }
+    }
+
+    /// <summary>The step a coordinator reports, or 0 while it cannot be reached.</summary>
+    public static ulong Step(Uri address, string token)
+    {
+        using var channel = ClientChannel.Create(address);
+        try
+        {
+            return new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(channel).GetStatus(new DistDiffusion.Protocol.V1.GetStatusRequest(), DistDiffusion.Protocol.Token.Headers(token), DateTime.UtcNow.AddSeconds(5)).Step;
+        }
+        catch (Grpc.Core.RpcException)
+        {
+            return 0;
         }
     }
 

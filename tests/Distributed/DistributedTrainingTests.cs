@@ -100,21 +100,21 @@ public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
         var tokenFile = Path.Combine(Dir, "token");
         Token.WriteFile(tokenFile, Cluster.Token);
         string[] serveArgs = ["serve", "--listen", address.ToString(), "--token-file", tokenFile, "--heartbeat", "1", "--log-level", "debug"];
-        var first = CoordinatorProcess([.. serveArgs, "--out", runDir, "--recipe", "swissroll", "--seed", "11", "--steps", steps.ToString(System.Globalization.CultureInfo.InvariantCulture),
+        var first = new CoordinatorProcess([.. serveArgs, "--out", runDir, "--recipe", "swissroll", "--seed", "11", "--steps", steps.ToString(System.Globalization.CultureInfo.InvariantCulture),
             .. Cluster.Sets(checkpointEvery: 10).SelectMany(s => new[] { "--set", s }), "--set", "hidden-size=256"]);
         var workers = new List<WorkerProcess> { new(address, Cluster.Token), new(address, Cluster.Token) };
-        Process? second = null;
+        CoordinatorProcess? second = null;
         try
         {
             bool HasCheckpoint(long atLeast) => Directory.Exists(Path.Combine(runDir, "checkpoints")) && CheckpointStore.List(runDir).Any(c => c.Step >= atLeast);
             await Cluster.WaitUntil(() => HasCheckpoint(20), TimeSpan.FromSeconds(120), "a checkpoint at step 20", () => Logs(workers));
-            first.Kill(entireProcessTree: true);   // SIGKILL: no shutdown checkpoint, the run continues from the last periodic one
-            await first.WaitForExitAsync();
+            first.Process.Kill(entireProcessTree: true);   // SIGKILL: no shutdown checkpoint, the run continues from the last periodic one
+            await first.Process.WaitForExitAsync();
             Assert.True(CheckpointStore.List(runDir)[^1].Step < steps, "the first coordinator finished before it was killed");
-            second = CoordinatorProcess([.. serveArgs, "--resume", runDir]);
+            second = new CoordinatorProcess([.. serveArgs, "--resume", runDir]);
             // The same workers reconnect and rejoin by themselves.
-            await second.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(150));
-            Assert.Equal(0, second.ExitCode);
+            await second.Process.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(150));
+            Assert.Equal(0, second.Process.ExitCode);
             Cluster.AssertSameState(reference, Cluster.Latest(runDir), Logs(workers));
             // At least one of the original workers reconnected and rejoined the restarted coordinator by itself.
             Assert.Contains(workers, w => w.Output.Split("Joined run").Length - 1 >= 2);
@@ -122,12 +122,8 @@ public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
         finally
         {
             foreach (var w in workers) w.Dispose();
-            foreach (var p in new[] { first, second })
-            {
-                if (p is null) continue;
-                if (!p.HasExited) p.Kill(entireProcessTree: true);
-                p.Dispose();
-            }
+            first.Dispose();
+            second?.Dispose();
             reference.DisposeTensors();
         }
     }
@@ -140,43 +136,15 @@ public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
         var address = new Uri($"http://127.0.0.1:{port}");
         var tokenFile = Path.Combine(Dir, "token");
         Token.WriteFile(tokenFile, Cluster.Token);
-        var serve = CoordinatorProcess(["serve", "--listen", address.ToString(), "--token-file", tokenFile, "--out", runDir, "--recipe", "swissroll", "--steps", "100000",
+        using var serve = new CoordinatorProcess(["serve", "--listen", address.ToString(), "--token-file", tokenFile, "--out", runDir, "--recipe", "swissroll", "--steps", "100000",
             .. Cluster.Sets().SelectMany(s => new[] { "--set", s })]);
         using var worker = new WorkerProcess(address, Cluster.Token);
-        try
-        {
-            using var channel = ClientChannel.Create(address);
-            var client = new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(channel);
-            ulong Step()
-            {
-                try { return client.GetStatus(new GetStatusRequest(), Token.Headers(Cluster.Token), DateTime.UtcNow.AddSeconds(5)).Step; }
-                catch (Grpc.Core.RpcException) { return 0; }
-            }
-            await Cluster.WaitUntil(() => Step() >= 20, TimeSpan.FromSeconds(60), "step 20", () => worker.Output);
-            using (var kill = Process.Start("kill", ["-TERM", serve.Id.ToString(System.Globalization.CultureInfo.InvariantCulture)])) await kill.WaitForExitAsync();
-            var clock = Stopwatch.StartNew();
-            await serve.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(30));
-            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(10), $"serve took {clock.Elapsed} to stop after SIGTERM");
-            var last = CheckpointStore.List(runDir)[^1].Step;
-            Assert.True(last >= 20, $"the shutdown checkpoint is at step {last}");
-        }
-        finally
-        {
-            if (!serve.HasExited) serve.Kill(entireProcessTree: true);
-            serve.Dispose();
-        }
-    }
-
-    /// <summary>`coordinator serve` as its own process (the executable beside the tests).</summary>
-    private static Process CoordinatorProcess(string[] args)
-    {
-        var psi = DistDiffusion.Coordinator.Cli.RunCommand.StartInfo("coordinator", args);
-        psi.Environment.Remove(Names.TokenEnvironmentVariable);
-        var p = Process.Start(psi)!;
-        p.OutputDataReceived += (_, _) => { };
-        p.ErrorDataReceived += (_, _) => { };
-        p.BeginOutputReadLine();
-        p.BeginErrorReadLine();
-        return p;
+        await Cluster.WaitUntil(() => Cluster.Step(address, Cluster.Token) >= 20, TimeSpan.FromSeconds(60), "step 20", () => worker.Output);
+        await ProcessTable.Signal(serve.Process.Id, "TERM");
+        var clock = Stopwatch.StartNew();
+        await serve.Process.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(30));
+        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(10), $"serve took {clock.Elapsed} to stop after SIGTERM");
+        var last = CheckpointStore.List(runDir)[^1].Step;
+        Assert.True(last >= 20, $"the shutdown checkpoint is at step {last}");
     }
 }

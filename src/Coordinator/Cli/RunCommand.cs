@@ -10,7 +10,8 @@ namespace DistDiffusion.Coordinator.Cli;
 /// <summary>
 /// `coordinator run --workers N`: a coordinator in this process and N worker processes on this machine (like
 /// torchrun), over real gRPC on loopback with a fresh random token (written to OUT/token, owner-only). Prefixes
-/// each process's log lines, shows a progress bar, and stops everything on Ctrl+C or when a worker fails.
+/// each process's log lines, shows a progress bar, and stops everything on Ctrl+C, SIGINT or SIGTERM or when a worker
+/// fails. The workers are started with --exit-with-parent, so they exit by themselves should this process die.
 /// </summary>
 internal static class RunCommand
 {
@@ -84,9 +85,7 @@ internal static class RunCommand
     private static async Task<int> RunAsync(CoordinatorServer started, string token, int workerCount, int threads, string logLevel)
     {
         using var cts = new CancellationTokenSource();
-        ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
-        Console.CancelKeyPress += onCancel;
-        using var onTerm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, c => { c.Cancel = true; cts.Cancel(); });
+        using var signals = StopSignals.Register(cts);
         var processes = new List<Process>();
         try
         {
@@ -97,7 +96,10 @@ internal static class RunCommand
                 $"run {status.RunId}: {status.Recipe} from step {status.Step} to {status.TargetStep}, coordinator {server.Address}, {workerCount} workers x {threads} threads, token in {Path.Combine(server.RunDir, "token")}"));
             for (var i = 0; i < workerCount; i++)
             {
-                var psi = WorkerStartInfo(["--coordinator", server.Address.ToString(), "--threads", threads.ToString(CultureInfo.InvariantCulture), "--log-level", logLevel, "--give-up-after", "60"]);
+                // --exit-with-parent: should this process die without its finally block (SIGKILL, a crash), the workers
+                // notice within a second and exit instead of retrying the coordinator until --give-up-after runs out.
+                var psi = WorkerStartInfo(["--coordinator", server.Address.ToString(), "--threads", threads.ToString(CultureInfo.InvariantCulture), "--log-level", logLevel, "--give-up-after", "60",
+                    "--exit-with-parent", Environment.ProcessId.ToString(CultureInfo.InvariantCulture)]);
                 psi.Environment[Names.TokenEnvironmentVariable] = token;
                 var process = Process.Start(psi) ?? throw new InvalidOperationException("could not start a worker process");
                 var prefix = $"[worker {i + 1}] ";
@@ -150,7 +152,6 @@ internal static class RunCommand
         }
         finally
         {
-            Console.CancelKeyPress -= onCancel;
             foreach (var p in processes)
             {
                 if (!p.HasExited) p.Kill(entireProcessTree: true);

@@ -108,19 +108,10 @@ internal static class ServeCommand
     {
         var token = CliSupport.UserInput(() => Token.Resolve(options.TokenFile));
         using var cts = new CancellationTokenSource();
-        ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
-        Console.CancelKeyPress += onCancel;
-        using var onTerm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, c => { c.Cancel = true; cts.Cancel(); });
-        try
-        {
-            // Bad settings surface while starting (usage errors, exit 2); later failures are failures (exit 1).
-            var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, token, level, ct: cts.Token).GetAwaiter().GetResult());
-            return ServeAsync(server, cts.Token).GetAwaiter().GetResult();
-        }
-        finally
-        {
-            Console.CancelKeyPress -= onCancel;
-        }
+        using var signals = StopSignals.Register(cts);
+        // Bad settings surface while starting (usage errors, exit 2); later failures are failures (exit 1).
+        var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, token, level, ct: cts.Token).GetAwaiter().GetResult());
+        return ServeAsync(server, cts.Token).GetAwaiter().GetResult();
     }
 
     private static async Task<int> ServeAsync(CoordinatorServer started, CancellationToken ct)

@@ -97,11 +97,8 @@ internal static class TrainCommand
             var firstStep = state.StepsDone;
             var clock = new System.Diagnostics.Stopwatch();
             using var cts = new CancellationTokenSource();
-            // Ctrl+C and SIGTERM (kill, Kubernetes) stop after the current step and write a checkpoint.
-            ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
-            Console.CancelKeyPress += onCancel;
-            using var onTerm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, c => { c.Cancel = true; cts.Cancel(); });
-            try
+            // Ctrl+C, SIGINT and SIGTERM (kill, Kubernetes) stop after the current step and write a checkpoint.
+            using (StopSignals.Register(cts))
             {
                 var trainer = new LocalTrainer(state, train, runDir)
                 {
@@ -116,10 +113,6 @@ internal static class TrainCommand
                     OnSampleStep = st => Console.Error.WriteLine($"samples {RunPictures.WriteTrainingSamples(state, runDir, st)}"),
                 };
                 trainer.Run(recipe.Steps, cts.Token);
-            }
-            finally
-            {
-                Console.CancelKeyPress -= onCancel;
             }
             var timed = state.StepsDone - firstStep - 1;
             var rate = timed > 0 ? timed / clock.Elapsed.TotalSeconds : double.NaN;
