@@ -33,6 +33,10 @@ Modes
 Timing: --warmup steps (default 50) run first and are not timed; then --steps steps are timed.
 Threads: OPENBLAS_NUM_THREADS is set (unless already set) to --threads in single mode and to 1 per DDP rank,
 since torch.set_num_threads does not size Debian's OpenBLAS pool, which otherwise runs nproc threads.
+On a busy machine (load above the core count) `--threads 2` with libgomp's default active waiting can be 10-40x
+slower than 1 thread (seen here: 160-460 ms/step against 12-24 ms/step with 1 thread, at load 4.5-9 on 2 cores);
+OMP_WAIT_POLICY=PASSIVE in the environment avoids that (22 ms/step at load ~5). The
+script leaves it at the default and reports it in --json (omp_wait_policy) so figures say how they were taken.
 """
 
 import argparse
@@ -244,6 +248,8 @@ def report(args, mode, threads, world, elapsed, loss, n_params):
             "steps_per_s": round(sps, 2), "ms_per_step": round(ms, 3), "params": n_params,
             "csharp_params": expected, "final_loss": round(loss, 5), "seed": args.seed,
             "blas": blas_info()[0], "blas_threads": blas_info()[1],
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "loadavg_1min": os.getloadavg()[0], "cpus": os.cpu_count(),
         }))
     else:
         print(f"peer {mode} threads={threads} world={world}: {sps:.1f} steps/s ({ms:.2f} ms/step), params={n_params}")
@@ -303,6 +309,7 @@ def allreduce_worker(rank, args, port):
                     "peer": "pytorch", "torch": torch.__version__, "mode": "allreduce", "backend": "gloo",
                     "world": args.world, "mib": args.allreduce_mib, "iters": args.allreduce_iters,
                     "ms_per_allreduce": round(1000 * per, 2), "mib_per_s_per_process": round(rate, 1),
+                    "loadavg_1min": os.getloadavg()[0], "cpus": os.cpu_count(),
                 }))
             else:
                 print(f"peer allreduce world={args.world}: {args.allreduce_mib} MiB float32 gloo all_reduce "

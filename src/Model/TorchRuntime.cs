@@ -30,6 +30,7 @@ public static class TorchRuntime
     public static void EnsureConfigured()
     {
         if (Interlocked.Exchange(ref _configured, 1) == 1) return;
+        KeepFreedMemory();
         var user = Environment.GetEnvironmentVariable(IsaVariable);
         if (!string.IsNullOrEmpty(user))
         {
@@ -41,6 +42,37 @@ public static class TorchRuntime
         if (setenv(IsaVariable, SafeIsa, 0) == 0) OneDnnIsaCap = SafeIsa;
         Environment.SetEnvironmentVariable(IsaVariable, SafeIsa);   // inherited by child processes
     }
+
+    /// <summary>What glibc's allocator was told at start-up (null: nothing, e.g. the user set MALLOC_* or this is not glibc).</summary>
+    public static string? MallocTuning { get; private set; }
+
+    /// <summary>
+    /// libtorch frees and re-allocates tensor-sized buffers every step (activations, gradients, optimizer temporaries). With
+    /// glibc's defaults, blocks over the dynamic mmap threshold are mmap'ed and unmapped each time and a freed heap top is
+    /// trimmed back to the kernel, so each step pays page faults to zero fresh pages (measured on the swiss-roll MLP: a
+    /// 128-sample backward pass 5.2 ms -> 3.8 ms, forward 2.9 -> 2.3 ms with the settings below). Keep freed memory in
+    /// the process for reuse instead: what the heap holds is bounded by the largest step's working set, so memory stays
+    /// flat (the soak benchmark checks it). A user's own MALLOC_* environment variables win.
+    /// </summary>
+    private static void KeepFreedMemory()
+    {
+        if (!OperatingSystem.IsLinux()) return;
+        if (Environment.GetEnvironmentVariables().Keys.Cast<string>().Any(k => k.StartsWith("MALLOC_", StringComparison.Ordinal))) return;
+        const int MmapThreshold = -3, TrimThreshold = -1;   // mallopt parameters (malloc.h)
+        try
+        {
+            // 32 MiB is glibc's largest mmap threshold on 64-bit; setting it also turns the dynamic threshold off.
+            if (mallopt(MmapThreshold, 32 << 20) == 1 && mallopt(TrimThreshold, 256 << 20) == 1)
+                MallocTuning = "mmap threshold 32 MiB, trim threshold 256 MiB";
+        }
+        catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException)
+        {
+            // not glibc (e.g. musl): leave the allocator alone
+        }
+    }
+
+    [DllImport("libc.so.6", EntryPoint = "mallopt")]
+    private static extern int mallopt(int parameter, int value);
 
     public const string OmpWaitVariable = "OMP_WAIT_POLICY";
 
@@ -97,17 +129,26 @@ public static class TorchRuntime
 /// <summary>
 /// Defers finalization while torch work is in flight. The first thread to enter parks the finalizer thread inside the
 /// finalizer of a sentinel object (one induced gen-0 collection makes the sentinel due, then we wait until its finalizer
-/// runs, so everything queued before it has been finalized and everything queued after it waits). The last thread to
-/// leave releases it. A native object that becomes garbage during a burst is therefore finalized only after every burst
-/// in flight has ended: exactly the lifetime TorchSharp 0.107 fails to guarantee for its temporaries.
-/// Cost: one gen-0 collection and one hand-off to the finalizer thread per burst that starts while none is in flight.
+/// runs, so everything queued before it has been finalized and everything queued after it waits). A native object that
+/// becomes garbage during a burst is therefore finalized only after every burst in flight has ended: exactly the
+/// lifetime TorchSharp 0.107 fails to guarantee for its temporaries.
+/// <para>Parking costs a collection and a hand-off (~1 ms), so the finalizer stays parked between bursts that follow each
+/// other closely (a training loop's steps): it is let go once no burst has been in flight for <see cref="IdleRelease"/>,
+/// or at the end of a burst when it has been parked for <see cref="MaxParked"/>, so finalizers never wait much longer.</para>
 /// </summary>
 public static class FinalizerGate
 {
+    /// <summary>Release the finalizer after this long without a burst.</summary>
+    public static readonly TimeSpan IdleRelease = TimeSpan.FromMilliseconds(100);
+    /// <summary>Release the finalizer at the end of a burst once it has been parked this long.</summary>
+    public static readonly TimeSpan MaxParked = TimeSpan.FromSeconds(1);
+
     private static readonly object Arm = new();
     private static int _inFlight;
     private static ManualResetEventSlim? _release;
+    private static long _parkedAt, _lastLeave;
     private static long _armed;
+    private static Timer? _idleTimer;
 
     /// <summary>How many times the finalizer thread was parked (tests and diagnostics).</summary>
     public static long TimesArmed => Interlocked.Read(ref _armed);
@@ -115,11 +156,17 @@ public static class FinalizerGate
     /// <summary>Threads inside a burst right now.</summary>
     public static int InFlight => Volatile.Read(ref _inFlight);
 
+    /// <summary>Whether the finalizer thread is parked now.</summary>
+    public static bool Parked
+    {
+        get { lock (Arm) return _release is not null; }
+    }
+
     public static IDisposable Enter()
     {
         lock (Arm)
         {
-            if (_inFlight == 0) Park();
+            if (_release is null) Park();
             _inFlight++;
         }
         return new Ticket();
@@ -129,10 +176,30 @@ public static class FinalizerGate
     {
         lock (Arm)
         {
+            _lastLeave = Environment.TickCount64;
             if (--_inFlight > 0) return;
-            _release!.Set();
-            _release = null;
+            if (TimeSpan.FromMilliseconds(_lastLeave - _parkedAt) >= MaxParked) Release();
         }
+    }
+
+    /// <summary>Lets the finalizer thread go now if no burst is in flight (tests; the idle timer does it otherwise).</summary>
+    public static void ReleaseIfIdle()
+    {
+        lock (Arm)
+            if (_inFlight == 0 && _release is not null) Release();
+    }
+
+    private static void OnIdleTick(object? state)
+    {
+        lock (Arm)
+            if (_inFlight == 0 && _release is not null && TimeSpan.FromMilliseconds(Environment.TickCount64 - _lastLeave) >= IdleRelease)
+                Release();
+    }
+
+    private static void Release()
+    {
+        _release!.Set();
+        _release = null;
     }
 
     private static void Park()
@@ -150,7 +217,9 @@ public static class FinalizerGate
             GC.Collect();
         }
         _release = release;
+        _parkedAt = Environment.TickCount64;
         Interlocked.Increment(ref _armed);
+        _idleTimer ??= new Timer(OnIdleTick, null, IdleRelease, IdleRelease);
     }
 
     [MethodImpl(MethodImplOptions.NoInlining)]

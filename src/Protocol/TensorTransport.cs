@@ -85,7 +85,14 @@ public static class TensorTransport
     /// <summary>Index of the first NaN or infinity, or -1.</summary>
     public static int FirstNonFinite(ReadOnlySpan<float> values)
     {
-        for (var i = 0; i < values.Length; i++)
+        // NaN and infinity are the values whose exponent bits are all ones: test whole vectors, then find the element.
+        var bits = MemoryMarshal.Cast<float, uint>(values);
+        var exponent = new System.Numerics.Vector<uint>(0x7F80_0000u);
+        var vectors = MemoryMarshal.Cast<uint, System.Numerics.Vector<uint>>(bits);
+        var i = 0;
+        for (var v = 0; v < vectors.Length; v++, i += System.Numerics.Vector<uint>.Count)
+            if (System.Numerics.Vector.EqualsAny(vectors[v] & exponent, exponent)) break;
+        for (; i < values.Length; i++)
             if (!float.IsFinite(values[i])) return i;
         return -1;
     }

@@ -132,6 +132,7 @@ public sealed class TrainingLoop : BackgroundService
             if (!_snapshots.TryGetValue(ema, out var snapshot) || snapshot.Version != _version)
             {
                 using var guard = Model.TorchRuntime.Compute();
+                _run.State.FlushEma();
                 var bytes = ema ? _emaVector!.ReadValues() : _parameterBytes.ToArray();   // the live buffer is reused two versions on
                 var header = TensorTransport.Header(bytes, DType.Float32, _vector.Elements, (ulong)_run.State.StepsDone, _version);
                 snapshot = new WeightsSnapshot((_version << 1) | (ema ? 1UL : 0UL), _version, ema, bytes, header);
@@ -354,6 +355,8 @@ public sealed class TrainingLoop : BackgroundService
         var deadline = TimeSpan.FromSeconds(_options.StepDeadlineSeconds);
         var silence = _options.HeartbeatTimeoutSeconds;
         for (var i = 0; i < sliceCount; i++) Assign(i, _live[i]);
+        // The previous step's EMA update, while the workers compute this one.
+        using (Model.TorchRuntime.Compute()) s.FlushEma();
         _busySeconds += Stopwatch.GetElapsedTime(planning).TotalSeconds;
 
         while (results.Any(r => r is null))
@@ -427,7 +430,7 @@ public sealed class TrainingLoop : BackgroundService
         {
             _vector.WriteGradients(total, present);
             GradientBuffers.Return(total);
-            norm = s.ApplyGradients(plan);
+            norm = s.ApplyGradients(plan, deferEma: true);
             lock (_statusLock) _version++;
             PublishParameters();
         }

@@ -84,11 +84,15 @@ public sealed class TrainingState : IDisposable
     /// <summary>
     /// Applies the gradients now in the parameters' .grad (those of <paramref name="plan"/>'s whole global batch):
     /// Adam step, EMA update, step count and cursor advance. A non-finite gradient throws and changes nothing.
+    /// With <paramref name="deferEma"/> the EMA update of this step waits for <see cref="FlushEma"/> (or the next update,
+    /// checkpoint or sampling-weights read, which flush it first): the distributed coordinator does it while the workers
+    /// compute the next step, off the critical path. It uses this step's parameters either way, so the EMA is the same.
     /// </summary>
-    public double ApplyGradients(StepPlan plan)
+    public double ApplyGradients(StepPlan plan, bool deferEma = false)
     {
         if (plan.Step != StepsDone)
             throw new InvalidOperationException($"plan is for step {plan.Step} but the run is at step {StepsDone}");
+        FlushEma();
         double norm;
         try
         {
@@ -100,17 +104,34 @@ public sealed class TrainingState : IDisposable
             throw;
         }
         StepsDone++;
-        Ema?.Update(StepsDone);
+        _emaPending = Ema is not null;
+        if (!deferEma) FlushEma();
         Cursor = plan.Next;
         Optimizer.ZeroGrad();
         return norm;
     }
 
-    /// <summary>Weights to sample with: EMA (default, when the recipe keeps one) or the raw weights.</summary>
-    public IReadOnlyDictionary<string, Tensor> SamplingWeights(bool useEma = true) =>
-        useEma && Ema is not null ? Ema.Weights : Network.named_parameters().ToDictionary(p => p.name, p => (Tensor)p.parameter);
+    private bool _emaPending;
 
-    public CheckpointData ToCheckpoint() => new(
+    /// <summary>Brings the EMA up to the parameters of <see cref="StepsDone"/> (a no-op when it is).</summary>
+    public void FlushEma()
+    {
+        if (!_emaPending) return;
+        _emaPending = false;
+        Ema!.Update(StepsDone);
+    }
+
+    /// <summary>Weights to sample with: EMA (default, when the recipe keeps one) or the raw weights.</summary>
+    public IReadOnlyDictionary<string, Tensor> SamplingWeights(bool useEma = true)
+    {
+        FlushEma();
+        return useEma && Ema is not null ? Ema.Weights : Network.named_parameters().ToDictionary(p => p.name, p => (Tensor)p.parameter);
+    }
+
+    public CheckpointData ToCheckpoint()
+    {
+        FlushEma();
+        return new(
         Recipe, StepsDone, Cursor.Epoch, Cursor.Position, Recipe.Seed,
         Network.named_parameters().ToDictionary(p => p.name, p => (Tensor)p.parameter),
         Ema?.Weights ?? new Dictionary<string, Tensor>(),
@@ -120,6 +141,7 @@ public sealed class TrainingState : IDisposable
             ["optimizer.step"] = Optimizer.StepCount.ToString(CultureInfo.InvariantCulture),
             [TrainSizeKey] = Order.DatasetSize.ToString(CultureInfo.InvariantCulture),
         });
+    }
 
     /// <summary>Checkpoint fact: the training-set size the data order was planned for.</summary>
     public const string TrainSizeKey = "data.train_size";
