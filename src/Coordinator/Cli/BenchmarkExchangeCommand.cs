@@ -21,14 +21,22 @@ internal static class BenchmarkExchangeCommand
     {
         var recipe = new Option<string>("--recipe") { Description = "Recipe whose network sets the message sizes", DefaultValueFactory = _ => "mnist-small" };
         var steps = new Option<int>("--steps") { Description = "Steps to exchange", DefaultValueFactory = _ => 30 };
-        var cmd = new Command("benchmark-exchange", "Measure the parameter + gradient exchange rate against raw loopback TCP") { recipe, steps };
-        cmd.SetAction(p => Run(p.GetValue(recipe)!, p.GetValue(steps)));
+        var transport = new Option<string>("--transport") { Description = "stream (gRPC messages, as remote workers use) or shared-memory (as workers under the coordinator's kernel use)", DefaultValueFactory = _ => "stream" };
+        var cmd = new Command("benchmark-exchange", "Measure the parameter + gradient exchange rate against raw loopback TCP") { recipe, steps, transport };
+        cmd.SetAction(p => Run(p.GetValue(recipe)!, p.GetValue(steps), p.GetValue(transport)!));
         return cmd;
     }
 
-    private static int Run(string recipe, int steps)
+    private static int Run(string recipe, int steps, string transport)
     {
         if (steps < 2) throw new UsageException($"--steps {steps}: expected at least 2");
+        var shared = transport switch
+        {
+            "stream" => false,
+            "shared-memory" => true,
+            _ => throw new UsageException($"--transport {transport}: expected stream or shared-memory"),
+        };
+        if (shared && !SharedTensorSegment.Supported) throw new UsageException("--transport shared-memory: this machine has no /dev/shm");
         var dir = Path.Combine(Path.GetTempPath(), "dd-bench-exchange-" + Guid.NewGuid().ToString("N"));
         try
         {
@@ -42,13 +50,13 @@ internal static class BenchmarkExchangeCommand
                 Set = ["checkpoint-every=0", "sample-every=0"],
             };
             var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, token, Serilog.Events.LogEventLevel.Warning).GetAwaiter().GetResult());
-            var (bytes, seconds, busy) = ExchangeAsync(server, token, steps).GetAwaiter().GetResult();
+            var (bytes, seconds, busy) = ExchangeAsync(server, token, steps, shared).GetAwaiter().GetResult();
             var tcp = RawTcpAsync(bytes).GetAwaiter().GetResult();
             var exchange = seconds - busy;
             var rate = bytes / exchange;
             var inv = CultureInfo.InvariantCulture;
             Console.WriteLine(string.Create(inv, $"steps: {steps - 1} timed, {seconds:F2} s wall, of which {busy:F2} s the coordinator's own work (gradient sum, Adam, EMA, parameter copy)"));
-            Console.WriteLine(string.Create(inv, $"exchange: {bytes / 1048576.0:F1} MiB (parameters down + gradients up) in {exchange:F2} s = {rate / 1048576.0:F1} MiB/s (wall rate including the coordinator's work: {bytes / seconds / 1048576.0:F1} MiB/s)"));
+            Console.WriteLine(string.Create(inv, $"exchange ({transport}): {bytes / 1048576.0:F1} MiB (parameters down + gradients up) in {exchange:F2} s = {rate / 1048576.0:F1} MiB/s (wall rate including the coordinator's work: {bytes / seconds / 1048576.0:F1} MiB/s)"));
             Console.WriteLine(string.Create(inv, $"raw loopback TCP: {tcp / 1048576.0:F1} MiB/s"));
             Console.WriteLine(string.Create(inv, $"exchange / raw TCP: {rate / tcp:P0}"));
             return CliSupport.ExitOk;
@@ -59,67 +67,101 @@ internal static class BenchmarkExchangeCommand
         }
     }
 
-    /// <summary>A worker that returns a zero gradient at once; bytes moved and time from the end of step 1 (warm-up) to the last step.</summary>
-    private static async Task<(long Bytes, double Seconds, double Busy)> ExchangeAsync(CoordinatorServer started, string token, int steps)
+    /// <summary>
+    /// A worker that returns a zero gradient at once, through the stream or its shared-memory segment, verifying each
+    /// parameter set's checksum as a worker does; bytes moved and time from the end of step 1 (warm-up) to the last step.
+    /// </summary>
+    private static async Task<(long Bytes, double Seconds, double Busy)> ExchangeAsync(CoordinatorServer started, string token, int steps, bool shared)
     {
         await using var server = started;
         using var channel = ClientChannel.Create(server.Address);
         using var call = new Trainer.TrainerClient(channel).Connect(Token.Headers(token));
-        await call.RequestStream.WriteAsync(new WorkerMessage { Join = new Join { Host = "benchmark", Device = "none", Threads = 1, ProtocolVersion = Names.ProtocolVersion } });
+        await call.RequestStream.WriteAsync(new WorkerMessage
+        {
+            Join = new Join { Host = "benchmark", Device = "none", Threads = 1, ProtocolVersion = Names.ProtocolVersion, SharedMemory = shared, BootId = SharedTensorSegment.BootId },
+        });
         Welcome? welcome = null;
+        SharedTensorSegment? segment = null;
         TensorAssembler? parameters = null;
-        long bytes = 0;
+        long elements = 0, bytes = 0;
         var clock = new Stopwatch();
         var busyAtStart = 0.0;
-        byte[]? zeros = null;
-        while (await call.ResponseStream.MoveNext(CancellationToken.None).WaitAsync(TimeSpan.FromSeconds(60)))
+        byte[] zeros = [];
+        try
         {
-            var m = call.ResponseStream.Current;
-            switch (m.KindCase)
+            while (await call.ResponseStream.MoveNext(CancellationToken.None).WaitAsync(TimeSpan.FromSeconds(60)))
             {
-                case CoordinatorMessage.KindOneofCase.Welcome:
-                    welcome = m.Welcome;
-                    break;
-                case CoordinatorMessage.KindOneofCase.Parameters:
-                    parameters = new TensorAssembler(m.Parameters, welcome!.Parameters.Sum(p => p.Shape.Aggregate(1L, (a, b) => a * b)), "parameters");
-                    break;
-                case CoordinatorMessage.KindOneofCase.ParametersChunk:
-                    parameters!.Add(m.ParametersChunk);
-                    if (parameters.IsComplete)
-                    {
-                        parameters.ToFloat32();   // checksum and decode, as a worker does
-                        if (clock.IsRunning) bytes += (long)parameters.Header.ByteLength;
-                    }
-                    break;
-                case CoordinatorMessage.KindOneofCase.Assignment:
-                    var a = m.Assignment;
-                    if (a.Step == 1)
-                    {
-                        clock.Start();
-                        busyAtStart = server.Loop.BusySeconds;
-                    }
-                    zeros ??= new byte[parameters!.Header.ByteLength];
-                    await call.RequestStream.WriteAsync(new WorkerMessage
-                    {
-                        Gradient = new GradientHeader
+                var m = call.ResponseStream.Current;
+                switch (m.KindCase)
+                {
+                    case CoordinatorMessage.KindOneofCase.Welcome:
+                        welcome = m.Welcome;
+                        elements = welcome.Parameters.Sum(p => p.Shape.Aggregate(1L, (a, b) => a * b));
+                        zeros = new byte[elements * 4];
+                        if (shared)
                         {
-                            WorkerId = welcome!.WorkerId,
-                            Step = a.Step,
-                            ParameterVersion = a.ParameterVersion,
-                            Slice = a.Slice,
-                            Tensor = TensorTransport.Header(zeros, DType.Float32, zeros.Length / 4, a.Step, a.ParameterVersion),
-                            Present = Google.Protobuf.ByteString.CopyFrom(new byte[(welcome.Parameters.Count + 7) / 8]),
-                            SampleCount = (uint)a.Indices.Count,
-                        },
-                    });
-                    foreach (var c in TensorTransport.Chunks(zeros, a.Step, a.ParameterVersion))
-                        await call.RequestStream.WriteAsync(new WorkerMessage { GradientChunk = new GradientChunk { WorkerId = welcome.WorkerId, Slice = a.Slice, Chunk = c } });
-                    if (clock.IsRunning) bytes += zeros.Length;
-                    break;
-                case CoordinatorMessage.KindOneofCase.Finish:
-                    clock.Stop();
-                    return (bytes, clock.Elapsed.TotalSeconds, server.Loop.BusySeconds - busyAtStart);
+                            var offer = welcome.SharedMemory ?? throw new InvalidOperationException("the coordinator made no shared-memory offer");
+                            segment = SharedTensorSegment.TryOpen(offer.Path, offer.Nonce, (long)offer.RegionBytes, out var reason)
+                                ?? throw new InvalidOperationException("cannot map the offered segment: " + reason);
+                            await call.RequestStream.WriteAsync(new WorkerMessage { SharedMemoryReply = new SharedMemoryReply { Accepted = true } });
+                        }
+                        break;
+                    case CoordinatorMessage.KindOneofCase.Parameters when m.Parameters.SharedMemory:
+                        TensorAssembler.CheckShared(m.Parameters, elements, "parameters", segment!.Parameters);   // checksum, as a worker does
+                        if (clock.IsRunning) bytes += (long)m.Parameters.ByteLength;
+                        break;
+                    case CoordinatorMessage.KindOneofCase.Parameters:
+                        parameters = new TensorAssembler(m.Parameters, elements, "parameters");
+                        break;
+                    case CoordinatorMessage.KindOneofCase.ParametersChunk:
+                        parameters!.Add(m.ParametersChunk);
+                        if (parameters.IsComplete)
+                        {
+                            parameters.ToFloat32();   // checksum and decode, as a worker does
+                            if (clock.IsRunning) bytes += (long)parameters.Header.ByteLength;
+                        }
+                        break;
+                    case CoordinatorMessage.KindOneofCase.Assignment:
+                        var a = m.Assignment;
+                        if (a.Step == 1)
+                        {
+                            clock.Start();
+                            busyAtStart = server.Loop.BusySeconds;
+                        }
+                        var header = TensorTransport.Header(zeros, DType.Float32, elements, a.Step, a.ParameterVersion);
+                        if (segment is not null)
+                        {
+                            zeros.CopyTo(segment.Gradients);   // what a worker writes: one gradient's bytes
+                            header.SharedMemory = true;
+                            header.ChunkCount = 0;
+                        }
+                        await call.RequestStream.WriteAsync(new WorkerMessage
+                        {
+                            Gradient = new GradientHeader
+                            {
+                                WorkerId = welcome!.WorkerId,
+                                Step = a.Step,
+                                ParameterVersion = a.ParameterVersion,
+                                Slice = a.Slice,
+                                Tensor = header,
+                                Present = Google.Protobuf.ByteString.CopyFrom(new byte[(welcome.Parameters.Count + 7) / 8]),
+                                SampleCount = (uint)a.Indices.Count,
+                            },
+                        });
+                        if (segment is null)
+                            foreach (var c in TensorTransport.Chunks(zeros, a.Step, a.ParameterVersion))
+                                await call.RequestStream.WriteAsync(new WorkerMessage { GradientChunk = new GradientChunk { WorkerId = welcome.WorkerId, Slice = a.Slice, Chunk = c } });
+                        if (clock.IsRunning) bytes += zeros.Length;
+                        break;
+                    case CoordinatorMessage.KindOneofCase.Finish:
+                        clock.Stop();
+                        return (bytes, clock.Elapsed.TotalSeconds, server.Loop.BusySeconds - busyAtStart);
+                }
             }
+        }
+        finally
+        {
+            segment?.Dispose();
         }
         throw new InvalidOperationException("the coordinator closed the stream before training completed");
     }
