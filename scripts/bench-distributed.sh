@@ -1,36 +1,69 @@
 #!/usr/bin/env bash
-# Benchmark of distributed training (issue 3's figures), measured on this machine in one run:
-#   1. step time of `coordinator train` vs `coordinator run --workers 1` at the same batch (mnist-small U-Net)
-#   2. parameter + gradient exchange rate vs raw loopback TCP (`coordinator benchmark-exchange`)
-#   3. throughput with 2 workers x 1 thread vs 1 worker x 1 thread
-# Usage: scripts/bench-distributed.sh [OUT_DIR] [--steps N]   (default runs/bench-distributed, 12 steps)
-# Rates exclude each run's first step (joining, loading, allocation).
+# The distributed step's figures, measured on this machine in one run (README, "Distributed training and sampling"):
+#   1. swissroll: `coordinator train` (all cores, and 1 thread) vs `coordinator run --workers 2`, next to PyTorch 1.13
+#      on the same model and batch (one process; DistributedDataParallel/gloo with 2 processes x 1 thread), when
+#      Debian's python3-torch is installed (scripts/peer/setup-peer.sh installs it);
+#   2. parameter + gradient exchange vs raw loopback TCP (`coordinator benchmark-exchange`), through the gRPC stream
+#      (remote workers) and through shared memory (workers under the coordinator's kernel, what `run` uses);
+#   3. mnist-small: `run --workers 1` step time vs `train`, and 2 workers x 1 thread vs 1 worker x 1 thread;
+#   4. memory: `coordinator benchmark-soak` (RSS of the coordinator and each worker at the reference step and at the end).
+# Usage: scripts/bench-distributed.sh [OUT_DIR] [--quick]   (default runs/bench-distributed; --quick: shorter runs)
+# Rates exclude each run's first step (joining, loading, one-time set-up).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-out="$here/runs/bench-distributed"; steps=12
-while [ $# -gt 0 ]; do case "$1" in --steps) steps="$2"; shift ;; *) out="$1" ;; esac; shift; done
+out="$here/runs/bench-distributed"; quick=0
+while [ $# -gt 0 ]; do case "$1" in --quick) quick=1 ;; *) out="$1" ;; esac; shift; done
 "$here/scripts/setup.sh"
 coord="$here/src/Coordinator/bin/Release/net10.0/coordinator"
 mkdir -p "$out"
 report="$out/report.txt"; : > "$report"
 say() { printf '%s\n' "$*" | tee -a "$report"; }
 rate() { sed -n 's/.*; \([0-9.e+-]*\) steps\/s.*/\1/p' | tail -1; }
-common=(--recipe mnist-small --steps "$steps" --set checkpoint-every=0 --set sample-every=0)
+ratio() { awk "BEGIN{printf \"%.2f\", $1 / $2}"; }
+if [ "$quick" = 1 ]; then swiss=1500; mnist=12; soak=1200; soakref=200; mnistsoak=60; mnistref=20
+else swiss=3000; mnist=40; soak=3000; soakref=300; mnistsoak=300; mnistref=50; fi
 
-say "# DistDiffusion distributed benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, mnist-small (batch 64), $steps steps per run"
+say "# DistDiffusion distributed benchmark, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 
-rm -rf "$out/train" "$out/run1"
-train=$("$coord" train "${common[@]}" --out "$out/train" 2>/dev/null | rate)
-run1=$("$coord" run --workers 1 "${common[@]}" --out "$out/run1" 2>/dev/null | rate)
-say "1. coordinator train: $train steps/s; coordinator run --workers 1 ($(nproc) threads): $run1 steps/s; step-time ratio run/train = $(awk "BEGIN{printf \"%.3f\", $train / $run1}") (goal <= 1.10)"
+say "1. swissroll (MLP, 477,442 parameters, batch 256), $swiss steps each:"
+sw=(--recipe swissroll --steps "$swiss" --set checkpoint-every=0 --set sample-every=0)
+rm -rf "$out/s-train" "$out/s-train1" "$out/s-run2"
+t2=$("$coord" train "${sw[@]}" --out "$out/s-train" 2>/dev/null | rate)
+t1=$("$coord" train "${sw[@]}" --threads 1 --out "$out/s-train1" 2>/dev/null | rate)
+r2=$("$coord" run --workers 2 "${sw[@]}" --out "$out/s-run2" 2>/dev/null | rate)
+say "   coordinator train ($(nproc) threads): $t2 steps/s; train (1 thread): $t1 steps/s"
+say "   coordinator run --workers 2: $r2 steps/s = $(ratio "$r2" "$t2")x train (goal >= 1)"
+peer="$here/scripts/peer/ddp_swissroll.py"
+if /usr/bin/python3 -c 'import torch' >/dev/null 2>&1; then
+  p1=$(/usr/bin/python3 "$peer" --mode single --threads 1 --steps "$swiss" 2>/dev/null | sed -n 's/.*: \([0-9.]*\) steps\/s.*/\1/p')
+  p2=$(OMP_WAIT_POLICY=PASSIVE /usr/bin/python3 "$peer" --mode single --threads 2 --steps "$swiss" 2>/dev/null | sed -n 's/.*: \([0-9.]*\) steps\/s.*/\1/p')
+  pd=$(/usr/bin/python3 "$peer" --mode ddp --world 2 --steps "$swiss" 2>/dev/null | sed -n 's/.*: \([0-9.]*\) steps\/s.*/\1/p')
+  say "   PyTorch $(/usr/bin/python3 -c 'import torch; print(torch.__version__)') one process: $p1 steps/s (1 thread), $p2 steps/s (2 threads, OMP_WAIT_POLICY=PASSIVE)"
+  say "   PyTorch DistributedDataParallel, gloo, 2 processes x 1 thread: $pd steps/s; run --workers 2 = $(ratio "$r2" "$pd")x DDP (goal >= 1)"
+else
+  say "   PyTorch peer: not installed (scripts/peer/setup-peer.sh installs Debian's python3-torch)"
+fi
 
-say "2. exchange rate vs raw loopback TCP, in the same run (mnist-small: 0.8 MiB each way per step; mnist-ddpm: 69 MiB):"
-"$coord" benchmark-exchange --recipe mnist-small --steps 30 2>/dev/null | sed 's/^/   mnist-small: /' | tee -a "$report" >/dev/null
-"$coord" benchmark-exchange --recipe mnist-ddpm --steps 5 2>/dev/null | sed 's/^/   mnist-ddpm:  /' | tee -a "$report" >/dev/null
-grep -E '^\s+mnist' "$report" | tail -8
+say "2. exchange vs raw loopback TCP (a zero-compute worker; the coordinator's own Adam/EMA time subtracted):"
+for r in swissroll mnist-small; do
+  for tr in stream shared-memory; do
+    "$coord" benchmark-exchange --recipe "$r" --steps 200 --transport "$tr" 2>/dev/null | sed -n '2,4p' | tr '\n' ' ' \
+      | sed "s/^/   $r: /; s/\$/\n/" | tee -a "$report"
+  done
+done
 
-rm -rf "$out/w1" "$out/w2"
-w1=$("$coord" run --workers 1 --worker-threads 1 "${common[@]}" --out "$out/w1" 2>/dev/null | rate)
-w2=$("$coord" run --workers 2 --worker-threads 1 "${common[@]}" --out "$out/w2" 2>/dev/null | rate)
-say "3. 1 worker x 1 thread: $w1 steps/s; 2 workers x 1 thread: $w2 steps/s; speed-up $(awk "BEGIN{printf \"%.2f\", $w2 / $w1}")x (goal >= 1.8x)"
+say "3. mnist-small (U-Net, batch 64), $mnist steps each:"
+mn=(--recipe mnist-small --steps "$mnist" --set checkpoint-every=0 --set sample-every=0)
+rm -rf "$out/m-train" "$out/m-run1" "$out/m-w1" "$out/m-w2"
+mt=$("$coord" train "${mn[@]}" --out "$out/m-train" 2>/dev/null | rate)
+m1=$("$coord" run --workers 1 "${mn[@]}" --out "$out/m-run1" 2>/dev/null | rate)
+say "   train: $mt steps/s; run --workers 1 ($(nproc) threads): $m1 steps/s; step-time ratio run/train = $(ratio "$mt" "$m1") (goal <= 1.10)"
+w1=$("$coord" run --workers 1 --worker-threads 1 "${mn[@]}" --out "$out/m-w1" 2>/dev/null | rate)
+w2=$("$coord" run --workers 2 --worker-threads 1 "${mn[@]}" --out "$out/m-w2" 2>/dev/null | rate)
+say "   1 worker x 1 thread: $w1 steps/s; 2 workers x 1 thread: $w2 steps/s; speed-up $(ratio "$w2" "$w1")x (goal >= 1.8x)"
+
+say "4. memory over a long run (RSS at the reference step and at the end, every process):"
+"$coord" benchmark-soak --recipe swissroll --steps "$soak" --reference-step "$soakref" 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
+"$coord" benchmark-soak --recipe mnist-small --steps "$mnistsoak" --reference-step "$mnistref" 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
+tail -12 "$report"
 say "report: $report"

@@ -19,15 +19,18 @@ public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
         string.Join("\n", workers.Select((w, i) => $"--- worker {i + 1} (exit {(w.Process.HasExited ? w.Process.ExitCode.ToString(System.Globalization.CultureInfo.InvariantCulture) : "running")})\n{w.Output}"));
 
     [Theory(Timeout = 180_000)]
-    [InlineData(1)]
-    [InlineData(2)]
-    [InlineData(3)]
-    public async Task AnyNumberOfWorkersReachesTheOneProcessParameters(int workerCount)
+    [InlineData(1, true)]
+    [InlineData(2, true)]
+    [InlineData(3, true)]
+    [InlineData(2, false)]   // tensors on the gRPC stream, as for workers on other machines
+    public async Task AnyNumberOfWorkersReachesTheOneProcessParameters(int workerCount, bool sharedMemory)
     {
         const int steps = 12;
         var reference = Cluster.LocalReference(Cluster.Recipe(steps), Path.Combine(Dir, "local"));
         var runDir = Path.Combine(Dir, "dist");
-        await using var server = await Cluster.Start(Cluster.Options(runDir, steps, minWorkers: workerCount));
+        var options = Cluster.Options(runDir, steps, minWorkers: workerCount);
+        options.SharedMemory = sharedMemory;
+        await using var server = await Cluster.Start(options);
         var workers = Enumerable.Range(0, workerCount).Select(_ => new WorkerProcess(server.Address, Cluster.Token)).ToList();
         try
         {
@@ -36,6 +39,7 @@ public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
             // Every worker took part in every step (admitted before step 0, none dropped).
             Assert.Equal(workerCount, status.Workers.Count);
             Assert.All(status.Workers, w => Assert.Equal((ulong)steps, w.StepsDone));
+            Assert.All(status.Workers, w => Assert.Equal(sharedMemory && SharedTensorSegment.Supported, w.SharedMemory));
             Cluster.AssertSameState(reference, Cluster.Latest(runDir), Logs(workers));
             // Workers exit 0 by themselves when the coordinator says training is complete.
             await Cluster.WaitUntil(() => workers.All(w => w.Process.HasExited), TimeSpan.FromSeconds(30), "workers to exit", () => Logs(workers));

@@ -22,7 +22,8 @@ public sealed class MemoryGrowthTests() : TempFolderTest("dd-soak")
         if (!OperatingSystem.IsLinux()) return;   // /proc
         var result = await SoakMonitor.RunAsync("swissroll", workers: 2, steps: 600, referenceStep: 150, Path.Combine(Dir, "run"), ["seed=5"], CancellationToken.None, sharedMemory);
         Assert.True(result.ExitCode == 0, result.Log);
-        Assert.Equal(600, result.EndStep);
+        Assert.Contains("to step 600", result.Log, StringComparison.Ordinal);
+        Assert.True(result.EndStep >= 450, $"the last memory sample was taken at step {result.EndStep}");
         Assert.Equal(3, result.Processes.Count);   // the coordinator and both workers were seen at the reference step
         foreach (var p in result.Processes)
             Assert.True(p.Growth <= BoundBytes,

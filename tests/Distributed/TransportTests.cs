@@ -75,7 +75,7 @@ public class TransportTests
     {
         foreach (var (n, k) in new[] { (61, 1), (61, 2), (61, 3), (5, 5), (7, 4) })
         {
-            var bounds = TrainingLoop.SliceBounds(n, k);
+            var bounds = StepRound.SliceBounds(n, k);
             Assert.Equal(0, bounds[0].Start);
             Assert.Equal(n, bounds[^1].End);
             for (var i = 1; i < k; i++) Assert.Equal(bounds[i - 1].End, bounds[i].Start);

@@ -49,10 +49,10 @@ internal static class StatusCommand
         Console.WriteLine(string.Create(inv, $"step {reply.Step} of {reply.TargetStep} (epoch {reply.Epoch}, parameter version {reply.ParameterVersion}), loss {reply.Loss:G4}, {reply.SamplesPerSecond:F1} samples/s"));
         Console.WriteLine(reply.LastCheckpoint.Length > 0 ? $"last checkpoint: step {reply.LastCheckpointStep} at {reply.LastCheckpoint}" : "last checkpoint: none yet");
         Console.WriteLine();
-        Console.WriteLine($"{"worker",-12} {"host",-16} {"device",-8} {"threads",7} {"state",-8} {"steps",7} {"s/step",8} {"seen",7} {"in",10} {"out",10}");
+        Console.WriteLine($"{"worker",-12} {"host",-16} {"device",-8} {"threads",7} {"state",-8} {"steps",7} {"s/step",8} {"seen",7} {"in",10} {"out",10} {"tensors",-7}");
         foreach (var w in reply.Workers)
             Console.WriteLine(string.Create(inv,
-                $"{w.Id,-12} {Truncate(w.Host, 16),-16} {w.Device,-8} {w.Threads,7} {Describe(w.State),-8} {w.StepsDone,7} {w.MeanStepSeconds,8:F3} {w.LastSeenSecondsAgo,6:F1}s {Bytes(w.BytesIn),10} {Bytes(w.BytesOut),10}"));
+                $"{w.Id,-12} {Truncate(w.Host, 16),-16} {w.Device,-8} {w.Threads,7} {Describe(w.State),-8} {w.StepsDone,7} {w.MeanStepSeconds,8:F3} {w.LastSeenSecondsAgo,6:F1}s {Bytes(w.BytesIn),10} {Bytes(w.BytesOut),10} {(w.SharedMemory ? "shm" : "stream"),-7}"));
         if (reply.Workers.Count == 0) Console.WriteLine("(no workers)");
         return CliSupport.ExitOk;
     }

@@ -1,6 +1,4 @@
 using System.Diagnostics;
-using System.Numerics;
-using System.Runtime.InteropServices;
 using System.Threading.Channels;
 using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Training;
@@ -346,20 +344,13 @@ public sealed class TrainingLoop : BackgroundService
         var s = _run.State;
         var plan = s.PlanStep();
         var keys = s.Step.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
-        var step = (ulong)plan.Step;
-        var sliceCount = _live.Count;
-        var bounds = SliceBounds(plan.Indices.Length, sliceCount);
-        var owners = new WorkerConnection?[sliceCount];
-        var deadlines = new DateTime[sliceCount];
-        var results = new SliceGradient?[sliceCount];
-        var deadline = TimeSpan.FromSeconds(_options.StepDeadlineSeconds);
-        var silence = _options.HeartbeatTimeoutSeconds;
-        for (var i = 0; i < sliceCount; i++) Assign(i, _live[i]);
+        var round = new StepRound((ulong)plan.Step, _version, plan.Indices.Length, Math.Min(_live.Count, plan.Indices.Length), TimeSpan.FromSeconds(_options.StepDeadlineSeconds), TimeProvider.System);
+        for (var i = 0; i < round.SliceCount; i++) Assign(i, _live[i]);
         // The previous step's EMA update, while the workers compute this one.
         using (Model.TorchRuntime.Compute()) s.FlushEma();
         _busySeconds += Stopwatch.GetElapsedTime(planning).TotalSeconds;
 
-        while (results.Any(r => r is null))
+        while (!round.IsComplete)
         {
             var e = await NextEventAsync(TimeSpan.FromMilliseconds(500), ct);
             switch (e)
@@ -375,58 +366,45 @@ public sealed class TrainingLoop : BackgroundService
                     Serve(w);
                     break;
                 case GradientArrived { Gradient: var gr }:
-                    if (gr.Step != step || gr.Slice >= sliceCount || owners[gr.Slice] != gr.Worker || results[gr.Slice] is not null)
+                    if (round.Accept(gr) is not SliceRejection.None and var why)
                     {
-                        Ack(gr, applied: false, "stale or duplicate");
+                        Ack(gr, applied: false, why == SliceRejection.Duplicate ? "duplicate" : "stale");
                         GradientBuffers.Return(gr.Values);
                         break;
                     }
-                    results[gr.Slice] = gr;
                     gr.Worker.CompletedSlice(gr.ComputeSeconds);
-                    if (!owners.Where((o, k) => o == gr.Worker && results[k] is null).Any()) gr.Worker.State = WorkerState.Idle;
+                    if (round.Unfinished(gr.Worker).Count == 0) gr.Worker.State = WorkerState.Idle;
                     Ack(gr, applied: true, "");
-                    Publish();
+                    _current = round.Snapshot();
                     break;
             }
-            var now = DateTime.UtcNow;
             foreach (var w in _live.ToList())
             {
-                var late = Enumerable.Range(0, sliceCount).Any(k => owners[k] == w && results[k] is null && now > deadlines[k]);
-                if (late || w.SecondsSinceSeen > silence)
+                var late = round.IsLate(w);
+                if (late || w.SecondsSinceSeen > _options.HeartbeatTimeoutSeconds)
                 {
-                    var why = late ? $"missed the step deadline ({deadline.TotalSeconds:F0} s) of step {step}" : $"silent for {w.SecondsSinceSeen:F0} s (heartbeat every {_options.HeartbeatSeconds} s)";
+                    var why = late ? $"missed the step deadline ({round.Deadline.TotalSeconds:F0} s) of step {round.Step}" : $"silent for {w.SecondsSinceSeen:F0} s (heartbeat every {_options.HeartbeatSeconds} s)";
                     w.Abort(StatusCode.DeadlineExceeded, why);
                     Remove(w, why);
                     Reassign(w);
                 }
             }
-            if (_live.Count == 0 && results.Any(r => r is null))
+            if (_live.Count == 0 && !round.IsComplete)
             {
                 SetState(RunState.WaitingForWorkers);
                 if (_joining.Count > 0)
                 {
                     Admit();
-                    foreach (var orphan in Enumerable.Range(0, sliceCount).Where(k => results[k] is null && (owners[k] is null || !_live.Contains(owners[k]!))))
-                        Assign(orphan, LeastLoaded());
+                    foreach (var orphan in round.Orphans(_live)) Assign(orphan, round.LeastLoaded(_live));
                     SetState(RunState.Training);
                 }
             }
         }
 
-        // Sum in slice order: the result does not depend on which worker computed which slice or when it arrived.
-        var total = results[0]!.Values;
-        var present = results[0]!.Present.ToArray();
-        double loss = results[0]!.Loss;
-        for (var k = 1; k < sliceCount; k++)
-        {
-            Add(total, results[k]!.Values);
-            for (var b = 0; b < present.Length; b++) present[b] |= results[k]!.Present[b];
-            loss += results[k]!.Loss;
-            GradientBuffers.Return(results[k]!.Values);
-        }
+        var (total, present, loss) = round.Sum(GradientBuffers.Return);
         var gathered = Stopwatch.GetTimestamp();
         double norm;
-        using (Model.TorchRuntime.Compute())   // gRPC threads allocate all the time: no GC inside torch calls
+        using (Model.TorchRuntime.Compute())   // other threads allocate: torch temporaries must outlive their native calls
         {
             _vector.WriteGradients(total, present);
             GradientBuffers.Return(total);
@@ -442,18 +420,17 @@ public sealed class TrainingLoop : BackgroundService
 
         void Assign(int slice, WorkerConnection w)
         {
-            owners[slice] = w;
-            deadlines[slice] = DateTime.UtcNow + deadline;
+            round.Assign(slice, w);
             w.State = WorkerState.Busy;
             if (w.ParameterVersion != _version)
             {
                 SendParameters(w);
                 w.ParameterVersion = _version;
             }
-            var (start, end) = bounds[slice];
+            var (start, end) = round.Bounds[slice];
             var assignment = new StepAssignment
             {
-                Step = step,
+                Step = round.Step,
                 ParameterVersion = _version,
                 Slice = (uint)slice,
                 GlobalBatchSize = (uint)s.Recipe.BatchSize,
@@ -461,54 +438,25 @@ public sealed class TrainingLoop : BackgroundService
             assignment.Indices.Add(plan.Indices[start..end]);
             assignment.SampleSeeds.Add(keys[start..end]);
             w.Send(new CoordinatorMessage { Assignment = assignment });
-            Publish();
+            _current = round.Snapshot();
         }
 
         void Reassign(WorkerConnection gone)
         {
-            for (var k = 0; k < sliceCount; k++)
+            foreach (var k in round.Unfinished(gone))
             {
-                if (owners[k] != gone || results[k] is not null) continue;
                 if (_live.Count == 0)
                 {
-                    owners[k] = null;
-                    _log.LogWarning("Step {Step} slice {Slice} waits for a worker", step, k);
+                    round.Release(k);
+                    _log.LogWarning("Step {Step} slice {Slice} waits for a worker", round.Step, k);
                     continue;
                 }
-                var to = LeastLoaded();
-                _log.LogInformation("Step {Step} slice {Slice} ({Samples} samples) of {Gone} goes to {Worker}", step, k, bounds[k].End - bounds[k].Start, gone.Id, to.Id);
+                var to = round.LeastLoaded(_live);
+                _log.LogInformation("Step {Step} slice {Slice} ({Samples} samples) of {Gone} goes to {Worker}", round.Step, k, round.Bounds[k].End - round.Bounds[k].Start, gone.Id, to.Id);
                 Assign(k, to);
             }
-            Publish();
+            _current = round.Snapshot();
         }
-
-        WorkerConnection LeastLoaded() =>
-            _live.OrderBy(w => Enumerable.Range(0, sliceCount).Count(k => owners[k] == w && results[k] is null)).First();
-
-        void Publish() => _current = new StepSnapshot(step, _version,
-            bounds.Select(b => b.End - b.Start).ToArray(), owners.Select(o => o?.Id).ToArray(), results.Select(r => r is not null).ToArray());
-    }
-
-    /// <summary>Contiguous slices of a batch of n over k workers, sizes differing by at most one.</summary>
-    internal static (int Start, int End)[] SliceBounds(int n, int k)
-    {
-        var bounds = new (int, int)[k];
-        var start = 0;
-        for (var i = 0; i < k; i++)
-        {
-            var size = n / k + (i < n % k ? 1 : 0);
-            bounds[i] = (start, start + size);
-            start += size;
-        }
-        return bounds;
-    }
-
-    private static void Add(float[] total, float[] part)
-    {
-        var t = MemoryMarshal.Cast<float, Vector<float>>(total.AsSpan());
-        var p = MemoryMarshal.Cast<float, Vector<float>>(part.AsSpan());
-        for (var i = 0; i < t.Length; i++) t[i] += p[i];
-        for (var i = t.Length * Vector<float>.Count; i < total.Length; i++) total[i] += part[i];
     }
 
     private static void Ack(SliceGradient g, bool applied, string note) =>

@@ -98,6 +98,7 @@ public sealed class WorkerConnection
             LastSeenSecondsAgo = SecondsSinceSeen,
             BytesIn = (ulong)Interlocked.Read(ref _bytesIn),
             BytesOut = (ulong)Interlocked.Read(ref _bytesOut),
+            SharedMemory = SharedMemory is not null,
         };
     }
 }

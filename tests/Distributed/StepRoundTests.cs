@@ -1,0 +1,98 @@
+using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Protocol.V1;
+
+namespace DistDiffusion.Tests.Distributed;
+
+/// <summary>The step protocol without processes, sockets or sleeps: a hand-moved clock and fake workers.</summary>
+public sealed class StepRoundTests
+{
+    private sealed class ManualClock : TimeProvider
+    {
+        private DateTimeOffset _now = new(2026, 1, 1, 0, 0, 0, TimeSpan.Zero);
+        public override DateTimeOffset GetUtcNow() => _now;
+        public void Advance(TimeSpan by) => _now += by;
+    }
+
+    private static WorkerConnection Worker(string host) => new(new Join { Host = host, Device = "cpu", Threads = 1, ProtocolVersion = 1 }, "test");
+
+    private static SliceGradient Gradient(WorkerConnection w, ulong step, uint slice, params float[] values) =>
+        new(w, step, slice, values, [(byte)1], values.Sum(), 0.01);
+
+    [Fact]
+    public void AcceptsEachSliceOnceFromItsHolderAndSumsInSliceOrder()
+    {
+        var clock = new ManualClock();
+        var (a, b) = (Worker("a"), Worker("b"));
+        var round = new StepRound(7, 7, 10, 2, TimeSpan.FromSeconds(30), clock);
+        round.Assign(0, a);
+        round.Assign(1, b);
+        Assert.Equal(SliceRejection.OtherStep, round.Accept(Gradient(b, 6, 1, 1f, 1f)));
+        Assert.Equal(SliceRejection.NoSuchSlice, round.Accept(Gradient(b, 7, 2, 1f, 1f)));
+        Assert.Equal(SliceRejection.NotOwner, round.Accept(Gradient(a, 7, 1, 1f, 1f)));
+        // Slice 1 arrives first; the sum is still slice 0 + slice 1.
+        Assert.Equal(SliceRejection.None, round.Accept(Gradient(b, 7, 1, 1e8f, -1e8f)));
+        Assert.False(round.IsComplete);
+        Assert.Equal(SliceRejection.Duplicate, round.Accept(Gradient(b, 7, 1, 5f, 5f)));
+        Assert.Equal(SliceRejection.None, round.Accept(Gradient(a, 7, 0, 1f, 1f)));
+        Assert.True(round.IsComplete);
+        var released = new List<float[]>();
+        var (total, present, loss) = round.Sum(released.Add);
+        Assert.Equal([1f + 1e8f, 1f - 1e8f], total);
+        Assert.Equal([(byte)1], present);
+        Assert.Equal(2.0, loss);
+        Assert.Single(released);
+    }
+
+    [Fact]
+    public void ALateWorkersSlicesAreReassignedAndItsLatePushIsStale()
+    {
+        var clock = new ManualClock();
+        var (a, b) = (Worker("a"), Worker("b"));
+        var round = new StepRound(3, 3, 8, 2, TimeSpan.FromSeconds(20), clock);
+        round.Assign(0, a);
+        round.Assign(1, b);
+        clock.Advance(TimeSpan.FromSeconds(19));
+        Assert.False(round.IsLate(a));
+        Assert.Equal(SliceRejection.None, round.Accept(Gradient(a, 3, 0, 1f)));
+        clock.Advance(TimeSpan.FromSeconds(2));
+        Assert.False(round.IsLate(a));   // its slice is in
+        Assert.True(round.IsLate(b));
+        // The loop drops b and hands its slices to the least-loaded live worker: a, with a new deadline.
+        Assert.Equal([1], round.Unfinished(b));
+        Assert.Same(a, round.LeastLoaded([a]));
+        round.Assign(1, a);
+        Assert.False(round.IsLate(a));
+        Assert.Equal(SliceRejection.NotOwner, round.Accept(Gradient(b, 3, 1, 9f)));
+        Assert.Equal(SliceRejection.None, round.Accept(Gradient(a, 3, 1, 2f)));
+        Assert.Equal([3f], round.Sum(_ => { }).Total);
+    }
+
+    [Fact]
+    public void SlicesWaitForAWorkerWhenNoneIsLiveAndGoToTheOneThatJoins()
+    {
+        var clock = new ManualClock();
+        var (a, c) = (Worker("a"), Worker("c"));
+        var round = new StepRound(1, 1, 4, 2, TimeSpan.FromSeconds(20), clock);
+        round.Assign(0, a);
+        round.Assign(1, a);
+        foreach (var k in round.Unfinished(a)) round.Release(k);   // a left, nobody is live
+        Assert.Equal([0, 1], round.Orphans([]));
+        Assert.Null(round.OwnerOf(0));
+        foreach (var k in round.Orphans([c])) round.Assign(k, round.LeastLoaded([c]));
+        Assert.Equal([0, 1], round.Unfinished(c));
+        var snapshot = round.Snapshot();
+        Assert.Equal(new[] { c.Id, c.Id }, snapshot.Owners.Select(o => o!).ToArray());
+        Assert.Equal([2, 2], snapshot.SliceSizes);
+    }
+
+    [Fact]
+    public void LeastLoadedPrefersTheWorkerWithFewestUnfinishedSlices()
+    {
+        var (a, b) = (Worker("a"), Worker("b"));
+        var round = new StepRound(1, 1, 9, 3, TimeSpan.FromSeconds(20), new ManualClock());
+        round.Assign(0, a);
+        round.Assign(1, a);
+        round.Assign(2, b);
+        Assert.Same(b, round.LeastLoaded([a, b]));
+    }
+}
