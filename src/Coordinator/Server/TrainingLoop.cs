@@ -71,6 +71,7 @@ public sealed class TrainingLoop : BackgroundService
         _log = log;
         _lifetime = lifetime;
         _vector = ParameterVector.Of(run.State.Network);
+        run.State.Optimizer.UpdateThreads = Math.Clamp(Environment.ProcessorCount, 1, 4);
         _parameterBuffers = [new byte[_vector.Elements * 4], new byte[_vector.Elements * 4]];
         GradientBuffers = new TensorBufferPool(_vector.Elements);
         if (run.State.Ema is { } ema)

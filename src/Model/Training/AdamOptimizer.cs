@@ -44,6 +44,19 @@ public sealed class AdamOptimizer : IDisposable
         }
     }
 
+    /// <summary>
+    /// Threads that update parameters side by side (each parameter's ops on one thread). The distributed coordinator,
+    /// whose workers are idle while it updates and whose own torch work is single-threaded, uses its cores this way
+    /// (per-op thread wake-ups made intra-op threads no faster on these small tensors); 1 (default) updates in order.
+    /// </summary>
+    public int UpdateThreads
+    {
+        get => _updateThreads;
+        set => _updateThreads = value >= 1 ? value : throw new ArgumentOutOfRangeException(nameof(value), value, "expected at least 1 thread");
+    }
+
+    private int _updateThreads = 1;
+
     /// <summary>The learning rate used at optimizer step number <paramref name="step"/> (1-based).</summary>
     public double LearningRateAt(long step) => WarmupSteps > 0 ? LearningRate * Math.Min(1.0, (double)step / WarmupSteps) : LearningRate;
 
@@ -85,9 +98,12 @@ public sealed class AdamOptimizer : IDisposable
         using var epsilon = Epsilon.ToScalar();
         using var negativeStep = (-stepSize).ToScalar();
         using var clip = clipScale.ToScalar();
-        foreach (var (name, p) in _params)
+        void Update(int i)
         {
-            if (p.grad is not { } grad) continue;
+            using var inner = NewDisposeScope();
+            using var noGrad2 = no_grad();
+            var (name, p) = _params[i];
+            if (p.grad is not { } grad) return;
             var g = clipScale != 1.0 ? grad.mul(clip) : grad;
             var m = _expAvg[name];
             var v = _expAvgSq[name];
@@ -97,6 +113,9 @@ public sealed class AdamOptimizer : IDisposable
             var denom = v.sqrt().div_(sqrtBias2Scalar).add_(epsilon);
             p.addcdiv_(m, denom, value: negativeStep);
         }
+        // Each parameter's update is the same sequence of ops whichever thread runs it: the result is bit for bit the same.
+        if (UpdateThreads > 1) Parallel.For(0, _params.Count, new ParallelOptions { MaxDegreeOfParallelism = UpdateThreads }, Update);
+        else for (var i = 0; i < _params.Count; i++) Update(i);
         return norm;
     }
 
