@@ -49,21 +49,23 @@ public static class TorchRuntime
     /// <summary>
     /// libtorch frees and re-allocates tensor-sized buffers every step (activations, gradients, optimizer temporaries). With
     /// glibc's defaults, blocks over the dynamic mmap threshold are mmap'ed and unmapped each time and a freed heap top is
-    /// trimmed back to the kernel, so each step pays page faults to zero fresh pages (measured on the swiss-roll MLP: a
-    /// 128-sample backward pass 5.2 ms -> 3.8 ms, forward 2.9 -> 2.3 ms with the settings below). Keep freed memory in
-    /// the process for reuse instead: what the heap holds is bounded by the largest step's working set, so memory stays
-    /// flat (the soak benchmark checks it). A user's own MALLOC_* environment variables win.
+    /// trimmed back to the kernel, so each step pays page faults to zero fresh pages. Keep freed memory in the process for
+    /// reuse instead (mmap threshold 32 MiB, glibc's largest), but bound what it may hold: at most 64 MiB of free heap top,
+    /// and two arenas, since every arena keeps its own free memory (with the default 8 per core the mnist-small workers
+    /// grew by hundreds of MB). Measured here: a 128-sample swiss-roll MLP backward 5.2 -> 3.8 ms, forward 2.9 -> 2.3 ms;
+    /// mnist-small with 2 workers 1.2 -> 2.1 steps/s; the soak benchmark checks that memory stays flat.
+    /// A user's own MALLOC_* environment variables win.
     /// </summary>
     private static void KeepFreedMemory()
     {
         if (!OperatingSystem.IsLinux()) return;
         if (Environment.GetEnvironmentVariables().Keys.Cast<string>().Any(k => k.StartsWith("MALLOC_", StringComparison.Ordinal))) return;
-        const int MmapThreshold = -3, TrimThreshold = -1;   // mallopt parameters (malloc.h)
+        const int TrimThreshold = -1, MmapThreshold = -3, ArenaMax = -8;   // mallopt parameters (malloc.h)
         try
         {
-            // 32 MiB is glibc's largest mmap threshold on 64-bit; setting it also turns the dynamic threshold off.
-            if (mallopt(MmapThreshold, 32 << 20) == 1 && mallopt(TrimThreshold, 256 << 20) == 1)
-                MallocTuning = "mmap threshold 32 MiB, trim threshold 256 MiB";
+            // Setting the mmap threshold also turns glibc's dynamic threshold off.
+            if (mallopt(MmapThreshold, 32 << 20) == 1 && mallopt(TrimThreshold, 64 << 20) == 1 && mallopt(ArenaMax, 2) == 1)
+                MallocTuning = "mmap threshold 32 MiB, trim threshold 64 MiB, 2 arenas";
         }
         catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException)
         {

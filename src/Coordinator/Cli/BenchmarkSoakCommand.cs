@@ -57,7 +57,7 @@ internal static class BenchmarkSoakCommand
         foreach (var p in r.Processes)
             Console.WriteLine(string.Create(inv, $"{p.Role,-13} {Mb(p.AtReference),11} {Mb(p.AtEnd),11} {Mb(p.Peak),8} {(p.Growth / 1048576.0),10:F1} {p.Growth / 1024.0 / (r.EndStep - r.ReferenceStep),8:F1}"));
         var worst = r.Processes.MaxBy(p => p.Growth)!;
-        Console.WriteLine(string.Create(inv, $"largest growth: {worst.Role} {worst.Growth / 1048576.0:F1} MB over {r.EndStep - r.ReferenceStep} steps (goal: within {GoalBytes >> 20} MB): {(r.Processes.All(p => Math.Abs(p.Growth) <= GoalBytes) ? "met" : "NOT met")}"));
+        Console.WriteLine(string.Create(inv, $"largest growth: {worst.Role} {worst.Growth / 1048576.0:F1} MB over {r.EndStep - r.ReferenceStep} steps (goal: within {GoalBytes >> 20} MB): {(r.Processes.All(p => p.Growth <= GoalBytes) ? "met" : "NOT met")}"));
         return CliSupport.ExitOk;
     }
 }
