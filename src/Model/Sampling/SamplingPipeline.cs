@@ -107,7 +107,7 @@ public static class SamplingPipeline
             for (var pos = 0; pos < sampler.Timesteps.Count; pos++)
             {
                 ct.ThrowIfCancellationRequested();
-                using var guard = TorchRuntime.Compute();   // one denoising step at a time, no GC inside (see TorchRuntime)
+                using var guard = TorchRuntime.Compute();   // temporaries outlive their native calls (see TorchRuntime)
                 using var scope = NewDisposeScope();
                 var t = full(new[] { (long)keys.Length }, (long)sampler.Timesteps[pos], ScalarType.Int64, device);
                 var output = network.forward(x, t);
