@@ -19,16 +19,13 @@ public sealed class ClusterCollection
     public const string Name = "cluster";
 }
 
-/// <summary>A worker process (the real `worker` executable) with its output kept for failure messages.</summary>
-internal sealed class WorkerProcess : IDisposable
+/// <summary>A process of ours with its output kept for failure messages; disposing kills it and everything it started.</summary>
+internal abstract class KeptOutputProcess : IDisposable
 {
     private readonly ConcurrentQueue<string> _lines = new();
 
-    public WorkerProcess(Uri coordinator, string? token, int threads = 1, params string[] extra)
+    protected KeptOutputProcess(ProcessStartInfo psi)
     {
-        var psi = RunCommand.WorkerStartInfo(["--coordinator", coordinator.ToString(), "--threads", threads.ToString(System.Globalization.CultureInfo.InvariantCulture), "--log-level", "debug", .. extra]);
-        psi.Environment.Remove(Names.TokenEnvironmentVariable);
-        if (token is not null) psi.Environment[Names.TokenEnvironmentVariable] = token;
         Process = Process.Start(psi)!;
         Process.OutputDataReceived += (_, e) => { if (e.Data is not null) _lines.Enqueue(e.Data); };
         Process.ErrorDataReceived += (_, e) => { if (e.Data is not null) _lines.Enqueue(e.Data); };
@@ -52,18 +49,25 @@ internal sealed class WorkerProcess : IDisposable
     }
 }
 
-/// <summary>
-/// `coordinator VERB ...` as its own process (the executable beside the tests), with its output kept for failure
-/// messages; disposing kills it and everything it started.
-/// </summary>
-internal sealed class CoordinatorProcess : IDisposable
+/// <summary>A worker process (the real `worker` executable).</summary>
+internal sealed class WorkerProcess(Uri coordinator, string? token, int threads = 1, params string[] extra) : KeptOutputProcess(StartInfo(coordinator, token, threads, extra))
 {
-    private readonly ConcurrentQueue<string> _lines = new();
+    private static ProcessStartInfo StartInfo(Uri coordinator, string? token, int threads, string[] extra)
+    {
+        var psi = RunCommand.WorkerStartInfo(["--coordinator", coordinator.ToString(), "--threads", threads.ToString(System.Globalization.CultureInfo.InvariantCulture), "--log-level", "debug", .. extra]);
+        psi.Environment.Remove(Names.TokenEnvironmentVariable);
+        if (token is not null) psi.Environment[Names.TokenEnvironmentVariable] = token;
+        return psi;
+    }
+}
 
-    /// <param name="args">The command line after `coordinator`.</param>
-    /// <param name="ignoringInterrupt">Start it with SIGINT ignored, as a shell without job control (any script) starts a
-    /// background job (`coordinator run ... &amp;`); the process is still this one (sh execs it).</param>
-    public CoordinatorProcess(string[] args, bool ignoringInterrupt = false)
+/// <summary>`coordinator VERB ...` as its own process (the executable beside the tests).</summary>
+/// <param name="args">The command line after `coordinator`.</param>
+/// <param name="ignoringInterrupt">Start it with SIGINT ignored, as a shell without job control (any script) starts a
+/// background job (`coordinator run ... &amp;`); the process is still this one (sh execs it).</param>
+internal sealed class CoordinatorProcess(string[] args, bool ignoringInterrupt = false) : KeptOutputProcess(StartInfo(args, ignoringInterrupt))
+{
+    private static ProcessStartInfo StartInfo(string[] args, bool ignoringInterrupt)
     {
         var psi = RunCommand.StartInfo("coordinator", args);
         psi.Environment.Remove(Names.TokenEnvironmentVariable);
@@ -74,21 +78,7 @@ internal sealed class CoordinatorProcess : IDisposable
             psi.ArgumentList.Clear();
             foreach (var a in (string[])["-c", "trap '' INT; exec \"$0\" \"$@\"", .. command]) psi.ArgumentList.Add(a);
         }
-        Process = Process.Start(psi)!;
-        Process.OutputDataReceived += (_, e) => { if (e.Data is not null) _lines.Enqueue(e.Data); };
-        Process.ErrorDataReceived += (_, e) => { if (e.Data is not null) _lines.Enqueue(e.Data); };
-        Process.BeginOutputReadLine();
-        Process.BeginErrorReadLine();
-    }
-
-    public Process Process { get; }
-    public string Output => string.Join("\n", _lines);
-
-    public void Dispose()
-    {
-        if (!Process.HasExited) Process.Kill(entireProcessTree: true);
-        Process.WaitForExit(10_000);
-        Process.Dispose();
+        return psi;
     }
 }
 
