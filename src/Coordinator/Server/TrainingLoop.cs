@@ -50,14 +50,7 @@ public sealed class TrainingLoop : BackgroundService
     private readonly List<WorkerConnection> _joining = [];
     private readonly object _statusLock = new();
     private readonly List<WorkerConnection> _known = [];
-    private readonly ParameterVector? _emaVector;
-    private readonly Dictionary<bool, WeightsSnapshot> _snapshots = [];
-    // Two parameter buffers, alternating by version: a worker may still be reading version v's bytes (its chunks queued,
-    // or its shared region filled from them) while v + 1 is written. Both are reused for the whole run.
-    private readonly byte[][] _parameterBuffers;
-    private byte[] _parameterBytes = [];
-    private TensorHeader _parameterHeader = new();
-    private ulong _version;
+    private readonly ParameterBroadcast _parameters;
     private volatile StepSnapshot? _current;
     private RunState _state = RunState.WaitingForWorkers;
     private double _loss = double.NaN, _samplesPerSecond;
@@ -72,15 +65,13 @@ public sealed class TrainingLoop : BackgroundService
         _lifetime = lifetime;
         _vector = ParameterVector.Of(run.State.Network);
         run.State.Optimizer.UpdateThreads = Math.Clamp(Environment.ProcessorCount, 1, 4);
-        _parameterBuffers = [new byte[_vector.Elements * 4], new byte[_vector.Elements * 4]];
         GradientBuffers = new TensorBufferPool(_vector.Elements);
-        if (run.State.Ema is { } ema)
-            _emaVector = new ParameterVector(_vector.Shapes.Select(p => (p.Name, ema.Weights[p.Name])));
+        var emaVector = run.State.Ema is { } ema ? new ParameterVector(_vector.Shapes.Select(p => (p.Name, ema.Weights[p.Name]))) : null;
+        _parameters = new ParameterBroadcast(_vector, emaVector);
         RunId = Guid.NewGuid().ToString("N")[..12];
         GradientDtype = options.ParseGradientDtype();
         RecipeJson = run.State.Recipe.ToJson();
-        _version = (ulong)run.State.StepsDone;
-        PublishParameters();
+        _parameters.Publish((ulong)run.State.StepsDone, (ulong)run.State.StepsDone);
         if (Directory.Exists(Path.Combine(run.RunDir, "checkpoints")))
         {
             var all = CheckpointStore.List(run.RunDir);
@@ -99,7 +90,7 @@ public sealed class TrainingLoop : BackgroundService
     public IEnumerable<ParameterInfo> ParameterInfos => _vector.Shapes.Select(s => new ParameterInfo { Name = s.Name, Shape = { s.Shape } });
     internal StepSnapshot? Current => _current;
     /// <summary>Checksum of the current parameters (what workers are sent): tests use it to see that nothing changed.</summary>
-    public ulong ParameterChecksum => _parameterHeader.Checksum;
+    public ulong ParameterChecksum => _parameters.Header.Checksum;
     public long StepsDone => _run.State.StepsDone;
     /// <summary>
     /// Seconds the loop spent computing (planning, summing gradients, Adam, EMA, serializing parameters) rather than
@@ -127,15 +118,11 @@ public sealed class TrainingLoop : BackgroundService
     {
         try
         {
-            var ema = request.PreferEma && _emaVector is not null;
-            if (!_snapshots.TryGetValue(ema, out var snapshot) || snapshot.Version != _version)
+            WeightsSnapshot snapshot;
+            using (Model.TorchRuntime.Compute())
             {
-                using var guard = Model.TorchRuntime.Compute();
                 _run.State.FlushEma();
-                var bytes = ema ? _emaVector!.ReadValues() : _parameterBytes.ToArray();   // the live buffer is reused two versions on
-                var header = TensorTransport.Header(bytes, DType.Float32, _vector.Elements, (ulong)_run.State.StepsDone, _version);
-                snapshot = new WeightsSnapshot((_version << 1) | (ema ? 1UL : 0UL), _version, ema, bytes, header);
-                _snapshots[ema] = snapshot;
+                snapshot = _parameters.Snapshot(request.PreferEma, (ulong)_run.State.StepsDone);
             }
             request.Reply.TrySetResult(snapshot);
         }
@@ -158,7 +145,7 @@ public sealed class TrainingLoop : BackgroundService
         {
             reply.Step = (ulong)s.StepsDone;
             reply.Epoch = s.Cursor.Epoch;
-            reply.ParameterVersion = _version;
+            reply.ParameterVersion = _parameters.Version;
             reply.State = _state;
             reply.Loss = _loss;
             reply.SamplesPerSecond = _samplesPerSecond;
@@ -345,7 +332,7 @@ public sealed class TrainingLoop : BackgroundService
         var s = _run.State;
         var plan = s.PlanStep();
         var keys = s.Step.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
-        var round = new StepRound((ulong)plan.Step, _version, plan.Indices.Length, Math.Min(_live.Count, plan.Indices.Length), TimeSpan.FromSeconds(_options.StepDeadlineSeconds), TimeProvider.System);
+        var round = new StepRound((ulong)plan.Step, _parameters.Version, plan.Indices.Length, Math.Min(_live.Count, plan.Indices.Length), TimeSpan.FromSeconds(_options.StepDeadlineSeconds), TimeProvider.System);
         for (var i = 0; i < round.SliceCount; i++) Assign(i, _live[i]);
         // The previous step's EMA update, while the workers compute this one.
         using (Model.TorchRuntime.Compute()) s.FlushEma();
@@ -410,8 +397,7 @@ public sealed class TrainingLoop : BackgroundService
             _vector.WriteGradients(total, present);
             GradientBuffers.Return(total);
             norm = s.ApplyGradients(plan, deferEma: true);
-            lock (_statusLock) _version++;
-            PublishParameters();
+            lock (_statusLock) _parameters.Publish(_parameters.Version + 1, (ulong)s.StepsDone);
         }
         var applying = Stopwatch.GetElapsedTime(gathered);
         _busySeconds += applying.TotalSeconds;
@@ -423,16 +409,12 @@ public sealed class TrainingLoop : BackgroundService
         {
             round.Assign(slice, w);
             w.State = WorkerState.Busy;
-            if (w.ParameterVersion != _version)
-            {
-                SendParameters(w);
-                w.ParameterVersion = _version;
-            }
+            if (w.ParameterVersion != _parameters.Version) _parameters.SendTo(w);
             var (start, end) = round.Bounds[slice];
             var assignment = new StepAssignment
             {
                 Step = round.Step,
-                ParameterVersion = _version,
+                ParameterVersion = _parameters.Version,
                 Slice = (uint)slice,
                 GlobalBatchSize = (uint)s.Recipe.BatchSize,
             };
@@ -462,34 +444,6 @@ public sealed class TrainingLoop : BackgroundService
 
     private static void Ack(SliceGradient g, bool applied, string note) =>
         g.Worker.Send(new CoordinatorMessage { Ack = new Ack { Step = g.Step, Slice = g.Slice, Applied = applied, Note = note } });
-
-    /// <summary>
-    /// The current parameters to one worker: into its shared-memory region (one memcpy; the header with the checksum on
-    /// the stream) or as header + chunks on the stream. The region is free: a worker reads it before computing the slice
-    /// whose gradient this step waits for, and parameters change only between steps.
-    /// </summary>
-    private void SendParameters(WorkerConnection w)
-    {
-        if (w.SharedMemory is { } segment)
-        {
-            _parameterBytes.CopyTo(segment.Parameters);
-            var header = _parameterHeader.Clone();
-            header.SharedMemory = true;
-            header.ChunkCount = 0;
-            w.Send(new CoordinatorMessage { Parameters = header });
-            return;
-        }
-        w.Send(new CoordinatorMessage { Parameters = _parameterHeader });
-        foreach (var chunk in TensorTransport.Chunks(_parameterBytes, _parameterHeader.Step, _version))
-            w.Send(new CoordinatorMessage { ParametersChunk = chunk });
-    }
-
-    private void PublishParameters()
-    {
-        _parameterBytes = _parameterBuffers[(int)(_version % 2)];
-        _vector.ReadValues(_parameterBytes);
-        _parameterHeader = TensorTransport.Header(_parameterBytes, DType.Float32, _vector.Elements, (ulong)_run.State.StepsDone, _version);
-    }
 
     private void SaveCheckpoint()
     {

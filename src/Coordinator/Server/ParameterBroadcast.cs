@@ -1,0 +1,82 @@
+using DistDiffusion.Model.Training;
+using DistDiffusion.Protocol;
+using DistDiffusion.Protocol.V1;
+
+namespace DistDiffusion.Coordinator.Server;
+
+/// <summary>
+/// The coordinator's parameters as workers receive them: the current version's bytes and header (with its checksum),
+/// sent to a worker through its shared-memory region or as header + chunks on its stream, and the weights snapshots
+/// that sampling requests pin. Owned by the training loop (one thread).
+/// <para>Two byte buffers alternate by version: a worker may still be reading version v (its chunks queued, or its
+/// region filled from them) while v + 1 is published. Both are reused for the whole run.</para>
+/// </summary>
+internal sealed class ParameterBroadcast
+{
+    private readonly ParameterVector _vector;
+    private readonly ParameterVector? _ema;
+    private readonly byte[][] _buffers;
+    private readonly Dictionary<bool, WeightsSnapshot> _snapshots = [];
+    private byte[] _bytes = [];
+
+    public ParameterBroadcast(ParameterVector vector, ParameterVector? ema)
+    {
+        _vector = vector;
+        _ema = ema;
+        _buffers = [new byte[vector.Elements * 4], new byte[vector.Elements * 4]];
+    }
+
+    /// <summary>The version workers are sent (the number of updates applied).</summary>
+    public ulong Version { get; private set; }
+
+    /// <summary>The current version's header (its checksum identifies the parameters).</summary>
+    public TensorHeader Header { get; private set; } = new();
+
+    /// <summary>Reads the network's parameters as <paramref name="version"/> (after an update, or at start-up).</summary>
+    public void Publish(ulong version, ulong step)
+    {
+        Version = version;
+        _bytes = _buffers[(int)(version % 2)];
+        _vector.ReadValues(_bytes);
+        Header = TensorTransport.Header(_bytes, DType.Float32, _vector.Elements, step, version);
+    }
+
+    /// <summary>
+    /// The current parameters to one worker: into its shared-memory region (one memcpy; the header with the checksum on
+    /// the stream) or as header + chunks on the stream. The region is free: a worker reads it before computing the slice
+    /// whose gradient the step waits for, and parameters change only between steps.
+    /// </summary>
+    public void SendTo(WorkerConnection worker)
+    {
+        if (worker.SharedMemory is { } segment)
+        {
+            _bytes.CopyTo(segment.Parameters);
+            var header = Header.Clone();
+            header.SharedMemory = true;
+            header.ChunkCount = 0;
+            worker.Send(new CoordinatorMessage { Parameters = header });
+        }
+        else
+        {
+            worker.Send(new CoordinatorMessage { Parameters = Header });
+            foreach (var chunk in TensorTransport.Chunks(_bytes, Header.Step, Version))
+                worker.Send(new CoordinatorMessage { ParametersChunk = chunk });
+        }
+        worker.ParameterVersion = Version;
+    }
+
+    /// <summary>
+    /// Weights to sample with at the current version (EMA when preferred and kept, else raw), made once per version and
+    /// kind; the caller has brought the EMA up to date. The bytes are a copy: the live buffers are reused.
+    /// </summary>
+    public WeightsSnapshot Snapshot(bool preferEma, ulong step)
+    {
+        var ema = preferEma && _ema is not null;
+        if (_snapshots.TryGetValue(ema, out var snapshot) && snapshot.Version == Version) return snapshot;
+        var bytes = ema ? _ema!.ReadValues() : _bytes.ToArray();
+        var header = TensorTransport.Header(bytes, DType.Float32, _vector.Elements, step, Version);
+        snapshot = new WeightsSnapshot((Version << 1) | (ema ? 1UL : 0UL), Version, ema, bytes, header);
+        _snapshots[ema] = snapshot;
+        return snapshot;
+    }
+}
