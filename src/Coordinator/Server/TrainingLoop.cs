@@ -46,10 +46,8 @@ public sealed class TrainingLoop : BackgroundService
     private readonly IHostApplicationLifetime _lifetime;
     private readonly Channel<LoopEvent> _events = Channel.CreateUnbounded<LoopEvent>();
     private readonly ParameterVector _vector;
-    private readonly List<WorkerConnection> _live = [];
-    private readonly List<WorkerConnection> _joining = [];
+    private readonly WorkerRoster _workers;
     private readonly object _statusLock = new();
-    private readonly List<WorkerConnection> _known = [];
     private readonly ParameterBroadcast _parameters;
     private volatile StepSnapshot? _current;
     private RunState _state = RunState.WaitingForWorkers;
@@ -63,6 +61,7 @@ public sealed class TrainingLoop : BackgroundService
         _options = options;
         _log = log;
         _lifetime = lifetime;
+        _workers = new WorkerRoster(_statusLock, log);
         _vector = ParameterVector.Of(run.State.Network);
         run.State.Optimizer.UpdateThreads = Math.Clamp(Environment.ProcessorCount, 1, 4);
         GradientBuffers = new TensorBufferPool(_vector.Elements);
@@ -151,7 +150,7 @@ public sealed class TrainingLoop : BackgroundService
             reply.SamplesPerSecond = _samplesPerSecond;
             reply.LastCheckpoint = _lastCheckpoint;
             reply.LastCheckpointStep = _lastCheckpointStep < 0 ? 0 : (ulong)_lastCheckpointStep;
-            reply.Workers.AddRange(_known.Select(w => w.ToStatus()));
+            reply.Workers.AddRange(_workers.Statuses());
         }
         return reply;
     }
@@ -179,12 +178,12 @@ public sealed class TrainingLoop : BackgroundService
             while (s.StepsDone < _run.TargetStep)
             {
                 stoppingToken.ThrowIfCancellationRequested();
-                Admit();
+                _workers.Admit(_run.State.StepsDone);
                 var needed = started ? 1 : _options.MinWorkers;
-                if (_live.Count < needed)
+                if (_workers.Live.Count < needed)
                 {
                     SetState(RunState.WaitingForWorkers);
-                    if (!waitingLogged) _log.LogWarning("Waiting for workers: {Live} of {Needed} live (step {Step} of {Target})", _live.Count, needed, s.StepsDone, _run.TargetStep);
+                    if (!waitingLogged) _log.LogWarning("Waiting for workers: {Live} of {Needed} live (step {Step} of {Target})", _workers.Live.Count, needed, s.StepsDone, _run.TargetStep);
                     waitingLogged = true;
                     await HandleNextAsync(TimeSpan.FromSeconds(1), stoppingToken);
                     continue;
@@ -201,7 +200,7 @@ public sealed class TrainingLoop : BackgroundService
                     var rate = s.Recipe.BatchSize / Math.Max(seconds, 1e-9);
                     _samplesPerSecond = _samplesPerSecond == 0 ? rate : 0.9 * _samplesPerSecond + 0.1 * rate;
                 }
-                _log.LogDebug("Step {Step}: loss {Loss:G4}, gradient norm {Norm:G4}, {Seconds:F3} s over {Workers} workers", s.StepsDone, loss, norm, seconds, _live.Count);
+                _log.LogDebug("Step {Step}: loss {Loss:G4}, gradient norm {Norm:G4}, {Seconds:F3} s over {Workers} workers", s.StepsDone, loss, norm, seconds, _workers.Live.Count);
                 if (s.Recipe.CheckpointEvery > 0 && s.StepsDone % s.Recipe.CheckpointEvery == 0 && s.StepsDone < _run.TargetStep)
                     SaveCheckpoint();
             }
@@ -219,7 +218,7 @@ public sealed class TrainingLoop : BackgroundService
             _completion.TrySetResult();
             if (!_options.KeepServing && !_options.SampleOnly)
             {
-                foreach (var w in _live.Concat(_joining)) w.Send(new CoordinatorMessage { Finish = new Finish { Reason = "training complete", Reconnect = false } });
+                foreach (var w in _workers.Connected) w.Send(new CoordinatorMessage { Finish = new Finish { Reason = "training complete", Reconnect = false } });
                 await Task.Delay(200, CancellationToken.None);   // let the finish messages go out before the host stops
                 _lifetime.StopApplication();
             }
@@ -229,7 +228,7 @@ public sealed class TrainingLoop : BackgroundService
                 while (!stoppingToken.IsCancellationRequested)
                 {
                     await HandleNextAsync(TimeSpan.FromSeconds(1), stoppingToken);
-                    Admit();
+                    _workers.Admit(_run.State.StepsDone);
                 }
             }
         }
@@ -237,7 +236,7 @@ public sealed class TrainingLoop : BackgroundService
         {
             // Shutdown (Ctrl+C, SIGTERM): keep the last completed step.
             if (_lastCheckpointStep != s.StepsDone && !_options.SampleOnly) SaveCheckpoint();
-            foreach (var w in _live.Concat(_joining)) w.Send(new CoordinatorMessage { Finish = new Finish { Reason = "coordinator shutting down", Reconnect = true } });
+            foreach (var w in _workers.Connected) w.Send(new CoordinatorMessage { Finish = new Finish { Reason = "coordinator shutting down", Reconnect = true } });
             _completion.TrySetCanceled(stoppingToken);
         }
         catch (Exception e)
@@ -254,43 +253,13 @@ public sealed class TrainingLoop : BackgroundService
         lock (_statusLock) _state = state;
     }
 
-    /// <summary>Joined workers become live (at a step boundary, or when orphaned slices need them).</summary>
-    private void Admit()
-    {
-        foreach (var w in _joining)
-        {
-            w.State = WorkerState.Idle;
-            _live.Add(w);
-            _log.LogInformation("Worker {Worker} ({Host}, {Device}) admitted at step {Step}; {Count} live", w.Id, w.Host, w.Device, _run.State.StepsDone, _live.Count);
-        }
-        _joining.Clear();
-    }
-
-    private void Register(WorkerConnection w)
-    {
-        _joining.Add(w);
-        lock (_statusLock)
-        {
-            _known.RemoveAll(k => k.State is WorkerState.Dropped or WorkerState.Left && k.SecondsSinceSeen > 600);
-            _known.Add(w);
-        }
-    }
-
-    private void Remove(WorkerConnection w, string reason)
-    {
-        var wasLive = _live.Remove(w) | _joining.Remove(w);
-        if (w.State is not (WorkerState.Dropped or WorkerState.Left))
-            w.State = reason == "left" ? WorkerState.Left : WorkerState.Dropped;
-        if (wasLive) _log.LogWarning("Worker {Worker} removed: {Reason}; {Count} live", w.Id, reason, _live.Count);
-    }
-
     /// <summary>
     /// The worker's stream handler has ended (it posts this last): remove the worker, and unmap its shared memory, which
     /// nobody reads any more (the handler copied gradients out of it; only this loop wrote parameters into it).
     /// </summary>
     private void Gone(WorkerGone g)
     {
-        Remove(g.Worker, g.Reason);
+        _workers.Remove(g.Worker, g.Reason);
         var segment = g.Worker.SharedMemory;
         g.Worker.SharedMemory = null;
         segment?.Dispose();
@@ -302,7 +271,7 @@ public sealed class TrainingLoop : BackgroundService
         var e = await NextEventAsync(timeout, ct);
         switch (e)
         {
-            case WorkerJoined j: Register(j.Worker); break;
+            case WorkerJoined j: _workers.Register(j.Worker); break;
             case WorkerGone g: Gone(g); break;
             case GradientArrived a:
                 Ack(a.Gradient, applied: false, "no step in progress");
@@ -332,8 +301,8 @@ public sealed class TrainingLoop : BackgroundService
         var s = _run.State;
         var plan = s.PlanStep();
         var keys = s.Step.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
-        var round = new StepRound((ulong)plan.Step, _parameters.Version, plan.Indices.Length, Math.Min(_live.Count, plan.Indices.Length), TimeSpan.FromSeconds(_options.StepDeadlineSeconds), TimeProvider.System);
-        for (var i = 0; i < round.SliceCount; i++) Assign(i, _live[i]);
+        var round = new StepRound((ulong)plan.Step, _parameters.Version, plan.Indices.Length, Math.Min(_workers.Live.Count, plan.Indices.Length), TimeSpan.FromSeconds(_options.StepDeadlineSeconds), TimeProvider.System);
+        for (var i = 0; i < round.SliceCount; i++) Assign(i, _workers.Live[i]);
         // The previous step's EMA update, while the workers compute this one.
         using (Model.TorchRuntime.Compute()) s.FlushEma();
         _busySeconds += Stopwatch.GetElapsedTime(planning).TotalSeconds;
@@ -344,7 +313,7 @@ public sealed class TrainingLoop : BackgroundService
             switch (e)
             {
                 case WorkerJoined j:
-                    Register(j.Worker);
+                    _workers.Register(j.Worker);
                     break;
                 case WorkerGone g:
                     Gone(g);
@@ -366,24 +335,24 @@ public sealed class TrainingLoop : BackgroundService
                     _current = round.Snapshot();
                     break;
             }
-            foreach (var w in _live.ToList())
+            foreach (var w in _workers.Live.ToList())
             {
                 var late = round.IsLate(w);
                 if (late || w.SecondsSinceSeen > _options.HeartbeatTimeoutSeconds)
                 {
                     var why = late ? $"missed the step deadline ({round.Deadline.TotalSeconds:F0} s) of step {round.Step}" : $"silent for {w.SecondsSinceSeen:F0} s (heartbeat every {_options.HeartbeatSeconds} s)";
                     w.Abort(StatusCode.DeadlineExceeded, why);
-                    Remove(w, why);
+                    _workers.Remove(w, why);
                     Reassign(w);
                 }
             }
-            if (_live.Count == 0 && !round.IsComplete)
+            if (_workers.Live.Count == 0 && !round.IsComplete)
             {
                 SetState(RunState.WaitingForWorkers);
-                if (_joining.Count > 0)
+                if (_workers.AnyJoining)
                 {
-                    Admit();
-                    foreach (var orphan in round.Orphans(_live)) Assign(orphan, round.LeastLoaded(_live));
+                    _workers.Admit(_run.State.StepsDone);
+                    foreach (var orphan in round.Orphans(_workers.Live)) Assign(orphan, round.LeastLoaded(_workers.Live));
                     SetState(RunState.Training);
                 }
             }
@@ -428,13 +397,13 @@ public sealed class TrainingLoop : BackgroundService
         {
             foreach (var k in round.Unfinished(gone))
             {
-                if (_live.Count == 0)
+                if (_workers.Live.Count == 0)
                 {
                     round.Release(k);
                     _log.LogWarning("Step {Step} slice {Slice} waits for a worker", round.Step, k);
                     continue;
                 }
-                var to = round.LeastLoaded(_live);
+                var to = round.LeastLoaded(_workers.Live);
                 _log.LogInformation("Step {Step} slice {Slice} ({Samples} samples) of {Gone} goes to {Worker}", round.Step, k, round.Bounds[k].End - round.Bounds[k].Start, gone.Id, to.Id);
                 Assign(k, to);
             }
