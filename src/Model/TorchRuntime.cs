@@ -59,7 +59,7 @@ public static class TorchRuntime
     private static void KeepFreedMemory()
     {
         if (!OperatingSystem.IsLinux()) return;
-        if (Environment.GetEnvironmentVariables().Keys.Cast<string>().Any(k => k.StartsWith("MALLOC_", StringComparison.Ordinal))) return;
+        if (UserSetAllocator) return;
         const int TrimThreshold = -1, MmapThreshold = -3, ArenaMax = -8;   // mallopt parameters (malloc.h)
         try
         {
@@ -72,6 +72,22 @@ public static class TorchRuntime
             // not glibc (e.g. musl): leave the allocator alone
         }
     }
+
+    private static bool UserSetAllocator =>
+        Environment.GetEnvironmentVariables().Keys.Cast<string>().Any(k => k.StartsWith("MALLOC_", StringComparison.Ordinal));
+
+    /// <summary>
+    /// The same settings as environment variables, for processes we start (`coordinator run`'s workers): glibc reads them
+    /// at exec, before any thread allocates, which keeps a worker's memory flatter than mallopt at start-up can (mnist-small
+    /// workers: ~0.8 GB flat, against 1.0-1.4 GB and drifting). Empty where the user set MALLOC_* or this is not Linux.
+    /// </summary>
+    public static IReadOnlyDictionary<string, string> AllocatorEnvironment() =>
+        !OperatingSystem.IsLinux() || UserSetAllocator ? new Dictionary<string, string>() : new Dictionary<string, string>
+        {
+            ["MALLOC_MMAP_THRESHOLD_"] = (32 << 20).ToString(System.Globalization.CultureInfo.InvariantCulture),
+            ["MALLOC_TRIM_THRESHOLD_"] = (64 << 20).ToString(System.Globalization.CultureInfo.InvariantCulture),
+            ["MALLOC_ARENA_MAX"] = "2",
+        };
 
     [DllImport("libc.so.6", EntryPoint = "mallopt")]
     private static extern int mallopt(int parameter, int value);

@@ -101,6 +101,7 @@ internal static class RunCommand
                 var psi = WorkerStartInfo(["--coordinator", server.Address.ToString(), "--threads", threads.ToString(CultureInfo.InvariantCulture), "--log-level", logLevel, "--give-up-after", "60",
                     "--exit-with-parent", Environment.ProcessId.ToString(CultureInfo.InvariantCulture)]);
                 psi.Environment[Names.TokenEnvironmentVariable] = token;
+                foreach (var (key, value) in Model.TorchRuntime.AllocatorEnvironment()) psi.Environment[key] = value;
                 var process = Process.Start(psi) ?? throw new InvalidOperationException("could not start a worker process");
                 var prefix = $"[worker {i + 1}] ";
                 process.OutputDataReceived += (_, e) => { if (e.Data is not null) Console.Error.WriteLine(prefix + e.Data); };
