@@ -64,7 +64,7 @@ public static class TorchRuntime
         try
         {
             // Setting the mmap threshold also turns glibc's dynamic threshold off.
-            if (mallopt(MmapThreshold, 32 << 20) == 1 && mallopt(TrimThreshold, 64 << 20) == 1 && mallopt(ArenaMax, 2) == 1)
+            if (mallopt(MmapThreshold, MmapThresholdBytes) == 1 && mallopt(TrimThreshold, TrimThresholdBytes) == 1 && mallopt(ArenaMax, Arenas) == 1)
                 MallocTuning = "mmap threshold 32 MiB, trim threshold 64 MiB, 2 arenas";
         }
         catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException)
@@ -72,6 +72,9 @@ public static class TorchRuntime
             // not glibc (e.g. musl): leave the allocator alone
         }
     }
+
+    // glibc's largest mmap threshold on 64-bit; free heap top it may keep; arenas (each keeps its own free memory).
+    private const int MmapThresholdBytes = 32 << 20, TrimThresholdBytes = 64 << 20, Arenas = 2;
 
     private static bool UserSetAllocator =>
         Environment.GetEnvironmentVariables().Keys.Cast<string>().Any(k => k.StartsWith("MALLOC_", StringComparison.Ordinal));
@@ -84,9 +87,9 @@ public static class TorchRuntime
     public static IReadOnlyDictionary<string, string> AllocatorEnvironment() =>
         !OperatingSystem.IsLinux() || UserSetAllocator ? new Dictionary<string, string>() : new Dictionary<string, string>
         {
-            ["MALLOC_MMAP_THRESHOLD_"] = (32 << 20).ToString(System.Globalization.CultureInfo.InvariantCulture),
-            ["MALLOC_TRIM_THRESHOLD_"] = (64 << 20).ToString(System.Globalization.CultureInfo.InvariantCulture),
-            ["MALLOC_ARENA_MAX"] = "2",
+            ["MALLOC_MMAP_THRESHOLD_"] = MmapThresholdBytes.ToString(System.Globalization.CultureInfo.InvariantCulture),
+            ["MALLOC_TRIM_THRESHOLD_"] = TrimThresholdBytes.ToString(System.Globalization.CultureInfo.InvariantCulture),
+            ["MALLOC_ARENA_MAX"] = Arenas.ToString(System.Globalization.CultureInfo.InvariantCulture),
         };
 
     [DllImport("libc.so.6", EntryPoint = "mallopt")]
