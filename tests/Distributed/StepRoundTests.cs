@@ -16,7 +16,7 @@ public sealed class StepRoundTests
     private static WorkerConnection Worker(string host) => new(new Join { Host = host, Device = "cpu", Threads = 1, ProtocolVersion = 1 }, "test");
 
     private static SliceGradient Gradient(WorkerConnection w, ulong step, uint slice, params float[] values) =>
-        new(w, step, slice, values, [(byte)1], values.Sum(), 0.01);
+        new(w, step, slice, values, [(byte)1], values.Sum(), 0.01, values.Sum(v => (double)v * v), 0);
 
     [Fact]
     public void AcceptsEachSliceOnceFromItsHolderAndSumsInSliceOrder()
@@ -95,4 +95,69 @@ public sealed class StepRoundTests
         round.Assign(2, b);
         Assert.Same(b, round.LeastLoaded([a, b]));
     }
+
+    [Fact]
+    public void RefusalsAreCountedPerSliceFaultAndConnection()
+    {
+        var (a, b) = (Worker("a"), Worker("b"));
+        var round = new StepRound(3, 3, 8, 2, TimeSpan.FromSeconds(30), new ManualClock());
+        Assert.Equal(1, round.Refuse(0, a, SliceFault.NonFinite));
+        Assert.Equal(1, round.Refuse(0, a, SliceFault.NonFinite));   // the same connection twice is one opinion
+        Assert.Equal(1, round.Refuse(1, b, SliceFault.NonFinite));   // another slice
+        Assert.Equal(1, round.Refuse(0, b, SliceFault.OutOfBound));  // another fault
+        Assert.Equal(2, round.Refuse(0, b, SliceFault.NonFinite));
+    }
+}
+
+/// <summary>What one slice may contribute: the per-sample norm against an absolute bound, then against recent history.</summary>
+public sealed class SliceGuardTests
+{
+    private const int Batch = 256;
+
+    [Fact]
+    public void BeforeAnyHistoryOnlyTheAbsoluteBoundApplies()
+    {
+        var guard = new SliceGuard();
+        Assert.Equal(SliceFault.None, guard.Check(1e3, 128, Batch, out _));
+        // Every element 1e15 in a 477,442-parameter gradient: squares finite, norm far beyond the bound.
+        var huge = 477_442 * 1e30;
+        Assert.Equal(SliceFault.OutOfBound, guard.Check(huge, 128, Batch, out var why));
+        Assert.Contains("exceeds the bound", why);
+        Assert.Equal(SliceFault.NonFinite, guard.Check(double.NaN, 128, Batch, out _));
+        Assert.Equal(SliceFault.NonFinite, guard.Check(double.PositiveInfinity, 128, Batch, out _));
+    }
+
+    [Fact]
+    public void AfterWarmupTheBoundIsARatioOfTheMedianPerSampleNorm()
+    {
+        var guard = new SliceGuard(ratio: 10);
+        // Slices of 128 and 64 samples with the same per-sample norm 2: ||g|| * 256 / n = 2.
+        for (var i = 0; i < SliceGuard.WarmupSlices; i++)
+        {
+            var n = i % 2 == 0 ? 128 : 64;
+            var norm = 2.0 * n / Batch;
+            guard.Accepted(norm * norm, n, Batch);
+        }
+        Assert.Equal(20, guard.Bound, 9);
+        var within = 19.0 * 64 / Batch;
+        Assert.Equal(SliceFault.None, guard.Check(within * within, 64, Batch, out _));
+        var beyond = 21.0 * 64 / Batch;
+        Assert.Equal(SliceFault.OutOfBound, guard.Check(beyond * beyond, 64, Batch, out var why));
+        Assert.Contains("10 x the median 2", why);
+    }
+
+    [Fact]
+    public void TheMedianFollowsTheLastWindowOfSlices()
+    {
+        var guard = new SliceGuard(ratio: 10);
+        for (var i = 0; i < SliceGuard.Window; i++) guard.Accepted(1.0, Batch, Batch);          // per-sample norm 1
+        for (var i = 0; i < SliceGuard.Window; i++) guard.Accepted(1e-4, Batch, Batch);         // then 0.01
+        Assert.Equal(0.1, guard.Bound, 9);
+    }
+
+    [Theory]
+    [InlineData(0.5)]
+    [InlineData(double.NaN)]
+    [InlineData(double.PositiveInfinity)]
+    public void ABadRatioIsRefused(double ratio) => Assert.Throws<ArgumentOutOfRangeException>(() => new SliceGuard(ratio));
 }

@@ -63,6 +63,7 @@ internal static class StatusCommand
         RunState.Training => "training",
         RunState.Complete => "training complete",
         RunState.Serving => "serving a checkpoint",
+        RunState.Failed => "failed (see the coordinator log; the last completed step is checkpointed)",
         _ => "unknown",
     };
 

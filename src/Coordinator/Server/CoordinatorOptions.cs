@@ -59,6 +59,11 @@ public sealed class CoordinatorOptions
     /// the stream (headers and checksums still go on the stream). Remote workers always use the stream.
     /// </summary>
     public bool SharedMemory { get; set; } = true;
+    /// <summary>
+    /// A slice gradient whose per-sample norm exceeds this many times the median of recent slices is refused, its worker
+    /// dropped and the slice recomputed elsewhere (see SliceGuard); a second worker agreeing makes it a real spike.
+    /// </summary>
+    public double GradientBoundRatio { get; set; } = SliceGuard.DefaultRatio;
 
     public double HeartbeatTimeoutSeconds => HeartbeatSeconds * 4;
 
@@ -79,6 +84,7 @@ public sealed class CoordinatorOptions
         if (!SampleOnly && Checkpoint is not null) throw new ArgumentException("--checkpoint DIR serves a trained model: add --sample-only (to continue training use --resume DIR)");
         if (MaxSamplesPerRequest < 1) throw new ArgumentException($"max samples per request {MaxSamplesPerRequest}: expected >= 1");
         if (!(SampleWaitSeconds > 0)) throw new ArgumentException($"sample wait {SampleWaitSeconds} s: expected > 0");
+        if (!(GradientBoundRatio >= 1) || !double.IsFinite(GradientBoundRatio)) throw new ArgumentException($"--gradient-bound-ratio {GradientBoundRatio}: expected a finite number >= 1");
         if (MinWorkers < 1) throw new ArgumentException($"--min-workers {MinWorkers}: expected at least 1");
         if (Steps is < 0) throw new ArgumentException($"--steps {Steps}: expected a count >= 0");
         ParseGradientDtype();

@@ -28,6 +28,7 @@ internal sealed class StepRound
     private readonly WorkerConnection?[] _owners;
     private readonly DateTimeOffset[] _deadlines;
     private readonly SliceGradient?[] _results;
+    private readonly List<(string Worker, SliceFault Fault)>?[] _refusals;
     private readonly TimeProvider _clock;
 
     public StepRound(ulong step, ulong version, int batchSize, int sliceCount, TimeSpan deadline, TimeProvider clock)
@@ -42,6 +43,7 @@ internal sealed class StepRound
         _owners = new WorkerConnection?[sliceCount];
         _deadlines = new DateTimeOffset[sliceCount];
         _results = new SliceGradient?[sliceCount];
+        _refusals = new List<(string, SliceFault)>?[sliceCount];
     }
 
     public ulong Step { get; }
@@ -84,15 +86,34 @@ internal sealed class StepRound
     public WorkerConnection LeastLoaded(IReadOnlyList<WorkerConnection> live) =>
         live.Count == 0 ? throw new InvalidOperationException("no live worker") : live.MinBy(w => Unfinished(w).Count)!;
 
-    /// <summary>Takes a pushed gradient into the step, or says why not (the caller acknowledges it either way).</summary>
-    public SliceRejection Accept(SliceGradient gradient)
+    /// <summary>Whether a pushed gradient answers a slice of this step that its sender holds and that is not in yet.</summary>
+    public SliceRejection Validate(SliceGradient gradient)
     {
         if (gradient.Step != Step) return SliceRejection.OtherStep;
         if (gradient.Slice >= SliceCount) return SliceRejection.NoSuchSlice;
         if (_results[gradient.Slice] is not null) return SliceRejection.Duplicate;
         if (_owners[gradient.Slice] != gradient.Worker) return SliceRejection.NotOwner;
-        _results[gradient.Slice] = gradient;
         return SliceRejection.None;
+    }
+
+    /// <summary>Takes a pushed gradient into the step, or says why not (the caller acknowledges it either way).</summary>
+    public SliceRejection Accept(SliceGradient gradient)
+    {
+        var rejection = Validate(gradient);
+        if (rejection == SliceRejection.None) _results[gradient.Slice] = gradient;
+        return rejection;
+    }
+
+    /// <summary>
+    /// Records that <paramref name="worker"/>'s result for <paramref name="slice"/> was refused for <paramref name="fault"/>
+    /// (the caller then drops the worker, which reassigns the slice); returns how many different connections have now
+    /// had this slice refused for this fault — two independent computations agreeing on a non-finite gradient is divergence.
+    /// </summary>
+    public int Refuse(int slice, WorkerConnection worker, SliceFault fault)
+    {
+        var list = _refusals[slice] ??= [];
+        if (!list.Contains((worker.Id, fault))) list.Add((worker.Id, fault));
+        return list.Count(r => r.Fault == fault);
     }
 
     /// <summary>

@@ -42,7 +42,7 @@ public sealed class TrainerService : Trainer.TrainerBase
         var worker = new WorkerConnection(first.Join, context.Peer);
         worker.Seen(first.CalculateSize());
         using var linked = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken, worker.Aborted);
-        var writer = WriteLoopAsync(worker, responseStream, timeout, linked);
+        var writer = WriteLoopAsync(worker, responseStream, timeout, linked, context.CancellationToken);
         worker.OfferedSegment = OfferSharedMemory(first.Join, worker.Id);
         worker.Send(new CoordinatorMessage
         {
@@ -232,14 +232,14 @@ public sealed class TrainerService : Trainer.TrainerBase
         worker.Incoming = (h, new TensorAssembler(h.Tensor, _loop.ParameterElements, what, _loop.GradientBuffers.Rent()));
     }
 
-    /// <summary>A complete, checksum-verified gradient: checked for finiteness, then handed to the loop.</summary>
-    private void Deliver(WorkerConnection worker, GradientHeader h, float[] values)
-    {
-        var bad = TensorTransport.FirstNonFinite(values);
-        if (bad >= 0)
-            throw new ProtocolException(StatusCode.InvalidArgument, $"gradient of step {h.Step} slice {h.Slice}: element {bad} is {values[bad]}; gradients must be finite", "tensor.data");
-        _loop.Post(new GradientArrived(new SliceGradient(worker, h.Step, h.Slice, values, h.Present.ToByteArray(), h.Loss, h.ComputeSeconds)));
-    }
+    /// <summary>
+    /// A complete, checksum-verified gradient, handed to the loop with its sum of squares: the loop's
+    /// <see cref="SliceGuard"/> judges its values (non-finite, out of bound) against the run's history, and decides
+    /// between a broken worker (dropped, slice recomputed elsewhere) and a diverged run (two workers agree).
+    /// </summary>
+    private void Deliver(WorkerConnection worker, GradientHeader h, float[] values) =>
+        _loop.Post(new GradientArrived(new SliceGradient(worker, h.Step, h.Slice, values, h.Present.ToByteArray(), h.Loss, h.ComputeSeconds,
+            TensorTransport.SumOfSquares(values), h.Tensor.Checksum)));
 
     private void Ignore(WorkerConnection worker, GradientHeader h, string note)
     {
@@ -265,12 +265,14 @@ public sealed class TrainerService : Trainer.TrainerBase
         Deliver(worker, incoming.Header, incoming.Assembler.ToFloat32());
     }
 
-    private async Task WriteLoopAsync(WorkerConnection worker, IServerStreamWriter<CoordinatorMessage> stream, TimeSpan timeout, CancellationTokenSource linked)
+    private async Task WriteLoopAsync(WorkerConnection worker, IServerStreamWriter<CoordinatorMessage> stream, TimeSpan timeout, CancellationTokenSource linked, CancellationToken callEnded)
     {
         try
         {
+            // Waiting for the next message ends on abort; a write in progress does not (cancelling a response write resets
+            // the HTTP/2 stream, and the worker would see Cancelled instead of the status saying why it was dropped).
             await foreach (var message in worker.Outbox.ReadAllAsync(linked.Token))
-                await stream.WriteAsync(message, linked.Token).WaitAsync(timeout, linked.Token);
+                await stream.WriteAsync(message, callEnded).WaitAsync(timeout, callEnded);
         }
         catch (Exception e) when (e is OperationCanceledException or IOException or InvalidOperationException or TimeoutException)
         {

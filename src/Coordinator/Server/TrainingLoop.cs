@@ -10,8 +10,11 @@ using Microsoft.Extensions.Logging;
 
 namespace DistDiffusion.Coordinator.Server;
 
-/// <summary>A finished slice gradient, decoded and checked for finiteness by the stream handler.</summary>
-internal sealed record SliceGradient(WorkerConnection Worker, ulong Step, uint Slice, float[] Values, byte[] Present, double Loss, double ComputeSeconds);
+/// <summary>
+/// A finished slice gradient, decoded and checksum-verified by the stream handler, with its sum of squares in double
+/// (non-finite when an element is) for the loop's <see cref="SliceGuard"/>, and the checksum of its bytes as sent.
+/// </summary>
+internal sealed record SliceGradient(WorkerConnection Worker, ulong Step, uint Slice, float[] Values, byte[] Present, double Loss, double ComputeSeconds, double SumOfSquares, ulong Checksum);
 
 /// <summary>What the stream handlers tell the loop.</summary>
 internal abstract record LoopEvent;
@@ -49,6 +52,9 @@ public sealed class TrainingLoop : BackgroundService
     private readonly WorkerRoster _workers;
     private readonly object _statusLock = new();
     private readonly ParameterBroadcast _parameters;
+    private readonly SliceGuard _guard;
+    /// <summary>False only while an update is being applied: a checkpoint taken then would mix two steps.</summary>
+    private bool _stateConsistent = true;
     private volatile StepSnapshot? _current;
     private RunState _state = RunState.WaitingForWorkers;
     private double _loss = double.NaN, _samplesPerSecond;
@@ -67,6 +73,7 @@ public sealed class TrainingLoop : BackgroundService
         GradientBuffers = new TensorBufferPool(_vector.Elements);
         var emaVector = run.State.Ema is { } ema ? new ParameterVector(_vector.Shapes.Select(p => (p.Name, ema.Weights[p.Name]))) : null;
         _parameters = new ParameterBroadcast(_vector, emaVector);
+        _guard = new SliceGuard(options.GradientBoundRatio);
         RunId = Guid.NewGuid().ToString("N")[..12];
         GradientDtype = options.ParseGradientDtype();
         RecipeJson = run.State.Recipe.ToJson();
@@ -239,13 +246,46 @@ public sealed class TrainingLoop : BackgroundService
             foreach (var w in _workers.Connected) w.Send(new CoordinatorMessage { Finish = new Finish { Reason = "coordinator shutting down", Reconnect = true } });
             _completion.TrySetCanceled(stoppingToken);
         }
+        catch (TrainingDivergedException e)
+        {
+            _log.LogError("{Reason}; stopping", e.Message);
+            Stop(e);
+        }
         catch (Exception e)
         {
             _log.LogError(e, "Training loop failed at step {Step}", s.StepsDone);
-            _completion.TrySetException(e);
-            _lifetime.StopApplication();
+            Stop(e);
             throw;
         }
+    }
+
+    /// <summary>
+    /// The loop cannot go on: checkpoint the last completed step (unless one exists, or an update was half-applied),
+    /// tell the workers not to come back, and stop the process (exit code 1).
+    /// </summary>
+    private void Stop(Exception e)
+    {
+        var s = _run.State;
+        SetState(RunState.Failed);
+        if (!_options.SampleOnly && _lastCheckpointStep != s.StepsDone)
+        {
+            if (!_stateConsistent)
+                _log.LogError("No checkpoint of step {Step}: the failure interrupted its update; the last checkpoint is {Folder}", s.StepsDone, _lastCheckpoint);
+            else
+            {
+                try
+                {
+                    SaveCheckpoint();
+                }
+                catch (Exception saveError)
+                {
+                    _log.LogError(saveError, "Could not checkpoint step {Step} while stopping; the last checkpoint is {Folder}", s.StepsDone, _lastCheckpoint);
+                }
+            }
+        }
+        foreach (var w in _workers.Connected) w.Send(new CoordinatorMessage { Finish = new Finish { Reason = "coordinator stopped: " + e.Message, Reconnect = false } });
+        _completion.TrySetException(e);
+        _lifetime.StopApplication();
     }
 
     private void SetState(RunState state)
@@ -323,12 +363,14 @@ public sealed class TrainingLoop : BackgroundService
                     Serve(w);
                     break;
                 case GradientArrived { Gradient: var gr }:
-                    if (round.Accept(gr) is not SliceRejection.None and var why)
+                    if (round.Validate(gr) is not SliceRejection.None and var why)
                     {
                         Ack(gr, applied: false, why == SliceRejection.Duplicate ? "duplicate" : "stale");
                         GradientBuffers.Return(gr.Values);
                         break;
                     }
+                    if (!Judge(gr)) break;
+                    round.Accept(gr);
                     gr.Worker.CompletedSlice(gr.ComputeSeconds);
                     if (round.Unfinished(gr.Worker).Count == 0) gr.Worker.State = WorkerState.Idle;
                     Ack(gr, applied: true, "");
@@ -365,7 +407,17 @@ public sealed class TrainingLoop : BackgroundService
         {
             _vector.WriteGradients(total, present);
             GradientBuffers.Return(total);
-            norm = s.ApplyGradients(plan, deferEma: true);
+            _stateConsistent = false;
+            try
+            {
+                norm = s.ApplyGradients(plan, deferEma: true);
+            }
+            catch (NonFiniteGradientException e)
+            {
+                _stateConsistent = true;   // refused before any tensor changed
+                throw new TrainingDivergedException($"training diverged at step {plan.Step}: the summed gradient of every slice is not finite ({e.Message})");
+            }
+            _stateConsistent = true;
             lock (_statusLock) _parameters.Publish(_parameters.Version + 1, (ulong)s.StepsDone);
         }
         var applying = Stopwatch.GetElapsedTime(gathered);
@@ -391,6 +443,38 @@ public sealed class TrainingLoop : BackgroundService
             assignment.SampleSeeds.Add(keys[start..end]);
             w.Send(new CoordinatorMessage { Assignment = assignment });
             _current = round.Snapshot();
+        }
+
+        // The slice guard's verdict on a valid push: true to take it into the step. A refused slice drops its worker (the
+        // slice is recomputed elsewhere); a second, independent refusal of the same slice means the values are real.
+        bool Judge(SliceGradient gr)
+        {
+            var (start, end) = round.Bounds[(int)gr.Slice];
+            var fault = _guard.Check(gr.SumOfSquares, end - start, s.Recipe.BatchSize, out var reason);
+            if (fault == SliceFault.None)
+            {
+                _guard.Accepted(gr.SumOfSquares, end - start, s.Recipe.BatchSize);
+                return true;
+            }
+            var agreeing = round.Refuse((int)gr.Slice, gr.Worker, fault);
+            if (agreeing >= 2 && fault == SliceFault.NonFinite)
+            {
+                GradientBuffers.Return(gr.Values);
+                throw new TrainingDivergedException($"training diverged at step {round.Step}: {agreeing} workers computed a non-finite gradient for slice {gr.Slice}");
+            }
+            if (agreeing >= 2)
+            {
+                _log.LogWarning("Step {Step} slice {Slice}: {Reason}, and {Count} workers agree: taken as a real gradient spike", round.Step, gr.Slice, reason, agreeing);
+                return true;
+            }
+            GradientBuffers.Return(gr.Values);
+            var detail = $"gradient of step {round.Step} slice {gr.Slice} refused: {reason}; the slice is recomputed on another worker";
+            _log.LogWarning("Worker {Worker} dropped: {Detail}", gr.Worker.Id, detail);
+            Ack(gr, applied: false, detail);
+            gr.Worker.Abort(StatusCode.InvalidArgument, detail);
+            _workers.Remove(gr.Worker, detail);
+            Reassign(gr.Worker);
+            return false;
         }
 
         void Reassign(WorkerConnection gone)

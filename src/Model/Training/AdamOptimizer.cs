@@ -77,7 +77,7 @@ public sealed class AdamOptimizer : IDisposable
         using var noGrad = no_grad();
         var norm = GradientNorm();
         if (!double.IsFinite(norm))
-            throw new InvalidOperationException($"gradient norm is {norm}: refusing to apply a non-finite update");
+            throw new NonFiniteGradientException(norm);
         var clipScale = GradClip > 0 && norm > GradClip ? GradClip / (norm + 1e-6) : 1.0;
         StepCount++;
         var lr = LearningRateAt(StepCount);
@@ -168,4 +168,14 @@ public sealed class AdamOptimizer : IDisposable
         _expAvg.Clear();
         _expAvgSq.Clear();
     }
+}
+
+/// <summary>
+/// The gradient's global norm is not finite: nothing was applied (thrown before any tensor changes), so the training state
+/// is still the last completed step's. The distributed coordinator treats it as divergence.
+/// </summary>
+public sealed class NonFiniteGradientException(double norm)
+    : InvalidOperationException($"gradient norm is {norm}: refusing to apply a non-finite update")
+{
+    public double Norm { get; } = norm;
 }
