@@ -145,6 +145,30 @@ public static class TorchRuntime
     /// serialized; nothing is allocated ahead. Re-entrant and safe from several threads at once.
     /// </summary>
     public static IDisposable Compute() => FinalizerGate.Enter();
+
+    /// <summary>
+    /// Runs this thread's torch kernels on <paramref name="threads"/> intra-op threads until disposed. libtorch's CPU
+    /// thread count is OpenMP's, which is per calling thread: a .NET thread-pool thread that never set it uses every core.
+    /// Bits depend on it (reductions and the vector/scalar split of element-wise kernels follow the chunking), so work whose
+    /// bits must repeat — micro-batch gradients, Adam, EMA — pins it to one thread wherever it runs.
+    /// </summary>
+    public static ThreadPin PinIntraOpThreads(int threads) => new(threads);
+
+    public readonly struct ThreadPin : IDisposable
+    {
+        private readonly int _previous;
+
+        internal ThreadPin(int threads)
+        {
+            _previous = TorchSharp.torch.get_num_threads();
+            if (_previous != threads) TorchSharp.torch.set_num_threads(threads);
+        }
+
+        public void Dispose()
+        {
+            if (_previous > 0 && TorchSharp.torch.get_num_threads() != _previous) TorchSharp.torch.set_num_threads(_previous);
+        }
+    }
 }
 
 /// <summary>

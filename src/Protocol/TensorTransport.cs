@@ -81,39 +81,6 @@ public static class TensorTransport
             bits[i] = (uint)BinaryPrimitives.ReadUInt16LittleEndian(payload[(i * 2)..]) << 16;
         return result;
     }
-
-    /// <summary>Index of the first NaN or infinity, or -1.</summary>
-    /// <summary>
-    /// Sum of squares in double (finite exactly when every element is: even float.MaxValue squared, times 2^31 elements,
-    /// stays below double's range), accumulated per vector lane then across lanes, so the result is the same on every run.
-    /// </summary>
-    public static double SumOfSquares(ReadOnlySpan<float> values)
-    {
-        var vectors = MemoryMarshal.Cast<float, System.Numerics.Vector<float>>(values);
-        var acc = System.Numerics.Vector<double>.Zero;
-        foreach (var v in vectors)
-        {
-            System.Numerics.Vector.Widen(v, out var low, out var high);
-            acc += low * low + high * high;
-        }
-        var total = System.Numerics.Vector.Sum(acc);
-        for (var i = vectors.Length * System.Numerics.Vector<float>.Count; i < values.Length; i++) total += (double)values[i] * values[i];
-        return total;
-    }
-
-    public static int FirstNonFinite(ReadOnlySpan<float> values)
-    {
-        // NaN and infinity are the values whose exponent bits are all ones: test whole vectors, then find the element.
-        var bits = MemoryMarshal.Cast<float, uint>(values);
-        var exponent = new System.Numerics.Vector<uint>(0x7F80_0000u);
-        var vectors = MemoryMarshal.Cast<uint, System.Numerics.Vector<uint>>(bits);
-        var i = 0;
-        for (var v = 0; v < vectors.Length; v++, i += System.Numerics.Vector<uint>.Count)
-            if (System.Numerics.Vector.EqualsAny(vectors[v] & exponent, exponent)) break;
-        for (; i < values.Length; i++)
-            if (!float.IsFinite(values[i])) return i;
-        return -1;
-    }
 }
 
 /// <summary>

@@ -62,37 +62,28 @@ internal sealed class WorkerModel : IDisposable
         return _train;
     }
 
-    /// <summary>
-    /// The gradient of one slice: L_simple of the samples at <paramref name="indices"/> with their seeds, divided by
-    /// the global batch size, backpropagated. Returns the gradient bytes (float32), the presence bitmap and the slice's loss.
-    /// </summary>
-    public (byte[] Gradient, byte[] Present, double Loss) Gradient(Dataset train, ReadOnlySpan<long> indices, ReadOnlySpan<ulong> seeds, int globalBatch)
-    {
-        var values = new byte[Vector.Elements * 4];
-        var (present, loss) = Gradient(train, indices, seeds, globalBatch, values);
-        return (values, present, loss);
-    }
+    /// <summary>Computes micro-batch gradients the way `coordinator train` does (created on the first assignment).</summary>
+    private MicroBatchGradients? _gradients;
 
-    /// <summary>As above, the gradient written into <paramref name="values"/> [Elements * 4 bytes] (a pooled or shared buffer).</summary>
-    public (byte[] Present, double Loss) Gradient(Dataset train, ReadOnlySpan<long> indices, ReadOnlySpan<ulong> seeds, int globalBatch, Span<byte> values)
+    /// <summary>
+    /// The gradient of one slice, the micro-batch tree node <paramref name="node"/>: L_simple of the samples at
+    /// <paramref name="indices"/> with their seeds, divided by the global batch size, micro-batch by micro-batch, added in
+    /// the tree's order (<see cref="MicroBatchGradients"/>), written into <paramref name="values"/> [Elements * 4 bytes]
+    /// (a pooled or shared buffer). Returns the presence bitmap and the slice's loss.
+    /// </summary>
+    public (byte[] Present, double Loss) Gradient(Dataset train, TreeNode node, ReadOnlySpan<long> indices, ReadOnlySpan<ulong> seeds, Span<byte> values)
     {
         using var guard = Model.TorchRuntime.Compute();   // other threads allocate: temporaries must outlive their native calls
-        Network.zero_grad(set_to_none: true);   // presence then means "this slice touched it"
-        double loss;
-        using (var scope = NewDisposeScope())
-        {
-            var x0 = train.Gather(indices).to(Device);
-            var l = Step.Loss(Network, x0, seeds, globalBatch);
-            l.backward();
-            loss = l.to_type(ScalarType.Float64).item<double>();
-        }
-        var present = Vector.ReadGradients(values);
-        Network.zero_grad(set_to_none: true);
-        return (present, loss);
+        _gradients ??= new MicroBatchGradients(Recipe, Network, Step, Device, get_num_threads());
+        if (!_gradients.Tree.Contains(node))
+            throw new ProtocolException(Grpc.Core.StatusCode.InvalidArgument, $"micro-batches {node} are not a node of this recipe's {_gradients.Tree.Leaves}-leaf tree");
+        var g = _gradients.Compute(node, train, indices, seeds, (long)(ParameterVersion ?? 0), System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(values));
+        return (g.Present, g.Loss);
     }
 
     public void Dispose()
     {
+        _gradients?.Dispose();
         Network.Dispose();
         Step.Diffusion.Schedule.Dispose();
         _train?.Dispose();

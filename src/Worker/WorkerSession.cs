@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
 using System.Threading.Channels;
+using DistDiffusion.Model.Training;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
 using Grpc.Core;
@@ -233,7 +234,10 @@ internal sealed class WorkerSession
         var reuse = !shared && _streamGradientInFlight is null;
         var gradient = shared ? null : reuse ? _streamGradient ??= new byte[bytes] : new byte[bytes];
         Span<byte> values = shared ? segment!.Gradients[..bytes] : gradient;
-        var (present, loss) = model.Gradient(model.Train(_trainSize), a.Indices.ToArray(), a.SampleSeeds.ToArray(), (int)a.GlobalBatchSize, values);
+        if (a.GlobalBatchSize != model.Recipe.BatchSize)
+            throw new ProtocolException(StatusCode.Internal, $"assignment for a global batch of {a.GlobalBatchSize}, the recipe's is {model.Recipe.BatchSize}");
+        var node = new TreeNode((int)a.FirstMicroBatch, (int)a.EndMicroBatch);
+        var (present, loss) = model.Gradient(model.Train(_trainSize), node, a.Indices.ToArray(), a.SampleSeeds.ToArray(), values);
         byte[]? payload = dtype == DType.Bfloat16 ? TensorTransport.ToBFloat16(MemoryMarshal.Cast<byte, float>(values)) : gradient;
         var header = TensorTransport.Header(payload ?? values, dtype == DType.Bfloat16 ? DType.Bfloat16 : DType.Float32, model.Vector.Elements, a.Step, a.ParameterVersion);
         if (shared)

@@ -36,11 +36,14 @@ public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
         {
             await server.Loop.Completion.WaitAsync(TimeSpan.FromSeconds(150));
             var status = server.Loop.Status();
-            // Every worker took part in every step (admitted before step 0, none dropped).
+            // Every worker took part (admitted before step 0, none dropped); one may sit out a step after a backup
+            // took a slow slice from it.
             Assert.Equal(workerCount, status.Workers.Count);
-            Assert.All(status.Workers, w => Assert.Equal((ulong)steps, w.StepsDone));
+            Assert.All(status.Workers, w => Assert.InRange(w.StepsDone, 1ul, (ulong)steps));
+            Assert.All(status.Workers, w => Assert.NotEqual(WorkerState.Dropped, w.State));
             Assert.All(status.Workers, w => Assert.Equal(sharedMemory && SharedTensorSegment.Supported, w.SharedMemory));
             Cluster.AssertSameState(reference, Cluster.Latest(runDir), Logs(workers));
+            Cluster.AssertIdenticalFiles(Path.Combine(Dir, "local"), runDir);
             // Workers exit 0 by themselves when the coordinator says training is complete.
             await Cluster.WaitUntil(() => workers.All(w => w.Process.HasExited), TimeSpan.FromSeconds(30), "workers to exit", () => Logs(workers));
             Assert.All(workers, w => Assert.Equal(0, w.Process.ExitCode));
@@ -62,7 +65,9 @@ public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
         const int steps = 80;
         var reference = Cluster.LocalReference(Cluster.Recipe(steps), Path.Combine(Dir, "local"));
         var runDir = Path.Combine(Dir, "dist");
-        await using var server = await Cluster.Start(Cluster.Options(runDir, steps, minWorkers: 2));
+        var options = Cluster.Options(runDir, steps, minWorkers: 2);
+        options.StragglerFactor = 1e6;   // the hand-driven worker below must hold the run still, not be backed up
+        await using var server = await Cluster.Start(options);
         var workers = new List<WorkerProcess> { new(server.Address, Cluster.Token), new(server.Address, Cluster.Token) };
         try
         {
@@ -84,6 +89,7 @@ public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
             var newcomer = Assert.Single(server.Loop.Status().Workers, w => !earlier.Contains(w.Id));
             Assert.True(newcomer.StepsDone > 0, "the restarted worker never got work\n" + Logs(workers));
             Cluster.AssertSameState(reference, Cluster.Latest(runDir), Logs(workers));
+            Cluster.AssertIdenticalFiles(Path.Combine(Dir, "local"), runDir);
         }
         finally
         {
@@ -120,6 +126,7 @@ public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
             await second.Process.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(150));
             Assert.Equal(0, second.Process.ExitCode);
             Cluster.AssertSameState(reference, Cluster.Latest(runDir), Logs(workers));
+            Cluster.AssertIdenticalFiles(Path.Combine(Dir, "local"), runDir);
             // At least one of the original workers reconnected and rejoined the restarted coordinator by itself.
             Assert.Contains(workers, w => w.Output.Split("Joined run").Length - 1 >= 2);
         }

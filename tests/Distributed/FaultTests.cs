@@ -47,6 +47,7 @@ public sealed class FaultTests() : TempFolderTest("dd-faults")
             Assert.Equal(RunState.Complete, status.State);
             Assert.Contains(status.Workers, w => w.State == WorkerState.Dropped);
             Cluster.AssertSameState(reference, Cluster.Latest(runDir), worker.Output);
+            Cluster.AssertIdenticalFiles(Path.Combine(Dir, "local"), runDir);
         }
         finally
         {

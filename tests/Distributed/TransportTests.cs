@@ -71,19 +71,6 @@ public class TransportTests
     }
 
     [Fact]
-    public void SlicesCoverTheBatchContiguouslyWithSizesWithinOne()
-    {
-        foreach (var (n, k) in new[] { (61, 1), (61, 2), (61, 3), (5, 5), (7, 4) })
-        {
-            var bounds = StepRound.SliceBounds(n, k);
-            Assert.Equal(0, bounds[0].Start);
-            Assert.Equal(n, bounds[^1].End);
-            for (var i = 1; i < k; i++) Assert.Equal(bounds[i - 1].End, bounds[i].Start);
-            Assert.InRange(bounds.Max(b => b.End - b.Start) - bounds.Min(b => b.End - b.Start), 0, 1);
-        }
-    }
-
-    [Fact]
     public void ParameterVectorRoundTripsValuesAndGradientsWithPresence()
     {
         using var scope = NewDisposeScope();

@@ -32,7 +32,8 @@ public class Cifar10RecipeTests
                 Assert.Equal(35_746_307, state.Network.parameters().Sum(p => p.numel()));
                 Assert.IsType<UNet>(state.Network);
                 var before = state.Network.parameters().First().clone();
-                var (loss, norm) = new LocalTrainer(state, train, Path.Combine(folder, "run")).TrainStep();
+                using var trainer = new LocalTrainer(state, train, Path.Combine(folder, "run"));
+                var (loss, norm) = trainer.TrainStep();
                 Assert.True(double.IsFinite(loss) && loss > 0, $"loss {loss}");
                 Assert.True(double.IsFinite(norm) && norm > 0, $"gradient norm {norm}");
                 Assert.Equal(1, state.StepsDone);

@@ -50,7 +50,7 @@ public class OptimizerTests
         opt.ZeroGrad();
         lin.weight!.grad!.fill_(float.NaN);
         var kept = lin.weight!.clone();
-        Assert.Throws<InvalidOperationException>(() => opt.Step());
+        Assert.Throws<NonFiniteGradientException>(() => opt.Step());
         Assert.True(lin.weight!.eq(kept).all().item<bool>());
         Assert.Equal(1, opt.StepCount);
     }
@@ -132,6 +132,7 @@ public sealed class OptimizerUnderGcPressureTests
         var indices = Enumerable.Range(0, n).Select(i => (long)i).ToArray();
         using var model = DistDiffusion.Model.Sampling.DiffusionModel.FromWeights(recipe,
             worker.Network.named_parameters().ToDictionary(p => p.name, p => (TorchSharp.torch.Tensor)p.parameter), TorchSharp.torch.CPU);
+        var gradient = new byte[worker.Vector.Elements * 4];
         var gen0 = GC.CollectionCount(0);
         using var stop = new CancellationTokenSource();
         var allocator = new Thread(() => Allocate(stop.Token));
@@ -141,7 +142,7 @@ public sealed class OptimizerUnderGcPressureTests
             for (var step = 0; step < (which == "unet" ? 60 : 400); step++)
             {
                 var seeds = indices.Select(i => (ulong)(step * 1000 + i)).ToArray();
-                worker.Gradient(data, indices, seeds, n);
+                worker.Gradient(data, MicroBatchTree.For(recipe).Root, indices, seeds, gradient);
             }
             using var result = model.Sample(new DistDiffusion.Model.Sampling.SampleRequest(8, DistDiffusion.Model.Diffusion.SamplerKind.Ddpm, 0, 0, 1));
             Assert.True(TorchSharp.torch.isfinite(result.Samples).all().item<bool>());

@@ -17,7 +17,7 @@ public sealed class TrainingLeakTests
         var recipe = TinyMlp;
         using var train = new Dataset(Synthetic2D.SwissRoll(64, 1), "swiss roll");
         using var state = TrainingState.Create(recipe, [2], train.Count, CPU);
-        var trainer = new LocalTrainer(state, train, Path.Combine(Path.GetTempPath(), "unused-" + Guid.NewGuid()));
+        using var trainer = new LocalTrainer(state, train, Path.Combine(Path.GetTempPath(), "unused-" + Guid.NewGuid()));
         trainer.TrainStep(); // warm-up: gradients are allocated on the first backward
         GC.Collect();
         GC.WaitForPendingFinalizers();
@@ -36,6 +36,7 @@ public sealed class TrainingLeakTests
         var train = worker.Train(recipe.SyntheticSize);   // synthetic data: the whole generated set is the training split
         using var state = TrainingState.Create(recipe, [2], train.Count, CPU);
         var coordinatorVector = ParameterVector.Of(state.Network);
+        var gradient = new byte[coordinatorVector.Elements * 4];
         void Step()
         {
             // Coordinator -> worker: parameters; worker: gradient of a slice; coordinator: apply it.
@@ -43,7 +44,7 @@ public sealed class TrainingLeakTests
             worker.Vector.WriteValues(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(values));
             var plan = state.PlanStep();
             var keys = state.Step.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
-            var (gradient, present, _) = worker.Gradient(train, plan.Indices, keys, recipe.BatchSize);
+            var (present, _) = worker.Gradient(train, MicroBatchTree.For(recipe).Root, plan.Indices, keys, gradient);
             coordinatorVector.WriteGradients(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(gradient), present);
             state.ApplyGradients(plan);
         }

@@ -74,15 +74,15 @@ public class TrainingTests
             var recipe = TinyMlp with { Steps = 12, CheckpointEvery = 0, SampleEvery = 0 };
             using var train = new Dataset(Synthetic2D.SwissRoll(recipe.SyntheticSize, 2), "swiss roll");
             using var straight = TrainingState.Create(recipe, [2], train.Count, CPU);
-            new LocalTrainer(straight, train, dir + "-a").Run(12);
+            using (var t = new LocalTrainer(straight, train, dir + "-a")) t.Run(12);
 
             using (var first = TrainingState.Create(recipe, [2], train.Count, CPU))
-                new LocalTrainer(first, train, dir).Run(7);
+            using (var t = new LocalTrainer(first, train, dir)) t.Run(7);
             var checkpoint = CheckpointStore.Load(dir);
             Assert.Equal(7, checkpoint.Step);
             using var resumed = TrainingState.FromCheckpoint(checkpoint, [2], train.Count, CPU);
             Assert.Equal(straight.Recipe, resumed.Recipe);
-            new LocalTrainer(resumed, train, dir).Run(12);
+            using (var t = new LocalTrainer(resumed, train, dir)) t.Run(12);
 
             Assert.Equal(straight.Cursor, resumed.Cursor);
             foreach (var ((name, a), (_, b)) in straight.Network.named_parameters().Zip(resumed.Network.named_parameters()))
@@ -113,7 +113,7 @@ public class TrainingTests
                 return SlicedWasserstein.Distance(s.Samples, heldOut.Data.narrow(0, 0, 1000));
             }
             var untrained = Swd();
-            var trainer = new LocalTrainer(state, train, Path.Combine(Path.GetTempPath(), "unused"));
+            using var trainer = new LocalTrainer(state, train, Path.Combine(Path.GetTempPath(), "unused"));
             for (var i = 0; i < recipe.Steps; i++) trainer.TrainStep();
             var trained = Swd();
             Assert.True(trained < 0.25 * untrained, $"sliced Wasserstein distance {trained:F4} after training vs {untrained:F4} untrained");

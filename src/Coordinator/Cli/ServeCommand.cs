@@ -33,6 +33,9 @@ internal static class ServeCommand
     public static readonly Option<bool> KeepServing = new("--keep-serving") { Description = "Keep serving after training completes instead of exiting" };
     public static readonly Option<bool?> SharedMemory = new("--shared-memory") { Description = "true (default): workers under this machine's kernel exchange tensors through /dev/shm; false: always on the stream" };
     public static readonly Option<double?> GradientBoundRatio = new("--gradient-bound-ratio") { Description = "Refuse a slice gradient whose per-sample norm is over this many times the median of recent slices; its worker is dropped and the slice recomputed elsewhere (default 100)" };
+    public static readonly Option<double?> StragglerFactor = new("--straggler-factor") { Description = "A slice held this many times longer (per sample) than the median of the step's finished slices gets a copy on an idle worker (default 2)" };
+    public static readonly Option<double?> VerifyFraction = new("--verify-fraction") { Description = "Share of slices also computed on a second worker and compared bit for bit (default 0)" };
+    public static readonly Option<int?> MaxDisagreements = new("--max-disagreements") { Description = "Drop a worker whose bits differ from another's this many times (default 3)" };
     public static readonly Option<string> LogLevel = new("--log-level") { Description = "debug, information, warning or error", DefaultValueFactory = _ => "information" };
 
     public static Command Create()
@@ -43,7 +46,7 @@ internal static class ServeCommand
         var cmd = new Command("serve", "Run the coordinator (parameter server) for workers to join, and serve samples")
         {
             Listen, Recipe, Set, Steps, Seed, Out, Resume, tokenFile, AllowUnauthenticated, TlsCert, TlsKey,
-            StepDeadline, Heartbeat, GradientDtype, MinWorkers, KeepServing, Checkpoint, SampleOnly, MaxSamples, device, threads, SharedMemory, GradientBoundRatio, LogLevel,
+            StepDeadline, Heartbeat, GradientDtype, MinWorkers, KeepServing, Checkpoint, SampleOnly, MaxSamples, device, threads, SharedMemory, GradientBoundRatio, StragglerFactor, VerifyFraction, MaxDisagreements, LogLevel,
         };
         cmd.SetAction(p =>
         {
@@ -71,6 +74,9 @@ internal static class ServeCommand
             Put(nameof(CoordinatorOptions.Threads), threads);
             Put(nameof(CoordinatorOptions.SharedMemory), SharedMemory);
             Put(nameof(CoordinatorOptions.GradientBoundRatio), GradientBoundRatio);
+            Put(nameof(CoordinatorOptions.StragglerFactor), StragglerFactor);
+            Put(nameof(CoordinatorOptions.VerifyFraction), VerifyFraction);
+            Put(nameof(CoordinatorOptions.MaxDisagreements), MaxDisagreements);
             var sets = p.GetValue(Set) ?? [];
             for (var i = 0; i < sets.Length; i++) flags[$"{CoordinatorOptions.Section}:{nameof(CoordinatorOptions.Set)}:{i}"] = sets[i];
             var options = Configure(flags);

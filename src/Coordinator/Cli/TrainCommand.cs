@@ -100,7 +100,7 @@ internal static class TrainCommand
             // Ctrl+C, SIGINT and SIGTERM (kill, Kubernetes) stop after the current step and write a checkpoint.
             using (StopSignals.Register(cts))
             {
-                var trainer = new LocalTrainer(state, train, runDir)
+                using var trainer = new LocalTrainer(state, train, runDir)
                 {
                     OnStep = p =>
                     {

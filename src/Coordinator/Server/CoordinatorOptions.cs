@@ -64,6 +64,17 @@ public sealed class CoordinatorOptions
     /// dropped and the slice recomputed elsewhere (see SliceGuard); a second worker agreeing makes it a real spike.
     /// </summary>
     public double GradientBoundRatio { get; set; } = SliceGuard.DefaultRatio;
+    /// <summary>
+    /// A slice held longer than this many times the median time (per sample) of the step's finished slices gets a copy
+    /// on an idle worker (or its halves on two); the first result is used, the other must have the same bits.
+    /// </summary>
+    public double StragglerFactor { get; set; } = 2;
+    /// <summary>...and held at least this long (so that millisecond jitter does not start copies).</summary>
+    public double StragglerMinimumSeconds { get; set; } = 0.05;
+    /// <summary>Share of slices also computed by a second worker and compared bit for bit (0: none).</summary>
+    public double VerifyFraction { get; set; }
+    /// <summary>A worker whose bits differ from another's this many times is dropped.</summary>
+    public int MaxDisagreements { get; set; } = 3;
 
     public double HeartbeatTimeoutSeconds => HeartbeatSeconds * 4;
 
@@ -85,6 +96,10 @@ public sealed class CoordinatorOptions
         if (MaxSamplesPerRequest < 1) throw new ArgumentException($"max samples per request {MaxSamplesPerRequest}: expected >= 1");
         if (!(SampleWaitSeconds > 0)) throw new ArgumentException($"sample wait {SampleWaitSeconds} s: expected > 0");
         if (!(GradientBoundRatio >= 1) || !double.IsFinite(GradientBoundRatio)) throw new ArgumentException($"--gradient-bound-ratio {GradientBoundRatio}: expected a finite number >= 1");
+        if (!(StragglerFactor >= 1) || !double.IsFinite(StragglerFactor)) throw new ArgumentException($"--straggler-factor {StragglerFactor}: expected a finite number >= 1");
+        if (!(StragglerMinimumSeconds >= 0) || !double.IsFinite(StragglerMinimumSeconds)) throw new ArgumentException($"straggler minimum {StragglerMinimumSeconds} s: expected a finite number >= 0");
+        if (!(VerifyFraction >= 0 && VerifyFraction <= 1)) throw new ArgumentException($"--verify-fraction {VerifyFraction}: expected a share in [0, 1]");
+        if (MaxDisagreements < 1) throw new ArgumentException($"--max-disagreements {MaxDisagreements}: expected at least 1");
         if (MinWorkers < 1) throw new ArgumentException($"--min-workers {MinWorkers}: expected at least 1");
         if (Steps is < 0) throw new ArgumentException($"--steps {Steps}: expected a count >= 0");
         ParseGradientDtype();

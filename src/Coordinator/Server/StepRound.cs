@@ -1,3 +1,5 @@
+using DistDiffusion.Model.Training;
+
 namespace DistDiffusion.Coordinator.Server;
 
 /// <summary>Why a pushed slice gradient was not taken into the step.</summary>
@@ -8,91 +10,164 @@ internal enum SliceRejection
     OtherStep,
     /// <summary>No such slice in this step.</summary>
     NoSuchSlice,
-    /// <summary>The slice is held by another worker now (it was reassigned).</summary>
+    /// <summary>The sender does not hold the slice (it was taken from it).</summary>
     NotOwner,
-    /// <summary>The slice is already in.</summary>
+    /// <summary>The slice is already in (another holder was first, or a backup covered it).</summary>
     Duplicate,
 }
 
 /// <summary>
-/// The slices of one synchronous step: how the global batch is cut, which worker holds each slice and until when, and
-/// which gradients have come back. It decides; it sends nothing (the training loop does the I/O), and it reads time
-/// from a <see cref="TimeProvider"/>, so the step protocol is unit-tested without processes or sleeps.
-/// <para>Protocol: every slice is assigned at the start to one live worker; a gradient is accepted once, from the
-/// worker holding the slice, for this step; a worker that leaves or misses its deadline loses its unfinished slices,
-/// which are reassigned (to the least-loaded live worker) or wait for one to join; the step is complete when every
-/// slice is in, and the slices are summed in slice order, whoever computed them and whenever they arrived.</para>
+/// The slices of one synchronous step. The global batch is the recipe's fixed micro-batch tree
+/// (<see cref="MicroBatchTree"/>); the live workers get contiguous runs of micro-batches, and each run is sent as the
+/// fewest tree nodes that cover it: a slice is one such node. The round decides who holds which slice, until when, and
+/// which results are in; it sends nothing (the training loop does the I/O) and reads time from a
+/// <see cref="TimeProvider"/>, so the protocol is unit-tested without processes or sleeps.
+/// <para>Protocol: a slice may have several holders — its first, a backup given a copy when the first is slow next to
+/// the step's other slices, or a replacement when a holder leaves or misses its deadline. The first result from any
+/// holder is taken; later ones are duplicates (whose checksums the loop compares: the bits must agree). A slow slice
+/// that is not a single micro-batch may instead be covered by its two children, given to two idle workers. The step is
+/// complete when the tree's root can be assembled from the results; the gradient is the tree's fixed sum, whoever
+/// computed which node and in whatever order they arrived, so it has the same bits for any number of workers.</para>
 /// </summary>
 internal sealed class StepRound
 {
-    private readonly WorkerConnection?[] _owners;
-    private readonly DateTimeOffset[] _deadlines;
-    private readonly SliceGradient?[] _results;
-    private readonly List<(string Worker, SliceFault Fault)>?[] _refusals;
-    private readonly TimeProvider _clock;
-
-    public StepRound(ulong step, ulong version, int batchSize, int sliceCount, TimeSpan deadline, TimeProvider clock)
+    private sealed class Slice(TreeNode node)
     {
-        if (sliceCount < 1 || sliceCount > batchSize)
-            throw new ArgumentOutOfRangeException(nameof(sliceCount), sliceCount, $"expected 1..{batchSize} slices for a batch of {batchSize}");
+        public TreeNode Node { get; } = node;
+        public List<(WorkerConnection Worker, DateTimeOffset Since, DateTimeOffset Due)> Holders { get; } = [];
+        public SliceGradient? Result { get; set; }
+        public DateTimeOffset? ArrivedAt { get; set; }
+        public List<(string Worker, SliceFault Fault)>? Refusals { get; set; }
+    }
+
+    private readonly List<Slice> _slices = [];
+    private readonly MicroBatchTree _tree;
+    private readonly TimeProvider _clock;
+    private readonly DateTimeOffset _started;
+
+    /// <param name="parts">How many workers share the step (at most the tree's leaves): part i gets the i-th run of micro-batches.</param>
+    public StepRound(ulong step, ulong version, MicroBatchTree tree, int parts, TimeSpan deadline, TimeProvider clock)
+    {
+        if (parts < 1 || parts > tree.Leaves)
+            throw new ArgumentOutOfRangeException(nameof(parts), parts, $"expected 1..{tree.Leaves} parts for a tree of {tree.Leaves} micro-batches");
         Step = step;
         Version = version;
         Deadline = deadline;
+        _tree = tree;
         _clock = clock;
-        Bounds = SliceBounds(batchSize, sliceCount);
-        _owners = new WorkerConnection?[sliceCount];
-        _deadlines = new DateTimeOffset[sliceCount];
-        _results = new SliceGradient?[sliceCount];
-        _refusals = new List<(string, SliceFault)>?[sliceCount];
+        _started = clock.GetUtcNow();
+        var ranges = tree.Split(parts);
+        Parts = new List<int>[parts];
+        for (var i = 0; i < parts; i++)
+        {
+            Parts[i] = [];
+            foreach (var node in tree.Cover(ranges[i].First, ranges[i].End))
+            {
+                Parts[i].Add(_slices.Count);
+                _slices.Add(new Slice(node));
+            }
+        }
     }
 
     public ulong Step { get; }
     public ulong Version { get; }
     public TimeSpan Deadline { get; }
-    public (int Start, int End)[] Bounds { get; }
-    public int SliceCount => _owners.Length;
-    public bool IsComplete => _results.All(r => r is not null);
+    /// <summary>Slice numbers of each part (give all of part i to one worker).</summary>
+    public List<int>[] Parts { get; }
+    public int SliceCount => _slices.Count;
+    public bool IsComplete => Covered(_tree.Root);
 
-    public WorkerConnection? OwnerOf(int slice) => _owners[slice];
-    public bool IsDone(int slice) => _results[slice] is not null;
+    public TreeNode NodeOf(int slice) => _slices[slice].Node;
+    /// <summary>The samples [Start, End) of the global batch that <paramref name="slice"/> holds.</summary>
+    public (int Start, int End) Bounds(int slice) => _tree.Samples(_slices[slice].Node);
+    public IEnumerable<WorkerConnection> HoldersOf(int slice) => _slices[slice].Holders.Select(h => h.Worker);
+    /// <summary>Whether the slice needs nothing more: its result is in, or a backup's children cover it.</summary>
+    public bool IsDone(int slice) => Covered(_slices[slice].Node);
 
-    /// <summary>Gives <paramref name="slice"/> to <paramref name="worker"/>, due one deadline from now.</summary>
+    /// <summary>Gives <paramref name="slice"/> to <paramref name="worker"/> (one more holder), due one deadline from now.</summary>
     public void Assign(int slice, WorkerConnection worker)
     {
-        if (_results[slice] is not null) throw new InvalidOperationException($"slice {slice} of step {Step} is already in");
-        _owners[slice] = worker;
-        _deadlines[slice] = _clock.GetUtcNow() + Deadline;
+        var s = _slices[slice];
+        if (IsDone(slice)) throw new InvalidOperationException($"slice {slice} of step {Step} is already in");
+        if (s.Holders.Any(h => h.Worker == worker)) throw new InvalidOperationException($"{worker.Id} already holds slice {slice} of step {Step}");
+        var now = _clock.GetUtcNow();
+        s.Holders.Add((worker, now, now + Deadline));
     }
 
-    /// <summary>Slices <paramref name="worker"/> holds and has not returned.</summary>
+    /// <summary>Takes every slice away from <paramref name="worker"/> (it left or was dropped); returns the slices left with no holder.</summary>
+    public List<int> Drop(WorkerConnection worker)
+    {
+        var orphaned = new List<int>();
+        for (var k = 0; k < _slices.Count; k++)
+            if (_slices[k].Holders.RemoveAll(h => h.Worker == worker) > 0 && _slices[k].Holders.Count == 0 && !IsDone(k))
+                orphaned.Add(k);
+        return orphaned;
+    }
+
+    /// <summary>Slices <paramref name="worker"/> holds that are not done.</summary>
     public List<int> Unfinished(WorkerConnection worker) =>
-        Enumerable.Range(0, SliceCount).Where(k => _owners[k] == worker && _results[k] is null).ToList();
+        Enumerable.Range(0, _slices.Count).Where(k => _slices[k].Holders.Any(h => h.Worker == worker) && !IsDone(k)).ToList();
 
-    /// <summary>Slices not returned whose holder is gone (or that wait for a worker).</summary>
+    /// <summary>Slices not done whose holders are all gone (or that wait for a worker).</summary>
     public List<int> Orphans(IReadOnlyCollection<WorkerConnection> live) =>
-        Enumerable.Range(0, SliceCount).Where(k => _results[k] is null && (_owners[k] is not { } o || !live.Contains(o))).ToList();
-
-    /// <summary>The slice waits for a worker (none is live).</summary>
-    public void Release(int slice) => _owners[slice] = null;
+        Enumerable.Range(0, _slices.Count).Where(k => !IsDone(k) && !_slices[k].Holders.Any(h => live.Contains(h.Worker)) && !ChildrenHeld(k, live)).ToList();
 
     /// <summary>Whether <paramref name="worker"/> holds a slice past its deadline.</summary>
     public bool IsLate(WorkerConnection worker)
     {
         var now = _clock.GetUtcNow();
-        return Enumerable.Range(0, SliceCount).Any(k => _owners[k] == worker && _results[k] is null && now > _deadlines[k]);
+        return Enumerable.Range(0, _slices.Count).Any(k => !IsDone(k) && _slices[k].Holders.Any(h => h.Worker == worker && now > h.Due));
     }
 
     /// <summary>The live worker with the fewest unfinished slices (the first such in <paramref name="live"/>).</summary>
     public WorkerConnection LeastLoaded(IReadOnlyList<WorkerConnection> live) =>
         live.Count == 0 ? throw new InvalidOperationException("no live worker") : live.MinBy(w => Unfinished(w).Count)!;
 
+    /// <summary>
+    /// Slow slices that deserve a copy: not done, no copy given yet, held longer than <paramref name="factor"/> times the
+    /// median time the step's finished slices took (per sample, scaled to this slice's size) and at least
+    /// <paramref name="minimum"/>. Empty until some slice is in.
+    /// </summary>
+    public List<int> Straggling(double factor, TimeSpan minimum)
+    {
+        var finished = _slices.Where(s => s.Result is not null && s.ArrivedAt is not null).ToList();
+        if (finished.Count == 0) return [];
+        var perSample = finished.Select(s =>
+        {
+            var (a, b) = _tree.Samples(s.Node);
+            return (s.ArrivedAt!.Value - s.Holders.Select(h => h.Since).DefaultIfEmpty(_started).Min()).TotalSeconds / Math.Max(1, b - a);
+        }).Order().ToList();
+        var median = perSample[perSample.Count / 2];
+        var now = _clock.GetUtcNow();
+        var slow = new List<int>();
+        for (var k = 0; k < _slices.Count; k++)
+        {
+            var s = _slices[k];
+            if (IsDone(k) || s.Holders.Count != 1 || HasChildSlices(k)) continue;
+            var (a, b) = _tree.Samples(s.Node);
+            var held = (now - s.Holders[0].Since).TotalSeconds;
+            if (held > factor * median * (b - a) && held > minimum.TotalSeconds) slow.Add(k);
+        }
+        return slow;
+    }
+
+    /// <summary>Adds the two children of <paramref name="slice"/> as slices of their own (for two backups); returns their numbers.</summary>
+    public (int Left, int Right) Split(int slice)
+    {
+        var node = _slices[slice].Node;
+        var (l, r) = MicroBatchTree.Children(node);
+        _slices.Add(new Slice(l));
+        _slices.Add(new Slice(r));
+        return (_slices.Count - 2, _slices.Count - 1);
+    }
+
     /// <summary>Whether a pushed gradient answers a slice of this step that its sender holds and that is not in yet.</summary>
     public SliceRejection Validate(SliceGradient gradient)
     {
         if (gradient.Step != Step) return SliceRejection.OtherStep;
-        if (gradient.Slice >= SliceCount) return SliceRejection.NoSuchSlice;
-        if (_results[gradient.Slice] is not null) return SliceRejection.Duplicate;
-        if (_owners[gradient.Slice] != gradient.Worker) return SliceRejection.NotOwner;
+        if (gradient.Slice >= _slices.Count) return SliceRejection.NoSuchSlice;
+        if (IsDone((int)gradient.Slice)) return SliceRejection.Duplicate;
+        if (!_slices[(int)gradient.Slice].Holders.Any(h => h.Worker == gradient.Worker)) return SliceRejection.NotOwner;
         return SliceRejection.None;
     }
 
@@ -100,9 +175,16 @@ internal sealed class StepRound
     public SliceRejection Accept(SliceGradient gradient)
     {
         var rejection = Validate(gradient);
-        if (rejection == SliceRejection.None) _results[gradient.Slice] = gradient;
+        if (rejection == SliceRejection.None)
+        {
+            _slices[(int)gradient.Slice].Result = gradient;
+            _slices[(int)gradient.Slice].ArrivedAt = _clock.GetUtcNow();
+        }
         return rejection;
     }
+
+    /// <summary>The accepted result of <paramref name="slice"/> (null: none; a slice covered by its children has none).</summary>
+    public SliceGradient? ResultOf(int slice) => _slices[slice].Result;
 
     /// <summary>
     /// Records that <paramref name="worker"/>'s result for <paramref name="slice"/> was refused for <paramref name="fault"/>
@@ -111,56 +193,94 @@ internal sealed class StepRound
     /// </summary>
     public int Refuse(int slice, WorkerConnection worker, SliceFault fault)
     {
-        var list = _refusals[slice] ??= [];
+        var list = _slices[slice].Refusals ??= [];
         if (!list.Contains((worker.Id, fault))) list.Add((worker.Id, fault));
         return list.Count(r => r.Fault == fault);
     }
 
     /// <summary>
-    /// The step's gradient: the slices summed in slice order (so the result does not depend on who computed which slice
-    /// or when it arrived), the union of their presence bitmaps and their summed loss. The first slice's buffer holds
-    /// the sum; the others are handed to <paramref name="release"/> once added.
+    /// The step's gradient: the tree's fixed sum of the results (so it does not depend on who computed which node or
+    /// when it arrived), the union of the presence bitmaps used and their summed loss. The sum is written into one
+    /// result's buffer; every other result buffer is handed to <paramref name="release"/>.
     /// </summary>
     public (float[] Total, byte[] Present, double Loss) Sum(Action<float[]> release)
     {
-        if (!IsComplete) throw new InvalidOperationException($"step {Step}: {_results.Count(r => r is null)} slices are not in");
-        var total = _results[0]!.Values;
-        var present = _results[0]!.Present.ToArray();
-        var loss = _results[0]!.Loss;
-        for (var k = 1; k < SliceCount; k++)
+        if (!IsComplete) throw new InvalidOperationException($"step {Step}: the slices in do not cover the batch yet");
+        var used = new Dictionary<TreeNode, SliceGradient>();
+        Collect(_tree.Root);
+        var total = MicroBatchTree.Combine(_tree.Root, used.ToDictionary(p => p.Key, p => p.Value.Values), release);
+        byte[]? present = null;
+        var loss = 0.0;
+        foreach (var g in used.OrderBy(p => p.Key.First).Select(p => p.Value))
         {
-            var part = _results[k]!;
-            Add(total, part.Values);
-            for (var b = 0; b < present.Length; b++) present[b] |= part.Present[b];
-            loss += part.Loss;
-            release(part.Values);
+            present ??= new byte[g.Present.Length];
+            for (var b = 0; b < present.Length; b++) present[b] |= g.Present[b];
+            loss += g.Loss;
         }
-        return (total, present, loss);
+        foreach (var s in _slices)
+            if (s.Result is { } r && !used.ContainsValue(r)) release(r.Values);
+        return (total, present!, loss);
+
+        void Collect(TreeNode node)
+        {
+            if (_slices.FirstOrDefault(s => s.Node == node && s.Result is not null) is { } own)
+            {
+                used[node] = own.Result!;
+                return;
+            }
+            var (l, r) = MicroBatchTree.Children(node);
+            Collect(l);
+            Collect(r);
+        }
     }
 
     /// <summary>What the stream handlers check a push against (immutable).</summary>
     public StepSnapshot Snapshot() => new(Step, Version,
-        Bounds.Select(b => b.End - b.Start).ToArray(), _owners.Select(o => o?.Id).ToArray(), _results.Select(r => r is not null).ToArray());
+        Enumerable.Range(0, _slices.Count).Select(k => Bounds(k).End - Bounds(k).Start).ToArray(),
+        _slices.Select(s => s.Holders.Select(h => h.Worker.Id).ToArray()).ToArray(),
+        Enumerable.Range(0, _slices.Count).Select(IsDone).ToArray());
 
-    /// <summary>Contiguous slices of a batch of n over k workers, sizes differing by at most one.</summary>
-    internal static (int Start, int End)[] SliceBounds(int n, int k)
+    private bool Covered(TreeNode node)
     {
-        var bounds = new (int, int)[k];
-        var start = 0;
-        for (var i = 0; i < k; i++)
-        {
-            var size = n / k + (i < n % k ? 1 : 0);
-            bounds[i] = (start, start + size);
-            start += size;
-        }
-        return bounds;
+        if (_slices.Any(s => s.Node == node && s.Result is not null)) return true;
+        if (node.IsLeaf) return false;
+        var (l, r) = MicroBatchTree.Children(node);
+        return Covered(l) && Covered(r);
     }
 
-    private static void Add(float[] total, float[] part)
+    private bool HasChildSlices(int slice)
     {
-        var t = System.Runtime.InteropServices.MemoryMarshal.Cast<float, System.Numerics.Vector<float>>(total.AsSpan());
-        var p = System.Runtime.InteropServices.MemoryMarshal.Cast<float, System.Numerics.Vector<float>>(part.AsSpan());
-        for (var i = 0; i < t.Length; i++) t[i] += p[i];
-        for (var i = t.Length * System.Numerics.Vector<float>.Count; i < total.Length; i++) total[i] += part[i];
+        var node = _slices[slice].Node;
+        if (node.IsLeaf) return false;
+        var (l, r) = MicroBatchTree.Children(node);
+        return _slices.Any(s => s.Node == l || s.Node == r);
     }
+
+    private bool ChildrenHeld(int slice, IReadOnlyCollection<WorkerConnection> live)
+    {
+        var node = _slices[slice].Node;
+        if (node.IsLeaf) return false;
+        var (l, r) = MicroBatchTree.Children(node);
+        bool Held(TreeNode n) => _slices.Any(s => s.Node == n && (s.Result is not null || s.Holders.Any(h => live.Contains(h.Worker))));
+        return Held(l) && Held(r);
+    }
+}
+
+/// <summary>
+/// The checksums of the slices taken in the last few steps, so that a copy computed elsewhere (a straggler's late
+/// result, a verification) can be compared after its step is over. The loop's thread owns it.
+/// </summary>
+internal sealed class RecentResults
+{
+    public const int Steps = 8;
+    private readonly Dictionary<(ulong Step, uint Slice), (ulong Checksum, string Worker)> _taken = [];
+
+    public void Record(ulong step, uint slice, ulong checksum, string worker)
+    {
+        _taken[(step, slice)] = (checksum, worker);
+        if (step >= Steps)
+            foreach (var old in _taken.Keys.Where(k => k.Step <= step - Steps).ToList()) _taken.Remove(old);
+    }
+
+    public (ulong Checksum, string Worker)? Lookup(ulong step, uint slice) => _taken.TryGetValue((step, slice), out var r) ? r : null;
 }

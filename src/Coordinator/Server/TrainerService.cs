@@ -198,14 +198,14 @@ public sealed class TrainerService : Trainer.TrainerBase
             throw new ProtocolException(StatusCode.FailedPrecondition, $"step {h.Step} is not current: the run is at step {current.Step}", "step");
         if (h.ParameterVersion != current.Version)
             throw new ProtocolException(StatusCode.FailedPrecondition, $"parameter version {h.ParameterVersion} is not current: step {current.Step} uses version {current.Version}", "parameter_version");
-        if (h.Slice >= current.Owners.Length)
-            throw new ProtocolException(StatusCode.InvalidArgument, $"slice {h.Slice}: step {current.Step} has slices 0..{current.Owners.Length - 1}", "slice");
+        if (h.Slice >= current.Holders.Length)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"slice {h.Slice}: step {current.Step} has slices 0..{current.Holders.Length - 1}", "slice");
         if (current.Done[h.Slice])
         {
             Ignore(worker, h, $"slice {h.Slice} of step {h.Step} is already in");
             return;
         }
-        if (current.Owners[h.Slice] != worker.Id)
+        if (!current.Holders[h.Slice].Contains(worker.Id))
             throw new ProtocolException(StatusCode.FailedPrecondition, $"slice {h.Slice} of step {h.Step} is not assigned to {worker.Id}", "slice");
         if (h.SampleCount != current.SliceSizes[h.Slice])
             throw new ProtocolException(StatusCode.InvalidArgument, $"sample_count {h.SampleCount}, slice {h.Slice} has {current.SliceSizes[h.Slice]} samples", "sample_count");
@@ -239,11 +239,13 @@ public sealed class TrainerService : Trainer.TrainerBase
     /// </summary>
     private void Deliver(WorkerConnection worker, GradientHeader h, float[] values) =>
         _loop.Post(new GradientArrived(new SliceGradient(worker, h.Step, h.Slice, values, h.Present.ToByteArray(), h.Loss, h.ComputeSeconds,
-            TensorTransport.SumOfSquares(values), h.Tensor.Checksum)));
+            Model.Training.VectorMath.SumOfSquares(values), h.Tensor.Checksum)));
 
     private void Ignore(WorkerConnection worker, GradientHeader h, string note)
     {
-        _log.LogInformation("Ignoring push from {Worker}: {Note}", worker.Id, note);
+        _log.LogDebug("Ignoring push from {Worker}: {Note}", worker.Id, note);
+        // The loop compares its checksum with the result it took (same slice, same bits, or a worker computes wrong).
+        _loop.Post(new DuplicateSeen(worker, h.Step, h.Slice, h.Tensor?.Checksum));
         worker.Ignoring = (h.Step, h.Slice);
         worker.Send(new CoordinatorMessage { Ack = new Ack { Step = h.Step, Slice = h.Slice, Applied = false, Note = note } });
     }

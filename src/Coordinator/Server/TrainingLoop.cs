@@ -29,7 +29,10 @@ internal sealed record WeightsRequested(bool PreferEma, TaskCompletionSource<Wei
 public sealed record WeightsSnapshot(ulong Id, ulong Version, bool Ema, byte[] Bytes, TensorHeader Header);
 
 /// <summary>The step in progress as the stream handlers see it (immutable; replaced as slices move).</summary>
-internal sealed record StepSnapshot(ulong Step, ulong Version, int[] SliceSizes, string?[] Owners, bool[] Done);
+internal sealed record StepSnapshot(ulong Step, ulong Version, int[] SliceSizes, string[][] Holders, bool[] Done);
+
+/// <summary>A push the stream handler ignored (already in, or for a finished step): the loop compares its checksum.</summary>
+internal sealed record DuplicateSeen(WorkerConnection Worker, ulong Step, uint Slice, ulong? Checksum) : LoopEvent;
 
 /// <summary>
 /// The parameter server's training loop (synchronous data parallelism). For each step it plans the global batch,
@@ -53,6 +56,8 @@ public sealed class TrainingLoop : BackgroundService
     private readonly object _statusLock = new();
     private readonly ParameterBroadcast _parameters;
     private readonly SliceGuard _guard;
+    private readonly MicroBatchTree _tree;
+    private readonly RecentResults _results = new();
     /// <summary>False only while an update is being applied: a checkpoint taken then would mix two steps.</summary>
     private bool _stateConsistent = true;
     private volatile StepSnapshot? _current;
@@ -74,6 +79,7 @@ public sealed class TrainingLoop : BackgroundService
         var emaVector = run.State.Ema is { } ema ? new ParameterVector(_vector.Shapes.Select(p => (p.Name, ema.Weights[p.Name]))) : null;
         _parameters = new ParameterBroadcast(_vector, emaVector);
         _guard = new SliceGuard(options.GradientBoundRatio);
+        _tree = MicroBatchTree.For(run.State.Recipe);
         RunId = Guid.NewGuid().ToString("N")[..12];
         GradientDtype = options.ParseGradientDtype();
         RecipeJson = run.State.Recipe.ToJson();
@@ -314,8 +320,12 @@ public sealed class TrainingLoop : BackgroundService
             case WorkerJoined j: _workers.Register(j.Worker); break;
             case WorkerGone g: Gone(g); break;
             case GradientArrived a:
+                Answered(a.Gradient.Worker, a.Gradient.Step, a.Gradient.Slice);
                 Ack(a.Gradient, applied: false, "no step in progress");
                 GradientBuffers.Return(a.Gradient.Values);
+                break;
+            case DuplicateSeen d:
+                Answered(d.Worker, d.Step, d.Slice);
                 break;
             case WeightsRequested w: Serve(w); break;
         }
@@ -341,15 +351,21 @@ public sealed class TrainingLoop : BackgroundService
         var s = _run.State;
         var plan = s.PlanStep();
         var keys = s.Step.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
-        var round = new StepRound((ulong)plan.Step, _parameters.Version, plan.Indices.Length, Math.Min(_workers.Live.Count, plan.Indices.Length), TimeSpan.FromSeconds(_options.StepDeadlineSeconds), TimeProvider.System);
-        for (var i = 0; i < round.SliceCount; i++) Assign(i, _workers.Live[i]);
+        // A worker still busy with a slice a backup took from it sits this step out (while others can do the work).
+        var eligible = _workers.Live.Where(w => !w.Straggling).ToList();
+        if (eligible.Count == 0) eligible = _workers.Live.ToList();
+        var round = new StepRound((ulong)plan.Step, _parameters.Version, _tree, Math.Min(eligible.Count, _tree.Leaves), TimeSpan.FromSeconds(_options.StepDeadlineSeconds), TimeProvider.System);
+        for (var i = 0; i < round.Parts.Length; i++)
+            foreach (var k in round.Parts[i]) Assign(k, eligible[i]);
+        Verify();
         // The previous step's EMA update, while the workers compute this one.
         using (Model.TorchRuntime.Compute()) s.FlushEma();
         _busySeconds += Stopwatch.GetElapsedTime(planning).TotalSeconds;
 
         while (!round.IsComplete)
         {
-            var e = await NextEventAsync(TimeSpan.FromMilliseconds(500), ct);
+            // Short waits once a slice is in: the stragglers' check below needs a clock, not an event.
+            var e = await NextEventAsync(TimeSpan.FromMilliseconds(round.Snapshot().Done.Any(d => d) ? 10 : 500), ct);
             switch (e)
             {
                 case WorkerJoined j:
@@ -362,16 +378,23 @@ public sealed class TrainingLoop : BackgroundService
                 case WeightsRequested w:
                     Serve(w);
                     break;
+                case DuplicateSeen d:
+                    Answered(d.Worker, d.Step, d.Slice);
+                    if (d.Checksum is { } sum) Compare(d.Worker, d.Step, d.Slice, sum);
+                    break;
                 case GradientArrived { Gradient: var gr }:
+                    Answered(gr.Worker, gr.Step, gr.Slice);
                     if (round.Validate(gr) is not SliceRejection.None and var why)
                     {
+                        if (why == SliceRejection.Duplicate) Compare(gr.Worker, gr.Step, gr.Slice, gr.Checksum);
                         Ack(gr, applied: false, why == SliceRejection.Duplicate ? "duplicate" : "stale");
                         GradientBuffers.Return(gr.Values);
                         break;
                     }
                     if (!Judge(gr)) break;
                     round.Accept(gr);
-                    gr.Worker.CompletedSlice(gr.ComputeSeconds);
+                    _results.Record(gr.Step, gr.Slice, gr.Checksum, gr.Worker.Id);
+                    gr.Worker.CompletedSlice(gr.Step, gr.ComputeSeconds);
                     if (round.Unfinished(gr.Worker).Count == 0) gr.Worker.State = WorkerState.Idle;
                     Ack(gr, applied: true, "");
                     _current = round.Snapshot();
@@ -388,6 +411,7 @@ public sealed class TrainingLoop : BackgroundService
                     Reassign(w);
                 }
             }
+            BackUpStragglers();
             if (_workers.Live.Count == 0 && !round.IsComplete)
             {
                 SetState(RunState.WaitingForWorkers);
@@ -430,14 +454,18 @@ public sealed class TrainingLoop : BackgroundService
         {
             round.Assign(slice, w);
             w.State = WorkerState.Busy;
+            w.Outstanding.Add((round.Step, (uint)slice));
             if (w.ParameterVersion != _parameters.Version) _parameters.SendTo(w);
-            var (start, end) = round.Bounds[slice];
+            var (start, end) = round.Bounds(slice);
+            var node = round.NodeOf(slice);
             var assignment = new StepAssignment
             {
                 Step = round.Step,
                 ParameterVersion = _parameters.Version,
                 Slice = (uint)slice,
                 GlobalBatchSize = (uint)s.Recipe.BatchSize,
+                FirstMicroBatch = (uint)node.First,
+                EndMicroBatch = (uint)node.End,
             };
             assignment.Indices.Add(plan.Indices[start..end]);
             assignment.SampleSeeds.Add(keys[start..end]);
@@ -445,11 +473,47 @@ public sealed class TrainingLoop : BackgroundService
             _current = round.Snapshot();
         }
 
+        // A slow slice (next to this step's others) gets a copy on an idle worker, or its two halves on two.
+        void BackUpStragglers()
+        {
+            foreach (var k in round.Straggling(_options.StragglerFactor, TimeSpan.FromSeconds(_options.StragglerMinimumSeconds)))
+            {
+                var holders = round.HoldersOf(k).ToList();
+                var idle = _workers.Live.Where(w => !w.Straggling && !holders.Contains(w) && round.Unfinished(w).Count == 0 && w.Outstanding.Count == 0).ToList();
+                if (idle.Count == 0) return;
+                foreach (var h in holders) h.Straggling = true;
+                var node = round.NodeOf(k);
+                if (idle.Count >= 2 && !node.IsLeaf)
+                {
+                    var (l, r) = round.Split(k);
+                    Assign(l, idle[0]);
+                    Assign(r, idle[1]);
+                    _log.LogInformation("Step {Step} slice {Slice} ({Node}) is slow on {Holder}: its halves go to {Left} and {Right}", round.Step, k, node, holders[0].Id, idle[0].Id, idle[1].Id);
+                }
+                else
+                {
+                    Assign(k, idle[0]);
+                    _log.LogInformation("Step {Step} slice {Slice} ({Node}) is slow on {Holder}: a copy goes to {Backup}", round.Step, k, node, holders[0].Id, idle[0].Id);
+                }
+            }
+        }
+
+        // --verify-fraction: a random share of the slices is also computed by a second worker; the bits must agree.
+        void Verify()
+        {
+            if (_options.VerifyFraction <= 0 || eligible.Count < 2) return;
+            var random = new Random(unchecked((int)SeedMix.Mix(s.Recipe.Seed, plan.Step, 0x5EF1)));
+            for (var i = 0; i < round.Parts.Length; i++)
+                foreach (var k in round.Parts[i])
+                    if (random.NextDouble() < _options.VerifyFraction)
+                        Assign(k, eligible[(i + 1 + random.Next(eligible.Count - 1)) % eligible.Count]);
+        }
+
         // The slice guard's verdict on a valid push: true to take it into the step. A refused slice drops its worker (the
         // slice is recomputed elsewhere); a second, independent refusal of the same slice means the values are real.
         bool Judge(SliceGradient gr)
         {
-            var (start, end) = round.Bounds[(int)gr.Slice];
+            var (start, end) = round.Bounds((int)gr.Slice);
             var fault = _guard.Check(gr.SumOfSquares, end - start, s.Recipe.BatchSize, out var reason);
             if (fault == SliceFault.None)
             {
@@ -471,28 +535,51 @@ public sealed class TrainingLoop : BackgroundService
             var detail = $"gradient of step {round.Step} slice {gr.Slice} refused: {reason}; the slice is recomputed on another worker";
             _log.LogWarning("Worker {Worker} dropped: {Detail}", gr.Worker.Id, detail);
             Ack(gr, applied: false, detail);
-            gr.Worker.Abort(StatusCode.InvalidArgument, detail);
-            _workers.Remove(gr.Worker, detail);
-            Reassign(gr.Worker);
+            Drop(gr.Worker, StatusCode.InvalidArgument, detail);
             return false;
+        }
+
+        void Drop(WorkerConnection w, StatusCode code, string detail)
+        {
+            w.Abort(code, detail);
+            _workers.Remove(w, detail);
+            Reassign(w);
+        }
+
+        // The bits of two computations of one slice must agree; a worker whose bits differ is counted (and dropped after
+        // --max-disagreements): a silent-data-corruption signal.
+        void Compare(WorkerConnection w, ulong step, uint slice, ulong checksum)
+        {
+            if (_results.Lookup(step, slice) is not { } first || first.Checksum == checksum) return;
+            var count = w.Disagree();
+            _log.LogWarning("Worker {Worker} computed step {Step} slice {Slice} with other bits than {First} (checksum {Theirs:x16} vs {Ours:x16}); {Count} disagreements",
+                w.Id, step, slice, first.Worker, checksum, first.Checksum, count);
+            if (count >= _options.MaxDisagreements && _workers.Live.Contains(w))
+                Drop(w, StatusCode.DataLoss, $"computed {count} slices with other bits than other workers (last: step {step} slice {slice})");
         }
 
         void Reassign(WorkerConnection gone)
         {
-            foreach (var k in round.Unfinished(gone))
+            foreach (var k in round.Drop(gone))
             {
                 if (_workers.Live.Count == 0)
                 {
-                    round.Release(k);
                     _log.LogWarning("Step {Step} slice {Slice} waits for a worker", round.Step, k);
                     continue;
                 }
                 var to = round.LeastLoaded(_workers.Live);
-                _log.LogInformation("Step {Step} slice {Slice} ({Samples} samples) of {Gone} goes to {Worker}", round.Step, k, round.Bounds[k].End - round.Bounds[k].Start, gone.Id, to.Id);
+                _log.LogInformation("Step {Step} slice {Slice} ({Samples} samples) of {Gone} goes to {Worker}", round.Step, k, round.Bounds(k).End - round.Bounds(k).Start, gone.Id, to.Id);
                 Assign(k, to);
             }
             _current = round.Snapshot();
         }
+    }
+
+    /// <summary>A push (taken, refused or ignored) answers an assignment: the worker is no longer behind on it.</summary>
+    private static void Answered(WorkerConnection w, ulong step, uint slice)
+    {
+        w.Outstanding.Remove((step, slice));
+        if (w.Outstanding.Count == 0) w.Straggling = false;
     }
 
     private static void Ack(SliceGradient g, bool applied, string note) =>

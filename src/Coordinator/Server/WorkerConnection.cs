@@ -47,6 +47,15 @@ public sealed class WorkerConnection
     /// <summary>A push being ignored (stale or duplicate): its chunks are skipped.</summary>
     public (ulong Step, uint Slice)? Ignoring { get; set; }
 
+    /// <summary>Assignments (step, slice) this worker has not answered yet; the loop's thread owns it.</summary>
+    public HashSet<(ulong Step, uint Slice)> Outstanding { get; } = [];
+    /// <summary>A backup took over a slice of this worker's that was slow; it gets no new slices until it answers.</summary>
+    public bool Straggling { get; set; }
+    /// <summary>Slices this worker computed with other bits than another worker (a silent-data-corruption signal).</summary>
+    public int Disagreements => Volatile.Read(ref _disagreements);
+    private int _disagreements;
+    public int Disagree() => Interlocked.Increment(ref _disagreements);
+
     public CancellationToken Aborted => _abort.Token;
     /// <summary>Why the coordinator ended this stream (deadline, heartbeat): the status the worker gets.</summary>
     public Status? AbortStatus { get; private set; }
@@ -75,17 +84,24 @@ public sealed class WorkerConnection
 
     public double SecondsSinceSeen { get { lock (_sinceSeen) return _sinceSeen.Elapsed.TotalSeconds; } }
 
-    public void CompletedSlice(double computeSeconds)
+    /// <summary>A slice of step <paramref name="step"/> was taken from this worker: counts the step once, however many slices it held.</summary>
+    public void CompletedSlice(ulong step, double computeSeconds)
     {
-        Interlocked.Increment(ref _stepsDone);
-        lock (_abort) _computeSeconds += computeSeconds;
+        lock (_abort)
+        {
+            if (_lastStep != step) _stepsDone++;
+            _lastStep = step;
+            _computeSeconds += computeSeconds;
+        }
     }
+
+    private ulong? _lastStep;
 
     public WorkerStatus ToStatus()
     {
-        var steps = Interlocked.Read(ref _stepsDone);
+        long steps;
         double seconds;
-        lock (_abort) seconds = _computeSeconds;
+        lock (_abort) (steps, seconds) = (_stepsDone, _computeSeconds);
         return new WorkerStatus
         {
             Id = Id,
@@ -99,6 +115,7 @@ public sealed class WorkerConnection
             BytesIn = (ulong)Interlocked.Read(ref _bytesIn),
             BytesOut = (ulong)Interlocked.Read(ref _bytesOut),
             SharedMemory = SharedMemory is not null,
+            Disagreements = (uint)Disagreements,
         };
     }
 }

@@ -60,13 +60,21 @@ public sealed class AdamOptimizer : IDisposable
     /// <summary>The learning rate used at optimizer step number <paramref name="step"/> (1-based).</summary>
     public double LearningRateAt(long step) => WarmupSteps > 0 ? LearningRate * Math.Min(1.0, (double)step / WarmupSteps) : LearningRate;
 
-    /// <summary>Global L2 norm of the current gradients (parameters without a gradient count as zero).</summary>
+    /// <summary>
+    /// Global L2 norm of the current gradients (parameters without a gradient count as zero), summed in double in a fixed
+    /// order on the CPU: libtorch's reductions split by thread count, and a clipping scale that differed in its last bit
+    /// between `train` (2 threads) and the coordinator (1) would break the bitwise guarantee.
+    /// </summary>
     public double GradientNorm()
     {
         using var scope = NewDisposeScope();
         var total = 0.0;
         foreach (var (_, p) in _params)
-            if (p.grad is { } g) total += g.mul(g).sum().to_type(ScalarType.Float64).item<double>();   // no temporary Scalar (see Step)
+        {
+            if (p.grad is not { } g) continue;
+            var cpu = g.device_type == DeviceType.CPU ? g.contiguous() : g.cpu().contiguous();
+            total += VectorMath.SumOfSquares(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(cpu.bytes));
+        }
         return Math.Sqrt(total);
     }
 
@@ -102,6 +110,7 @@ public sealed class AdamOptimizer : IDisposable
         {
             using var inner = NewDisposeScope();
             using var noGrad2 = no_grad();
+            using var pin = TorchRuntime.PinIntraOpThreads(1);   // the same bits on any thread, in any process
             var (name, p) = _params[i];
             if (p.grad is not { } grad) return;
             var g = clipScale != 1.0 ? grad.mul(clip) : grad;
@@ -113,7 +122,7 @@ public sealed class AdamOptimizer : IDisposable
             var denom = v.sqrt().div_(sqrtBias2Scalar).add_(epsilon);
             p.addcdiv_(m, denom, value: negativeStep);
         }
-        // Each parameter's update is the same sequence of ops whichever thread runs it: the result is bit for bit the same.
+        // Each parameter's update is the same sequence of single-threaded ops whichever thread runs it: the same bits.
         if (UpdateThreads > 1) Parallel.For(0, _params.Count, new ParallelOptions { MaxDegreeOfParallelism = UpdateThreads }, Update);
         else for (var i = 0; i < _params.Count; i++) Update(i);
         return norm;

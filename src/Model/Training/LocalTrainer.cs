@@ -9,15 +9,19 @@ namespace DistDiffusion.Model.Training;
 public readonly record struct TrainingProgress(long Step, long TargetStep, double Loss, double GradNorm);
 
 /// <summary>
-/// The one-process trainer: the reference the distributed trainer must match. Each step computes the
-/// loss of the whole global batch (Algorithm 1), backpropagates and hands the gradients to
+/// The one-process trainer: the reference the distributed trainer must match, bit for bit. Each step computes the
+/// gradient of the whole global batch as the root of the recipe's micro-batch tree (<see cref="MicroBatchGradients"/>,
+/// the code a worker runs for its nodes), writes it into the parameters' .grad and hands it to
 /// <see cref="TrainingState.ApplyGradients"/>; checkpoints and sample pictures are written to the run folder.
 /// </summary>
-public sealed class LocalTrainer
+public sealed class LocalTrainer : IDisposable
 {
     private readonly TrainingState _state;
     private readonly Dataset _train;
     private readonly string _runDir;
+    private readonly MicroBatchGradients _gradients;
+    private readonly ParameterVector _vector;
+    private readonly float[] _total;
 
     public LocalTrainer(TrainingState state, Dataset train, string runDir)
     {
@@ -26,6 +30,10 @@ public sealed class LocalTrainer
         _state = state;
         _train = train;
         _runDir = runDir;
+        _gradients = new MicroBatchGradients(state.Recipe, state.Network, state.Step, state.Device, get_num_threads());
+        state.Optimizer.UpdateThreads = Math.Max(1, get_num_threads());   // parameters in parallel; each one's bits are fixed
+        _vector = ParameterVector.Of(state.Network);
+        _total = new float[_vector.Elements];
     }
 
     /// <summary>Called after each step.</summary>
@@ -39,16 +47,11 @@ public sealed class LocalTrainer
     public (double Loss, double GradNorm) TrainStep()
     {
         var plan = _state.PlanStep();
-        double loss;
-        using (var scope = NewDisposeScope())
-        {
-            var x0 = _train.Gather(plan.Indices).to(_state.Device);
-            var l = _state.Step.Loss(_state.Network, x0, plan.Step, plan.Indices, plan.Epochs, _state.Recipe.BatchSize);
-            l.backward();
-            loss = l.item<float>();
-        }
+        var keys = _state.Step.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
+        var gradient = _gradients.Compute(_gradients.Tree.Root, _train, plan.Indices, keys, plan.Step, _total);
+        _vector.WriteGradients(_total, gradient.Present);
         var norm = _state.ApplyGradients(plan);
-        return (loss, norm);
+        return (gradient.Loss, norm);
     }
 
     /// <summary>
@@ -90,4 +93,6 @@ public sealed class LocalTrainer
         OnCheckpoint?.Invoke(folder);
         return folder;
     }
+
+    public void Dispose() => _gradients.Dispose();
 }

@@ -111,9 +111,11 @@ public sealed class ParameterVector
                 CopyIn(g, slice);
             else
             {
+                // The parameter keeps the native tensor; the scope releases only this wrapper (a detached one would stay
+                // counted until finalized: one per parameter per step once micro-batches clear the grads).
                 var fresh = zeros_like(p);
                 CopyIn(fresh, slice);
-                p.grad = fresh.DetachFromDisposeScope();
+                p.grad = fresh;
             }
         }
     }

@@ -71,6 +71,12 @@ public sealed record Recipe
 
     // ---- optimization ----
     public int BatchSize { get; init; } = 128;
+    /// <summary>
+    /// The global batch is cut into this many micro-batches (at most batch-size) whatever the number of workers; their
+    /// gradients are added in one fixed pairwise tree (see MicroBatchTree), so every worker count gives the same bits.
+    /// At most this many workers share a step.
+    /// </summary>
+    public int MicroBatches { get; init; } = 8;
     public int Steps { get; init; } = 10_000;
     public double LearningRate { get; init; } = 1e-3;
     public double AdamBeta1 { get; init; } = 0.9;
@@ -170,6 +176,7 @@ public sealed record Recipe
         Check(BetaEnd > 0 && BetaEnd < 1, "beta-end", BetaEnd, "a value in (0, 1)");
         Check(BetaEnd >= BetaStart, "beta-end", BetaEnd, $">= beta-start ({BetaStart.ToString(CultureInfo.InvariantCulture)})");
         Check(BatchSize >= 1, "batch-size", BatchSize, "an integer >= 1");
+        Check(MicroBatches >= 1, "micro-batches", MicroBatches, "an integer >= 1 (batches smaller than it use one micro-batch per sample)");
         Check(Steps >= 0, "steps", Steps, "an integer >= 0");
         Check(LearningRate > 0, "learning-rate", LearningRate, "a value > 0");
         Check(AdamBeta1 >= 0 && AdamBeta1 < 1, "adam-beta1", AdamBeta1, "a value in [0, 1)");
