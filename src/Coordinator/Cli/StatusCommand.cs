@@ -26,7 +26,7 @@ internal static class StatusCommand
     {
         if (!(timeoutSeconds > 0)) throw new UsageException($"--timeout {timeoutSeconds}: expected seconds > 0");
         var address = CliSupport.UserInput(() => ClientChannel.ParseAddress(addressText, "--address"));
-        var token = CliSupport.UserInput(() => Token.Resolve(tokenFile));
+        var token = CliSupport.UserInput(() => Token.ResolveClient(tokenFile));
         using var channel = CliSupport.UserInput(() => ClientChannel.Create(address, tlsCa));
         var client = new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(channel);
         StatusReply reply;
