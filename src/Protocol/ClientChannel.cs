@@ -12,7 +12,8 @@ public static class ClientChannel
 
     /// <summary>
     /// A channel to <paramref name="address"/> (http:// or https://). With <paramref name="caFile"/>, an https
-    /// server certificate must chain to that CA (a private cluster CA); otherwise the system's trust store decides.
+    /// server certificate must chain to one of that file's CA certificates (a private cluster CA, e.g. cert-manager's
+    /// ca.crt) and name the host dialled; otherwise the system's trust store decides.
     /// </summary>
     public static GrpcChannel Create(Uri address, string? caFile = null)
     {
@@ -31,20 +32,26 @@ public static class ClientChannel
         };
         if (caFile is not null)
         {
-            if (!File.Exists(caFile)) throw new ArgumentException($"--tls-ca {caFile}: no such file");
-            var ca = X509CertificateLoader.LoadCertificateFromFile(caFile);
+            var cas = LoadCertificates(caFile);
             handler.SslOptions = new SslClientAuthenticationOptions
             {
-                RemoteCertificateValidationCallback = (_, cert, _, errors) =>
+                RemoteCertificateValidationCallback = (_, cert, presented, errors) =>
                 {
                     if (cert is null) return false;
                     if (errors == SslPolicyErrors.None) return true;
-                    if ((errors & SslPolicyErrors.RemoteCertificateNameMismatch) != 0) return false;
+                    // The certificate must name the host dialled, whoever signed it.
+                    if ((errors & (SslPolicyErrors.RemoteCertificateNameMismatch | SslPolicyErrors.RemoteCertificateNotAvailable)) != 0) return false;
                     using var chain = new X509Chain();
                     chain.ChainPolicy.TrustMode = X509ChainTrustMode.CustomRootTrust;
-                    chain.ChainPolicy.CustomTrustStore.Add(ca);
+                    chain.ChainPolicy.CustomTrustStore.AddRange(cas);
                     chain.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
-                    return chain.Build(new X509Certificate2(cert));
+                    // Intermediates the server sent with its certificate (a tls.crt holding the chain).
+                    if (presented is not null)
+                        foreach (var element in presented.ChainElements)
+                            chain.ChainPolicy.ExtraStore.Add(element.Certificate);
+                    chain.ChainPolicy.ApplicationPolicy.Add(new System.Security.Cryptography.Oid("1.3.6.1.5.5.7.3.1"));   // TLS server authentication
+                    using var leaf = X509CertificateLoader.LoadCertificate(cert.GetRawCertData());
+                    return chain.Build(leaf);
                 },
             };
         }
@@ -54,6 +61,23 @@ public static class ClientChannel
             MaxReceiveMessageSize = MaxReceiveMessageBytes,
             MaxSendMessageSize = MaxReceiveMessageBytes,
         });
+    }
+
+    /// <summary>Every certificate in a PEM file (a CA bundle may hold several), naming --tls-ca on error.</summary>
+    public static X509Certificate2Collection LoadCertificates(string caFile)
+    {
+        if (!File.Exists(caFile)) throw new ArgumentException($"--tls-ca {caFile}: no such file");
+        var cas = new X509Certificate2Collection();
+        try
+        {
+            cas.ImportFromPemFile(caFile);
+        }
+        catch (System.Security.Cryptography.CryptographicException e)
+        {
+            throw new ArgumentException($"--tls-ca {caFile}: {e.Message}");
+        }
+        if (cas.Count == 0) throw new ArgumentException($"--tls-ca {caFile}: no PEM certificate in the file (expected e.g. the ca.crt of the coordinator's certificate)");
+        return cas;
     }
 
     /// <summary>Parses a user-given address, naming the flag on error.</summary>

@@ -6,14 +6,25 @@ public static class Names
     public const int DefaultPort = 50051;
     /// <summary>Where `coordinator serve` listens and every client verb connects by default.</summary>
     public const string DefaultAddress = "http://127.0.0.1:50051";
-    /// <summary>The shared token, for servers and clients alike (alternative: --token-file PATH).</summary>
+    /// <summary>
+    /// The shared token: on the coordinator it admits every role (alternative: --token-file PATH); a worker or client
+    /// without a token of its own role presents it.
+    /// </summary>
     public const string TokenEnvironmentVariable = "DISTDIFFUSION_TOKEN";
+    /// <summary>The worker token: the coordinator admits its bearer to the worker RPCs only (alternative: --worker-token-file PATH); workers present it.</summary>
+    public const string WorkerTokenEnvironmentVariable = "DISTDIFFUSION_WORKER_TOKEN";
+    /// <summary>The client token: the coordinator admits its bearer to status, sampling and reflection only (alternative: --client-token-file PATH); `status` and `sample` present it.</summary>
+    public const string ClientTokenEnvironmentVariable = "DISTDIFFUSION_CLIENT_TOKEN";
     /// <summary>Prefix of environment variables that set configuration keys, e.g. DISTDIFFUSION_Coordinator__StepDeadlineSeconds.</summary>
     public const string EnvironmentPrefix = "DISTDIFFUSION_";
     /// <summary>gRPC metadata carrying the token as "Bearer &lt;token&gt;".</summary>
     public const string AuthorizationHeader = "authorization";
-    /// <summary>Services served without the token (health checking only).</summary>
-    public const string HealthServicePrefix = "/grpc.health.v1.Health/";
+    /// <summary>The one method served without a token (Kubernetes probes carry none).</summary>
+    public const string HealthCheckMethod = "/grpc.health.v1.Health/Check";
+    /// <summary>Health watching: a long-lived stream, so it needs a token (of any role).</summary>
+    public const string HealthWatchMethod = "/grpc.health.v1.Health/Watch";
+    /// <summary>The cleartext port `serve --health-listen` opens for probes next to a TLS listener (native gRPC probes speak no TLS).</summary>
+    public const int DefaultHealthPort = 50052;
     /// <summary>Version of the Trainer stream protocol a worker must speak.</summary>
     public const uint ProtocolVersion = 1;
 }

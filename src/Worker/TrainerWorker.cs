@@ -54,7 +54,7 @@ internal sealed class TrainerWorker : BackgroundService
                 }
                 catch (RpcException e) when (e.StatusCode is StatusCode.Unauthenticated or StatusCode.PermissionDenied)
                 {
-                    _log.LogError("Coordinator refused this worker: {Status} {Detail} (check --token-file or {TokenVariable})", e.StatusCode, e.Status.Detail, Names.TokenEnvironmentVariable);
+                    _log.LogError("Coordinator refused this worker: {Status} {Detail} (check --token-file, {WorkerTokenVariable} or {TokenVariable}: a worker presents the worker token)", e.StatusCode, e.Status.Detail, Names.WorkerTokenEnvironmentVariable, Names.TokenEnvironmentVariable);
                     ExitCode = 1;
                     return;
                 }

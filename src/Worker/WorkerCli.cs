@@ -23,7 +23,7 @@ public static class WorkerCli
     };
     public static readonly Option<string?> TokenFileOption = new("--token-file")
     {
-        Description = $"File holding the shared token (default: the {Names.TokenEnvironmentVariable} environment variable)",
+        Description = $"File holding the worker token (the coordinator's --worker-token-file), or the shared one (default: the {Names.WorkerTokenEnvironmentVariable} environment variable, else {Names.TokenEnvironmentVariable})",
     };
     public static readonly Option<int> ThreadsOption = new("--threads")
     {
@@ -37,7 +37,7 @@ public static class WorkerCli
     };
     public static readonly Option<string?> TlsCaOption = new("--tls-ca")
     {
-        Description = "CA certificate (PEM) to trust for an https coordinator with a private certificate",
+        Description = "CA certificate(s) (PEM) to trust for an https coordinator with a private certificate (e.g. cert-manager's ca.crt); the certificate must also name the host dialled",
     };
     public static readonly Option<double> GiveUpOption = new("--give-up-after")
     {
@@ -101,7 +101,7 @@ public static class WorkerCli
         var options = new WorkerOptions
         {
             Coordinator = ClientChannel.ParseAddress(p.GetValue(CoordinatorOption)!, "--coordinator"),
-            Token = Token.Resolve(p.GetValue(TokenFileOption)),
+            Token = Token.ResolveWorker(p.GetValue(TokenFileOption)),
             Threads = threads,
             Device = p.GetValue(DeviceOption)!,
             TlsCaFile = p.GetValue(TlsCaOption),

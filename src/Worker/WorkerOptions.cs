@@ -5,7 +5,7 @@ public sealed record WorkerOptions
 {
     /// <summary>The coordinator's URL (http:// or https://).</summary>
     public required Uri Coordinator { get; init; }
-    /// <summary>The shared token, or null for a coordinator started with --allow-unauthenticated.</summary>
+    /// <summary>The worker (or shared) token, or null for a coordinator started with --allow-unauthenticated.</summary>
     public string? Token { get; init; }
     /// <summary>CPU threads for torch (0: all cores).</summary>
     public int Threads { get; init; }

@@ -28,8 +28,6 @@ internal static class CodeCrossChecks
         else CheckServe(server, set, facts, docker, apps, p);
         foreach (var s in apps.Running(facts.CoordinatorExe, "sample"))
             if (s.Invocation.Value("--out") is { } output) CheckPersistentOutput(s, output, p);
-        var secrets = set.Pods().SelectMany(pod => pod.Spec.Volumes ?? []).Where(v => v.Secret is not null).Select(v => v.Secret.SecretName).Distinct().ToList();
-        if (secrets.Count != 1) p.Add($"the pods use {secrets.Count} Secrets ({string.Join(", ", secrets)}); expected the one token Secret");
         return p;
     }
 
@@ -61,7 +59,7 @@ internal static class CodeCrossChecks
         var sectionPrefix = facts.EnvironmentPrefix + facts.CoordinatorSection + "__";
         foreach (var (name, _) in Environment(c, set))
         {
-            if (name == facts.TokenVariable) continue;
+            if (facts.TokenVariables.Contains(name)) continue;
             if (name.StartsWith(sectionPrefix, StringComparison.OrdinalIgnoreCase))
             {
                 var key = name[sectionPrefix.Length..];
@@ -74,28 +72,40 @@ internal static class CodeCrossChecks
                     p.Add($"{c}: {name} is read by `{facts.CoordinatorExe} serve` only, not by this container");
                 continue;
             }
-            p.Add($"{c}: environment variable {name} is read by none of the programs ({facts.TokenVariable}, {sectionPrefix}<CoordinatorOptions property>)");
+            p.Add($"{c}: environment variable {name} is read by none of the programs ({string.Join(", ", facts.TokenVariables)}, {sectionPrefix}<CoordinatorOptions property>)");
         }
     }
 
+    /// <summary>Flags naming a token file.</summary>
+    public static readonly string[] TokenFlags = ["--token-file", "--worker-token-file", "--client-token-file"];
+
     private static void CheckTokenFiles(AppContainer a, List<string> p)
     {
-        foreach (var path in a.Invocation.Values("--token-file"))
-        {
-            var mount = AppContainers.MountFor(a.Container, path);
-            var secret = mount is null ? null : AppContainers.VolumeOf(a.Container, mount)?.Secret;
-            if (mount is null || secret is null)
+        foreach (var flag in TokenFlags)
+            foreach (var path in a.Invocation.Values(flag))
             {
-                p.Add($"{a}: --token-file {path} is not on a mounted Secret");
-                continue;
+                var file = SecretFile(a, path);
+                if (file is null) p.Add($"{a}: {flag} {path} is not on a mounted Secret");
+                else if (file.Value.Key != "token") p.Add($"{a}: {flag} {path} is not the key 'token' of Secret {file.Value.Secret}");
             }
-            var relative = path[(mount.MountPath.TrimEnd('/').Length + 1)..];
-            var fromItems = secret.Items?.Any(i => i.Path == relative && i.Key == "token") ?? relative == "token";
-            if (!fromItems) p.Add($"{a}: --token-file {path} is not the key 'token' of Secret {secret.SecretName} mounted at {mount.MountPath}");
-        }
-        // Everything that serves or dials the coordinator needs the token: none of the manifests sets the environment variable.
-        if ((a.CoordinatorUrl is not null || a.Invocation.Command.Name == "serve") && a.Invocation.Values("--token-file").Count == 0)
-            p.Add($"{a}: no --token-file: it would look for {DistDiffusion.Protocol.Names.TokenEnvironmentVariable}, which no manifest sets");
+        // Everything that serves or dials the coordinator needs a token: none of the manifests sets the environment variables.
+        var serves = a.Invocation.Command.Name == "serve";
+        if (serves && !a.Invocation.Has("--token-file") && !(a.Invocation.Has("--worker-token-file") && a.Invocation.Has("--client-token-file")))
+            p.Add($"{a}: neither --worker-token-file and --client-token-file nor --token-file: it would look for the token variables, which no manifest sets");
+        if (!serves && a.CoordinatorUrl is not null && !a.Invocation.Has("--token-file"))
+            p.Add($"{a}: no --token-file: it would look for the token variables, which no manifest sets");
+    }
+
+    /// <summary>The Secret and key a path in the container is projected from, or null when it is on no Secret volume.</summary>
+    public static (string Secret, string Key)? SecretFile(AppContainer a, string path)
+    {
+        var mount = AppContainers.MountFor(a.Container, path);
+        var secret = mount is null ? null : AppContainers.VolumeOf(a.Container, mount)?.Secret;
+        if (mount is null || secret is null || path.Length <= mount.MountPath.TrimEnd('/').Length) return null;
+        var relative = path[(mount.MountPath.TrimEnd('/').Length + 1)..];
+        if (secret.Items is null) return (secret.SecretName, relative);
+        var item = secret.Items.FirstOrDefault(i => i.Path == relative);
+        return item is null ? null : (secret.SecretName, item.Key);
     }
 
     private static void CheckCoordinatorUrl(AppContainer a, string url, ManifestSet set, DeployFacts facts, AppContainers apps, List<string> p)
@@ -147,7 +157,7 @@ internal static class CodeCrossChecks
         else CheckPersistentOutput(s, resume, p);
 
         // The configuration the coordinator would bind: its environment through its own Configure (unknown keys and bad values throw).
-        var env = Environment(s.Container, set).Where(e => e.Name.StartsWith(facts.EnvironmentPrefix, StringComparison.OrdinalIgnoreCase) && e.Name != facts.TokenVariable)
+        var env = Environment(s.Container, set).Where(e => e.Name.StartsWith(facts.EnvironmentPrefix, StringComparison.OrdinalIgnoreCase) && !facts.TokenVariables.Contains(e.Name))
             .ToDictionary(e => e.Name[facts.EnvironmentPrefix.Length..].Replace("__", ":", StringComparison.Ordinal), e => e.Value);
         Coordinator.Server.CoordinatorOptions options;
         try

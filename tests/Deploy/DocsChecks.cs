@@ -8,7 +8,8 @@ namespace DistDiffusion.Tests.Deploy;
 /// docs/kubernetes.md against the code and the manifests: every `coordinator ...` and `worker ...` command in its code
 /// blocks parses with the real command lines, and its kubectl and docker commands name the objects, files, labels,
 /// taints, images and build arguments the manifests and the Dockerfile really have. It must also show each step the
-/// deployment needs (image builds of both variants, the Secret, the apply, port-forward and status, scale, sampling).
+/// deployment needs (image builds of both variants, every Secret the pods mount with every key they read from it, the
+/// apply, port-forward and status, scale, sampling).
 /// </summary>
 internal static partial class DocsChecks
 {
@@ -84,7 +85,10 @@ internal static partial class DocsChecks
         var lines = CommandLines(markdown);
         var apps = AppContainers.Of(set, facts, docker);
         var images = set.Containers().Select(c => c.Container.Image).ToHashSet(StringComparer.Ordinal);
-        var secretNames = set.Pods().SelectMany(pod => pod.Spec.Volumes ?? []).Where(v => v.Secret is not null).Select(v => v.Secret.SecretName).ToHashSet(StringComparer.Ordinal);
+        // Each Secret the pods mount, with the keys they project from it.
+        var secretKeys = set.Pods().SelectMany(pod => pod.Spec.Volumes ?? []).Where(v => v.Secret is not null)
+            .GroupBy(v => v.Secret.SecretName, StringComparer.Ordinal)
+            .ToDictionary(g => g.Key, g => g.SelectMany(v => v.Secret.Items?.Select(i => i.Key) ?? []).ToHashSet(StringComparer.Ordinal), StringComparer.Ordinal);
         var seen = new HashSet<string>(StringComparer.Ordinal);
         foreach (var line in lines)
         {
@@ -99,7 +103,7 @@ internal static partial class DocsChecks
             }
             else if (program == "kubectl")
             {
-                CheckKubectl(words, where, set, facts, apps, secretNames, seen, p);
+                CheckKubectl(words, where, set, facts, apps, secretKeys, seen, p);
             }
             else if (program == "docker" && words.Count > 1 && words[1] == "build")
             {
@@ -109,12 +113,14 @@ internal static partial class DocsChecks
         foreach (var (key, what) in new[]
         {
             ("docker build cpu", "building the cpu image"), ("docker build cuda", "building the cuda image"),
-            ("create secret", "creating the token Secret"), ("apply deploy/k8s", "`kubectl apply -f deploy/k8s`"),
+            ("apply deploy/k8s", "`kubectl apply -f deploy/k8s`"),
             ("port-forward", "`kubectl port-forward` to the coordinator"), ($"{facts.CoordinatorExe} status", "`coordinator status`"),
             ("scale", "scaling the workers"), ($"{facts.CoordinatorExe} sample", "requesting samples from outside"),
             ("create jobs/sample.yaml", "the sampling Job"), ("label gpu pool", "the GPU pool label"), ("taint gpu pool", "the GPU pool taint"),
         })
             if (!seen.Contains(key)) p.Add($"{RepoFiles.KubernetesDoc} shows no command for {what}");
+        foreach (var name in secretKeys.Keys.Order(StringComparer.Ordinal))
+            if (!seen.Contains("create secret " + name)) p.Add($"{RepoFiles.KubernetesDoc} shows no command creating the Secret {name}");
         return p;
     }
 
@@ -131,7 +137,7 @@ internal static partial class DocsChecks
         return null;
     }
 
-    private static void CheckKubectl(List<string> words, string where, ManifestSet set, DeployFacts facts, AppContainers apps, HashSet<string> secretNames, HashSet<string> seen, List<string> p)
+    private static void CheckKubectl(List<string> words, string where, ManifestSet set, DeployFacts facts, AppContainers apps, Dictionary<string, HashSet<string>> secretKeys, HashSet<string> seen, List<string> p)
     {
         if (After(words, "-n", "--namespace") is { } ns && ns != ManifestPolicyChecks.Namespace) p.Add($"{where}: namespace {ns}, the manifests use {ManifestPolicyChecks.Namespace}");
         var verbAt = words.FindIndex(w => !w.StartsWith('-') && w != "kubectl" && w != ManifestPolicyChecks.Namespace);
@@ -165,9 +171,15 @@ internal static partial class DocsChecks
         {
             case "create" when words.Count > verbAt + 3 && words[verbAt + 1] == "secret":
                 var name = words[verbAt + 3];
-                if (!secretNames.Contains(name)) p.Add($"{where}: the pods mount the Secret {string.Join(", ", secretNames)}, not {name}");
-                if (!words.Any(w => Regex.IsMatch(w, "^--from-(file|literal)=token="))) p.Add($"{where}: the Secret needs the key 'token' (--from-file=token=...)");
-                seen.Add("create secret");
+                if (!secretKeys.TryGetValue(name, out var needed))
+                {
+                    p.Add($"{where}: the pods mount the Secrets {string.Join(", ", secretKeys.Keys.Order(StringComparer.Ordinal))}, not {name}");
+                    break;
+                }
+                var given = SecretKeysOf(words, words[verbAt + 2]);
+                foreach (var key in needed.Where(k => !given.Contains(k)).Order(StringComparer.Ordinal))
+                    p.Add($"{where}: the pods read the key '{key}' of Secret {name}, which this command does not set (--from-file={key}=...)");
+                seen.Add("create secret " + name);
                 break;
             case "scale":
                 var target = words.FirstOrDefault(w => w.StartsWith("deployment/", StringComparison.Ordinal))?["deployment/".Length..];
@@ -191,6 +203,27 @@ internal static partial class DocsChecks
                 seen.Add("taint gpu pool");
                 break;
         }
+    }
+
+    /// <summary>The keys a `kubectl create secret TYPE NAME ...` command sets.</summary>
+    private static HashSet<string> SecretKeysOf(List<string> words, string type)
+    {
+        var keys = new HashSet<string>(StringComparer.Ordinal);
+        if (type == "tls")
+        {
+            if (After(words, "--cert") is not null) keys.Add("tls.crt");
+            if (After(words, "--key") is not null) keys.Add("tls.key");
+        }
+        foreach (var w in words)
+        {
+            var m = Regex.Match(w, "^--from-(file|literal)=(.+)$");
+            if (!m.Success) continue;
+            var value = m.Groups[2].Value;
+            var eq = value.IndexOf('=', StringComparison.Ordinal);
+            // --from-file=PATH names the key after the file; --from-file=KEY=PATH and --from-literal=KEY=VALUE name it.
+            keys.Add(eq >= 0 ? value[..eq] : Path.GetFileName(value));
+        }
+        return keys;
     }
 
     private static void CheckDockerBuild(List<string> words, string where, HashSet<string> images, DeployFacts facts, HashSet<string> seen, List<string> p)

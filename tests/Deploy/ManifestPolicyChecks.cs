@@ -76,7 +76,8 @@ internal static class ManifestPolicyChecks
             return;
         }
         foreach (var port in ports)
-            if (port.ContainerPort != facts.DefaultPort) p.Add($"{c}: serves port {port.ContainerPort}, but the coordinator's port is {facts.DefaultPort} (Names.DefaultPort)");
+            if (port.ContainerPort != facts.DefaultPort && port.ContainerPort != facts.DefaultHealthPort)
+                p.Add($"{c}: serves port {port.ContainerPort}, but the coordinator's ports are {facts.DefaultPort} (Names.DefaultPort) and the health port {facts.DefaultHealthPort} (Names.DefaultHealthPort)");
         foreach (var (kind, probe) in new[] { ("liveness", c.Container.LivenessProbe), ("readiness", c.Container.ReadinessProbe), ("startup", c.Container.StartupProbe) })
         {
             if (probe is null)
@@ -84,10 +85,11 @@ internal static class ManifestPolicyChecks
                 if (kind != "startup") p.Add($"{c}: serves port {ports[0].ContainerPort} but has no {kind} probe");
                 continue;
             }
-            // Native gRPC probes call grpc.health.v1, the one service the coordinator serves without the token.
+            // Native gRPC probes call grpc.health.v1.Health/Check, the one method the coordinator serves without a token;
+            // which port they must use (the cleartext health port beside TLS) is SecurityChecks' to say.
             if (probe.Grpc is null) p.Add($"{c}: the {kind} probe is not a gRPC (grpc.health.v1) probe");
-            else if (probe.Grpc.Port != facts.DefaultPort || !ports.Any(cp => cp.ContainerPort == probe.Grpc.Port))
-                p.Add($"{c}: the {kind} probe checks port {probe.Grpc.Port}, not the served port {facts.DefaultPort}");
+            else if (!ports.Any(cp => cp.ContainerPort == probe.Grpc.Port))
+                p.Add($"{c}: the {kind} probe checks port {probe.Grpc.Port}, which the container does not serve");
             else if (!string.IsNullOrEmpty(probe.Grpc.Service) && !probe.Grpc.Service.StartsWith("distdiffusion.v1.", StringComparison.Ordinal))
                 p.Add($"{c}: the {kind} probe asks about service {probe.Grpc.Service}, which the coordinator's health service does not report");
         }
@@ -210,6 +212,8 @@ internal static class ManifestPolicyChecks
             var reaches = Allowed(policies, pod, coordinator, facts.DefaultPort, "TCP");
             if (dials && !reaches) p.Add($"{pod}: dials the coordinator, but the network policies do not let it reach port {facts.DefaultPort}");
             if (!dials && reaches) p.Add($"{pod}: does not use the coordinator, yet the network policies let it reach port {facts.DefaultPort}");
+            if (Allowed(policies, pod, coordinator, facts.DefaultHealthPort, "TCP"))
+                p.Add($"{pod}: the network policies let it reach the coordinator's cleartext health port {facts.DefaultHealthPort}, which only the kubelet needs");
             if (dials && !EgressAllowed(policies, pod, null, 53, "UDP")) p.Add($"{pod}: dials the coordinator by name but may not send DNS queries (UDP 53)");
             var downloads = apps.All.Any(a => a.Container.Pod == pod && a.Invocation.Command.Name == "download");
             if (downloads && !(EgressAllowed(policies, pod, null, 443, "TCP") && EgressAllowed(policies, pod, null, 53, "UDP")))

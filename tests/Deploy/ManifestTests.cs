@@ -15,6 +15,7 @@ public sealed class ManifestTests
         ManifestSchemaChecks.Check(set)
             .Concat(ManifestPolicyChecks.Check(set, DeployFacts.Current, Docker.Value))
             .Concat(CodeCrossChecks.Check(set, DeployFacts.Current, Docker.Value))
+            .Concat(SecurityChecks.Check(set, DeployFacts.Current, Docker.Value))
             .ToList();
 
     [Fact]
@@ -55,6 +56,15 @@ public sealed class ManifestTests
     }
 
     [Fact]
+    public void The_manifests_use_TLS_and_separate_worker_and_client_tokens_by_default()
+    {
+        // https with a kubernetes.io/tls Secret (tls.crt, tls.key), probes on the cleartext health port, clients dialling
+        // https with that Secret's ca.crt, the worker and client tokens from their own Secrets, no pod holding a credential
+        // it has no use for.
+        AssertNone(SecurityChecks.Check(ManifestSet.FromRepo(), DeployFacts.Current, Docker.Value));
+    }
+
+    [Fact]
     public void Every_container_command_runs_a_real_executable_with_real_flags()
     {
         var apps = AppContainers.Of(ManifestSet.FromRepo(), DeployFacts.Current, Docker.Value);
@@ -79,7 +89,15 @@ public sealed class ManifestTests
     [InlineData("30-coordinator.yaml", "type: Recreate", "type: RollingUpdate", "must use the Recreate strategy")]
     [InlineData("30-coordinator.yaml", "- --keep-serving", "- --keep-servng", "has no option --keep-servng")]
     [InlineData("30-coordinator.yaml", "- --keep-serving", "- --log-level", "without --keep-serving")]
-    [InlineData("30-coordinator.yaml", "- http://0.0.0.0:50051", "- http://0.0.0.0:50052", "--listen port 50052 is not 50051")]
+    [InlineData("30-coordinator.yaml", "- https://0.0.0.0:50051", "- https://0.0.0.0:50053", "--listen port 50053 is not 50051")]
+    [InlineData("30-coordinator.yaml", "- https://0.0.0.0:50051", "- http://0.0.0.0:50051", "the coordinator must serve TLS")]
+    [InlineData("30-coordinator.yaml", "            - --health-listen\n            - http://0.0.0.0:50052\n", "", "no --health-listen URL")]
+    [InlineData("30-coordinator.yaml", "              port: 50052", "              port: 50051", "native gRPC probes speak no TLS")]
+    [InlineData("30-coordinator.yaml", "- --worker-token-file", "- --token-file", "one shared token for every role")]
+    [InlineData("30-coordinator.yaml", "              - key: tls.crt", "              - key: cert.pem", "not 'tls.crt' (a kubernetes.io/tls Secret")]
+    [InlineData("30-coordinator.yaml", "            secretName: distdiffusion-client-token", "            secretName: distdiffusion-worker-token", "come from the one Secret distdiffusion-worker-token")]
+    [InlineData("30-coordinator.yaml", "      targetPort: grpc", "      targetPort: health", "exposes the cleartext health port")]
+    [InlineData("50-network-policies.yaml", "          port: 50051", "          port: 50052", "reach the coordinator's cleartext health port")]
     [InlineData("30-coordinator.yaml", "- /app/coordinator", "- /app/coordinater", "none of the executables")]
     [InlineData("30-coordinator.yaml", "- /checkpoints/run", "- /tmp/run", "not on a PersistentVolumeClaim")]
     [InlineData("30-coordinator.yaml", "enableServiceLinks: false", "enableServiceLinks: true", "enableServiceLinks must be false")]
@@ -97,8 +115,13 @@ public sealed class ManifestTests
     [InlineData("40-workers.yaml", "distdiffusion/pool: gpu", "distdiffusion/pool: cpu", "nodeSelector does not pick the GPU pool")]
     [InlineData("40-workers.yaml", "image: distdiffusion:0.1.0-cuda", "image: distdiffusion:latest", "is not <repository>:<version>-<variant>")]
     [InlineData("40-workers.yaml", "image: distdiffusion:0.1.0-cuda", "image: distdiffusion:0.1.0-cpu", "runs the cuda image variant")]
-    [InlineData("40-workers.yaml", "- http://distdiffusion-coordinator:50051", "- http://coordinator:50051", "is no Service of these manifests")]
-    [InlineData("40-workers.yaml", "- /var/run/secrets/distdiffusion/token", "- /tmp/token", "is not on a mounted Secret")]
+    [InlineData("40-workers.yaml", "- https://distdiffusion-coordinator:50051", "- https://coordinator:50051", "is no Service of these manifests")]
+    [InlineData("40-workers.yaml", "- /var/run/secrets/distdiffusion/worker/token", "- /tmp/token", "is not on a mounted Secret")]
+    [InlineData("40-workers.yaml", "- https://distdiffusion-coordinator:50051", "- http://distdiffusion-coordinator:50051", "cleartext; the coordinator's address is https://")]
+    [InlineData("40-workers.yaml", "            - --tls-ca\n            - /var/run/secrets/distdiffusion/ca/ca.crt\n", "", "no --tls-ca")]
+    [InlineData("40-workers.yaml", "            secretName: distdiffusion-worker-token", "            secretName: distdiffusion-client-token", "not the worker token Secret distdiffusion-worker-token")]
+    [InlineData("40-workers.yaml", "              - key: ca.crt", "              - key: tls.key", "mounts the coordinator's private key")]
+    [InlineData("jobs/sample.yaml", "            secretName: distdiffusion-client-token", "            secretName: distdiffusion-worker-token", "not the client token Secret distdiffusion-client-token")]
     [InlineData("40-workers.yaml", "              drop:\n                - ALL", "              drop:\n                - NET_RAW", "does not drop ALL capabilities")]
     [InlineData("40-workers.yaml", "runAsUser: 1654", "runAsUser: 1000", "differs from the image's USER 1654")]
     [InlineData("40-workers.yaml", "            - name: tmp\n              mountPath: /tmp\n", "", "without a writable emptyDir at /tmp")]
@@ -119,6 +142,7 @@ public sealed class ManifestTests
 
     [Theory]
     [InlineData("kubectl -n distdiffusion create secret generic dd-token --from-file=token=./token", "not dd-token")]
+    [InlineData("kubectl -n distdiffusion create secret tls distdiffusion-tls --cert=tls.crt --key=tls.key", "the pods read the key 'ca.crt' of Secret distdiffusion-tls")]
     [InlineData("kubectl -n distdiffusion scale deployment/distdiffusion-workers --replicas=4", "no Deployment distdiffusion-workers")]
     [InlineData("coordinator status --address http://127.0.0.1:50051 --token ./token", "has no option --token")]
     [InlineData("worker --coordinator http://127.0.0.1:50051 --gpu 0", "has no option --gpu")]

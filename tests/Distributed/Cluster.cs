@@ -49,14 +49,20 @@ internal abstract class KeptOutputProcess : IDisposable
     }
 }
 
-/// <summary>A worker process (the real `worker` executable).</summary>
-internal sealed class WorkerProcess(Uri coordinator, string? token, int threads = 1, params string[] extra) : KeptOutputProcess(StartInfo(coordinator, token, threads, extra))
+/// <summary>A worker process (the real `worker` executable), given <paramref name="token"/> as DISTDIFFUSION_TOKEN and any other <paramref name="environment"/>.</summary>
+internal sealed class WorkerProcess(Uri coordinator, string? token, int threads = 1, IReadOnlyDictionary<string, string>? environment = null, params string[] extra)
+    : KeptOutputProcess(StartInfo(coordinator, token, threads, environment, extra))
 {
-    private static ProcessStartInfo StartInfo(Uri coordinator, string? token, int threads, string[] extra)
+    public WorkerProcess(Uri coordinator, string? token, int threads, params string[] extra) : this(coordinator, token, threads, null, extra)
+    {
+    }
+
+    private static ProcessStartInfo StartInfo(Uri coordinator, string? token, int threads, IReadOnlyDictionary<string, string>? environment, string[] extra)
     {
         var psi = RunCommand.WorkerStartInfo(["--coordinator", coordinator.ToString(), "--threads", threads.ToString(System.Globalization.CultureInfo.InvariantCulture), "--log-level", "debug", .. extra]);
-        psi.Environment.Remove(Names.TokenEnvironmentVariable);
+        Cluster.ClearTokenVariables(psi);
         if (token is not null) psi.Environment[Names.TokenEnvironmentVariable] = token;
+        foreach (var (key, value) in environment ?? new Dictionary<string, string>()) psi.Environment[key] = value;
         return psi;
     }
 }
@@ -70,7 +76,7 @@ internal sealed class CoordinatorProcess(string[] args, bool ignoringInterrupt =
     private static ProcessStartInfo StartInfo(string[] args, bool ignoringInterrupt)
     {
         var psi = RunCommand.StartInfo("coordinator", args);
-        psi.Environment.Remove(Names.TokenEnvironmentVariable);
+        Cluster.ClearTokenVariables(psi);
         if (ignoringInterrupt)
         {
             string[] command = [psi.FileName, .. psi.ArgumentList];
@@ -154,6 +160,20 @@ internal static class Cluster
 
     public static Task<CoordinatorServer> Start(CoordinatorOptions options, string? token = Token) =>
         CoordinatorServer.StartAsync(options, token, Serilog.Events.LogEventLevel.Warning);
+
+    /// <summary>A child process inherits none of the test runner's token variables.</summary>
+    public static void ClearTokenVariables(ProcessStartInfo psi)
+    {
+        foreach (var name in new[] { Names.TokenEnvironmentVariable, Names.WorkerTokenEnvironmentVariable, Names.ClientTokenEnvironmentVariable })
+            psi.Environment.Remove(name);
+    }
+
+    /// <summary>Role tokens for tests of who may call what.</summary>
+    public const string WorkerToken = "cluster-test-worker-token-91c2";
+    public const string ClientToken = "cluster-test-client-token-4e7b";
+
+    public static Task<CoordinatorServer> Start(CoordinatorOptions options, ServerCredentials credentials) =>
+        CoordinatorServer.StartAsync(options, credentials, Serilog.Events.LogEventLevel.Warning);
 
     /// <summary>Polls until <paramref name="condition"/> holds, failing with <paramref name="what"/> (and the diagnostics) after the timeout.</summary>
     public static async Task WaitUntil(Func<bool> condition, TimeSpan timeout, string what, Func<string>? diagnostics = null)

@@ -63,6 +63,19 @@ internal sealed class RawWorker : IAsyncDisposable
         }
     }
 
+    /// <summary>The coordinator's first message, or the status it ended the call with instead.</summary>
+    public async Task<object> FirstOrFailureAsync()
+    {
+        try
+        {
+            return await _call.ResponseStream.MoveNext(CancellationToken.None).WaitAsync(TimeSpan.FromSeconds(30)) ? _call.ResponseStream.Current : "the stream ended without a status";
+        }
+        catch (RpcException e)
+        {
+            return e;
+        }
+    }
+
     /// <summary>Reads until the call fails; the status the coordinator ended it with.</summary>
     public async Task<RpcException> FailureAsync()
     {

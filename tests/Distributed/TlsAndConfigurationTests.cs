@@ -6,6 +6,7 @@ using DistDiffusion.Coordinator.Server;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
 using Grpc.Core;
+using Grpc.Health.V1;
 
 namespace DistDiffusion.Tests.Distributed;
 
@@ -58,6 +59,161 @@ public sealed class TlsAndConfigurationTests() : TempFolderTest("dd-tls")
         using var worker = new WorkerProcess(server.Address, Cluster.Token, 1, "--tls-ca", cert);
         await server.Loop.Completion.WaitAsync(TimeSpan.FromSeconds(90));
         Assert.Equal(3, server.Loop.StepsDone);
+    }
+
+    /// <summary>
+    /// A private CA and a server certificate it signed for <paramref name="names"/> (and 127.0.0.1), written as a
+    /// kubernetes.io/tls Secret mounts them: tls.crt, tls.key and ca.crt (cert-manager's layout). Returns the folder.
+    /// </summary>
+    private string IssuedByCa(string folder, params string[] names)
+    {
+        var dir = Path.Combine(Dir, folder);
+        Directory.CreateDirectory(dir);
+        using var caKey = RSA.Create(2048);
+        var caRequest = new CertificateRequest("CN=distdiffusion-test-ca", caKey, HashAlgorithmName.SHA256, RSASignaturePadding.Pkcs1);
+        caRequest.CertificateExtensions.Add(new X509BasicConstraintsExtension(true, false, 0, true));
+        caRequest.CertificateExtensions.Add(new X509KeyUsageExtension(X509KeyUsageFlags.KeyCertSign | X509KeyUsageFlags.CrlSign, true));
+        using var ca = caRequest.CreateSelfSigned(DateTimeOffset.UtcNow.AddDays(-1), DateTimeOffset.UtcNow.AddDays(30));
+        using var key = RSA.Create(2048);
+        var request = new CertificateRequest("CN=distdiffusion-coordinator", key, HashAlgorithmName.SHA256, RSASignaturePadding.Pkcs1);
+        var san = new SubjectAlternativeNameBuilder();
+        foreach (var name in names)
+        {
+            if (IPAddress.TryParse(name, out var ip)) san.AddIpAddress(ip);
+            else san.AddDnsName(name);
+        }
+        request.CertificateExtensions.Add(san.Build());
+        request.CertificateExtensions.Add(new X509BasicConstraintsExtension(false, false, 0, true));
+        request.CertificateExtensions.Add(new X509EnhancedKeyUsageExtension([new Oid("1.3.6.1.5.5.7.3.1")], false));
+        using var leaf = request.Create(ca, DateTimeOffset.UtcNow.AddDays(-1), DateTimeOffset.UtcNow.AddDays(7), RandomNumberGenerator.GetBytes(16));
+        File.WriteAllText(Path.Combine(dir, "tls.crt"), leaf.ExportCertificatePem());
+        File.WriteAllText(Path.Combine(dir, "tls.key"), key.ExportPkcs8PrivateKeyPem());
+        File.WriteAllText(Path.Combine(dir, "ca.crt"), ca.ExportCertificatePem());
+        return dir;
+    }
+
+    [Fact(Timeout = 120_000)]
+    public async Task WithTheManifestsTlsLayoutWorkersVerifyTheCaAndProbesGetACleartextHealthPortThatServesNothingElse()
+    {
+        var tls = IssuedByCa("tls", "distdiffusion-coordinator", "localhost", "127.0.0.1");
+        var options = Cluster.Options(Path.Combine(Dir, "run"), steps: 3);
+        options.Listen = "https://127.0.0.1:0";
+        options.TlsCert = Path.Combine(tls, "tls.crt");
+        options.TlsKey = Path.Combine(tls, "tls.key");
+        options.HealthListen = "http://127.0.0.1:0";
+        await using var server = await Cluster.Start(options, new ServerCredentials(null, Cluster.WorkerToken, Cluster.ClientToken));
+        var ca = Path.Combine(tls, "ca.crt");
+
+        // The probe's port: cleartext, the health Check only, without a token.
+        Assert.NotNull(server.HealthAddress);
+        Assert.NotEqual(server.Address.Port, server.HealthAddress.Port);
+        using (var probe = ClientChannel.Create(server.HealthAddress))
+        {
+            var health = new Health.HealthClient(probe);
+            Assert.Equal(HealthCheckResponse.Types.ServingStatus.Serving, (await health.CheckAsync(new HealthCheckRequest())).Status);
+            var status = await Assert.ThrowsAsync<RpcException>(async () =>
+                await new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(probe).GetStatusAsync(new GetStatusRequest(), Token.Headers(Cluster.ClientToken)));
+            Assert.Equal(StatusCode.PermissionDenied, status.StatusCode);
+            Assert.Contains("the health port serves /grpc.health.v1.Health/Check only", status.Status.Detail, StringComparison.Ordinal);
+            using var watch = health.Watch(new HealthCheckRequest(), Token.Headers(Cluster.ClientToken));
+            Assert.Equal(StatusCode.PermissionDenied, (await Assert.ThrowsAsync<RpcException>(() => watch.ResponseStream.MoveNext(CancellationToken.None))).StatusCode);
+        }
+        // The main port speaks TLS only.
+        using (var cleartext = ClientChannel.Create(new UriBuilder(server.Address) { Scheme = "http" }.Uri))
+            await Assert.ThrowsAsync<RpcException>(async () => await new Health.HealthClient(cleartext).CheckAsync(new HealthCheckRequest(), deadline: DateTime.UtcNow.AddSeconds(10)));
+        // A certificate from the same CA for another name is refused: the CA alone does not make a server trusted.
+        var other = IssuedByCa("other", "someone-else.example");
+        var otherCa = Path.Combine(other, "ca.crt");
+        var impostorOptions = Cluster.Options(Path.Combine(Dir, "impostor"), steps: 3);
+        impostorOptions.Listen = "https://127.0.0.1:0";
+        impostorOptions.TlsCert = Path.Combine(other, "tls.crt");
+        impostorOptions.TlsKey = Path.Combine(other, "tls.key");
+        await using (var impostor = await Cluster.Start(impostorOptions, new ServerCredentials(null, Cluster.WorkerToken, Cluster.ClientToken)))
+        using (var channel = ClientChannel.Create(impostor.Address, otherCa))
+        {
+            var e = await Assert.ThrowsAsync<RpcException>(async () =>
+                await new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(channel).GetStatusAsync(new GetStatusRequest(), Token.Headers(Cluster.ClientToken)));
+            Assert.Contains(e.StatusCode, new[] { StatusCode.Unavailable, StatusCode.Internal });
+        }
+        // `coordinator status` verifies with --tls-ca, and a worker process trusting the CA trains.
+        var tokenFile = Path.Combine(Dir, "client-token");
+        Token.WriteFile(tokenFile, Cluster.ClientToken);
+        var (code, output, err) = CliHarness.Run("status", "--address", server.Address.ToString(), "--token-file", tokenFile, "--tls-ca", ca);
+        Assert.True(code == 0, err);
+        Assert.Contains("recipe swissroll", output, StringComparison.Ordinal);
+        using var worker = new WorkerProcess(server.Address, null, 1, new Dictionary<string, string> { [Names.WorkerTokenEnvironmentVariable] = Cluster.WorkerToken }, "--tls-ca", ca);
+        await Cluster.WaitUntil(() => server.Loop.Completion.IsCompleted, TimeSpan.FromSeconds(90), "training over TLS", () => worker.Output);
+        Assert.Equal(3, server.Loop.StepsDone);
+    }
+
+    [Fact]
+    public void ARenewedCertificateIsPickedUpWithoutARestartAndAHalfWrittenOneIsNot()
+    {
+        var first = IssuedByCa("first", "127.0.0.1");
+        var cert = Path.Combine(first, "tls.crt");
+        var key = Path.Combine(first, "tls.key");
+        var reloading = new ReloadingCertificate(cert, key, Microsoft.Extensions.Logging.Abstractions.NullLogger.Instance, TimeSpan.Zero);
+        var before = reloading.Current.Thumbprint;
+        Assert.Equal(before, reloading.Current.Thumbprint);
+
+        // A renewal, as Kubernetes updates a mounted Secret: both files replaced.
+        var second = IssuedByCa("second", "127.0.0.1");
+        File.Copy(Path.Combine(second, "tls.crt"), cert, overwrite: true);
+        File.Copy(Path.Combine(second, "tls.key"), key, overwrite: true);
+        File.SetLastWriteTimeUtc(cert, DateTime.UtcNow.AddSeconds(5));
+        var renewed = reloading.Current.Thumbprint;
+        Assert.NotEqual(before, renewed);
+        Assert.Equal(X509Certificate2.CreateFromPemFile(cert, key).Thumbprint, renewed);
+
+        // A certificate whose key has not arrived yet: the previous pair stays in use.
+        var third = IssuedByCa("third", "127.0.0.1");
+        File.Copy(Path.Combine(third, "tls.crt"), cert, overwrite: true);
+        File.SetLastWriteTimeUtc(cert, DateTime.UtcNow.AddSeconds(10));
+        Assert.Equal(renewed, reloading.Current.Thumbprint);
+    }
+
+    [Fact]
+    public void RoleTokensComeFromTheirFilesOrVariablesAndMustDiffer()
+    {
+        var worker = Path.Combine(Dir, "worker-token");
+        var client = Path.Combine(Dir, "client-token");
+        Token.WriteFile(worker, "w-secret");
+        Token.WriteFile(client, "c-secret");
+        var options = new CoordinatorOptions { WorkerTokenFile = worker, ClientTokenFile = client };
+        var credentials = ServerCredentials.Resolve(options, _ => null);
+        Assert.Equal(new ServerCredentials(null, "w-secret", "c-secret"), credentials);
+        Assert.Equal(Roles.Worker, credentials.RolesOf("Bearer w-secret"));
+        Assert.Equal(Roles.Client, credentials.RolesOf("Bearer c-secret"));
+        Assert.Equal(Roles.None, credentials.RolesOf("Bearer shared"));
+        Assert.Equal(Roles.None, credentials.RolesOf(null));
+
+        var env = new Dictionary<string, string>
+        {
+            [Names.TokenEnvironmentVariable] = "shared",
+            [Names.WorkerTokenEnvironmentVariable] = "w-env",
+            [Names.ClientTokenEnvironmentVariable] = "c-env",
+        };
+        var fromEnv = ServerCredentials.Resolve(new CoordinatorOptions(), env.GetValueOrDefault);
+        Assert.Equal(new ServerCredentials("shared", "w-env", "c-env"), fromEnv);
+        Assert.Equal(Roles.Any, fromEnv.RolesOf("Bearer shared"));
+        // What each side presents: a worker its worker token, a client its client token, either falling back to the shared one.
+        Assert.Equal("w-env", Token.ResolveWorker(null, env.GetValueOrDefault));
+        Assert.Equal("c-env", Token.ResolveClient(null, env.GetValueOrDefault));
+        Assert.Equal("shared", Token.ResolveWorker(null, k => k == Names.TokenEnvironmentVariable ? "shared" : null));
+
+        Token.WriteFile(client, "w-secret");
+        var (code, _, err) = CliHarness.Run("serve", "--recipe", "swissroll", "--out", Path.Combine(Dir, "x"), "--listen", "http://127.0.0.1:0",
+            "--worker-token-file", worker, "--client-token-file", client);
+        Assert.Equal(2, code);
+        Assert.Contains("the worker token and the client token are the same", err, StringComparison.Ordinal);
+        (code, _, err) = CliHarness.Run("serve", "--recipe", "swissroll", "--out", Path.Combine(Dir, "x"), "--listen", "https://127.0.0.1:0",
+            "--worker-token-file", worker, "--health-listen", "https://127.0.0.1:0");
+        Assert.Equal(2, code);
+        Assert.Contains("--listen https://127.0.0.1:0: https needs --tls-cert and --tls-key", err, StringComparison.Ordinal);
+        (code, _, err) = CliHarness.Run("serve", "--recipe", "swissroll", "--out", Path.Combine(Dir, "x"), "--listen", "http://127.0.0.1:50070",
+            "--worker-token-file", worker, "--health-listen", "https://127.0.0.1:50071");
+        Assert.Equal(2, code);
+        Assert.Contains("the health port is cleartext", err, StringComparison.Ordinal);
     }
 
     [Fact]

@@ -30,9 +30,10 @@ internal static class CliSupport
         DefaultValueFactory = _ => 0,
     };
 
+    /// <summary>The token a client verb (status, sample) presents.</summary>
     public static Option<string?> TokenFileOption() => new("--token-file")
     {
-        Description = $"File holding the shared token (default: the {DistDiffusion.Protocol.Names.TokenEnvironmentVariable} environment variable)",
+        Description = $"File holding the client token, or the shared one (default: the {DistDiffusion.Protocol.Names.ClientTokenEnvironmentVariable} environment variable, else {DistDiffusion.Protocol.Names.TokenEnvironmentVariable})",
     };
 
     public static Option<string> AddressOption() => new("--address")
@@ -47,6 +48,7 @@ internal static class CliSupport
         Grpc.Core.StatusCode.Unavailable => $"error: cannot reach the coordinator at {address}: {e.Status.Detail} (is `coordinator serve` running there?)",
         Grpc.Core.StatusCode.DeadlineExceeded => $"error: the coordinator at {address} did not answer in time",
         Grpc.Core.StatusCode.Unauthenticated => $"error: the coordinator at {address} refused the token: {e.Status.Detail}",
+        Grpc.Core.StatusCode.PermissionDenied => $"error: the coordinator at {address} refused this token's role: {e.Status.Detail}",
         _ => $"error: {e.StatusCode}: {e.Status.Detail}",
     };
 

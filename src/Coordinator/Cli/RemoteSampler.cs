@@ -22,7 +22,7 @@ internal static class RemoteSampler
         if (trajectoryEvery < 0) throw new UsageException($"--trajectory-every {trajectoryEvery}: expected >= 0");
         if (timeoutSeconds < 0 || !double.IsFinite(timeoutSeconds)) throw new UsageException($"--timeout {timeoutSeconds}: expected seconds >= 0");
         var address = CliSupport.UserInput(() => ClientChannel.ParseAddress(addressText, "--address"));
-        var token = CliSupport.UserInput(() => Token.Resolve(tokenFile));
+        var token = CliSupport.UserInput(() => Token.ResolveClient(tokenFile));
         using var channel = CliSupport.UserInput(() => ClientChannel.Create(address, tlsCa));
         var request = new SampleRequest
         {

@@ -9,7 +9,8 @@ namespace DistDiffusion.Coordinator.Cli;
 
 /// <summary>
 /// `coordinator run --workers N`: a coordinator in this process and N worker processes on this machine (like
-/// torchrun), over real gRPC on loopback with a fresh random token (written to OUT/token, owner-only). Prefixes
+/// torchrun), over real gRPC on loopback with two fresh random tokens: the workers' (in their environment) and the
+/// clients' (written to OUT/token, owner-only, for `status` and `sample`). Prefixes
 /// each process's log lines, shows a progress bar, and stops everything on Ctrl+C, SIGINT or SIGTERM or when a worker
 /// fails. The workers are started with --exit-with-parent, so they exit by themselves should this process die.
 /// </summary>
@@ -58,10 +59,12 @@ internal static class RunCommand
             Model.TorchRuntime.PreferPassiveThreads();
             var level = p.GetValue(logLevel)!;
             CliSupport.UserInput(() => CliSupport.ParseLogLevel(level));
-            var token = Token.Generate();
+            // Two fresh tokens: the workers' (in their environment only) and the clients' (OUT/token, for status and sample),
+            // so the token file on disk lets nobody join the run and push gradients.
+            var credentials = new ServerCredentials(null, Worker: Token.Generate(), Client: Token.Generate());
             // Bad settings surface while starting (usage errors, exit 2); later failures are failures (exit 1).
-            var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, token, CliSupport.ParseLogLevel(level), "[coordinator] ").GetAwaiter().GetResult());
-            return RunAsync(server, token, n, threads > 0 ? threads : Math.Max(1, Environment.ProcessorCount / n), level).GetAwaiter().GetResult();
+            var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, credentials, CliSupport.ParseLogLevel(level), "[coordinator] ").GetAwaiter().GetResult());
+            return RunAsync(server, credentials, n, threads > 0 ? threads : Math.Max(1, Environment.ProcessorCount / n), level).GetAwaiter().GetResult();
         });
         return cmd;
     }
@@ -82,7 +85,7 @@ internal static class RunCommand
         return psi;
     }
 
-    private static async Task<int> RunAsync(CoordinatorServer started, string token, int workerCount, int threads, string logLevel)
+    private static async Task<int> RunAsync(CoordinatorServer started, ServerCredentials credentials, int workerCount, int threads, string logLevel)
     {
         using var cts = new CancellationTokenSource();
         using var signals = StopSignals.Register(cts);
@@ -90,17 +93,19 @@ internal static class RunCommand
         try
         {
             await using var server = started;
-            Token.WriteFile(Path.Combine(server.RunDir, "token"), token);
+            Token.WriteFile(Path.Combine(server.RunDir, "token"), credentials.Client!);
             var status = server.Loop.Status();
             Console.Error.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"run {status.RunId}: {status.Recipe} from step {status.Step} to {status.TargetStep}, coordinator {server.Address}, {workerCount} workers x {threads} threads, token in {Path.Combine(server.RunDir, "token")}"));
+                $"run {status.RunId}: {status.Recipe} from step {status.Step} to {status.TargetStep}, coordinator {server.Address}, {workerCount} workers x {threads} threads, client token (status, sample) in {Path.Combine(server.RunDir, "token")}"));
             for (var i = 0; i < workerCount; i++)
             {
                 // --exit-with-parent: should this process die without its finally block (SIGKILL, a crash), the workers
                 // notice within a second and exit instead of retrying the coordinator until --give-up-after runs out.
                 var psi = WorkerStartInfo(["--coordinator", server.Address.ToString(), "--threads", threads.ToString(CultureInfo.InvariantCulture), "--log-level", logLevel, "--give-up-after", "60",
                     "--exit-with-parent", Environment.ProcessId.ToString(CultureInfo.InvariantCulture)]);
-                psi.Environment[Names.TokenEnvironmentVariable] = token;
+                psi.Environment.Remove(Names.TokenEnvironmentVariable);
+                psi.Environment.Remove(Names.ClientTokenEnvironmentVariable);
+                psi.Environment[Names.WorkerTokenEnvironmentVariable] = credentials.Worker;
                 foreach (var (key, value) in Model.TorchRuntime.AllocatorEnvironment()) psi.Environment[key] = value;
                 var process = Process.Start(psi) ?? throw new InvalidOperationException("could not start a worker process");
                 var prefix = $"[worker {i + 1}] ";

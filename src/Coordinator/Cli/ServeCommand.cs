@@ -20,6 +20,9 @@ internal static class ServeCommand
     public static readonly Option<long?> Seed = new("--seed") { Description = "Run seed" };
     public static readonly Option<string?> Out = new("--out") { Description = "Run folder (checkpoints under OUT/checkpoints/<step>/)" };
     public static readonly Option<string?> Resume = new("--resume") { Description = "Continue the run in this folder from its latest checkpoint; with --recipe, start it there when it has none yet" };
+    public static readonly Option<string?> WorkerTokenFile = new("--worker-token-file") { Description = $"File holding the worker token: its bearer may join as a worker, nothing else (default: the {Names.WorkerTokenEnvironmentVariable} environment variable)" };
+    public static readonly Option<string?> ClientTokenFile = new("--client-token-file") { Description = $"File holding the client token: its bearer may read status and ask for samples, not join (default: the {Names.ClientTokenEnvironmentVariable} environment variable)" };
+    public static readonly Option<string?> HealthListen = new("--health-listen") { Description = $"Also serve grpc.health.v1.Health/Check, and nothing else, in cleartext on this http:// URL (for probes that speak no TLS, e.g. http://0.0.0.0:{Names.DefaultHealthPort})" };
     public static readonly Option<bool> AllowUnauthenticated = new("--allow-unauthenticated") { Description = "Serve without a token (a warning is logged)" };
     public static readonly Option<string?> TlsCert = new("--tls-cert") { Description = "TLS certificate (PEM); with --tls-key the server speaks https" };
     public static readonly Option<string?> TlsKey = new("--tls-key") { Description = "TLS private key (PEM)" };
@@ -40,12 +43,12 @@ internal static class ServeCommand
 
     public static Command Create()
     {
-        var tokenFile = CliSupport.TokenFileOption();
+        var tokenFile = new Option<string?>("--token-file") { Description = $"File holding a shared token that admits every role, worker and client (default: the {Names.TokenEnvironmentVariable} environment variable)" };
         var device = CliSupport.DeviceOption();
         var threads = CliSupport.ThreadsOption();
         var cmd = new Command("serve", "Run the coordinator (parameter server) for workers to join, and serve samples")
         {
-            Listen, Recipe, Set, Steps, Seed, Out, Resume, tokenFile, AllowUnauthenticated, TlsCert, TlsKey,
+            Listen, Recipe, Set, Steps, Seed, Out, Resume, tokenFile, WorkerTokenFile, ClientTokenFile, AllowUnauthenticated, TlsCert, TlsKey, HealthListen,
             StepDeadline, Heartbeat, GradientDtype, MinWorkers, KeepServing, Checkpoint, SampleOnly, MaxSamples, device, threads, SharedMemory, GradientBoundRatio, StragglerFactor, VerifyFraction, MaxDisagreements, LogLevel,
         };
         cmd.SetAction(p =>
@@ -59,6 +62,9 @@ internal static class ServeCommand
             Put(nameof(CoordinatorOptions.Out), Out);
             Put(nameof(CoordinatorOptions.Resume), Resume);
             Put(nameof(CoordinatorOptions.TokenFile), tokenFile);
+            Put(nameof(CoordinatorOptions.WorkerTokenFile), WorkerTokenFile);
+            Put(nameof(CoordinatorOptions.ClientTokenFile), ClientTokenFile);
+            Put(nameof(CoordinatorOptions.HealthListen), HealthListen);
             Put(nameof(CoordinatorOptions.AllowUnauthenticated), AllowUnauthenticated);
             Put(nameof(CoordinatorOptions.TlsCert), TlsCert);
             Put(nameof(CoordinatorOptions.TlsKey), TlsKey);
@@ -114,11 +120,11 @@ internal static class ServeCommand
 
     private static int Serve(CoordinatorOptions options, LogEventLevel level)
     {
-        var token = CliSupport.UserInput(() => Token.Resolve(options.TokenFile));
+        var credentials = CliSupport.UserInput(() => ServerCredentials.Resolve(options));
         using var cts = new CancellationTokenSource();
         using var signals = StopSignals.Register(cts);
         // Bad settings surface while starting (usage errors, exit 2); later failures are failures (exit 1).
-        var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, token, level, ct: cts.Token).GetAwaiter().GetResult());
+        var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, credentials, level, ct: cts.Token).GetAwaiter().GetResult());
         return ServeAsync(server, cts.Token).GetAwaiter().GetResult();
     }
 

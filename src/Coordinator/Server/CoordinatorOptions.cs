@@ -24,13 +24,22 @@ public sealed class CoordinatorOptions
     public long? Seed { get; set; }
     /// <summary>Continue the run in this folder from its latest checkpoint (a fresh run there when it has none and a recipe is given).</summary>
     public string? Resume { get; set; }
-    /// <summary>File holding the shared token (else DISTDIFFUSION_TOKEN).</summary>
+    /// <summary>File holding the shared token, which admits every role (else DISTDIFFUSION_TOKEN).</summary>
     public string? TokenFile { get; set; }
+    /// <summary>File holding the worker token, which admits the worker RPCs only (else DISTDIFFUSION_WORKER_TOKEN).</summary>
+    public string? WorkerTokenFile { get; set; }
+    /// <summary>File holding the client token, which admits status, sampling and reflection only (else DISTDIFFUSION_CLIENT_TOKEN).</summary>
+    public string? ClientTokenFile { get; set; }
     /// <summary>Serve without a token (logs a warning).</summary>
     public bool AllowUnauthenticated { get; set; }
     /// <summary>TLS: PEM certificate and key; https listen URLs need them.</summary>
     public string? TlsCert { get; set; }
     public string? TlsKey { get; set; }
+    /// <summary>
+    /// A second, cleartext (http://) listener serving grpc.health.v1.Health/Check and nothing else, for probes that
+    /// speak no TLS (Kubernetes' native gRPC probes) next to an https <see cref="Listen"/>. Null: none.
+    /// </summary>
+    public string? HealthListen { get; set; }
     /// <summary>A worker that has not returned its gradient this long after the assignment is dropped.</summary>
     public double StepDeadlineSeconds { get; set; } = 600;
     /// <summary>How often workers send heartbeats; a worker silent for 4 intervals is dropped.</summary>
@@ -107,5 +116,16 @@ public sealed class CoordinatorOptions
         if ((TlsCert is null) != (TlsKey is null)) throw new ArgumentException("--tls-cert and --tls-key go together");
         if (Listen.StartsWith("https", StringComparison.OrdinalIgnoreCase) && TlsCert is null)
             throw new ArgumentException($"--listen {Listen}: https needs --tls-cert and --tls-key");
+        if (!Listen.StartsWith("https", StringComparison.OrdinalIgnoreCase) && TlsCert is not null)
+            throw new ArgumentException($"--listen {Listen}: with --tls-cert the coordinator speaks TLS; listen on an https:// URL");
+        if (HealthListen is not null)
+        {
+            var health = ClientChannel.ParseAddress(HealthListen, "--health-listen");
+            if (health.Scheme != Uri.UriSchemeHttp)
+                throw new ArgumentException($"--health-listen {HealthListen}: the health port is cleartext (probes speak no TLS): use an http:// URL");
+            var main = new Uri(Listen);
+            if (health.Port != 0 && health.Port == main.Port)
+                throw new ArgumentException($"--health-listen {HealthListen}: port {health.Port} is --listen's port too");
+        }
     }
 }

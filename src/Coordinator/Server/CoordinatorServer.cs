@@ -1,4 +1,3 @@
-using System.Security.Cryptography.X509Certificates;
 using DistDiffusion.Protocol;
 using Grpc.Health.V1;
 using Grpc.HealthCheck;
@@ -7,6 +6,7 @@ using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Hosting.Server;
 using Microsoft.AspNetCore.Hosting.Server.Features;
 using Microsoft.AspNetCore.Server.Kestrel.Core;
+using Microsoft.AspNetCore.Server.Kestrel.Https;
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
@@ -29,29 +29,40 @@ public sealed class CoordinatorServer : IAsyncDisposable
     private readonly WebApplication _app;
     private readonly RunSetup _run;
 
-    private CoordinatorServer(WebApplication app, RunSetup run, Uri address)
+    private CoordinatorServer(WebApplication app, RunSetup run, Uri address, Uri? healthAddress)
     {
         _app = app;
         _run = run;
         Address = address;
+        HealthAddress = healthAddress;
     }
 
     /// <summary>The URL the server listens on (the real port when --listen asked for port 0).</summary>
     public Uri Address { get; }
+    /// <summary>The cleartext health port's URL (--health-listen), or null.</summary>
+    public Uri? HealthAddress { get; }
     public TrainingLoop Loop => _app.Services.GetRequiredService<TrainingLoop>();
     public string RunDir => _run.RunDir;
     /// <summary>Completes when the host stops (training complete without --keep-serving, or shutdown).</summary>
     public Task Stopped => _app.WaitForShutdownAsync();
 
     /// <summary>
-    /// Builds the run and starts listening. <paramref name="options"/> is final (the caller merged appsettings,
-    /// environment and flags); <paramref name="token"/> null needs AllowUnauthenticated.
+    /// Builds the run and starts listening with one shared <paramref name="token"/> for every role (null needs
+    /// AllowUnauthenticated).
     /// </summary>
-    public static async Task<CoordinatorServer> StartAsync(CoordinatorOptions options, string? token, LogEventLevel level = LogEventLevel.Information, string logPrefix = "", CancellationToken ct = default)
+    public static Task<CoordinatorServer> StartAsync(CoordinatorOptions options, string? token, LogEventLevel level = LogEventLevel.Information, string logPrefix = "", CancellationToken ct = default) =>
+        StartAsync(options, new ServerCredentials(token), level, logPrefix, ct);
+
+    /// <summary>
+    /// Builds the run and starts listening. <paramref name="options"/> is final (the caller merged appsettings,
+    /// environment and flags); <paramref name="credentials"/> without any token needs AllowUnauthenticated.
+    /// </summary>
+    public static async Task<CoordinatorServer> StartAsync(CoordinatorOptions options, ServerCredentials credentials, LogEventLevel level = LogEventLevel.Information, string logPrefix = "", CancellationToken ct = default)
     {
         options.Validate();
-        if (token is null && !options.AllowUnauthenticated)
-            throw new ArgumentException($"no token: give --token-file PATH or set {Names.TokenEnvironmentVariable} (or --allow-unauthenticated to serve without one)");
+        credentials.Validate();
+        if (credentials.Open && !options.AllowUnauthenticated)
+            throw new ArgumentException($"no token: give --worker-token-file PATH and --client-token-file PATH (or {Names.WorkerTokenEnvironmentVariable} and {Names.ClientTokenEnvironmentVariable}), or one shared token with --token-file PATH or {Names.TokenEnvironmentVariable} (or --allow-unauthenticated to serve without one)");
         var logger = new LoggerConfiguration()
             .MinimumLevel.Is(level)
             .MinimumLevel.Override("Microsoft", LogEventLevel.Warning)
@@ -59,7 +70,10 @@ public sealed class CoordinatorServer : IAsyncDisposable
             .WriteTo.Console(outputTemplate: logPrefix + "{Timestamp:HH:mm:ss.fff} {Level:u3} {Message:lj}{NewLine}{Exception}", standardErrorFromLevel: LogEventLevel.Verbose)
             .CreateLogger();
         var setupLog = new Serilog.Extensions.Logging.SerilogLoggerFactory(logger).CreateLogger<CoordinatorServer>();
-        if (token is null) setupLog.LogWarning("Serving WITHOUT authentication (--allow-unauthenticated): anyone who reaches {Listen} can join or read status", options.Listen);
+        if (credentials.Open) setupLog.LogWarning("Serving WITHOUT authentication (--allow-unauthenticated): anyone who reaches {Listen} can join or read status", options.Listen);
+        else setupLog.LogInformation("Tokens: {Tokens}", credentials.Describe());
+        if (options.TlsCert is null && !IsLoopback(options.Listen))
+            setupLog.LogWarning("Serving cleartext HTTP/2 on {Listen}: tokens, parameters and gradients cross the network unencrypted (give --tls-cert and --tls-key)", options.Listen);
         var run = RunSetup.Create(options, setupLog);
         try
         {
@@ -67,7 +81,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
             builder.Services.AddSerilog(logger, dispose: true);
             builder.Services.AddSingleton(options);
             builder.Services.AddSingleton(run);
-            builder.Services.AddSingleton(new ServerToken(token));
+            builder.Services.AddSingleton(credentials);
             builder.Services.AddSingleton<TrainingLoop>();
             builder.Services.AddSingleton<SamplingCoordinator>();
             builder.Services.AddHostedService(s => s.GetRequiredService<TrainingLoop>());
@@ -76,12 +90,14 @@ public sealed class CoordinatorServer : IAsyncDisposable
                 o.MaxReceiveMessageSize = MaxReceiveMessageBytes;
                 o.MaxSendMessageSize = ClientChannel.MaxReceiveMessageBytes;
                 o.EnableDetailedErrors = false;
-                o.Interceptors.Add<TokenInterceptor>();
             });
             builder.Services.AddGrpcReflection();
             builder.Services.AddSingleton<HealthServiceImpl>();
             builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = TimeSpan.FromSeconds(30));
             var listen = new Uri(options.Listen);
+            var certificate = options.TlsCert is null ? null : new ReloadingCertificate(options.TlsCert, options.TlsKey!, setupLog);
+            var healthListen = options.HealthListen is null ? null : new Uri(options.HealthListen);
+            var healthEndpoints = new List<ListenOptions>();
             builder.WebHost.ConfigureKestrel(k =>
             {
                 // Parameters and gradients are megabytes per step: windows that small round trips do not throttle.
@@ -92,14 +108,25 @@ public sealed class CoordinatorServer : IAsyncDisposable
                 void Configure(ListenOptions l)
                 {
                     l.Protocols = HttpProtocols.Http2;
-                    if (options.TlsCert is not null)
-                        l.UseHttps(X509Certificate2.CreateFromPemFile(options.TlsCert, options.TlsKey));
+                    if (certificate is not null)
+                        l.UseHttps(new HttpsConnectionAdapterOptions { ServerCertificateSelector = (_, _) => certificate.Current });
                 }
-                if (listen.Host is "localhost") k.ListenLocalhost(listen.Port, Configure);
-                else if (listen.Host is "0.0.0.0" or "*" or "+" or "[::]") k.ListenAnyIP(listen.Port, Configure);
-                else k.Listen(System.Net.IPAddress.Parse(listen.Host.Trim('[', ']')), listen.Port, Configure);
+                Listen(k, listen, Configure);
+                if (healthListen is not null)
+                    Listen(k, healthListen, l =>
+                    {
+                        l.Protocols = HttpProtocols.Http2;
+                        // Marks the connection: AccessMiddleware serves only the health Check on it.
+                        l.Use(next => connection =>
+                        {
+                            connection.Items[AccessMiddleware.HealthPortItem] = true;
+                            return next(connection);
+                        });
+                        healthEndpoints.Add(l);
+                    });
             });
             var app = builder.Build();
+            app.UseMiddleware<AccessMiddleware>();
             app.MapGrpcService<TrainerService>();
             app.MapGrpcService<StatusService>();
             app.MapGrpcService<SamplingService>();
@@ -115,8 +142,15 @@ public sealed class CoordinatorServer : IAsyncDisposable
             await app.StartAsync(ct);
             var bound = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First();
             var actual = new UriBuilder(bound) { Host = listen.Host is "localhost" or "0.0.0.0" or "*" or "+" or "[::]" ? "127.0.0.1" : listen.Host }.Uri;
+            Uri? healthActual = null;
+            if (healthListen is not null)
+            {
+                var port = healthEndpoints.Select(l => l.IPEndPoint?.Port ?? 0).FirstOrDefault(p => p != 0);
+                healthActual = new UriBuilder(Uri.UriSchemeHttp, healthListen.Host is "localhost" or "0.0.0.0" or "*" or "+" or "[::]" ? "127.0.0.1" : healthListen.Host, port).Uri;
+                setupLog.LogInformation("Health checks (cleartext, grpc.health.v1.Health/Check only) on {HealthAddress}", healthActual);
+            }
             setupLog.LogInformation("Coordinator listening on {Address} (run folder {RunDir})", actual, run.RunDir);
-            return new CoordinatorServer(app, run, actual);
+            return new CoordinatorServer(app, run, actual, healthActual);
         }
         catch
         {
@@ -124,6 +158,16 @@ public sealed class CoordinatorServer : IAsyncDisposable
             throw;
         }
     }
+
+    private static void Listen(KestrelServerOptions k, Uri url, Action<ListenOptions> configure)
+    {
+        if (url.Host is "localhost") k.ListenLocalhost(url.Port, configure);
+        else if (url.Host is "0.0.0.0" or "*" or "+" or "[::]") k.ListenAnyIP(url.Port, configure);
+        else k.Listen(System.Net.IPAddress.Parse(url.Host.Trim('[', ']')), url.Port, configure);
+    }
+
+    private static bool IsLoopback(string listen) =>
+        Uri.TryCreate(listen, UriKind.Absolute, out var u) && (u.Host == "localhost" || (System.Net.IPAddress.TryParse(u.Host.Trim('[', ']'), out var ip) && System.Net.IPAddress.IsLoopback(ip)));
 
     /// <summary>Stops the host (the loop checkpoints the last completed step).</summary>
     public Task StopAsync() => _app.StopAsync();

@@ -38,6 +38,14 @@ public sealed class TrainerService : Trainer.TrainerBase
             throw Reject(StatusCode.InvalidArgument, $"first message is {first.KindCase}, expected Join", "kind", context.Peer);
         if (first.Join.ProtocolVersion != Names.ProtocolVersion)
             throw Reject(StatusCode.FailedPrecondition, $"protocol version {first.Join.ProtocolVersion}, this coordinator speaks {Names.ProtocolVersion}", "join.protocol_version", context.Peer);
+        try
+        {
+            CheckJoin(first.Join);
+        }
+        catch (ProtocolException e)
+        {
+            throw Reject(e.Code, e.Message, e.Field, context.Peer);
+        }
 
         var worker = new WorkerConnection(first.Join, context.Peer);
         worker.Seen(first.CalculateSize());
@@ -111,6 +119,21 @@ public sealed class TrainerService : Trainer.TrainerBase
         }
     }
 
+    /// <summary>
+    /// The Join's strings end up in logs and in every status reply: each is bounded, and control characters (a newline
+    /// would forge a log line) are refused, before anything is logged or stored.
+    /// </summary>
+    private static void CheckJoin(Join join)
+    {
+        WireText.CheckName(join.Host, "join.host", WireText.MaxHost);
+        WireText.CheckName(join.Device, "join.device", WireText.MaxDevice);
+        WireText.CheckName(join.BootId, "join.boot_id", WireText.MaxBootId);
+        if (join.Threads is < 0 or > MaxThreads)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"join.threads {join.Threads}: expected 0..{MaxThreads}", "join.threads");
+    }
+
+    private const int MaxThreads = 1 << 16;
+
     /// <summary>Handles one message; returns a reason when the worker is leaving.</summary>
     private string? Handle(WorkerConnection worker, WorkerMessage message)
     {
@@ -123,7 +146,7 @@ public sealed class TrainerService : Trainer.TrainerBase
                 return null;
             case WorkerMessage.KindOneofCase.Leave:
                 CheckId(worker, message.Leave.WorkerId);
-                return "left: " + message.Leave.Reason;
+                return "left: " + WireText.Escape(message.Leave.Reason);
             case WorkerMessage.KindOneofCase.Gradient:
                 StartGradient(worker, message.Gradient);
                 return null;
@@ -131,6 +154,8 @@ public sealed class TrainerService : Trainer.TrainerBase
                 AddChunk(worker, message.GradientChunk);
                 return null;
             case WorkerMessage.KindOneofCase.SampleOutput:
+                // A worker's error text is free-form (an exception message): escaped and cut before it is logged or passed on.
+                if (message.SampleOutput.Error.Length > 0) message.SampleOutput.Error = WireText.Escape(message.SampleOutput.Error);
                 _sampling.OnOutput(worker, message.SampleOutput);
                 return null;
             case WorkerMessage.KindOneofCase.SharedMemoryReply:
@@ -165,16 +190,14 @@ public sealed class TrainerService : Trainer.TrainerBase
         else
         {
             segment.Dispose();
-            _log.LogInformation("Worker {Worker} declined shared memory: {Reason}", worker.Id, Truncate(reply.Reason));
+            _log.LogInformation("Worker {Worker} declined shared memory: {Reason}", worker.Id, WireText.Escape(reply.Reason, 200));
         }
     }
-
-    private static string Truncate(string s) => s.Length <= 200 ? s : s[..200] + "...";
 
     private static void CheckId(WorkerConnection worker, string id)
     {
         if (id != worker.Id)
-            throw new ProtocolException(StatusCode.InvalidArgument, $"unknown worker id '{id}': this stream belongs to {worker.Id}", "worker_id");
+            throw new ProtocolException(StatusCode.InvalidArgument, $"unknown worker id '{WireText.Escape(id, WireText.MaxWorkerId)}': this stream belongs to {worker.Id}", "worker_id");
     }
 
     private void StartGradient(WorkerConnection worker, GradientHeader h)

@@ -6,7 +6,7 @@ namespace DistDiffusion.Coordinator.Server;
 /// <summary>
 /// Which workers the training loop may give slices to. A worker that connects is joining until the loop admits it at a
 /// step boundary (or when orphaned slices need it); it is live until it leaves or is dropped. The known list (for
-/// status) keeps departed workers for ten minutes. Live and joining lists belong to the loop's thread; the known list
+/// status) keeps departed workers for ten minutes, the newest <see cref="MaxDeparted"/> of them. Live and joining lists belong to the loop's thread; the known list
 /// is read by status calls under <paramref name="statusLock"/>.
 /// </summary>
 internal sealed class WorkerRoster(object statusLock, ILogger log)
@@ -14,6 +14,9 @@ internal sealed class WorkerRoster(object statusLock, ILogger log)
     private readonly List<WorkerConnection> _live = [];
     private readonly List<WorkerConnection> _joining = [];
     private readonly List<WorkerConnection> _known = [];
+
+    /// <summary>Most departed workers kept for status (besides the ten-minute limit).</summary>
+    public const int MaxDeparted = 1000;
 
     public IReadOnlyList<WorkerConnection> Live => _live;
     public bool AnyJoining => _joining.Count > 0;
@@ -27,6 +30,17 @@ internal sealed class WorkerRoster(object statusLock, ILogger log)
         lock (statusLock)
         {
             _known.RemoveAll(k => k.State is WorkerState.Dropped or WorkerState.Left && k.SecondsSinceSeen > 600);
+            // A worker that reconnects in a loop must not grow the list without bound: the oldest departed ones go first.
+            var departed = _known.Count(k => k.State is WorkerState.Dropped or WorkerState.Left);
+            for (var i = 0; i < _known.Count && departed > MaxDeparted;)
+            {
+                if (_known[i].State is WorkerState.Dropped or WorkerState.Left)
+                {
+                    _known.RemoveAt(i);
+                    departed--;
+                }
+                else i++;
+            }
             _known.Add(w);
         }
     }
