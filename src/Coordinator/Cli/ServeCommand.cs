@@ -30,6 +30,8 @@ internal static class ServeCommand
     public static readonly Option<string?> Checkpoint = new("--checkpoint") { Description = "With --sample-only: a checkpoint or run folder whose weights to serve" };
     public static readonly Option<bool> SampleOnly = new("--sample-only") { Description = "Serve samples from --checkpoint without training" };
     public static readonly Option<int?> MaxSamples = new("--max-samples") { Description = "Most samples one request may ask for (default 10000)" };
+    public static readonly Option<int?> MaxSampleRequests = new("--max-sample-requests") { Description = "Most sampling requests served at once; more get ResourceExhausted (default 8)" };
+    public static readonly Option<double?> SampleDeadline = new("--sample-deadline") { Description = "Seconds a worker has to return the sampling batch it runs before it is dropped (default 600)" };
     public static readonly Option<bool> KeepServing = new("--keep-serving") { Description = "Keep serving after training completes instead of exiting" };
     public static readonly Option<bool?> SharedMemory = new("--shared-memory") { Description = "true (default): workers under this machine's kernel exchange tensors through /dev/shm; false: always on the stream" };
     public static readonly Option<string> LogLevel = new("--log-level") { Description = "debug, information, warning or error", DefaultValueFactory = _ => "information" };
@@ -43,6 +45,7 @@ internal static class ServeCommand
         {
             Listen, Recipe, Set, Steps, Seed, Out, Resume, tokenFile, AllowUnauthenticated, TlsCert, TlsKey,
             StepDeadline, Heartbeat, GradientDtype, MinWorkers, KeepServing, Checkpoint, SampleOnly, MaxSamples, device, threads, SharedMemory, LogLevel,
+            MaxSampleRequests, SampleDeadline,
         };
         cmd.SetAction(p =>
         {
@@ -69,6 +72,8 @@ internal static class ServeCommand
             Put(nameof(CoordinatorOptions.Device), device);
             Put(nameof(CoordinatorOptions.Threads), threads);
             Put(nameof(CoordinatorOptions.SharedMemory), SharedMemory);
+            Put(nameof(CoordinatorOptions.MaxConcurrentSampleRequests), MaxSampleRequests);
+            Put(nameof(CoordinatorOptions.SampleBatchDeadlineSeconds), SampleDeadline);
             var sets = p.GetValue(Set) ?? [];
             for (var i = 0; i < sets.Length; i++) flags[$"{CoordinatorOptions.Section}:{nameof(CoordinatorOptions.Set)}:{i}"] = sets[i];
             var options = Configure(flags);

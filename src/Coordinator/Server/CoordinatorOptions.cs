@@ -51,6 +51,10 @@ public sealed class CoordinatorOptions
     public int MaxSamplesPerRequest { get; set; } = 10_000;
     /// <summary>How long a Sample request waits for a worker when none is connected before failing with Unavailable.</summary>
     public double SampleWaitSeconds { get; set; } = 30;
+    /// <summary>Most Sample requests served at once; more get ResourceExhausted.</summary>
+    public int MaxConcurrentSampleRequests { get; set; } = 8;
+    /// <summary>A worker that has not returned the sampling batch it runs this long after starting it is dropped (its batches go to others).</summary>
+    public double SampleBatchDeadlineSeconds { get; set; } = 600;
     /// <summary>Device for the optimizer state (the coordinator computes no gradients).</summary>
     public string Device { get; set; } = "cpu";
     public int Threads { get; set; }
@@ -79,6 +83,8 @@ public sealed class CoordinatorOptions
         if (!SampleOnly && Checkpoint is not null) throw new ArgumentException("--checkpoint DIR serves a trained model: add --sample-only (to continue training use --resume DIR)");
         if (MaxSamplesPerRequest < 1) throw new ArgumentException($"max samples per request {MaxSamplesPerRequest}: expected >= 1");
         if (!(SampleWaitSeconds > 0)) throw new ArgumentException($"sample wait {SampleWaitSeconds} s: expected > 0");
+        if (MaxConcurrentSampleRequests < 1) throw new ArgumentException($"--max-sample-requests {MaxConcurrentSampleRequests}: expected at least 1");
+        if (!(SampleBatchDeadlineSeconds > 0)) throw new ArgumentException($"--sample-deadline {SampleBatchDeadlineSeconds} s: expected > 0");
         if (MinWorkers < 1) throw new ArgumentException($"--min-workers {MinWorkers}: expected at least 1");
         if (Steps is < 0) throw new ArgumentException($"--steps {Steps}: expected a count >= 0");
         ParseGradientDtype();

@@ -39,6 +39,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
     /// <summary>The URL the server listens on (the real port when --listen asked for port 0).</summary>
     public Uri Address { get; }
     public TrainingLoop Loop => _app.Services.GetRequiredService<TrainingLoop>();
+    public SamplingCoordinator Sampling => _app.Services.GetRequiredService<SamplingCoordinator>();
     public string RunDir => _run.RunDir;
     /// <summary>Completes when the host stops (training complete without --keep-serving, or shutdown).</summary>
     public Task Stopped => _app.WaitForShutdownAsync();
@@ -71,6 +72,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
             builder.Services.AddSingleton<TrainingLoop>();
             builder.Services.AddSingleton<SamplingCoordinator>();
             builder.Services.AddHostedService(s => s.GetRequiredService<TrainingLoop>());
+            builder.Services.AddHostedService(s => s.GetRequiredService<SamplingCoordinator>());
             builder.Services.AddGrpc(o =>
             {
                 o.MaxReceiveMessageSize = MaxReceiveMessageBytes;

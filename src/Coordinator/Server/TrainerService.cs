@@ -133,6 +133,9 @@ public sealed class TrainerService : Trainer.TrainerBase
             case WorkerMessage.KindOneofCase.SampleOutput:
                 _sampling.OnOutput(worker, message.SampleOutput);
                 return null;
+            case WorkerMessage.KindOneofCase.SampleOutputChunk:
+                _sampling.OnOutputChunk(worker, message.SampleOutputChunk);
+                return null;
             case WorkerMessage.KindOneofCase.SharedMemoryReply:
                 AnswerOffer(worker, message.SharedMemoryReply);
                 return null;
