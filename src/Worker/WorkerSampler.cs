@@ -100,16 +100,18 @@ internal sealed class WorkerSampler : IDisposable
         var request = new DistDiffusion.Model.Sampling.SampleRequest((int)work.Count, kind, (int)work.Steps, work.Eta, work.Seed, work.FirstIndex, (int)work.TrajectoryEvery);
         var clock = System.Diagnostics.Stopwatch.StartNew();
         using var result = model.Sample(request, batchSize: (int)work.Count, ct: ct);
-        var output = new SampleOutput { JobId = work.JobId, Batch = work.Batch, FirstIndex = work.FirstIndex, Count = work.Count, Samples = Bytes(result.Samples) };
-        foreach (var frame in result.Trajectory) output.Trajectory.Add(Bytes(frame));
+        var head = new SampleOutput { JobId = work.JobId, Batch = work.Batch, FirstIndex = work.FirstIndex, Count = work.Count };
+        var frames = result.Trajectory.Select(f => (ReadOnlyMemory<byte>)Bytes(f)).ToList();
         _log.LogDebug("Sample job {Job} batch {Batch}: {Count} chains in {Seconds:F2} s", work.JobId, work.Batch, work.Count, clock.Elapsed.TotalSeconds);
-        TrySend(new WorkerMessage { SampleOutput = output });
+        // Inline when it fits one message, else header + chunks (a long trajectory of even one sample can pass the limit).
+        foreach (var message in SampleTransport.Output(head, Bytes(result.Samples), frames))
+            if (!TrySend(message)) return;
     }
 
-    private static ByteString Bytes(Tensor t)
+    private static byte[] Bytes(Tensor t)
     {
         using var cpu = t.to_type(ScalarType.Float32).cpu().contiguous();
-        return ByteString.CopyFrom(cpu.bytes);
+        return cpu.bytes.ToArray();
     }
 
     private DiffusionModel ModelFor(ulong weightsId)
@@ -138,15 +140,17 @@ internal sealed class WorkerSampler : IDisposable
         }
     }
 
-    private void TrySend(WorkerMessage message)
+    /// <summary>Sends; false when the session closed (the coordinator hands the batch to another worker).</summary>
+    private bool TrySend(WorkerMessage message)
     {
         try
         {
             _send(message);
+            return true;
         }
         catch (OperationCanceledException)
         {
-            // the session closed; the coordinator hands the batch to another worker
+            return false;
         }
     }
 

@@ -10,6 +10,9 @@ internal sealed class RawWorker : IAsyncDisposable
 {
     private readonly GrpcChannel _channel;
     private readonly AsyncDuplexStreamingCall<WorkerMessage, CoordinatorMessage> _call;
+    private readonly SemaphoreSlim _writing = new(1, 1);   // one write at a time (heartbeats run beside the test's writes)
+    private CancellationTokenSource? _heartbeats;
+    private Task _heartbeating = Task.CompletedTask;
 
     private RawWorker(GrpcChannel channel, AsyncDuplexStreamingCall<WorkerMessage, CoordinatorMessage> call)
     {
@@ -36,7 +39,58 @@ internal sealed class RawWorker : IAsyncDisposable
         return w;
     }
 
-    public Task SendAsync(WorkerMessage m) => _call.RequestStream.WriteAsync(m);
+    public async Task SendAsync(WorkerMessage m)
+    {
+        await _writing.WaitAsync(TimeSpan.FromSeconds(30));
+        try
+        {
+            await _call.RequestStream.WriteAsync(m).WaitAsync(TimeSpan.FromSeconds(30));
+        }
+        finally
+        {
+            _writing.Release();
+        }
+    }
+
+    /// <summary>Sends a heartbeat every 250 ms until <see cref="StopHeartbeatsAsync"/> (a real worker sends one per interval).</summary>
+    public void StartHeartbeats()
+    {
+        _heartbeats = new CancellationTokenSource();
+        var ct = _heartbeats.Token;
+        _heartbeating = Task.Run(async () =>
+        {
+            using var timer = new PeriodicTimer(TimeSpan.FromMilliseconds(250));
+            try
+            {
+                while (await timer.WaitForNextTickAsync(ct))
+                    await SendAsync(new WorkerMessage { Heartbeat = new Heartbeat { WorkerId = Welcome.WorkerId } });
+            }
+            catch (Exception e) when (e is OperationCanceledException or RpcException or InvalidOperationException or TimeoutException)
+            {
+                // stopped, or the stream is gone
+            }
+        });
+    }
+
+    /// <summary>Stops the heartbeats: from now on this worker is silent.</summary>
+    public async Task StopHeartbeatsAsync()
+    {
+        if (_heartbeats is null) return;
+        await _heartbeats.CancelAsync();
+        await _heartbeating;
+        _heartbeats.Dispose();
+        _heartbeats = null;
+    }
+
+    /// <summary>Reads past everything else (parameters, sampling weights) to the next sampling batch.</summary>
+    public async Task<SampleWork> NextSampleWorkAsync()
+    {
+        while (true)
+        {
+            var m = await ReadAsync();
+            if (m.KindCase == CoordinatorMessage.KindOneofCase.SampleWork) return m.SampleWork;
+        }
+    }
 
     public async Task<CoordinatorMessage> ReadAsync()
     {
@@ -122,8 +176,10 @@ internal sealed class RawWorker : IAsyncDisposable
 
     public async ValueTask DisposeAsync()
     {
+        await StopHeartbeatsAsync();
         try { await _call.RequestStream.CompleteAsync(); } catch (Exception e) when (e is RpcException or InvalidOperationException) { /* already failed */ }
         _call.Dispose();
         _channel.Dispose();
+        _writing.Dispose();
     }
 }

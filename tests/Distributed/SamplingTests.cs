@@ -52,22 +52,87 @@ public sealed class SamplingTests() : TempFolderTest("dd-sampling")
         }
     }
 
-    private static async Task<(float[] Values, List<SampleProgress> Progress)> Sample(Uri address, SampleRequest request, CancellationToken ct = default)
+    /// <summary>What a Sample call returned: samples in index order, each sample's trajectory frames, the result messages.</summary>
+    private sealed record Answer(float[] Values, List<float[]>[] Frames, int Results, List<SampleProgress> Progress);
+
+    private static async Task<Answer> SampleAll(Uri address, SampleRequest request, double deadlineSeconds = 120, CancellationToken ct = default)
     {
         using var channel = ClientChannel.Create(address);
-        using var call = new Sampler.SamplerClient(channel).Sample(request, Token.Headers(Cluster.Token), DateTime.UtcNow.AddSeconds(120), ct);
-        var values = new List<float>();
+        using var call = new Sampler.SamplerClient(channel).Sample(request, Token.Headers(Cluster.Token), DateTime.UtcNow.AddSeconds(deadlineSeconds), ct);
+        var samples = new List<float[]>();
+        var frames = new List<float[]>[request.Count];
         var progress = new List<SampleProgress>();
-        uint expected = 0;
+        var results = 0;
         while (await call.ResponseStream.MoveNext(ct))
         {
             var m = call.ResponseStream.Current;
             if (m.KindCase == SampleResponse.KindOneofCase.Progress) { progress.Add(m.Progress); continue; }
-            Assert.Equal(expected++, m.Result.Index);   // results arrive in sample order
-            values.AddRange(MemoryMarshal.Cast<byte, float>(m.Result.Tensor.Span).ToArray());
+            results++;
+            var r = m.Result;
+            var trajectory = r.Trajectory.Select(f => MemoryMarshal.Cast<byte, float>(f.Span).ToArray());
+            if (r.TrajectoryOffset > 0)
+            {
+                // The rest of a trajectory too long for one message: right after the sample's first result.
+                Assert.Equal(samples.Count - 1, (int)r.Index);
+                Assert.Equal(frames[r.Index].Count, (int)r.TrajectoryOffset);
+                frames[r.Index].AddRange(trajectory);
+                continue;
+            }
+            Assert.Equal(samples.Count, (int)r.Index);   // results arrive in sample order
+            samples.Add(MemoryMarshal.Cast<byte, float>(r.Tensor.Span).ToArray());
+            frames[r.Index] = [.. trajectory];
         }
-        Assert.Equal(request.Count, expected);
-        return ([.. values], progress);
+        Assert.Equal((int)request.Count, samples.Count);
+        return new Answer([.. samples.SelectMany(v => v)], frames, results, progress);
+    }
+
+    private static async Task<(float[] Values, List<SampleProgress> Progress)> Sample(Uri address, SampleRequest request, double deadlineSeconds = 120, CancellationToken ct = default)
+    {
+        var answer = await SampleAll(address, request, deadlineSeconds, ct);
+        return (answer.Values, answer.Progress);
+    }
+
+    /// <summary>One-process samples and trajectory frames (each [n, ...] flattened) of the run's EMA weights.</summary>
+    private static (float[] Values, float[][] Frames) LocalTrajectory(string run, int n, long seed, int every)
+    {
+        var data = CheckpointStore.Load(CheckpointStore.ResolveCheckpointFolder(run));
+        try
+        {
+            using var model = DiffusionModel.FromCheckpoint(data, useEma: true, CPU);
+            using var result = model.Sample(new DistDiffusion.Model.Sampling.SampleRequest(n, ModelSamplerKind.Ddpm, 0, 0, seed, 0, every), 64);
+            return (result.Samples.contiguous().data<float>().ToArray(), [.. result.Trajectory.Select(f => f.contiguous().data<float>().ToArray())]);
+        }
+        finally
+        {
+            data.DisposeTensors();
+        }
+    }
+
+    /// <summary>Each sample's frames (as the service returns them) against the one-process frames [frame][n, ...].</summary>
+    private static void AssertSameTrajectories(float[][] expected, List<float[]>[] actual)
+    {
+        var elements = expected[0].Length / actual.Length;
+        for (var i = 0; i < actual.Length; i++)
+        {
+            Assert.Equal(expected.Length, actual[i].Count);
+            for (var f = 0; f < expected.Length; f++)
+                AssertClose(expected[f].AsSpan(i * elements, elements).ToArray(), actual[i][f]);
+        }
+    }
+
+    /// <summary>An untrained image model (a small U-Net on 3 x size x size images) with T steps, as a checkpoint.</summary>
+    private string ImageRun(string name, int timesteps, int size)
+    {
+        var recipe = DistDiffusion.Model.Training.Recipes.MnistSmall with
+        {
+            Dataset = DistDiffusion.Model.Data.DatasetKind.ImageFolder, ImageSize = size,
+            BaseChannels = 8, GroupNormGroups = 4, ChannelMultipliers = [1, 2], AttentionHeads = 1, AttentionHeadSize = 8, BatchSize = 4,
+            Timesteps = timesteps, DataPath = "unused",
+        };
+        using var state = DistDiffusion.Model.Training.TrainingState.Create(recipe, recipe.SampleShape, 40, CPU);
+        var run = Path.Combine(Dir, name);
+        CheckpointStore.Save(run, state.ToCheckpoint());
+        return run;
     }
 
     private static void AssertClose(float[] expected, float[] actual)
@@ -141,7 +206,7 @@ public sealed class SamplingTests() : TempFolderTest("dd-sampling")
         using var w2 = new WorkerProcess(server.Address, Cluster.Token);
         await Cluster.WaitUntil(() => server.Loop.Status().Workers.Count == 2, TimeSpan.FromSeconds(60), "two workers");
         using var cts = new CancellationTokenSource();
-        var abandoned = Sample(server.Address, new SampleRequest { Count = 10_000, Seed = 4 }, cts.Token);
+        var abandoned = Sample(server.Address, new SampleRequest { Count = 10_000, Seed = 4 }, ct: cts.Token);
         await Task.Delay(1500);
         await cts.CancelAsync();
         var e = await Assert.ThrowsAnyAsync<Exception>(() => abandoned);
@@ -226,5 +291,224 @@ public sealed class SamplingTests() : TempFolderTest("dd-sampling")
         using var b = DistDiffusion.Model.Imaging.Npy.Read(local);
         Assert.True((a - b).abs().max().item<float>() <= 1e-4f);
         Assert.Equal(2, DistDiffusion.Coordinator.Cli.CoordinatorCli.Run(["sample", "--address", server.Address.ToString(), "--checkpoint", run, "--out", remote]));
+    }
+
+    [Fact(Timeout = 180_000)]
+    public async Task ALongImageTrajectoryComesInPiecesUnderTheMessageLimitsAndEqualsOneProcessSampling()
+    {
+        // One 3x64x64 sample with every one of T = 30 steps is 31 frames, 1.52 MB: more than a worker's message may be
+        // (1 MiB + 64 KiB), like a 28x28 one with all of T = 400 steps (1.26 MB), at a tenth of the compute. The worker
+        // sends it as header + chunks and the service as several results per sample.
+        var run = ImageRun("t30", timesteps: 30, size: 64);
+        var (expected, expectedFrames) = LocalTrajectory(run, 2, seed: 3, every: 1);
+        await using var server = await ServeSamples(run);
+        using var worker = new WorkerProcess(server.Address, Cluster.Token);
+        var answer = await SampleAll(server.Address, new SampleRequest { Count = 2, Seed = 3, TrajectoryEvery = 1 }, deadlineSeconds: 150);
+        AssertClose(expected, answer.Values);
+        AssertSameTrajectories(expectedFrames, answer.Frames);
+        Assert.True(answer.Results > 2, $"{answer.Results} result messages for 2 samples of 1.52 MB each");
+        Assert.DoesNotContain("Rejected", worker.Output, StringComparison.Ordinal);
+
+        // The sample verb puts the pieces together too.
+        var tokenFile = Path.Combine(Dir, "token");
+        Token.WriteFile(tokenFile, Cluster.Token);
+        var remote = Path.Combine(Dir, "remote.npy");
+        Assert.Equal(0, DistDiffusion.Coordinator.Cli.CoordinatorCli.Run(["sample", "--address", server.Address.ToString(), "--token-file", tokenFile,
+            "--n", "2", "--seed", "3", "--trajectory-every", "1", "--timeout", "150", "--out", remote]));
+        using var written = DistDiffusion.Model.Imaging.Npy.Read(remote);
+        AssertClose(expected, written.contiguous().data<float>().ToArray());
+        Assert.True(File.Exists(Path.Combine(Dir, "remote-trajectory.png")));
+    }
+
+    [Fact(Timeout = 60_000)]
+    public async Task ATrajectoryTooLargeForOneSampleIsRefusedUpFrontNamingTheValueAndTheLimit()
+    {
+        // T = 400: every step of one 3x64x64 sample is 19.7 MB, over the 16 MiB one sample may take; every 2nd step fits.
+        var run = ImageRun("t400", timesteps: 400, size: 64);
+        await using var server = await ServeSamples(run);
+        using var channel = ClientChannel.Create(server.Address);
+        var e = await Assert.ThrowsAsync<RpcException>(async () =>
+        {
+            using var call = new Sampler.SamplerClient(channel).Sample(new SampleRequest { Count = 1, TrajectoryEvery = 1 }, Token.Headers(Cluster.Token), DateTime.UtcNow.AddSeconds(30));
+            while (await call.ResponseStream.MoveNext(CancellationToken.None)) { }
+        });
+        Assert.Equal(StatusCode.InvalidArgument, e.StatusCode);
+        Assert.Contains("trajectory_every 1", e.Status.Detail, StringComparison.Ordinal);
+        Assert.Contains(SamplingCoordinator.MaxSampleBytes.ToString(System.Globalization.CultureInfo.InvariantCulture), e.Status.Detail, StringComparison.Ordinal);
+        Assert.Contains("trajectory_every 2 or more", e.Status.Detail, StringComparison.Ordinal);
+    }
+
+    [Fact(Timeout = 180_000)]
+    public async Task AWorkerThatGoesSilentInKeepServingIsDroppedAndItsBatchesGoToAnother()
+    {
+        var options = Cluster.Options(Path.Combine(Dir, "run"), steps: 3);
+        options.KeepServing = true;
+        options.SampleWaitSeconds = 30;
+        await using var server = await Cluster.Start(options);
+        using var worker = new WorkerProcess(server.Address, Cluster.Token);
+        await Cluster.WaitUntil(() => server.Loop.Status().State == RunState.Complete, TimeSpan.FromSeconds(60), "training to complete", () => worker.Output);
+        var expected = LocalSamples(Path.Combine(Dir, "run"), 200, seed: 3);
+        await using var silent = await RawWorker.JoinAsync(server.Address);
+        silent.StartHeartbeats();
+        await Cluster.WaitUntil(() => server.Sampling.WorkerCount == 2, TimeSpan.FromSeconds(30), "two workers for sampling");
+
+        // 4 batches: two for each worker. The raw one takes its two and falls silent.
+        var request = Sample(server.Address, new SampleRequest { Count = 200, Seed = 3 }, deadlineSeconds: 90);
+        await silent.NextSampleWorkAsync();
+        await silent.StopHeartbeatsAsync();
+        var (values, _) = await request;
+        AssertClose(expected, values);
+
+        var error = await silent.FailureAsync();
+        Assert.Equal(StatusCode.DeadlineExceeded, error.StatusCode);
+        Assert.Contains("silent for", error.Status.Detail, StringComparison.Ordinal);
+        await Cluster.WaitUntil(() => server.Loop.Status().Workers.Any(w => w.Id == silent.Welcome.WorkerId && w.State == WorkerState.Dropped),
+            TimeSpan.FromSeconds(10), "the silent worker to show as dropped");
+    }
+
+    [Fact(Timeout = 180_000)]
+    public async Task AWorkerSittingOnASamplingBatchPastTheDeadlineIsDroppedAndTheBatchGoesToAnother()
+    {
+        var run = TrainedRun();
+        var expected = LocalSamples(run, 200, seed: 4);
+        await using var server = await ServeSamples(run, o => o.SampleBatchDeadlineSeconds = 5);
+        using var worker = new WorkerProcess(server.Address, Cluster.Token);
+        await Cluster.WaitUntil(() => server.Sampling.WorkerCount == 1, TimeSpan.FromSeconds(60), "a worker", () => worker.Output);
+        await using var stuck = await RawWorker.JoinAsync(server.Address);
+        stuck.StartHeartbeats();   // alive, but it never returns its batches
+        await Cluster.WaitUntil(() => server.Sampling.WorkerCount == 2, TimeSpan.FromSeconds(30), "two workers for sampling");
+
+        var request = Sample(server.Address, new SampleRequest { Count = 200, Seed = 4 }, deadlineSeconds: 90);
+        await stuck.NextSampleWorkAsync();
+        var (values, _) = await request;
+        AssertClose(expected, values);
+
+        var error = await stuck.FailureAsync();
+        Assert.Equal(StatusCode.DeadlineExceeded, error.StatusCode);
+        Assert.Contains("sampling deadline of 5 s", error.Status.Detail, StringComparison.Ordinal);
+        await Cluster.WaitUntil(() => server.Loop.Status().Workers.Any(w => w.Id == stuck.Welcome.WorkerId && w.State == WorkerState.Dropped),
+            TimeSpan.FromSeconds(10), "the stuck worker to show as dropped");
+    }
+
+    public static TheoryData<string> MalformedOutputs => new()
+    {
+        "a trajectory frame too short",
+        "a trajectory frame missing",
+        "samples of the wrong length",
+        "chunks that fail their checksum",
+    };
+
+    [Theory(Timeout = 120_000)]
+    [MemberData(nameof(MalformedOutputs))]
+    public async Task AWorkerSendingAMalformedBatchIsDroppedAndTheBatchIsComputedElsewhere(string kind)
+    {
+        var run = TrainedRun();
+        var (expected, expectedFrames) = LocalTrajectory(run, 40, seed: 8, every: 10);
+        await using var server = await ServeSamples(run);
+        using var worker = new WorkerProcess(server.Address, Cluster.Token);
+        await Cluster.WaitUntil(() => server.Sampling.WorkerCount == 1, TimeSpan.FromSeconds(60), "a worker", () => worker.Output);
+        await using var bad = await RawWorker.JoinAsync(server.Address);
+        bad.StartHeartbeats();
+        await Cluster.WaitUntil(() => server.Sampling.WorkerCount == 2, TimeSpan.FromSeconds(30), "two workers for sampling");
+
+        var request = SampleAll(server.Address, new SampleRequest { Count = 40, Seed = 8, TrajectoryEvery = 10 }, deadlineSeconds: 90);
+        var work = await bad.NextSampleWorkAsync();
+        var bytes = (int)work.Count * 2 * 4;   // 2-D points, float32
+        const int frames = 6;                   // x_T, every 10th of 50 steps
+        var output = new SampleOutput { JobId = work.JobId, Batch = work.Batch, FirstIndex = work.FirstIndex, Count = work.Count };
+        List<WorkerMessage> messages;
+        if (kind == "chunks that fail their checksum")
+        {
+            var payload = new byte[bytes * (1 + frames)];
+            output.Payload = TensorTransport.Header(payload, DType.Float32, payload.Length / 4, 0, 0);
+            output.Payload.Checksum ^= 1;
+            messages = [new() { SampleOutput = output }, .. TensorTransport.Chunks(payload, 0, 0)
+                .Select(c => new WorkerMessage { SampleOutputChunk = new SampleOutputChunk { JobId = work.JobId, Batch = work.Batch, Chunk = c } })];
+        }
+        else
+        {
+            output.Samples = Google.Protobuf.ByteString.CopyFrom(new byte[kind == "samples of the wrong length" ? bytes - 4 : bytes]);
+            for (var f = 0; f < (kind == "a trajectory frame missing" ? frames - 1 : frames); f++)
+                output.Trajectory.Add(Google.Protobuf.ByteString.CopyFrom(new byte[kind == "a trajectory frame too short" && f == 2 ? bytes / 2 : bytes]));
+            messages = [new() { SampleOutput = output }];
+        }
+        try
+        {
+            await bad.SendAllAsync(messages);
+        }
+        catch (RpcException)
+        {
+            // the coordinator may end the call while we are still writing; the status is read below
+        }
+        var error = await bad.FailureAsync();
+        Assert.Equal(StatusCode.InvalidArgument, error.StatusCode);
+        Assert.Contains($"batch {work.Batch}", error.Status.Detail, StringComparison.Ordinal);
+
+        var answer = await request;   // the client does not notice: the batch was computed by the other worker
+        AssertClose(expected, answer.Values);
+        AssertSameTrajectories(expectedFrames, answer.Frames);
+        await Cluster.WaitUntil(() => server.Loop.Status().Workers.Any(w => w.Id == bad.Welcome.WorkerId && w.State == WorkerState.Dropped),
+            TimeSpan.FromSeconds(10), "the bad worker to show as dropped");
+    }
+
+    [Fact(Timeout = 180_000)]
+    public async Task RequestsBeyondTheConcurrencyLimitGetResourceExhaustedUntilOneEnds()
+    {
+        var run = TrainedRun("slow", r => r with { Timesteps = 1000, HiddenSize = 256, Steps = 2 });
+        await using var server = await ServeSamples(run, o => o.MaxConcurrentSampleRequests = 1);
+        using var worker = new WorkerProcess(server.Address, Cluster.Token);
+        await Cluster.WaitUntil(() => server.Sampling.WorkerCount == 1, TimeSpan.FromSeconds(60), "a worker", () => worker.Output);
+        using var channel = ClientChannel.Create(server.Address);
+        var client = new Sampler.SamplerClient(channel);
+        using var cts = new CancellationTokenSource();
+        using (var running = client.Sample(new SampleRequest { Count = 10_000, Seed = 1 }, Token.Headers(Cluster.Token), DateTime.UtcNow.AddSeconds(120), cts.Token))
+        {
+            Assert.True(await running.ResponseStream.MoveNext(CancellationToken.None));   // admitted: its first progress message
+            var e = await Assert.ThrowsAsync<RpcException>(async () =>
+            {
+                using var call = client.Sample(new SampleRequest { Count = 4, Seed = 2 }, Token.Headers(Cluster.Token), DateTime.UtcNow.AddSeconds(30));
+                while (await call.ResponseStream.MoveNext(CancellationToken.None)) { }
+            });
+            Assert.Equal(StatusCode.ResourceExhausted, e.StatusCode);
+            Assert.Contains("MaxConcurrentSampleRequests", e.Status.Detail, StringComparison.Ordinal);
+            await cts.CancelAsync();
+        }
+        await Cluster.WaitUntil(() => server.Sampling.Jobs().Count == 0, TimeSpan.FromSeconds(30), "the cancelled request to end");
+        var (values, _) = await Sample(server.Address, new SampleRequest { Count = 4, Seed = 2 });
+        AssertClose(LocalSamples(run, 4, 2), values);
+    }
+
+    [Fact(Timeout = 180_000)]
+    public async Task AClientThatStopsReadingHoldsOnlyAWindowOfResultsAndIsLetGoAfterTheCallTimeout()
+    {
+        // T = 400 with every step kept: 3.2 KB per sample, 35 batches of 286 samples (32 MB) for 10,000 samples.
+        var run = TrainedRun("t400", r => r with { Timesteps = 400, Steps = 2 });
+        await using var server = await ServeSamples(run, o => o.CallTimeoutSeconds = 10);
+        using var worker = new WorkerProcess(server.Address, Cluster.Token);
+        await Cluster.WaitUntil(() => server.Sampling.WorkerCount == 1, TimeSpan.FromSeconds(60), "a worker", () => worker.Output);
+
+        // A client that never reads, with HTTP/2's smallest window (64 KiB): the coordinator's writes soon wait.
+        using var channel = Grpc.Net.Client.GrpcChannel.ForAddress(server.Address, new Grpc.Net.Client.GrpcChannelOptions
+        {
+            HttpHandler = new System.Net.Http.SocketsHttpHandler { InitialHttp2StreamWindowSize = 65535 },
+            MaxReceiveMessageSize = ClientChannel.MaxReceiveMessageBytes,
+        });
+        using var call = new Sampler.SamplerClient(channel).Sample(new SampleRequest { Count = 10_000, Seed = 1, TrajectoryEvery = 1 },
+            Token.Headers(Cluster.Token), DateTime.UtcNow.AddSeconds(120));
+
+        // The worker computes a window of batches ahead of the client, then waits: nothing more is handed out or held.
+        SamplingCoordinator.JobFigures? stalled = null;
+        await Cluster.WaitUntil(() => (stalled = server.Sampling.Jobs().SingleOrDefault(j => j.Pending > 0 && j.Outstanding == 0 && j.Held > 0)) is not null,
+            TimeSpan.FromSeconds(60), "the request to stop at its window", () => string.Join("\n", server.Sampling.Jobs()) + "\n" + worker.Output);
+        Assert.Equal(35, stalled!.Batches);
+        Assert.True(stalled.Held <= SamplingCoordinator.WindowBatchesPerWorker, stalled.ToString());
+        Assert.True(stalled.HeldBytes <= SamplingCoordinator.WindowBytes, stalled.ToString());
+        Assert.True(stalled.Batches - stalled.Pending <= stalled.Forwarded + SamplingCoordinator.WindowBatchesPerWorker, stalled.ToString());
+
+        // A write that waits longer than the call timeout ends the call and the job: the worker is free again.
+        await Cluster.WaitUntil(() => server.Sampling.Jobs().Count == 0, TimeSpan.FromSeconds(60), "the unread request to be let go",
+            () => string.Join("\n", server.Sampling.Jobs()));
+        var (values, _) = await Sample(server.Address, new SampleRequest { Count = 4, Seed = 2 });
+        Assert.Equal(8, values.Length);
     }
 }

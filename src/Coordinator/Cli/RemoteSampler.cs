@@ -61,9 +61,18 @@ internal static class RemoteSampler
                 var r = m.Result;
                 if (r.Index >= n) throw new InvalidOperationException($"coordinator sent sample {r.Index} of a request for {n}");
                 firstResult ??= clock.Elapsed.TotalSeconds;
+                var trajectory = r.Trajectory.Select(f => MemoryMarshal.Cast<byte, float>(f.Span).ToArray());
+                if (r.TrajectoryOffset > 0)
+                {
+                    // More frames of a sample whose trajectory did not fit one message.
+                    if (frames[r.Index]?.Count != r.TrajectoryOffset)
+                        throw new InvalidOperationException($"coordinator sent frames from {r.TrajectoryOffset} of sample {r.Index} out of order");
+                    frames[r.Index].AddRange(trajectory);
+                    continue;
+                }
                 shape = [.. r.Shape];
                 samples[r.Index] = MemoryMarshal.Cast<byte, float>(r.Tensor.Span).ToArray();
-                frames[r.Index] = [.. r.Trajectory.Select(f => MemoryMarshal.Cast<byte, float>(f.Span).ToArray())];
+                frames[r.Index] = [.. trajectory];
             }
             var missing = Array.FindIndex(samples, s => s is null);
             if (missing >= 0) throw new InvalidOperationException($"the stream ended without sample {missing}");

@@ -33,6 +33,8 @@ internal static class ServeCommand
     public static readonly Option<string?> Checkpoint = new("--checkpoint") { Description = "With --sample-only: a checkpoint or run folder whose weights to serve" };
     public static readonly Option<bool> SampleOnly = new("--sample-only") { Description = "Serve samples from --checkpoint without training" };
     public static readonly Option<int?> MaxSamples = new("--max-samples") { Description = "Most samples one request may ask for (default 10000)" };
+    public static readonly Option<int?> MaxSampleRequests = new("--max-sample-requests") { Description = "Most sampling requests served at once; more get ResourceExhausted (default 8)" };
+    public static readonly Option<double?> SampleDeadline = new("--sample-deadline") { Description = "Seconds a worker has to return the sampling batch it runs before it is dropped (default 600)" };
     public static readonly Option<bool> KeepServing = new("--keep-serving") { Description = "Keep serving after training completes instead of exiting" };
     public static readonly Option<bool?> SharedMemory = new("--shared-memory") { Description = "true (default): workers under this machine's kernel exchange tensors through /dev/shm; false: always on the stream" };
     public static readonly Option<double?> GradientBoundRatio = new("--gradient-bound-ratio") { Description = "Refuse a slice gradient whose per-sample norm is over this many times the median of recent slices; its worker is dropped and the slice recomputed elsewhere (default 100)" };
@@ -50,6 +52,7 @@ internal static class ServeCommand
         {
             Listen, Recipe, Set, Steps, Seed, Out, Resume, tokenFile, WorkerTokenFile, ClientTokenFile, AllowUnauthenticated, TlsCert, TlsKey, HealthListen,
             StepDeadline, Heartbeat, GradientDtype, MinWorkers, KeepServing, Checkpoint, SampleOnly, MaxSamples, device, threads, SharedMemory, GradientBoundRatio, StragglerFactor, VerifyFraction, MaxDisagreements, LogLevel,
+            MaxSampleRequests, SampleDeadline,
         };
         cmd.SetAction(p =>
         {
@@ -83,6 +86,8 @@ internal static class ServeCommand
             Put(nameof(CoordinatorOptions.StragglerFactor), StragglerFactor);
             Put(nameof(CoordinatorOptions.VerifyFraction), VerifyFraction);
             Put(nameof(CoordinatorOptions.MaxDisagreements), MaxDisagreements);
+            Put(nameof(CoordinatorOptions.MaxConcurrentSampleRequests), MaxSampleRequests);
+            Put(nameof(CoordinatorOptions.SampleBatchDeadlineSeconds), SampleDeadline);
             var sets = p.GetValue(Set) ?? [];
             for (var i = 0; i < sets.Length; i++) flags[$"{CoordinatorOptions.Section}:{nameof(CoordinatorOptions.Set)}:{i}"] = sets[i];
             var options = Configure(flags);

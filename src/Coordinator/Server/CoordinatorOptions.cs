@@ -60,6 +60,10 @@ public sealed class CoordinatorOptions
     public int MaxSamplesPerRequest { get; set; } = 10_000;
     /// <summary>How long a Sample request waits for a worker when none is connected before failing with Unavailable.</summary>
     public double SampleWaitSeconds { get; set; } = 30;
+    /// <summary>Most Sample requests served at once; more get ResourceExhausted.</summary>
+    public int MaxConcurrentSampleRequests { get; set; } = 8;
+    /// <summary>A worker that has not returned the sampling batch it runs this long after starting it is dropped (its batches go to others).</summary>
+    public double SampleBatchDeadlineSeconds { get; set; } = 600;
     /// <summary>Device for the optimizer state (the coordinator computes no gradients).</summary>
     public string Device { get; set; } = "cpu";
     public int Threads { get; set; }
@@ -109,6 +113,8 @@ public sealed class CoordinatorOptions
         if (!(StragglerMinimumSeconds >= 0) || !double.IsFinite(StragglerMinimumSeconds)) throw new ArgumentException($"straggler minimum {StragglerMinimumSeconds} s: expected a finite number >= 0");
         if (!(VerifyFraction >= 0 && VerifyFraction <= 1)) throw new ArgumentException($"--verify-fraction {VerifyFraction}: expected a share in [0, 1]");
         if (MaxDisagreements < 1) throw new ArgumentException($"--max-disagreements {MaxDisagreements}: expected at least 1");
+        if (MaxConcurrentSampleRequests < 1) throw new ArgumentException($"--max-sample-requests {MaxConcurrentSampleRequests}: expected at least 1");
+        if (!(SampleBatchDeadlineSeconds > 0)) throw new ArgumentException($"--sample-deadline {SampleBatchDeadlineSeconds} s: expected > 0");
         if (MinWorkers < 1) throw new ArgumentException($"--min-workers {MinWorkers}: expected at least 1");
         if (Steps is < 0) throw new ArgumentException($"--steps {Steps}: expected a count >= 0");
         ParseGradientDtype();

@@ -42,6 +42,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
     /// <summary>The cleartext health port's URL (--health-listen), or null.</summary>
     public Uri? HealthAddress { get; }
     public TrainingLoop Loop => _app.Services.GetRequiredService<TrainingLoop>();
+    public SamplingCoordinator Sampling => _app.Services.GetRequiredService<SamplingCoordinator>();
     public string RunDir => _run.RunDir;
     /// <summary>Completes when the host stops (training complete without --keep-serving, or shutdown).</summary>
     public Task Stopped => _app.WaitForShutdownAsync();
@@ -85,6 +86,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
             builder.Services.AddSingleton<TrainingLoop>();
             builder.Services.AddSingleton<SamplingCoordinator>();
             builder.Services.AddHostedService(s => s.GetRequiredService<TrainingLoop>());
+            builder.Services.AddHostedService(s => s.GetRequiredService<SamplingCoordinator>());
             builder.Services.AddGrpc(o =>
             {
                 o.MaxReceiveMessageSize = MaxReceiveMessageBytes;

@@ -9,9 +9,10 @@ using static TorchSharp.torch;
 namespace DistDiffusion.Coordinator.Server;
 
 /// <summary>
-/// The client-facing Sampler service: validates the request, takes one consistent weights snapshot, lets
-/// <see cref="SamplingCoordinator"/> spread the chains over the workers, and streams progress and results in
-/// sample order. A client's cancellation or deadline stops the workers' chains.
+/// The client-facing Sampler service: validates the request, admits it when fewer than MaxConcurrentSampleRequests run,
+/// takes one consistent weights snapshot, lets <see cref="SamplingCoordinator"/> spread the chains over the workers, and
+/// streams progress and results in sample order (a sample's long trajectory over several results). A client's
+/// cancellation or deadline stops the workers' chains; so does a client that reads nothing for CallTimeoutSeconds.
 /// </summary>
 public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampling, CoordinatorOptions options, ILogger<SamplingService> log)
     : Sampler.SamplerBase
@@ -20,13 +21,30 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
     {
         var recipe = loop.Recipe;
         var T = recipe.Timesteps;
-        Validate(request, T, recipe.IsImageData);
+        var shape = recipe.SampleShape;
+        Validate(request, T, recipe.IsImageData, shape.Aggregate(1L, (a, b) => a * b));
+        if (!sampling.TryBeginRequest())
+            throw new RpcException(new Status(StatusCode.ResourceExhausted,
+                $"{options.MaxConcurrentSampleRequests} sampling requests are already in progress, the most this coordinator serves at once (MaxConcurrentSampleRequests, --max-sample-requests); retry later"));
+        try
+        {
+            await SampleAsync(request, responseStream, context, recipe, shape);
+        }
+        finally
+        {
+            sampling.EndRequest();
+        }
+    }
+
+    private async Task SampleAsync(SampleRequest request, IServerStreamWriter<SampleResponse> responseStream, ServerCallContext context, Model.Training.Recipe recipe, long[] shape)
+    {
+        var T = recipe.Timesteps;
         var ct = context.CancellationToken;
         var clock = Stopwatch.StartNew();
         var snapshot = await loop.SnapshotAsync(request.Weights != Weights.Raw, ct).WaitAsync(TimeSpan.FromSeconds(options.CallTimeoutSeconds), ct);
         var ddim = request.Sampler == SamplerKind.Ddim;
         var steps = ddim ? (request.Steps == 0 ? (uint)T : request.Steps) : (uint)T;
-        var frames = request.TrajectoryEvery == 0 ? 0 : (int)((steps + request.TrajectoryEvery - 1) / request.TrajectoryEvery) + 1;
+        var frames = Frames(steps, request.TrajectoryEvery);
         var template = new SampleWork
         {
             Count = request.Count,
@@ -36,16 +54,16 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
             Seed = request.Seed,
             TrajectoryEvery = request.TrajectoryEvery,
         };
-        var shape = recipe.SampleShape;
         var job = sampling.Start(template, snapshot, shape, frames, recipe.IsImageData ? 64 : 2000);
         var wantTensor = request.Tensor || !request.Png;
         var resolved = snapshot.Ema ? Weights.Ema : Weights.Raw;
         log.LogInformation("Sample job {Job}: {Count} x {Sampler} ({Steps} steps), seed {Seed}, {Weights} weights of version {Version}, {Batches} batches",
             job.Id, request.Count, template.Sampler, steps, request.Seed, resolved, snapshot.Version, job.Batches.Length);
+        var writer = new BoundedWriter(responseStream, context, TimeSpan.FromSeconds(options.CallTimeoutSeconds));
         try
         {
             SampleProgress Progress(uint done) => new() { Done = done, Total = request.Count, Workers = (uint)sampling.WorkerCount, ParameterVersion = snapshot.Version, Weights = resolved, Recipe = recipe.Name };
-            await responseStream.WriteAsync(new SampleResponse { Progress = Progress(0) }, ct);
+            await writer.WriteAsync(new SampleResponse { Progress = Progress(0) });
             var next = 0;            // next batch to forward, in order
             uint done = 0;
             var noWorkerSince = sampling.WorkerCount == 0 ? Stopwatch.StartNew() : null;
@@ -68,11 +86,11 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
                         $"no worker is connected to compute samples (waited {options.SampleWaitSeconds:F0} s); start workers with `worker --coordinator URL`"));
                 while (next < job.Batches.Length && job.Results[next] is { } output)
                 {
-                    await WriteBatchAsync(responseStream, output, shape, frames, wantTensor, request.Png, ct);
+                    await WriteBatchAsync(writer, output, shape, frames, wantTensor, request.Png);
                     done += output.Count;
-                    job.Results[next] = null;   // forwarded: let it go
+                    sampling.Forwarded(job, next);   // let it go; the window moves on
                     next++;
-                    await responseStream.WriteAsync(new SampleResponse { Progress = Progress(done) }, ct);
+                    await writer.WriteAsync(new SampleResponse { Progress = Progress(done) });
                 }
             }
             log.LogInformation("Sample job {Job} done: {Count} samples in {Seconds:F2} s", job.Id, request.Count, clock.Elapsed.TotalSeconds);
@@ -82,13 +100,43 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
             log.LogInformation("Sample job {Job} cancelled by the client after {Seconds:F2} s", job.Id, clock.Elapsed.TotalSeconds);
             throw;
         }
+        catch (TimeoutException)
+        {
+            log.LogWarning("Sample job {Job}: the client read nothing for {Seconds} s; ending the call and the job", job.Id, options.CallTimeoutSeconds);
+            throw new RpcException(new Status(StatusCode.DeadlineExceeded, $"the client read nothing for {options.CallTimeoutSeconds} s"));
+        }
         finally
         {
             sampling.End(job);
         }
     }
 
-    private void Validate(SampleRequest r, int T, bool images)
+    /// <summary>Trajectory frames per sample: x_T, then every k-th step, and x_0 (0 when no trajectory is asked).</summary>
+    private static int Frames(uint steps, uint every) => every == 0 ? 0 : (int)((steps + every - 1) / every) + 1;
+
+    /// <summary>
+    /// Writes to the client, each write bounded by the call timeout: a client that reads nothing for that long has its
+    /// call reset (so nothing stays queued for it) and the write throws <see cref="TimeoutException"/>.
+    /// </summary>
+    private sealed class BoundedWriter(IServerStreamWriter<SampleResponse> stream, ServerCallContext context, TimeSpan timeout)
+    {
+        public async Task WriteAsync(SampleResponse message)
+        {
+            var write = stream.WriteAsync(message, context.CancellationToken);
+            try
+            {
+                await write.WaitAsync(timeout, context.CancellationToken);
+            }
+            catch (TimeoutException)
+            {
+                _ = write.ContinueWith(static t => _ = t.Exception, CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted | TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+                context.GetHttpContext().Abort();
+                throw;
+            }
+        }
+    }
+
+    private void Validate(SampleRequest r, int T, bool images, long sampleElements)
     {
         static RpcException Bad(StatusCode code, string message) => new(new Status(code, message));
         if (r.Count == 0) throw Bad(StatusCode.InvalidArgument, "count 0: expected at least 1 sample");
@@ -109,22 +157,45 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
             if (r.Eta != 0) throw Bad(StatusCode.InvalidArgument, $"eta {r.Eta}: only DDIM takes eta");
         }
         if (r.TrajectoryEvery > T) throw Bad(StatusCode.InvalidArgument, $"trajectory_every {r.TrajectoryEvery}: expected 0..{T}");
+        if (r.TrajectoryEvery > 0)
+        {
+            // One sample with its trajectory is one batch, held whole by the coordinator: it must stay within bounds.
+            var steps = r.Sampler == SamplerKind.Ddim && r.Steps != 0 ? r.Steps : (uint)T;
+            var bytes = sampleElements * 4 * (1 + Frames(steps, r.TrajectoryEvery));
+            if (bytes > SamplingCoordinator.MaxSampleBytes)
+            {
+                var least = Enumerable.Range(1, T).FirstOrDefault(k => sampleElements * 4 * (1 + Frames(steps, (uint)k)) <= SamplingCoordinator.MaxSampleBytes);
+                throw Bad(StatusCode.InvalidArgument,
+                    $"trajectory_every {r.TrajectoryEvery}: one sample with its {Frames(steps, r.TrajectoryEvery)} trajectory frames is {bytes} bytes, over the limit of {SamplingCoordinator.MaxSampleBytes} bytes per sample; "
+                    + (least > 0 ? $"use trajectory_every {least} or more" : "this recipe's samples are too large for a trajectory"));
+            }
+        }
         if (r.Png && !images) throw Bad(StatusCode.InvalidArgument, "png: this recipe's samples are 2-D points, not images; ask for tensors");
     }
 
-    private static async Task WriteBatchAsync(IServerStreamWriter<SampleResponse> stream, SampleOutput output, long[] shape, int frames, bool tensor, bool png, CancellationToken ct)
+    /// <summary>Most trajectory bytes one result message carries; a sample's further frames follow in results of their own.</summary>
+    private const int ResultTrajectoryBytes = 1 << 20;
+
+    private static async Task WriteBatchAsync(BoundedWriter stream, SampleOutput output, long[] shape, int frames, bool tensor, bool png)
     {
         var elements = (int)shape.Aggregate(1L, (a, b) => a * b);
         var bytesPer = elements * 4;
+        var framesPer = Math.Max(1, ResultTrajectoryBytes / bytesPer);
         for (var k = 0; k < output.Count; k++)
         {
-            var result = new SampleResult { Index = output.FirstIndex + (uint)k, Shape = { shape } };
+            var result = new SampleResult { Index = output.FirstIndex + (uint)k, Shape = { shape }, TrajectoryFrames = (uint)frames };
             var slice = output.Samples.Memory.Slice(k * bytesPer, bytesPer);
             if (tensor) result.Tensor = UnsafeByteOperations.UnsafeWrap(slice);
             if (png) result.Png = ByteString.CopyFrom(EncodePng(slice.Span, shape));
-            foreach (var frame in output.Trajectory)
-                result.Trajectory.Add(UnsafeByteOperations.UnsafeWrap(frame.Memory.Slice(k * bytesPer, bytesPer)));
-            await stream.WriteAsync(new SampleResponse { Result = result }, ct);
+            var f = 0;
+            do
+            {
+                for (var end = Math.Min(frames, f + framesPer); f < end; f++)
+                    result.Trajectory.Add(UnsafeByteOperations.UnsafeWrap(output.Trajectory[f].Memory.Slice(k * bytesPer, bytesPer)));
+                await stream.WriteAsync(new SampleResponse { Result = result });
+                result = new SampleResult { Index = output.FirstIndex + (uint)k, TrajectoryOffset = (uint)f, TrajectoryFrames = (uint)frames };
+            }
+            while (f < frames);
         }
     }
 

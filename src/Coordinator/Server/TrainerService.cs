@@ -158,6 +158,9 @@ public sealed class TrainerService : Trainer.TrainerBase
                 if (message.SampleOutput.Error.Length > 0) message.SampleOutput.Error = WireText.Escape(message.SampleOutput.Error);
                 _sampling.OnOutput(worker, message.SampleOutput);
                 return null;
+            case WorkerMessage.KindOneofCase.SampleOutputChunk:
+                _sampling.OnOutputChunk(worker, message.SampleOutputChunk);
+                return null;
             case WorkerMessage.KindOneofCase.SharedMemoryReply:
                 AnswerOffer(worker, message.SharedMemoryReply);
                 return null;
