@@ -355,4 +355,43 @@ public sealed class CheckpointStoreTests : IDisposable
         Assert.Contains("expected an object", e.Message, StringComparison.Ordinal);
         Assert.IsType<InvalidDataException>(e.InnerException);
     }
+
+    // ---------------------------------------------------------------- values out of range
+
+    /// <summary>A manifest whose numbers are out of range is refused at load, naming the field, the value and the range.</summary>
+    [Theory]
+    [InlineData("step", "-1", "'step' is -1, expected an integer >= 0")]
+    [InlineData("epoch", "-2", "'epoch' is -2, expected an integer >= 0")]
+    [InlineData("cursor", "-1", "'cursor' is -1, expected an integer >= 0")]
+    [InlineData("extra.data.train_size", "77", "'cursor' is 77, expected an integer < 77 (the training-set size in 'extra.data.train_size')")]
+    [InlineData("extra.data.train_size", "0", "'extra.data.train_size' is 0, expected an integer >= 1")]
+    [InlineData("extra.data.train_size", "many", "'extra.data.train_size' is \"many\", expected an integer >= 1")]
+    [InlineData("extra.optimizer.step", "-1", "'extra.optimizer.step' is -1, expected 3 (the checkpoint's 'step': Adam takes one update per step)")]
+    [InlineData("extra.optimizer.step", "4", "'extra.optimizer.step' is 4, expected 3")]
+    [InlineData("extra.optimizer.step", "", "'extra.optimizer.step' is \"\", expected 3")]
+    [InlineData("seed", "99", "'seed' is 99, expected 1234 (the recipe's seed)")]
+    [InlineData("files.model.safetensors.bytes", "-8", "'files.model.safetensors.bytes' is -8, expected an integer >= 0")]
+    public void OutOfRangeManifestValueIsReportedNotLoaded(string field, string value, string problem)
+    {
+        var folder = CheckpointStore.Save(_run.Path, Sample(3));
+        EditManifest(folder, m =>
+        {
+            if (field.StartsWith("extra.", StringComparison.Ordinal)) m["extra"]![field["extra.".Length..]] = value;
+            else if (field.StartsWith("files.", StringComparison.Ordinal)) m["files"]!["model.safetensors"]!["bytes"] = long.Parse(value, System.Globalization.CultureInfo.InvariantCulture);
+            else m[field] = long.Parse(value, System.Globalization.CultureInfo.InvariantCulture);
+        });
+        var e = LoadFails(folder);
+        Assert.Contains(Path.Combine(folder, "checkpoint.json"), e.Message, StringComparison.Ordinal);
+        Assert.Contains(problem, e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void ManifestStepDisagreeingWithItsFolderNameIsReported()
+    {
+        var folder = CheckpointStore.Save(_run.Path, Sample(3));
+        var renamed = Folder(30);
+        Directory.Move(folder, renamed);
+        var e = LoadFails();
+        Assert.Contains("'step' is 3, but the folder is named 30", e.Message, StringComparison.Ordinal);
+    }
 }

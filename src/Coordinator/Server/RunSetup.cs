@@ -89,7 +89,7 @@ public sealed class RunSetup : IDisposable
         var checkpoint = CheckpointStore.Load(folder);
         try
         {
-            var trainSize = checkpoint.Extra.TryGetValue(TrainingState.TrainSizeKey, out var text) && long.TryParse(text, System.Globalization.CultureInfo.InvariantCulture, out var n) ? n : 1;
+            var trainSize = checkpoint.Extra.TryGetValue(TrainingState.TrainSizeKey, out var text) && long.TryParse(text, System.Globalization.CultureInfo.InvariantCulture, out var n) ? n : Math.Max(1, checkpoint.Cursor + 1);
             var device = DistDiffusion.Model.TorchRuntime.ResolveDevice(o.Device, o.Threads);
             var state = TrainingState.FromCheckpoint(checkpoint, checkpoint.Recipe.SampleShape, trainSize, device);
             return new RunSetup(state, trainSize, Path.GetFullPath(Path.Combine(folder, "..", "..")), checkpoint.Step, folder);

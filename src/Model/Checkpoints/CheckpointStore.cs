@@ -22,6 +22,12 @@ public static class CheckpointStore
     public const string EmaFileName = "ema.safetensors";
     public const string OptimizerFileName = "optimizer.safetensors";
 
+    /// <summary>Checkpoint fact in 'extra': Adam's update count, which equals the checkpoint's step.</summary>
+    public const string OptimizerStepKey = "optimizer.step";
+
+    /// <summary>Checkpoint fact in 'extra': the training-set size the data order was planned for (the cursor stays below it).</summary>
+    public const string TrainSizeKey = "data.train_size";
+
     private const string TempPrefix = ".tmp-";
 
     /// <summary>Temporary folders older than this are taken to be leftovers of a crashed save and deleted by <see cref="Save"/>.</summary>
@@ -254,10 +260,51 @@ public static class CheckpointStore
                 files[p.Name] = (bytes, shaText.ToLowerInvariant());
             }
 
-            return new Manifest(recipe, Integer(path, root, "step"), Integer(path, root, "epoch"),
+            var manifest = new Manifest(recipe, Integer(path, root, "step"), Integer(path, root, "epoch"),
                 Integer(path, root, "cursor"), Integer(path, root, "seed"), extra, files);
+            CheckRanges(path, manifest);
+            return manifest;
         }
     }
+
+    /// <summary>
+    /// The manifest's numbers against their ranges and each other, so that a damaged or hand-edited checkpoint is refused
+    /// at load instead of resuming into NaN weights (an Adam update count of -1 divides by zero in the bias correction)
+    /// or reading outside the data.
+    /// </summary>
+    private static void CheckRanges(string path, Manifest m)
+    {
+        static string Text(long v) => v.ToString(CultureInfo.InvariantCulture);
+        void AtLeast(string field, long value, long min)
+        {
+            if (value < min) throw new CheckpointException(path, $"'{field}' is {Text(value)}, expected an integer >= {Text(min)}", null);
+        }
+        AtLeast("step", m.Step, 0);
+        AtLeast("epoch", m.Epoch, 0);
+        AtLeast("cursor", m.Cursor, 0);
+        foreach (var (name, (bytes, _)) in m.Files) AtLeast($"files.{name}.bytes", bytes, 0);
+        if (m.Seed != m.Recipe.Seed)
+            throw new CheckpointException(path, $"'seed' is {Text(m.Seed)}, expected {Text(m.Recipe.Seed)} (the recipe's seed)", null);
+        if (m.Extra.TryGetValue(TrainSizeKey, out var sizeText))
+        {
+            if (!long.TryParse(sizeText, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out var size) || size < 1)
+                throw new CheckpointException(path, $"'extra.{TrainSizeKey}' is {Quote(sizeText)}, expected an integer >= 1", null);
+            if (m.Cursor >= size)
+                throw new CheckpointException(path, $"'cursor' is {Text(m.Cursor)}, expected an integer < {Text(size)} (the training-set size in 'extra.{TrainSizeKey}')", null);
+        }
+        if (m.Extra.TryGetValue(OptimizerStepKey, out var stepText)
+            && (!long.TryParse(stepText, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out var updates) || updates != m.Step))
+            throw new CheckpointException(path, $"'extra.{OptimizerStepKey}' is {Quote(stepText)}, expected {Text(m.Step)} (the checkpoint's 'step': Adam takes one update per step)", null);
+        // RUN/checkpoints/<step>/: a folder named by a step must hold that step (a copy elsewhere may have any name).
+        var folderName = Path.GetFileName(Path.GetDirectoryName(path));
+        if (folderName is { Length: > 0 } && folderName.All(char.IsAsciiDigit)
+            && long.TryParse(folderName, NumberStyles.None, CultureInfo.InvariantCulture, out var named) && named != m.Step)
+            throw new CheckpointException(path, $"'step' is {Text(m.Step)}, but the folder is named {folderName}", null);
+    }
+
+    /// <summary>A manifest string as the message shows it: integers bare, anything else in quotes.</summary>
+    private static string Quote(string text) =>
+        long.TryParse(text, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out var v) ? v.ToString(CultureInfo.InvariantCulture) : JsonSerializer.Serialize(text);
 
     private static long Integer(string path, JsonElement obj, string key, string prefix = "")
     {
