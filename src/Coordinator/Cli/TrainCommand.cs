@@ -92,6 +92,7 @@ internal static class TrainCommand
             var inv = CultureInfo.InvariantCulture;
             Console.Error.WriteLine(string.Create(inv,
                 $"training {recipe.Name}: {train.Description}, {train.Count} samples, {state.Network.parameters().Sum(p => p.numel())} parameters, batch {recipe.BatchSize}, T = {recipe.Timesteps}, device {device}, from step {state.StepsDone} to {recipe.Steps}"));
+            var trainerRetention = CheckpointRetention.Default;
             var bar = new ProgressBar("train", state.StepsDone, recipe.Steps);
             double smoothed = double.NaN;
             var firstStep = state.StepsDone;
@@ -109,7 +110,17 @@ internal static class TrainCommand
                         smoothed = double.IsNaN(smoothed) ? p.Loss : 0.98 * smoothed + 0.02 * p.Loss;
                         bar.Update(p.Step, "loss " + CliSupport.Format(smoothed));
                     },
-                    OnCheckpoint = f => Console.Error.WriteLine($"checkpoint {f}"),
+                    OnCheckpoint = saved =>
+                    {
+                        foreach (var aside in saved.SetAside)
+                            Console.Error.WriteLine($"warning: {aside.Folder} was not a valid checkpoint ({aside.Reason}); moved it to {aside.MovedTo}");
+                        Console.Error.WriteLine($"checkpoint {saved.Folder}");
+                        foreach (var gone in saved.Deleted) Console.Error.WriteLine($"deleted checkpoint {gone} ({trainerRetention})");
+                        foreach (var problem in saved.PruneProblems) Console.Error.WriteLine($"warning: could not delete an old checkpoint: {problem}");
+                    },
+                    OnCheckpointFailed = (step, e) => Console.Error.WriteLine(
+                        $"error: the checkpoint of step {step} was not written: {e.Message.ReplaceLineEndings(" ")}; training goes on and the next checkpoint tries again"),
+                    Retention = trainerRetention,
                     OnSampleStep = st => Console.Error.WriteLine($"samples {RunPictures.WriteTrainingSamples(state, runDir, st)}"),
                 };
                 trainer.Run(recipe.Steps, cts.Token);
