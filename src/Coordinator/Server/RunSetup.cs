@@ -9,13 +9,17 @@ namespace DistDiffusion.Coordinator.Server;
 /// <summary>A run ready to train: its state (fresh or from the latest checkpoint), the training-split size and the run folder.</summary>
 public sealed class RunSetup : IDisposable
 {
-    private RunSetup(TrainingState state, long trainSize, string runDir, long targetStep, string? resumedFrom)
+    private RunSetup(TrainingState state, long trainSize, string runDir, long targetStep, string? resumedFrom, CheckpointRetention retention)
     {
         State = state;
         TrainSize = trainSize;
         RunDir = runDir;
         TargetStep = targetStep;
         ResumedFrom = resumedFrom;
+        Retention = retention;
+        // The checkpoint the state came from counts as this run's last one when it lies in this run folder.
+        if (resumedFrom is not null && string.Equals(Path.GetFullPath(Path.Combine(resumedFrom, "..", "..")).TrimEnd(Path.DirectorySeparatorChar), runDir.TrimEnd(Path.DirectorySeparatorChar), StringComparison.Ordinal))
+            LastCheckpoint = (resumedFrom, state.StepsDone);
     }
 
     public TrainingState State { get; }
@@ -23,6 +27,10 @@ public sealed class RunSetup : IDisposable
     public string RunDir { get; }
     public long TargetStep { get; }
     public string? ResumedFrom { get; }
+    /// <summary>Which checkpoints the loop keeps after writing a new one.</summary>
+    public CheckpointRetention Retention { get; }
+    /// <summary>This run folder's checkpoint the state came from (null: a fresh run, or one branched off another run).</summary>
+    public (string Folder, long Step)? LastCheckpoint { get; }
 
     /// <summary>
     /// `--resume DIR` continues DIR's latest checkpoint (or starts a new run there when it has none and a recipe is
@@ -73,7 +81,7 @@ public sealed class RunSetup : IDisposable
                 var state = checkpoint is null
                     ? TrainingState.Create(recipe, train.SampleShape, train.Count, device)
                     : TrainingState.FromCheckpoint(checkpoint with { Recipe = recipe }, train.SampleShape, train.Count, device);
-                return new RunSetup(state, train.Count, runDir, recipe.Steps, resumedFrom);
+                return new RunSetup(state, train.Count, runDir, recipe.Steps, resumedFrom, o.Retention());
             }
             finally
             {
@@ -92,7 +100,7 @@ public sealed class RunSetup : IDisposable
             var trainSize = checkpoint.Extra.TryGetValue(TrainingState.TrainSizeKey, out var text) && long.TryParse(text, System.Globalization.CultureInfo.InvariantCulture, out var n) ? n : Math.Max(1, checkpoint.Cursor + 1);
             var device = DistDiffusion.Model.TorchRuntime.ResolveDevice(o.Device, o.Threads);
             var state = TrainingState.FromCheckpoint(checkpoint, checkpoint.Recipe.SampleShape, trainSize, device);
-            return new RunSetup(state, trainSize, Path.GetFullPath(Path.Combine(folder, "..", "..")), checkpoint.Step, folder);
+            return new RunSetup(state, trainSize, Path.GetFullPath(Path.Combine(folder, "..", "..")), checkpoint.Step, folder, o.Retention());
         }
         finally
         {
