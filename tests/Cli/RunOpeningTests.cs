@@ -1,3 +1,4 @@
+using DistDiffusion.Coordinator.Cli;
 using DistDiffusion.Coordinator.Server;
 using DistDiffusion.Model.Checkpoints;
 using Microsoft.Extensions.Logging;
@@ -199,5 +200,46 @@ public sealed class RunOpeningTests() : TempFolderTest("dd-open")
         (code, _, err) = CliHarness.Run(["train", "--resume", fresh, "--recipe", "swissroll", "--steps", "2", .. Small]);
         Assert.True(code == 0, err);
         Assert.Equal([2L], CheckpointStore.List(fresh).Select(c => c.Step));
+    }
+
+    [Theory]
+    [InlineData("train", "--keep-checkpoints", "0", "--keep-checkpoints 0: expected a count >= 1")]
+    [InlineData("train", "--keep-every", "-4", "--keep-every -4: expected a step interval >= 1")]
+    [InlineData("serve", "--keep-checkpoints", "-1", "--keep-checkpoints -1: expected a count >= 1")]
+    [InlineData("serve", "--keep-every", "0", "--keep-every 0: expected a step interval >= 1")]
+    [InlineData("run", "--keep-checkpoints", "0", "--keep-checkpoints 0: expected a count >= 1")]
+    [InlineData("run", "--keep-every", "0", "--keep-every 0: expected a step interval >= 1")]
+    public void RetentionFlagsOutOfRangeAreUsageErrors(string verb, string flag, string value, string message)
+    {
+        string[] rest = verb switch
+        {
+            "serve" => ["--allow-unauthenticated", "--listen", "http://127.0.0.1:0"],
+            "run" => ["--workers", "1"],
+            _ => [],
+        };
+        var (code, _, err) = CliHarness.Run([verb, "--recipe", "swissroll", "--out", Path.Combine(Dir, "never"), flag, value, .. rest]);
+        Assert.Equal(2, code);
+        Assert.StartsWith("error: " + message, Assert.Single(err.Trim().Split('\n')), StringComparison.Ordinal);
+        Assert.False(Directory.Exists(Path.Combine(Dir, "never")));
+        // The coordinator's configuration (appsettings.json, DISTDIFFUSION_Coordinator__*) is checked the same way.
+        var key = flag == "--keep-every" ? "KeepEvery" : "KeepCheckpoints";
+        var e = Assert.Throws<UsageException>(() => ServeCommand.Configure(new Dictionary<string, string?> { ["Coordinator:Recipe"] = "swissroll", [$"Coordinator:{key}"] = value }));
+        Assert.StartsWith(message, e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void TrainKeepsTheLastCheckpointsAndEveryKthStep()
+    {
+        var run = Path.Combine(Dir, "kept");
+        var (code, _, err) = CliHarness.Run(["train", "--recipe", "swissroll", "--out", run, "--steps", "10", .. Small, "--keep-checkpoints", "2", "--keep-every", "4"]);
+        Assert.True(code == 0, err);
+        Assert.Equal([4L, 8L, 10L], CheckpointStore.List(run).Select(c => c.Step));
+        Assert.Contains($"deleted checkpoint {Checkpoint(run, 2)}", err, StringComparison.Ordinal);
+        Assert.Contains($"deleted checkpoint {Checkpoint(run, 6)}", err, StringComparison.Ordinal);
+        // The default keeps the last 5.
+        run = Path.Combine(Dir, "default");
+        (code, _, err) = CliHarness.Run(["train", "--recipe", "swissroll", "--out", run, "--steps", "14", .. Small]);
+        Assert.True(code == 0, err);
+        Assert.Equal([6L, 8L, 10L, 12L, 14L], CheckpointStore.List(run).Select(c => c.Step));
     }
 }

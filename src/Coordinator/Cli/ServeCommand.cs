@@ -32,6 +32,8 @@ internal static class ServeCommand
     public static readonly Option<int?> MaxSamples = new("--max-samples") { Description = "Most samples one request may ask for (default 10000)" };
     public static readonly Option<bool> KeepServing = new("--keep-serving") { Description = "Keep serving after training completes instead of exiting" };
     public static readonly Option<bool?> SharedMemory = new("--shared-memory") { Description = "true (default): workers under this machine's kernel exchange tensors through /dev/shm; false: always on the stream" };
+    public static readonly Option<int?> KeepCheckpoints = CliSupport.KeepCheckpointsOption();
+    public static readonly Option<int?> KeepEvery = CliSupport.KeepEveryOption();
     public static readonly Option<string> LogLevel = new("--log-level") { Description = "debug, information, warning or error", DefaultValueFactory = _ => "information" };
 
     public static Command Create()
@@ -42,7 +44,8 @@ internal static class ServeCommand
         var cmd = new Command("serve", "Run the coordinator (parameter server) for workers to join, and serve samples")
         {
             Listen, Recipe, Set, Steps, Seed, Out, Resume, tokenFile, AllowUnauthenticated, TlsCert, TlsKey,
-            StepDeadline, Heartbeat, GradientDtype, MinWorkers, KeepServing, Checkpoint, SampleOnly, MaxSamples, device, threads, SharedMemory, LogLevel,
+            StepDeadline, Heartbeat, GradientDtype, MinWorkers, KeepServing, Checkpoint, SampleOnly, MaxSamples, device, threads, SharedMemory,
+            KeepCheckpoints, KeepEvery, LogLevel,
         };
         cmd.SetAction(p =>
         {
@@ -69,6 +72,8 @@ internal static class ServeCommand
             Put(nameof(CoordinatorOptions.Device), device);
             Put(nameof(CoordinatorOptions.Threads), threads);
             Put(nameof(CoordinatorOptions.SharedMemory), SharedMemory);
+            Put(nameof(CoordinatorOptions.KeepCheckpoints), KeepCheckpoints);
+            Put(nameof(CoordinatorOptions.KeepEvery), KeepEvery);
             var sets = p.GetValue(Set) ?? [];
             for (var i = 0; i < sets.Length; i++) flags[$"{CoordinatorOptions.Section}:{nameof(CoordinatorOptions.Set)}:{i}"] = sets[i];
             var options = Configure(flags);

@@ -19,16 +19,22 @@ internal static class TrainCommand
         var resume = new Option<string?>("--resume") { Description = "Continue a run: a run folder (its latest checkpoint) or one checkpoint folder" };
         var device = CliSupport.DeviceOption();
         var threads = CliSupport.ThreadsOption();
+        var keepCheckpoints = CliSupport.KeepCheckpointsOption();
+        var keepEvery = CliSupport.KeepEveryOption();
         var cmd = new Command("train", "Train in this one process (checkpoints and sample pictures go to the run folder)")
         {
-            recipe, set, steps, seed, output, resume, device, threads,
+            recipe, set, steps, seed, output, resume, device, threads, keepCheckpoints, keepEvery,
         };
-        cmd.SetAction(p => Run(p.GetValue(recipe), p.GetValue(set) ?? [], p.GetValue(steps), p.GetValue(seed),
-            p.GetValue(output), p.GetValue(resume), p.GetValue(device)!, p.GetValue(threads)));
+        cmd.SetAction(p =>
+        {
+            var retention = CliSupport.UserInput(() => new CheckpointRetention(p.GetValue(keepCheckpoints) ?? CheckpointRetention.DefaultKeepLast, p.GetValue(keepEvery)));
+            return Run(p.GetValue(recipe), p.GetValue(set) ?? [], p.GetValue(steps), p.GetValue(seed),
+                p.GetValue(output), p.GetValue(resume), p.GetValue(device)!, p.GetValue(threads), retention);
+        });
         return cmd;
     }
 
-    private static int Run(string? recipeName, string[] sets, int? steps, long? seed, string? outDir, string? resume, string deviceSpec, int threads)
+    private static int Run(string? recipeName, string[] sets, int? steps, long? seed, string? outDir, string? resume, string deviceSpec, int threads, CheckpointRetention retention)
     {
         var device = CliSupport.ResolveDevice(deviceSpec, threads);
         // The same rules as serve and run (RunFolder): a damaged newest checkpoint is skipped with a warning, and on
@@ -54,7 +60,6 @@ internal static class TrainCommand
             var inv = CultureInfo.InvariantCulture;
             Console.Error.WriteLine(string.Create(inv,
                 $"training {recipe.Name}: {train.Description}, {train.Count} samples, {state.Network.parameters().Sum(p => p.numel())} parameters, batch {recipe.BatchSize}, T = {recipe.Timesteps}, device {device}, from step {state.StepsDone} to {recipe.Steps}"));
-            var trainerRetention = CheckpointRetention.Default;
             var bar = new ProgressBar("train", state.StepsDone, recipe.Steps);
             double smoothed = double.NaN;
             var firstStep = state.StepsDone;
@@ -77,12 +82,12 @@ internal static class TrainCommand
                         foreach (var aside in saved.SetAside)
                             Console.Error.WriteLine($"warning: {aside.Folder} was not a valid checkpoint ({aside.Reason}); moved it to {aside.MovedTo}");
                         Console.Error.WriteLine($"checkpoint {saved.Folder}");
-                        foreach (var gone in saved.Deleted) Console.Error.WriteLine($"deleted checkpoint {gone} ({trainerRetention})");
+                        foreach (var gone in saved.Deleted) Console.Error.WriteLine($"deleted checkpoint {gone} ({retention})");
                         foreach (var problem in saved.PruneProblems) Console.Error.WriteLine($"warning: could not delete an old checkpoint: {problem}");
                     },
                     OnCheckpointFailed = (step, e) => Console.Error.WriteLine(
                         $"error: the checkpoint of step {step} was not written: {e.Message.ReplaceLineEndings(" ")}; training goes on and the next checkpoint tries again"),
-                    Retention = trainerRetention,
+                    Retention = retention,
                     OnSampleStep = st => Console.Error.WriteLine($"samples {RunPictures.WriteTrainingSamples(state, runDir, st)}"),
                 };
                 trainer.Run(recipe.Steps, cts.Token);
