@@ -242,4 +242,22 @@ public sealed class RunOpeningTests() : TempFolderTest("dd-open")
         Assert.True(code == 0, err);
         Assert.Equal([6L, 8L, 10L, 12L, 14L], CheckpointStore.List(run).Select(c => c.Step));
     }
+
+    /// <summary>
+    /// `train` on a disk that refuses every checkpoint (a regular file where RUN/checkpoints must go): each periodic failure
+    /// is an error line and training goes on to the end; the final checkpoint is tried 3 times, then exit 1 names the step.
+    /// </summary>
+    [Fact]
+    public void TrainGoesOnWhenACheckpointFailsAndExitsOneWhenTheLastCannotBeWritten()
+    {
+        var run = Path.Combine(Dir, "full");
+        Directory.CreateDirectory(run);
+        File.WriteAllText(Path.Combine(run, "checkpoints"), "in the way");
+        var (code, _, err) = CliHarness.Run(["train", "--recipe", "swissroll", "--out", run, "--steps", "4", .. Small]);
+        Assert.Equal(1, code);
+        Assert.Contains("error: the checkpoint of step 2 was not written:", err, StringComparison.Ordinal);
+        Assert.Contains("training goes on and the next checkpoint tries again", err, StringComparison.Ordinal);
+        Assert.Contains("error: the checkpoint of step 4 could not be written in 3 attempts", err, StringComparison.Ordinal);
+        Assert.Contains("this run wrote no checkpoint", err, StringComparison.Ordinal);
+    }
 }
