@@ -51,6 +51,15 @@ public sealed class RunFolderTests : IDisposable
         Assert.Contains($"--out {taken}: already holds a run with checkpoints", e.Message, StringComparison.Ordinal);
         using var same = RunFolder.Open(new RunRequest { Resume = run, Out = run });
         Assert.Equal((Path.Combine(run, "checkpoints", "4"), 4L), same.LastCheckpointInRun);
+
+        // A checkpoint copied out of its run has no run to continue in unless --out names one.
+        var copy = _dir.File("copy");
+        Directory.CreateDirectory(copy);
+        foreach (var f in Directory.GetFiles(Path.Combine(run, "checkpoints", "4"))) File.Copy(f, Path.Combine(copy, Path.GetFileName(f)));
+        Assert.Contains("a checkpoint folder outside a run's checkpoints/ folder; give --out DIR",
+            Assert.Throws<ArgumentException>(() => RunFolder.Open(new RunRequest { Resume = copy })).Message, StringComparison.Ordinal);
+        using var copied = RunFolder.Open(new RunRequest { Resume = copy, Out = _dir.File("continued") });
+        Assert.Equal(4, copied.Checkpoint!.Step);
     }
 
     [Fact]

@@ -90,6 +90,8 @@ public sealed class RunFolder : IDisposable
         {
             // One checkpoint asked for by its path: it must be readable, and continuing it in its own run must not
             // collide with the steps already saved after it.
+            if (request.Out is null && Path.GetFileName(Path.GetDirectoryName(explicitFolder)) != CheckpointStore.CheckpointsFolderName)
+                throw new ArgumentException($"--resume {request.Resume}: a checkpoint folder outside a run's {CheckpointStore.CheckpointsFolderName}/ folder; give --out DIR for the run to continue in");
             checkpoint = CheckpointStore.Load(explicitFolder);
             folder = explicitFolder;
             var source = RunOf(folder);
