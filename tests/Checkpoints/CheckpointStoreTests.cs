@@ -355,4 +355,187 @@ public sealed class CheckpointStoreTests : IDisposable
         Assert.Contains("expected an object", e.Message, StringComparison.Ordinal);
         Assert.IsType<InvalidDataException>(e.InnerException);
     }
+
+    // ---------------------------------------------------------------- values out of range
+
+    /// <summary>A manifest whose numbers are out of range is refused at load, naming the field, the value and the range.</summary>
+    [Theory]
+    [InlineData("step", "-1", "'step' is -1, expected an integer >= 0")]
+    [InlineData("epoch", "-2", "'epoch' is -2, expected an integer >= 0")]
+    [InlineData("cursor", "-1", "'cursor' is -1, expected an integer >= 0")]
+    [InlineData("extra.data.train_size", "77", "'cursor' is 77, expected an integer < 77 (the training-set size in 'extra.data.train_size')")]
+    [InlineData("extra.data.train_size", "0", "'extra.data.train_size' is 0, expected an integer >= 1")]
+    [InlineData("extra.data.train_size", "many", "'extra.data.train_size' is \"many\", expected an integer >= 1")]
+    [InlineData("extra.optimizer.step", "-1", "'extra.optimizer.step' is -1, expected 3 (the checkpoint's 'step': Adam takes one update per step)")]
+    [InlineData("extra.optimizer.step", "4", "'extra.optimizer.step' is 4, expected 3")]
+    [InlineData("extra.optimizer.step", "", "'extra.optimizer.step' is \"\", expected 3")]
+    [InlineData("seed", "99", "'seed' is 99, expected 1234 (the recipe's seed)")]
+    [InlineData("files.model.safetensors.bytes", "-8", "'files.model.safetensors.bytes' is -8, expected an integer >= 0")]
+    public void OutOfRangeManifestValueIsReportedNotLoaded(string field, string value, string problem)
+    {
+        var folder = CheckpointStore.Save(_run.Path, Sample(3));
+        EditManifest(folder, m =>
+        {
+            if (field.StartsWith("extra.", StringComparison.Ordinal)) m["extra"]![field["extra.".Length..]] = value;
+            else if (field.StartsWith("files.", StringComparison.Ordinal)) m["files"]!["model.safetensors"]!["bytes"] = long.Parse(value, System.Globalization.CultureInfo.InvariantCulture);
+            else m[field] = long.Parse(value, System.Globalization.CultureInfo.InvariantCulture);
+        });
+        var e = LoadFails(folder);
+        Assert.Contains(Path.Combine(folder, "checkpoint.json"), e.Message, StringComparison.Ordinal);
+        Assert.Contains(problem, e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void ManifestStepDisagreeingWithItsFolderNameIsReported()
+    {
+        var folder = CheckpointStore.Save(_run.Path, Sample(3));
+        var renamed = Folder(30);
+        Directory.Move(folder, renamed);
+        var e = LoadFails();
+        Assert.Contains("'step' is 3, but the folder is named 30", e.Message, StringComparison.Ordinal);
+    }
+
+    // ---------------------------------------------------------------- a step folder in the way
+
+    /// <summary>
+    /// Something at a step's name that is not a valid checkpoint (a crash of something else, a half copy, a damaged
+    /// checkpoint, a stray file) must not stop the run when it saves that step again: it is moved aside and the new one written.
+    /// </summary>
+    [Theory]
+    [InlineData("empty folder")]
+    [InlineData("no manifest")]
+    [InlineData("bad JSON")]
+    [InlineData("checksum mismatch")]
+    [InlineData("truncated file")]
+    [InlineData("a file")]
+    public void SaveMovesABrokenStepFolderAsideAndWritesTheCheckpoint(string damage)
+    {
+        var checkpoints = Path.Combine(_run.Path, "checkpoints");
+        var folder = Folder(10);
+        if (damage is "empty folder" or "a file")
+        {
+            Directory.CreateDirectory(checkpoints);
+            if (damage == "a file") File.WriteAllText(folder, "not a checkpoint");
+            else Directory.CreateDirectory(folder);
+        }
+        else
+        {
+            CheckpointStore.Save(_run.Path, Sample(10) with { Epoch = 1 });
+            switch (damage)
+            {
+                case "no manifest": File.Delete(Path.Combine(folder, "checkpoint.json")); break;
+                case "bad JSON": File.WriteAllText(Path.Combine(folder, "checkpoint.json"), "{\"format_version\": 1,"); break;
+                case "checksum mismatch":
+                    var model = Path.Combine(folder, "model.safetensors");
+                    var bytes = File.ReadAllBytes(model);
+                    bytes[^2] ^= 0x10;
+                    File.WriteAllBytes(model, bytes);
+                    break;
+                case "truncated file":
+                    var ema = Path.Combine(folder, "ema.safetensors");
+                    File.WriteAllBytes(ema, File.ReadAllBytes(ema)[..^4]);
+                    break;
+            }
+        }
+
+        var data = Sample(10);
+        Assert.Equal(folder, CheckpointStore.Save(_run.Path, data));
+        var loaded = CheckpointStore.Load(folder);
+        try { AssertSame(data, loaded); }
+        finally { DisposeLoaded(loaded); }
+        var aside = Assert.Single(Directory.GetFileSystemEntries(checkpoints, ".broken-10-*"));
+        Assert.Equal(damage == "a file", File.Exists(aside));
+        Assert.Equal(new long[] { 10 }, CheckpointStore.List(_run.Path).Select(c => c.Step));
+    }
+
+    [Fact]
+    public void WriteReportsWhatItMovedAsideAndWhy()
+    {
+        CheckpointStore.Save(_run.Path, Sample(4));
+        File.WriteAllText(Path.Combine(Folder(4), "checkpoint.json"), "[");
+        Directory.CreateDirectory(Folder(8));
+        var first = CheckpointStore.Write(_run.Path, Sample(4));
+        var aside = Assert.Single(first.SetAside);
+        Assert.Equal(Folder(4), aside.Folder);
+        Assert.StartsWith(Path.Combine(_run.Path, "checkpoints", ".broken-4-"), aside.MovedTo, StringComparison.Ordinal);
+        Assert.Contains("not valid JSON", aside.Reason, StringComparison.Ordinal);
+        var second = CheckpointStore.Write(_run.Path, Sample(8));
+        Assert.Contains("no checkpoint.json", Assert.Single(second.SetAside).Reason, StringComparison.Ordinal);
+        Assert.Empty(CheckpointStore.Write(_run.Path, Sample(9)).SetAside);
+    }
+
+    [Fact]
+    public void VerifyChecksEveryFileWithoutLoadingTensors()
+    {
+        var folder = CheckpointStore.Save(_run.Path, Sample(6));
+        Assert.Equal(6, CheckpointStore.Verify(folder));
+        var optimizer = Path.Combine(folder, "optimizer.safetensors");
+        var bytes = File.ReadAllBytes(optimizer);
+        bytes[^1] ^= 1;
+        File.WriteAllBytes(optimizer, bytes);
+        var e = Assert.Throws<CheckpointException>(() => CheckpointStore.Verify(folder));
+        Assert.Equal(optimizer, e.FilePath);
+        Assert.Contains("checksum mismatch", e.Message, StringComparison.Ordinal);
+    }
+
+    // ---------------------------------------------------------------- retention
+
+    [Fact]
+    public void RetentionKeepsTheLastNAndEveryKthStepAndDeletesTheRest()
+    {
+        var retention = new CheckpointRetention(keepLast: 3, keepEvery: 50);
+        var deleted = new List<string>();
+        foreach (var step in Enumerable.Range(1, 12).Select(i => i * 10L))
+        {
+            var saved = CheckpointStore.Write(_run.Path, Sample(step), retention);
+            Assert.Equal(Folder(step), saved.Folder);
+            Assert.Empty(saved.PruneProblems);
+            deleted.AddRange(saved.Deleted);
+        }
+        Assert.Equal(new long[] { 50, 100, 110, 120 }, CheckpointStore.List(_run.Path).Select(c => c.Step));
+        Assert.Equal(new long[] { 10, 20, 30, 40, 60, 70, 80, 90 }.Select(Folder), deleted);
+        Assert.Equal(["100", "110", "120", "50"], Directory.GetFileSystemEntries(Path.Combine(_run.Path, "checkpoints")).Select(Path.GetFileName).Order(StringComparer.Ordinal));
+    }
+
+    [Fact]
+    public void RetentionNeverDeletesTheCheckpointJustWrittenNorAnythingWhenTheSaveFails()
+    {
+        foreach (var step in new long[] { 10, 20, 30 })
+            CheckpointStore.Save(_run.Path, Sample(step));
+        var keepOne = new CheckpointRetention(keepLast: 1);
+
+        // A save that fails (here: a dtype the format lacks) deletes nothing.
+        var data = Sample(40);
+        var bad = new Dictionary<string, Tensor>(data.Optimizer) { ["weird"] = Own(torch.zeros(2, dtype: ScalarType.Int16)) };
+        Assert.Throws<ArgumentException>(() => CheckpointStore.Write(_run.Path, data with { Optimizer = bad }, keepOne));
+        Assert.Equal(new long[] { 10, 20, 30 }, CheckpointStore.List(_run.Path).Select(c => c.Step));
+
+        // An older step written into a run that has newer ones (a resumed branch): the newest and the new one stay.
+        var saved = CheckpointStore.Write(_run.Path, Sample(25), keepOne);
+        Assert.Equal(new[] { Folder(10), Folder(20) }, saved.Deleted);
+        Assert.Equal(new long[] { 25, 30 }, CheckpointStore.List(_run.Path).Select(c => c.Step));
+    }
+
+    [Fact]
+    public void PruneRemovesTrashACrashLeftBehind()
+    {
+        CheckpointStore.Save(_run.Path, Sample(1));
+        var trash = Path.Combine(_run.Path, "checkpoints", ".deleting-0-" + Guid.NewGuid().ToString("N"));
+        Directory.CreateDirectory(trash);
+        File.WriteAllText(Path.Combine(trash, "model.safetensors"), "half deleted");
+        CheckpointStore.Write(_run.Path, Sample(2), CheckpointRetention.Default);
+        Assert.False(Directory.Exists(trash));
+        Assert.Equal(new long[] { 1, 2 }, CheckpointStore.List(_run.Path).Select(c => c.Step));
+    }
+
+    [Theory]
+    [InlineData(0, null, "--keep-checkpoints 0: expected a count >= 1")]
+    [InlineData(-2, null, "--keep-checkpoints -2: expected a count >= 1")]
+    [InlineData(5, 0, "--keep-every 0: expected a step interval >= 1")]
+    [InlineData(5, -100, "--keep-every -100: expected a step interval >= 1")]
+    public void RetentionOutOfRangeIsAClearError(int keepLast, int? keepEvery, string message)
+    {
+        var e = Assert.Throws<ArgumentException>(() => new CheckpointRetention(keepLast, keepEvery));
+        Assert.StartsWith(message, e.Message, StringComparison.Ordinal);
+    }
 }

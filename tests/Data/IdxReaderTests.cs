@@ -146,4 +146,55 @@ public class IdxReaderTests
         Assert.Equal(1f, ds.Data[0].min().item<float>());
         Assert.Equal(-1f, ds.Data[2].max().item<float>());
     }
+
+    /// <summary>A gzip whose header declares 2 images of 28x28 but whose data inflates to 64 MiB (about 64 KiB compressed).</summary>
+    private static byte[] GzipBomb(byte[] header, long inflatedBytes)
+    {
+        using var ms = new MemoryStream();
+        using (var gz = new GZipStream(ms, CompressionLevel.Fastest, leaveOpen: true))
+        {
+            gz.Write(header);
+            var zeros = new byte[1 << 20];
+            for (long done = 0; done < inflatedBytes; done += zeros.Length) gz.Write(zeros, 0, (int)Math.Min(zeros.Length, inflatedBytes - done));
+        }
+        return ms.ToArray();
+    }
+
+    [Theory]
+    [InlineData("images")]
+    [InlineData("labels")]
+    public void GzipThatInflatesBeyondWhatItsHeaderDeclaresIsStoppedThere(string what)
+    {
+        using var tmp = new TestFiles.TempFolder();
+        var p = tmp.File(what + "-bomb.gz");
+        var (header, declared) = what == "images" ? (Idx(2051, [2, 28, 28], 0), 16 + 2 * 28 * 28) : (Idx(2049, [2], 0), 8 + 2);
+        var bomb = GzipBomb(header, 64L << 20);
+        Assert.True(bomb.Length < 1 << 20, $"the test's bomb is {bomb.Length} bytes compressed");
+        File.WriteAllBytes(p, bomb);
+        var e = Assert.Throws<InvalidDataException>(() => { using var t = what == "images" ? IdxReader.ReadImages(p) : IdxReader.ReadLabels(p); });
+        Assert.Contains(p, e.Message, StringComparison.Ordinal);
+        Assert.Contains($"inflates to more than the {declared} bytes its header declares", e.Message, StringComparison.Ordinal);
+    }
+
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void AbsurdHeaderDimensionsAreRefusedBeforeAnyDataIsRead(bool gzip)
+    {
+        using var tmp = new TestFiles.TempFolder();
+        var p = tmp.File(gzip ? "absurd.gz" : "absurd");
+        // 1,000,000 images of 4,000 x 4,000 pixels: 1.6e13 bytes, and the file holds none of them.
+        var header = Idx(2051, [1_000_000, 4_000, 4_000], 0);
+        File.WriteAllBytes(p, gzip ? Gzip(header) : header);
+        var e = Assert.Throws<InvalidDataException>(() => IdxReader.ReadImages(p));
+        Assert.Contains(p, e.Message, StringComparison.Ordinal);
+        Assert.Contains("1000000 images of 4000x4000", e.Message, StringComparison.Ordinal);
+        Assert.Contains($"limit of {IdxReader.MaxDataBytes} bytes", e.Message, StringComparison.Ordinal);
+
+        var side = tmp.File("wide");
+        File.WriteAllBytes(side, Idx(2051, [1, 1, IdxReader.MaxImageSide + 1], IdxReader.MaxImageSide + 1));
+        var e2 = Assert.Throws<InvalidDataException>(() => IdxReader.ReadImages(side));
+        Assert.Contains($"1x{IdxReader.MaxImageSide + 1}", e2.Message, StringComparison.Ordinal);
+        Assert.Contains($"at most {IdxReader.MaxImageSide} pixels a side", e2.Message, StringComparison.Ordinal);
+    }
 }

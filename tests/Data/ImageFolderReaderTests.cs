@@ -69,4 +69,67 @@ public class ImageFolderReaderTests
         Assert.Contains(tmp.Path, e.Message, StringComparison.Ordinal);
         Assert.Throws<DirectoryNotFoundException>(() => ImageFolderReader.Load(tmp.File("missing"), 8));
     }
+
+    /// <summary>A PNG whose IHDR declares <paramref name="width"/> x <paramref name="height"/> RGB pixels, with one tiny IDAT: a few hundred bytes on disk.</summary>
+    internal static byte[] PngDeclaring(int width, int height)
+    {
+        static void Chunk(MemoryStream png, string type, byte[] data)
+        {
+            var typed = System.Text.Encoding.ASCII.GetBytes(type).Concat(data).ToArray();
+            var length = new byte[4];
+            System.Buffers.Binary.BinaryPrimitives.WriteInt32BigEndian(length, data.Length);
+            png.Write(length);
+            png.Write(typed);
+            var crc = new byte[4];
+            System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(crc, System.IO.Hashing.Crc32.HashToUInt32(typed));
+            png.Write(crc);
+        }
+        var ihdr = new byte[13];
+        System.Buffers.Binary.BinaryPrimitives.WriteInt32BigEndian(ihdr, width);
+        System.Buffers.Binary.BinaryPrimitives.WriteInt32BigEndian(ihdr.AsSpan(4), height);
+        ihdr[8] = 8;   // bit depth
+        ihdr[9] = 2;   // RGB
+        using var idat = new MemoryStream();
+        using (var z = new System.IO.Compression.ZLibStream(idat, System.IO.Compression.CompressionLevel.Fastest, leaveOpen: true))
+            z.Write(new byte[1 + 3 * 64]);   // one filter byte and the first pixels of the first row
+        using var png = new MemoryStream();
+        png.Write([0x89, (byte)'P', (byte)'N', (byte)'G', 0x0D, 0x0A, 0x1A, 0x0A]);
+        Chunk(png, "IHDR", ihdr);
+        Chunk(png, "IDAT", idat.ToArray());
+        Chunk(png, "IEND", []);
+        return png.ToArray();
+    }
+
+    [Fact]
+    public void PngWhoseHeaderDeclaresHugeDimensionsIsRefusedBeforeDecoding()
+    {
+        using var tmp = new TestFiles.TempFolder();
+        WriteBands(tmp.File("a-good.png"));
+        var huge = tmp.File("b-huge.png");
+        File.WriteAllBytes(huge, PngDeclaring(100_000, 100_000));
+        var e = Assert.Throws<InvalidDataException>(() => ImageFolderReader.Load(tmp.Path, 8));
+        Assert.Contains(huge, e.Message, StringComparison.Ordinal);
+        Assert.Contains("100000x100000", e.Message, StringComparison.Ordinal);
+        Assert.Contains($"at most {ImageFolderReader.MaxImageSide} pixels a side", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void JpegWhoseHeaderDeclaresTooManyPixelsIsRefusedBeforeDecoding()
+    {
+        using var tmp = new TestFiles.TempFolder();
+        // A real 16x16 JPEG whose start-of-frame is patched to declare 10000 x 10000 (each side allowed, the area not).
+        using var bmp = new SKBitmap(16, 16);
+        bmp.Erase(SKColors.Gray);
+        using var encoded = bmp.Encode(SKEncodedImageFormat.Jpeg, 90);
+        var jpeg = encoded.ToArray();
+        var sof = Enumerable.Range(0, jpeg.Length - 1).First(i => jpeg[i] == 0xFF && jpeg[i + 1] is 0xC0 or 0xC1 or 0xC2);
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt16BigEndian(jpeg.AsSpan(sof + 5), 10_000);   // height
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt16BigEndian(jpeg.AsSpan(sof + 7), 10_000);   // width
+        var huge = tmp.File("huge.jpg");
+        File.WriteAllBytes(huge, jpeg);
+        var e = Assert.Throws<InvalidDataException>(() => ImageFolderReader.Load(tmp.Path, 8));
+        Assert.Contains(huge, e.Message, StringComparison.Ordinal);
+        Assert.Contains("10000x10000", e.Message, StringComparison.Ordinal);
+        Assert.Contains($"at most {ImageFolderReader.MaxImagePixels} pixels", e.Message, StringComparison.Ordinal);
+    }
 }

@@ -68,6 +68,18 @@ public sealed class ClusterCliTests() : TempFolderTest("dd-clustercli")
             Cluster.AssertIdenticalFiles(Path.Combine(Dir, runs[0].Name), Path.Combine(Dir, name));
     }
 
+    /// <summary>`run`'s checkpoint retention flags reach the coordinator's loop (a real worker process).</summary>
+    [Fact(Timeout = 180_000)]
+    public async Task RunKeepsOnlyTheCheckpointsItIsAskedToKeep()
+    {
+        await Task.Yield();
+        var runDir = Path.Combine(Dir, "run");
+        var (code, _, err) = CliHarness.Run(["run", "--workers", "1", "--recipe", "swissroll", "--steps", "8", "--out", runDir,
+            .. Cluster.Sets(checkpointEvery: 2).SelectMany(s => new[] { "--set", s }), "--keep-checkpoints", "1", "--keep-every", "4"]);
+        Assert.True(code == 0, err);
+        Assert.Equal([4L, 8L], CheckpointStore.List(runDir).Select(c => c.Step));
+    }
+
     [Fact(Timeout = 60_000)]
     public async Task StatusShowsTheRunAndItsWorkersAndFailsClearlyWhenUnreachable()
     {

@@ -97,6 +97,33 @@ public class TrainingTests
         }
     }
 
+    /// <summary>Checkpoint data made in memory (not through CheckpointStore.Load) is checked too: no NaN weights from a bad update count.</summary>
+    [Theory]
+    [InlineData("optimizer.step", "-1")]
+    [InlineData("optimizer.step", "3")]
+    [InlineData("cursor", "64")]
+    [InlineData("epoch", "-1")]
+    public void RestoringAnOutOfRangePositionIsRefused(string field, string value)
+    {
+        var recipe = TinyMlp with { Steps = 5, CheckpointEvery = 0, SampleEvery = 0 };
+        using var train = new Dataset(Synthetic2D.SwissRoll(recipe.SyntheticSize, 2), "swiss roll");
+        using var state = TrainingState.Create(recipe, [2], train.Count, CPU);
+        var trainer = new LocalTrainer(state, train, "unused");
+        for (var i = 0; i < 5; i++) trainer.TrainStep();
+        var good = state.ToCheckpoint();
+        var n = long.Parse(value, System.Globalization.CultureInfo.InvariantCulture);
+        var bad = field switch
+        {
+            "cursor" => good with { Cursor = n },
+            "epoch" => good with { Epoch = n },
+            _ => good with { Extra = new Dictionary<string, string>(good.Extra) { [field] = value } },
+        };
+        var e = Assert.Throws<InvalidDataException>(() => TrainingState.FromCheckpoint(bad, [2], train.Count, CPU));
+        Assert.Contains("out of range", e.Message, StringComparison.Ordinal);
+        using var fine = TrainingState.FromCheckpoint(good, [2], train.Count, CPU);
+        Assert.Equal(5, fine.StepsDone);
+    }
+
     [Fact]
     public void ShortSwissRollTrainingBringsSamplesCloseToTheData()
     {

@@ -30,6 +30,16 @@ internal static class CliSupport
         DefaultValueFactory = _ => 0,
     };
 
+    public static Option<int?> KeepCheckpointsOption() => new("--keep-checkpoints")
+    {
+        Description = $"Keep the newest N checkpoints; older ones are deleted once a new one is written and verified (default {CheckpointRetention.DefaultKeepLast})",
+    };
+
+    public static Option<int?> KeepEveryOption() => new("--keep-every")
+    {
+        Description = "Also keep for good every checkpoint whose step is a multiple of K (default: none)",
+    };
+
     /// <summary>The token a client verb (status, sample) presents.</summary>
     public static Option<string?> TokenFileOption() => new("--token-file")
     {

@@ -27,10 +27,12 @@ internal static class RunCommand
         var resume = new Option<string?>("--resume") { Description = "Continue the run in this folder from its latest checkpoint" };
         var workerThreads = new Option<int>("--worker-threads") { Description = "CPU threads per worker (0: the machine's cores divided among the workers)", DefaultValueFactory = _ => 0 };
         var gradientDtype = new Option<string>("--gradient-dtype") { Description = "float32 (exact) or bfloat16", DefaultValueFactory = _ => "float32" };
+        var keepCheckpoints = CliSupport.KeepCheckpointsOption();
+        var keepEvery = CliSupport.KeepEveryOption();
         var logLevel = new Option<string>("--log-level") { Description = "Log level of the coordinator and workers (debug, information, warning, error)", DefaultValueFactory = _ => "warning" };
         var cmd = new Command("run", "Train with a coordinator and N worker processes on this machine")
         {
-            workers, recipe, set, steps, seed, output, resume, workerThreads, gradientDtype, ServeCommand.SharedMemory, logLevel,
+            workers, recipe, set, steps, seed, output, resume, workerThreads, gradientDtype, ServeCommand.SharedMemory, keepCheckpoints, keepEvery, logLevel,
         };
         cmd.SetAction(p =>
         {
@@ -51,6 +53,8 @@ internal static class RunCommand
                 Resume = p.GetValue(resume),
                 GradientDtype = p.GetValue(gradientDtype)!,
                 SharedMemory = p.GetValue(ServeCommand.SharedMemory) ?? true,
+                KeepCheckpoints = p.GetValue(keepCheckpoints) ?? Model.Checkpoints.CheckpointRetention.DefaultKeepLast,
+                KeepEvery = p.GetValue(keepEvery),
                 MinWorkers = n,
                 // The coordinator's own torch work (Adam, EMA) is small; its cores belong to the workers.
                 Threads = 1,

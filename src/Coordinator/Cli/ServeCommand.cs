@@ -41,6 +41,8 @@ internal static class ServeCommand
     public static readonly Option<double?> StragglerFactor = new("--straggler-factor") { Description = "A slice held this many times longer (per sample) than the median of the step's finished slices gets a copy on an idle worker (default 2)" };
     public static readonly Option<double?> VerifyFraction = new("--verify-fraction") { Description = "Share of slices also computed on a second worker and compared bit for bit (default 0)" };
     public static readonly Option<int?> MaxDisagreements = new("--max-disagreements") { Description = "Drop a worker whose bits differ from another's this many times (default 3)" };
+    public static readonly Option<int?> KeepCheckpoints = CliSupport.KeepCheckpointsOption();
+    public static readonly Option<int?> KeepEvery = CliSupport.KeepEveryOption();
     public static readonly Option<string> LogLevel = new("--log-level") { Description = "debug, information, warning or error", DefaultValueFactory = _ => "information" };
 
     public static Command Create()
@@ -51,8 +53,8 @@ internal static class ServeCommand
         var cmd = new Command("serve", "Run the coordinator (parameter server) for workers to join, and serve samples")
         {
             Listen, Recipe, Set, Steps, Seed, Out, Resume, tokenFile, WorkerTokenFile, ClientTokenFile, AllowUnauthenticated, TlsCert, TlsKey, HealthListen,
-            StepDeadline, Heartbeat, GradientDtype, MinWorkers, KeepServing, Checkpoint, SampleOnly, MaxSamples, device, threads, SharedMemory, GradientBoundRatio, StragglerFactor, VerifyFraction, MaxDisagreements, LogLevel,
-            MaxSampleRequests, SampleDeadline,
+            StepDeadline, Heartbeat, GradientDtype, MinWorkers, KeepServing, Checkpoint, SampleOnly, MaxSamples, device, threads, SharedMemory, GradientBoundRatio, StragglerFactor, VerifyFraction, MaxDisagreements,
+            MaxSampleRequests, SampleDeadline, KeepCheckpoints, KeepEvery, LogLevel,
         };
         cmd.SetAction(p =>
         {
@@ -88,6 +90,8 @@ internal static class ServeCommand
             Put(nameof(CoordinatorOptions.MaxDisagreements), MaxDisagreements);
             Put(nameof(CoordinatorOptions.MaxConcurrentSampleRequests), MaxSampleRequests);
             Put(nameof(CoordinatorOptions.SampleBatchDeadlineSeconds), SampleDeadline);
+            Put(nameof(CoordinatorOptions.KeepCheckpoints), KeepCheckpoints);
+            Put(nameof(CoordinatorOptions.KeepEvery), KeepEvery);
             var sets = p.GetValue(Set) ?? [];
             for (var i = 0; i < sets.Length; i++) flags[$"{CoordinatorOptions.Section}:{nameof(CoordinatorOptions.Set)}:{i}"] = sets[i];
             var options = Configure(flags);

@@ -19,56 +19,31 @@ internal static class TrainCommand
         var resume = new Option<string?>("--resume") { Description = "Continue a run: a run folder (its latest checkpoint) or one checkpoint folder" };
         var device = CliSupport.DeviceOption();
         var threads = CliSupport.ThreadsOption();
+        var keepCheckpoints = CliSupport.KeepCheckpointsOption();
+        var keepEvery = CliSupport.KeepEveryOption();
         var cmd = new Command("train", "Train in this one process (checkpoints and sample pictures go to the run folder)")
         {
-            recipe, set, steps, seed, output, resume, device, threads,
+            recipe, set, steps, seed, output, resume, device, threads, keepCheckpoints, keepEvery,
         };
-        cmd.SetAction(p => Run(p.GetValue(recipe), p.GetValue(set) ?? [], p.GetValue(steps), p.GetValue(seed),
-            p.GetValue(output), p.GetValue(resume), p.GetValue(device)!, p.GetValue(threads)));
+        cmd.SetAction(p =>
+        {
+            var retention = CliSupport.UserInput(() => new CheckpointRetention(p.GetValue(keepCheckpoints) ?? CheckpointRetention.DefaultKeepLast, p.GetValue(keepEvery)));
+            return Run(p.GetValue(recipe), p.GetValue(set) ?? [], p.GetValue(steps), p.GetValue(seed),
+                p.GetValue(output), p.GetValue(resume), p.GetValue(device)!, p.GetValue(threads), retention);
+        });
         return cmd;
     }
 
-    private static int Run(string? recipeName, string[] sets, int? steps, long? seed, string? outDir, string? resume, string deviceSpec, int threads)
+    private static int Run(string? recipeName, string[] sets, int? steps, long? seed, string? outDir, string? resume, string deviceSpec, int threads, CheckpointRetention retention)
     {
         var device = CliSupport.ResolveDevice(deviceSpec, threads);
-        CheckpointData? checkpoint = null;
-        Recipe recipe;
-        string runDir;
-        if (resume is not null)
-        {
-            if (recipeName is not null || sets.Length > 0 || seed is not null)
-                throw new UsageException("--resume continues a run with its own recipe: drop --recipe, --set and --seed (only --steps may change)");
-            var folder = CheckpointStore.ResolveCheckpointFolder(resume);
-            checkpoint = CheckpointStore.Load(folder);
-            recipe = checkpoint.Recipe;
-            // RUN/checkpoints/<step> -> RUN
-            runDir = Path.GetFullPath(outDir ?? Path.Combine(folder, "..", ".."));
-            var later = Directory.Exists(Path.Combine(runDir, "checkpoints"))
-                ? CheckpointStore.List(runDir).Where(c => c.Step > checkpoint.Step).Select(c => c.Step).ToList()
-                : [];
-            if (later.Count > 0)
-            {
-                checkpoint.DisposeTensors();
-                throw new UsageException($"--resume {resume}: step {checkpoint.Step} is not the latest checkpoint of {runDir} (it has {string.Join(", ", later)}); resume the run folder itself, or branch off with --out NEW_DIR");
-            }
-        }
-        else
-        {
-            if (recipeName is null) throw new UsageException("--recipe is required (or --resume DIR)");
-            if (outDir is null) throw new UsageException("--out DIR is required");
-            var overrides = sets;
-            recipe = CliSupport.UserInput(() => Recipes.Get(recipeName).WithOverrides(overrides));
-            if (seed is { } s) recipe = recipe with { Seed = s };
-            runDir = Path.GetFullPath(outDir);
-            if (Directory.Exists(Path.Combine(runDir, "checkpoints")) && CheckpointStore.List(runDir).Count > 0)
-                throw new UsageException($"--out {outDir}: already holds a run with checkpoints; use --resume {outDir} to continue it or choose another folder");
-        }
-        if (steps is { } n)
-        {
-            if (n < 0) throw new UsageException($"--steps {n}: expected a count >= 0");
-            recipe = recipe with { Steps = n };
-        }
-        recipe.Validate();
+        // The same rules as serve and run (RunFolder): a damaged newest checkpoint is skipped with a warning, and on
+        // resume --recipe, --set and --seed may only restate the run's own recipe.
+        using var run = CliSupport.UserInput(() => RunFolder.Open(new RunRequest { Resume = resume, Out = outDir, Recipe = recipeName, Set = sets, Seed = seed, Steps = steps }));
+        foreach (var skipped in run.Skipped)
+            Console.Error.WriteLine($"warning: checkpoint {skipped.Folder} cannot be read, skipped: {skipped.Reason.ReplaceLineEndings(" ")}");
+        var recipe = run.Recipe;
+        var runDir = run.RunDir;
         // The recipe keeps the data path as given (relative paths stay relative, so a moved checkout still resumes);
         // only loading uses the resolved folder.
         var (train, heldOut) = DatasetLoader.Load(DatasetLoader.ResolveDataPath(recipe));
@@ -77,17 +52,10 @@ internal static class TrainCommand
         {
             Directory.CreateDirectory(runDir);
             File.WriteAllText(Path.Combine(runDir, "recipe.json"), recipe.ToJson());
-            TrainingState state;
-            try
-            {
-                state = checkpoint is null
-                    ? TrainingState.Create(recipe, train.SampleShape, train.Count, device)
-                    : TrainingState.FromCheckpoint(checkpoint with { Recipe = recipe }, train.SampleShape, train.Count, device);
-            }
-            finally
-            {
-                checkpoint?.DisposeTensors();
-            }
+            var state = run.Checkpoint is null
+                ? TrainingState.Create(recipe, train.SampleShape, train.Count, device)
+                : TrainingState.FromCheckpoint(run.Checkpoint with { Recipe = recipe }, train.SampleShape, train.Count, device);
+            run.Dispose();   // the checkpoint's CPU tensors are copied into the state
             using var stateScope = state;
             var inv = CultureInfo.InvariantCulture;
             Console.Error.WriteLine(string.Create(inv,
@@ -109,7 +77,17 @@ internal static class TrainCommand
                         smoothed = double.IsNaN(smoothed) ? p.Loss : 0.98 * smoothed + 0.02 * p.Loss;
                         bar.Update(p.Step, "loss " + CliSupport.Format(smoothed));
                     },
-                    OnCheckpoint = f => Console.Error.WriteLine($"checkpoint {f}"),
+                    OnCheckpoint = saved =>
+                    {
+                        foreach (var aside in saved.SetAside)
+                            Console.Error.WriteLine($"warning: {aside.Folder} was not a valid checkpoint ({aside.Reason}); moved it to {aside.MovedTo}");
+                        Console.Error.WriteLine($"checkpoint {saved.Folder}");
+                        foreach (var gone in saved.Deleted) Console.Error.WriteLine($"deleted checkpoint {gone} ({retention})");
+                        foreach (var problem in saved.PruneProblems) Console.Error.WriteLine($"warning: could not delete an old checkpoint: {problem}");
+                    },
+                    OnCheckpointFailed = (step, e) => Console.Error.WriteLine(
+                        $"error: the checkpoint of step {step} was not written: {e.Message.ReplaceLineEndings(" ")}; training goes on and the next checkpoint tries again"),
+                    Retention = retention,
                     OnSampleStep = st => Console.Error.WriteLine($"samples {RunPictures.WriteTrainingSamples(state, runDir, st)}"),
                 };
                 trainer.Run(recipe.Steps, cts.Token);

@@ -1,3 +1,4 @@
+using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
 
@@ -88,6 +89,13 @@ public sealed class CoordinatorOptions
     public double VerifyFraction { get; set; }
     /// <summary>A worker whose bits differ from another's this many times is dropped.</summary>
     public int MaxDisagreements { get; set; } = 3;
+    /// <summary>How many of the newest checkpoints to keep (older ones are deleted once a new one is written and verified).</summary>
+    public int KeepCheckpoints { get; set; } = CheckpointRetention.DefaultKeepLast;
+    /// <summary>Also keep, for good, every checkpoint whose step is a multiple of this (null: none).</summary>
+    public int? KeepEvery { get; set; }
+
+    /// <summary>The checkpoint retention these settings ask for.</summary>
+    public CheckpointRetention Retention() => new(KeepCheckpoints, KeepEvery);
 
     public double HeartbeatTimeoutSeconds => HeartbeatSeconds * 4;
 
@@ -118,6 +126,7 @@ public sealed class CoordinatorOptions
         if (MinWorkers < 1) throw new ArgumentException($"--min-workers {MinWorkers}: expected at least 1");
         if (Steps is < 0) throw new ArgumentException($"--steps {Steps}: expected a count >= 0");
         ParseGradientDtype();
+        Retention();
         ClientChannel.ParseAddress(Listen, "--listen");
         if ((TlsCert is null) != (TlsKey is null)) throw new ArgumentException("--tls-cert and --tls-key go together");
         if (Listen.StartsWith("https", StringComparison.OrdinalIgnoreCase) && TlsCert is null)

@@ -84,11 +84,8 @@ public sealed class TrainingLoop : BackgroundService
         GradientDtype = options.ParseGradientDtype();
         RecipeJson = run.State.Recipe.ToJson();
         _parameters.Publish((ulong)run.State.StepsDone, (ulong)run.State.StepsDone);
-        if (Directory.Exists(Path.Combine(run.RunDir, "checkpoints")))
-        {
-            var all = CheckpointStore.List(run.RunDir);
-            if (all.Count > 0) (_lastCheckpoint, _lastCheckpointStep) = (all[^1].Folder, all[^1].Step);
-        }
+        // The checkpoint this state came from (not merely the highest step folder, which may be the damaged one skipped).
+        if (run.LastCheckpoint is { } last) (_lastCheckpoint, _lastCheckpointStep) = (last.Folder, last.Step);
     }
 
     public string RunId { get; }
@@ -224,7 +221,7 @@ public sealed class TrainingLoop : BackgroundService
             }
             else
             {
-                if (_lastCheckpointStep != s.StepsDone) SaveCheckpoint();
+                if (_lastCheckpointStep != s.StepsDone) await SaveFinalCheckpointAsync(stoppingToken);
                 SetState(RunState.Complete);
                 _log.LogInformation("Training complete at step {Step}", s.StepsDone);
             }
@@ -585,12 +582,53 @@ public sealed class TrainingLoop : BackgroundService
     private static void Ack(SliceGradient g, bool applied, string note) =>
         g.Worker.Send(new CoordinatorMessage { Ack = new Ack { Step = g.Step, Slice = g.Slice, Applied = applied, Note = note } });
 
-    private void SaveCheckpoint()
+    /// <summary>
+    /// Writes and verifies a checkpoint of the current step, then applies the retention. A checkpoint the disk refuses
+    /// (full, I/O error) is logged and training goes on; the next interval tries again. The status fields move only on success.
+    /// </summary>
+    private bool SaveCheckpoint()
     {
-        using var guard = Model.TorchRuntime.Compute();
-        var folder = CheckpointStore.Save(_run.RunDir, _run.State.ToCheckpoint());
-        lock (_statusLock) (_lastCheckpoint, _lastCheckpointStep) = (folder, _run.State.StepsDone);
-        _log.LogInformation("Checkpoint {Folder}", folder);
+        var step = _run.State.StepsDone;
+        SavedCheckpoint saved;
+        try
+        {
+            using var guard = Model.TorchRuntime.Compute();
+            saved = CheckpointStore.Write(_run.RunDir, _run.State.ToCheckpoint(), _run.Retention);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            string last;
+            long lastStep;
+            lock (_statusLock) (last, lastStep) = (_lastCheckpoint, _lastCheckpointStep);
+            _log.LogError(e, "Checkpoint of step {Step} not written; training goes on and the next checkpoint tries again (last checkpoint {LastCheckpoint}, step {LastStep})",
+                step, last.Length > 0 ? last : "none", lastStep);
+            return false;
+        }
+        lock (_statusLock) (_lastCheckpoint, _lastCheckpointStep) = (saved.Folder, saved.Step);
+        foreach (var aside in saved.SetAside)
+            _log.LogWarning("{Folder} was not a valid checkpoint ({Reason}); moved it to {MovedTo}", aside.Folder, aside.Reason, aside.MovedTo);
+        _log.LogInformation("Checkpoint {Folder}", saved.Folder);
+        foreach (var gone in saved.Deleted)
+            _log.LogInformation("Deleted checkpoint {Folder} (retention: {Retention})", gone, _run.Retention);
+        foreach (var problem in saved.PruneProblems)
+            _log.LogWarning("Could not delete an old checkpoint: {Problem}", problem);
+        return true;
+    }
+
+    /// <summary>The checkpoint at the end of training, tried 3 times (1 s, then 2 s apart); then an IOException fails the run.</summary>
+    private async Task SaveFinalCheckpointAsync(CancellationToken ct)
+    {
+        const int attempts = 3;
+        var pause = TimeSpan.FromSeconds(1);
+        for (var attempt = 1; attempt <= attempts; attempt++)
+        {
+            if (SaveCheckpoint()) return;
+            if (attempt == attempts) break;
+            await Task.Delay(pause, ct);
+            pause *= 2;
+        }
+        throw new IOException($"the final checkpoint of step {_run.State.StepsDone} could not be written in {attempts} attempts; the last checkpoint is "
+            + (_lastCheckpointStep < 0 ? "none" : $"{_lastCheckpoint} (step {_lastCheckpointStep})"));
     }
 
     public override void Dispose()

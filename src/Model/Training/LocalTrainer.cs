@@ -38,8 +38,23 @@ public sealed class LocalTrainer : IDisposable
 
     /// <summary>Called after each step.</summary>
     public Action<TrainingProgress>? OnStep { get; init; }
-    /// <summary>Called with the folder of each checkpoint written.</summary>
-    public Action<string>? OnCheckpoint { get; init; }
+    /// <summary>Called with each checkpoint written and verified (and what it moved aside or retention deleted).</summary>
+    public Action<SavedCheckpoint>? OnCheckpoint { get; init; }
+    /// <summary>
+    /// Called with the step and the error when a checkpoint could not be written (disk full, I/O error, a path in the way):
+    /// training goes on and the next checkpoint tries again.
+    /// </summary>
+    public Action<long, Exception>? OnCheckpointFailed { get; init; }
+    /// <summary>Which checkpoints to keep once a new one is verified (default: the last 5).</summary>
+    public CheckpointRetention Retention { get; init; } = CheckpointRetention.Default;
+    /// <summary>How often the checkpoint at the end (or on cancellation) is tried before <see cref="Run"/> gives up with an IOException.</summary>
+    public int FinalCheckpointAttempts { get; init; } = 3;
+    /// <summary>Pause before the second try of the final checkpoint (doubled before each further one).</summary>
+    public TimeSpan FinalCheckpointRetryPause { get; init; } = TimeSpan.FromSeconds(1);
+    /// <summary>The step of the last checkpoint this trainer wrote (-1: none yet).</summary>
+    public long LastCheckpointStep { get; private set; } = -1;
+    /// <summary>The folder of the last checkpoint this trainer wrote (null: none yet).</summary>
+    public string? LastCheckpoint { get; private set; }
     /// <summary>Called after each periodic step with the step number, to write sample pictures (null: none).</summary>
     public Action<long>? OnSampleStep { get; init; }
 
@@ -56,11 +71,14 @@ public sealed class LocalTrainer : IDisposable
 
     /// <summary>
     /// Trains until <paramref name="targetStep"/> steps are done. Checkpoints every recipe.CheckpointEvery steps
-    /// and at the end; on cancellation writes a checkpoint of the last completed step before rethrowing.
+    /// and at the end; on cancellation writes a checkpoint of the last completed step before rethrowing. A periodic
+    /// checkpoint that fails is reported to <see cref="OnCheckpointFailed"/> and training goes on; the final one is tried
+    /// <see cref="FinalCheckpointAttempts"/> times, then an <see cref="IOException"/> says which step was not saved.
     /// </summary>
     public void Run(long targetStep, CancellationToken ct = default)
     {
         var recipe = _state.Recipe;
+        var firstStep = _state.StepsDone;
         _state.Network.train();
         try
         {
@@ -71,27 +89,72 @@ public sealed class LocalTrainer : IDisposable
                 var step = _state.StepsDone;
                 OnStep?.Invoke(new TrainingProgress(step, targetStep, loss, norm));
                 if (recipe.CheckpointEvery > 0 && step % recipe.CheckpointEvery == 0 && step < targetStep)
-                    SaveCheckpoint();
+                    TrySaveCheckpoint();
                 if (recipe.SampleEvery > 0 && step % recipe.SampleEvery == 0 && step < targetStep)
                     OnSampleStep?.Invoke(step);
             }
         }
         finally
         {
-            if (!CheckpointExists(_state.StepsDone))
-                SaveCheckpoint();
+            // Nothing to write when this step's checkpoint exists: written here, or the valid one the run resumed from.
+            var saved = _state.StepsDone == LastCheckpointStep
+                || (_state.StepsDone == firstStep && IsValidCheckpoint(_state.StepsDone));
+            if (!saved)
+                SaveFinalCheckpoint();
         }
         OnSampleStep?.Invoke(_state.StepsDone);
     }
 
-    private bool CheckpointExists(long step) =>
-        Directory.Exists(Path.Combine(_runDir, "checkpoints")) && CheckpointStore.List(_runDir).Any(c => c.Step == step);
-
-    public string SaveCheckpoint()
+    private bool IsValidCheckpoint(long step)
     {
-        var folder = CheckpointStore.Save(_runDir, _state.ToCheckpoint());
-        OnCheckpoint?.Invoke(folder);
-        return folder;
+        var folder = Path.Combine(_runDir, CheckpointStore.CheckpointsFolderName, step.ToString(System.Globalization.CultureInfo.InvariantCulture));
+        if (!Directory.Exists(folder)) return false;
+        try
+        {
+            return CheckpointStore.Verify(folder) == step;
+        }
+        catch (IOException)
+        {
+            return false;   // damaged: the save moves it aside and writes this step again
+        }
+    }
+
+    /// <summary>Writes a checkpoint of the current step; false (after telling <see cref="OnCheckpointFailed"/>) when the disk refused.</summary>
+    public bool TrySaveCheckpoint()
+    {
+        var step = _state.StepsDone;
+        try
+        {
+            var saved = CheckpointStore.Write(_runDir, _state.ToCheckpoint(), Retention);
+            (LastCheckpoint, LastCheckpointStep) = (saved.Folder, saved.Step);
+            OnCheckpoint?.Invoke(saved);
+            return true;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            _lastSaveError = e;
+            OnCheckpointFailed?.Invoke(step, e);
+            return false;
+        }
+    }
+
+    private Exception? _lastSaveError;
+
+    private void SaveFinalCheckpoint()
+    {
+        var attempts = Math.Max(1, FinalCheckpointAttempts);
+        var pause = FinalCheckpointRetryPause;
+        for (var attempt = 1; attempt <= attempts; attempt++)
+        {
+            if (TrySaveCheckpoint()) return;
+            if (attempt < attempts)
+            {
+                Thread.Sleep(pause);
+                pause *= 2;
+            }
+        }
+        throw new IOException($"the checkpoint of step {_state.StepsDone} could not be written in {attempts} attempts ({_lastSaveError?.Message}); "
+            + (LastCheckpoint is null ? "this run wrote no checkpoint" : $"the last one written is {LastCheckpoint} (step {LastCheckpointStep})"), _lastSaveError);
     }
 
     public void Dispose() => _gradients.Dispose();

@@ -138,13 +138,13 @@ public sealed class TrainingState : IDisposable
         Optimizer.StateTensors(),
         new Dictionary<string, string>
         {
-            ["optimizer.step"] = Optimizer.StepCount.ToString(CultureInfo.InvariantCulture),
+            [CheckpointStore.OptimizerStepKey] = Optimizer.StepCount.ToString(CultureInfo.InvariantCulture),
             [TrainSizeKey] = Order.DatasetSize.ToString(CultureInfo.InvariantCulture),
         });
     }
 
     /// <summary>Checkpoint fact: the training-set size the data order was planned for.</summary>
-    public const string TrainSizeKey = "data.train_size";
+    public const string TrainSizeKey = CheckpointStore.TrainSizeKey;
 
     private void Restore(CheckpointData c)
     {
@@ -158,8 +158,10 @@ public sealed class TrainingState : IDisposable
         }
         if (c.Extra.TryGetValue(TrainSizeKey, out var sizeText) && sizeText != Order.DatasetSize.ToString(CultureInfo.InvariantCulture))
             throw new InvalidDataException($"checkpoint was trained on {sizeText} samples but the data now has {Order.DatasetSize}: resuming would not continue the same run");
-        if (!c.Extra.TryGetValue("optimizer.step", out var stepText) || !long.TryParse(stepText, NumberStyles.Integer, CultureInfo.InvariantCulture, out var optSteps))
-            throw new InvalidDataException("checkpoint lacks 'optimizer.step'");
+        if (!c.Extra.TryGetValue(CheckpointStore.OptimizerStepKey, out var stepText) || !long.TryParse(stepText, NumberStyles.Integer, CultureInfo.InvariantCulture, out var optSteps))
+            throw new InvalidDataException($"checkpoint lacks '{CheckpointStore.OptimizerStepKey}'");
+        if (c.Step < 0 || c.Epoch < 0 || c.Cursor < 0 || c.Cursor >= Order.DatasetSize || optSteps != c.Step)
+            throw new InvalidDataException($"checkpoint position out of range: step {c.Step}, epoch {c.Epoch}, cursor {c.Cursor} of {Order.DatasetSize} samples, {optSteps} optimizer updates (expected step, epoch, cursor >= 0, cursor < the training-set size, updates = step)");
         using (no_grad())
             foreach (var (name, p) in named) p.copy_(c.Model[name]);
         Optimizer.LoadState(c.Optimizer, optSteps);
