@@ -16,6 +16,8 @@ public static class CoordinatorCli
         StatusCommand.Create(),
         BenchmarkExchangeCommand.Create(),
         BenchmarkSoakCommand.Create(),
+        BenchmarkStragglerCommand.Create(),
+        BenchmarkChaosCommand.Create(),
     };
 
     public static int Run(string[] args) => CliSupport.Invoke(Build(), args);

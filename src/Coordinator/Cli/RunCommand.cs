@@ -73,6 +73,28 @@ internal static class RunCommand
         return cmd;
     }
 
+    /// <summary>
+    /// Starts a worker process for <paramref name="address"/> with the worker token in its environment (nowhere on disk),
+    /// the allocator settings, and --exit-with-parent: should this process die without its finally block (SIGKILL, a
+    /// crash), the worker notices within a second and exits instead of retrying the coordinator until --give-up-after
+    /// runs out. Its output lines go to <paramref name="output"/> with <paramref name="prefix"/>.
+    /// </summary>
+    internal static Process StartWorker(Uri address, string workerToken, int threads, string logLevel, string prefix, Action<string> output, double giveUpAfterSeconds = 60)
+    {
+        var psi = WorkerStartInfo(["--coordinator", address.ToString(), "--threads", threads.ToString(CultureInfo.InvariantCulture), "--log-level", logLevel,
+            "--give-up-after", giveUpAfterSeconds.ToString(CultureInfo.InvariantCulture), "--exit-with-parent", Environment.ProcessId.ToString(CultureInfo.InvariantCulture)]);
+        psi.Environment.Remove(Names.TokenEnvironmentVariable);
+        psi.Environment.Remove(Names.ClientTokenEnvironmentVariable);
+        psi.Environment[Names.WorkerTokenEnvironmentVariable] = workerToken;
+        foreach (var (key, value) in Model.TorchRuntime.AllocatorEnvironment()) psi.Environment[key] = value;
+        var process = Process.Start(psi) ?? throw new InvalidOperationException("could not start a worker process");
+        process.OutputDataReceived += (_, e) => { if (e.Data is not null) output(prefix + e.Data); };
+        process.ErrorDataReceived += (_, e) => { if (e.Data is not null) output(prefix + e.Data); };
+        process.BeginOutputReadLine();
+        process.BeginErrorReadLine();
+        return process;
+    }
+
     /// <summary>The worker executable shipped beside this one.</summary>
     internal static ProcessStartInfo WorkerStartInfo(IEnumerable<string> args) => StartInfo("worker", args);
 
@@ -102,23 +124,7 @@ internal static class RunCommand
             Console.Error.WriteLine(string.Create(CultureInfo.InvariantCulture,
                 $"run {status.RunId}: {status.Recipe} from step {status.Step} to {status.TargetStep}, coordinator {server.Address}, {workerCount} workers x {threads} threads, client token (status, sample) in {Path.Combine(server.RunDir, "token")}"));
             for (var i = 0; i < workerCount; i++)
-            {
-                // --exit-with-parent: should this process die without its finally block (SIGKILL, a crash), the workers
-                // notice within a second and exit instead of retrying the coordinator until --give-up-after runs out.
-                var psi = WorkerStartInfo(["--coordinator", server.Address.ToString(), "--threads", threads.ToString(CultureInfo.InvariantCulture), "--log-level", logLevel, "--give-up-after", "60",
-                    "--exit-with-parent", Environment.ProcessId.ToString(CultureInfo.InvariantCulture)]);
-                psi.Environment.Remove(Names.TokenEnvironmentVariable);
-                psi.Environment.Remove(Names.ClientTokenEnvironmentVariable);
-                psi.Environment[Names.WorkerTokenEnvironmentVariable] = credentials.Worker;
-                foreach (var (key, value) in Model.TorchRuntime.AllocatorEnvironment()) psi.Environment[key] = value;
-                var process = Process.Start(psi) ?? throw new InvalidOperationException("could not start a worker process");
-                var prefix = $"[worker {i + 1}] ";
-                process.OutputDataReceived += (_, e) => { if (e.Data is not null) Console.Error.WriteLine(prefix + e.Data); };
-                process.ErrorDataReceived += (_, e) => { if (e.Data is not null) Console.Error.WriteLine(prefix + e.Data); };
-                process.BeginOutputReadLine();
-                process.BeginErrorReadLine();
-                processes.Add(process);
-            }
+                processes.Add(StartWorker(server.Address, credentials.Worker!, threads, logLevel, $"[worker {i + 1}] ", Console.Error.WriteLine));
 
             var bar = new ProgressBar("train", (long)status.Step, (long)status.TargetStep);
             // The rate excludes the first step (joining, loading, one-time set-up), as `coordinator train`'s does.

@@ -43,6 +43,7 @@ internal static class ServeCommand
     public static readonly Option<int?> MaxDisagreements = new("--max-disagreements") { Description = "Drop a worker whose bits differ from another's this many times (default 3)" };
     public static readonly Option<int?> KeepCheckpoints = CliSupport.KeepCheckpointsOption();
     public static readonly Option<int?> KeepEvery = CliSupport.KeepEveryOption();
+    public static readonly Option<string?> SampleLedger = new("--sample-ledger") { Description = "Diagnostics: append each applied step's dataset indices and epochs to this file (JSON lines)" };
     public static readonly Option<string> LogLevel = new("--log-level") { Description = "debug, information, warning or error", DefaultValueFactory = _ => "information" };
 
     public static Command Create()
@@ -54,7 +55,7 @@ internal static class ServeCommand
         {
             Listen, Recipe, Set, Steps, Seed, Out, Resume, tokenFile, WorkerTokenFile, ClientTokenFile, AllowUnauthenticated, TlsCert, TlsKey, HealthListen,
             StepDeadline, Heartbeat, GradientDtype, MinWorkers, KeepServing, Checkpoint, SampleOnly, MaxSamples, device, threads, SharedMemory, GradientBoundRatio, StragglerFactor, VerifyFraction, MaxDisagreements,
-            MaxSampleRequests, SampleDeadline, KeepCheckpoints, KeepEvery, LogLevel,
+            MaxSampleRequests, SampleDeadline, KeepCheckpoints, KeepEvery, SampleLedger, LogLevel,
         };
         cmd.SetAction(p =>
         {
@@ -88,6 +89,7 @@ internal static class ServeCommand
             Put(nameof(CoordinatorOptions.StragglerFactor), StragglerFactor);
             Put(nameof(CoordinatorOptions.VerifyFraction), VerifyFraction);
             Put(nameof(CoordinatorOptions.MaxDisagreements), MaxDisagreements);
+            Put(nameof(CoordinatorOptions.SampleLedger), SampleLedger);
             Put(nameof(CoordinatorOptions.MaxConcurrentSampleRequests), MaxSampleRequests);
             Put(nameof(CoordinatorOptions.SampleBatchDeadlineSeconds), SampleDeadline);
             Put(nameof(CoordinatorOptions.KeepCheckpoints), KeepCheckpoints);

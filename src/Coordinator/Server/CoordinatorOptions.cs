@@ -89,6 +89,11 @@ public sealed class CoordinatorOptions
     public double VerifyFraction { get; set; }
     /// <summary>A worker whose bits differ from another's this many times is dropped.</summary>
     public int MaxDisagreements { get; set; } = 3;
+    /// <summary>
+    /// Diagnostics: append one JSON line per applied step (step, dataset indices, epochs) to this file, so a benchmark can
+    /// count the samples every epoch saw. A step redone after a restart appends again (the later line is the one kept).
+    /// </summary>
+    public string? SampleLedger { get; set; }
     /// <summary>How many of the newest checkpoints to keep (older ones are deleted once a new one is written and verified).</summary>
     public int KeepCheckpoints { get; set; } = CheckpointRetention.DefaultKeepLast;
     /// <summary>Also keep, for good, every checkpoint whose step is a multiple of this (null: none).</summary>

@@ -107,6 +107,9 @@ public sealed class TrainingLoop : BackgroundService
     /// </summary>
     public double BusySeconds => Volatile.Read(ref _busySeconds);
     private double _busySeconds;
+    /// <summary>Slow slices given a copy (or their halves) on idle workers so far.</summary>
+    public long BackupsIssued => Interlocked.Read(ref _backups);
+    private long _backups;
     /// <summary>Completes when training reached its target step and the final checkpoint is written.</summary>
     public Task Completion => _completion.Task;
     private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -441,6 +444,8 @@ public sealed class TrainingLoop : BackgroundService
             _stateConsistent = true;
             lock (_statusLock) _parameters.Publish(_parameters.Version + 1, (ulong)s.StepsDone);
         }
+        if (_options.SampleLedger is { } ledger)
+            File.AppendAllText(ledger, System.Text.Json.JsonSerializer.Serialize(new { step = plan.Step, indices = plan.Indices, epochs = plan.Epochs }) + "\n");
         var applying = Stopwatch.GetElapsedTime(gathered);
         _busySeconds += applying.TotalSeconds;
         _log.LogDebug("Step {Step} applied in {Ms:F1} ms after the last gradient", plan.Step, applying.TotalMilliseconds);
@@ -479,6 +484,7 @@ public sealed class TrainingLoop : BackgroundService
                 var idle = _workers.Live.Where(w => !w.Straggling && !holders.Contains(w) && round.Unfinished(w).Count == 0 && w.Outstanding.Count == 0).ToList();
                 if (idle.Count == 0) return;
                 foreach (var h in holders) h.Straggling = true;
+                Interlocked.Increment(ref _backups);
                 var node = round.NodeOf(k);
                 if (idle.Count >= 2 && !node.IsLeaf)
                 {
