@@ -110,6 +110,9 @@ public sealed class TrainingLoop : BackgroundService
     /// <summary>Slow slices given a copy (or their halves) on idle workers so far.</summary>
     public long BackupsIssued => Interlocked.Read(ref _backups);
     private long _backups;
+    /// <summary>Second results (straggler copies, verifications) whose bits were compared with the first.</summary>
+    public long ResultsCompared => Interlocked.Read(ref _compared);
+    private long _compared;
     /// <summary>Completes when training reached its target step and the final checkpoint is written.</summary>
     public Task Completion => _completion.Task;
     private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -553,7 +556,9 @@ public sealed class TrainingLoop : BackgroundService
         // --max-disagreements): a silent-data-corruption signal.
         void Compare(WorkerConnection w, ulong step, uint slice, ulong checksum)
         {
-            if (_results.Lookup(step, slice) is not { } first || first.Checksum == checksum) return;
+            if (_results.Lookup(step, slice) is not { } first) return;
+            Interlocked.Increment(ref _compared);
+            if (first.Checksum == checksum) return;
             var count = w.Disagree();
             _log.LogWarning("Worker {Worker} computed step {Step} slice {Slice} with other bits than {First} (checksum {Theirs:x16} vs {Ours:x16}); {Count} disagreements",
                 w.Id, step, slice, first.Worker, checksum, first.Checksum, count);
