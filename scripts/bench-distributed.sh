@@ -6,7 +6,10 @@
 #   2. parameter + gradient exchange vs raw loopback TCP (`coordinator benchmark-exchange`), through the gRPC stream
 #      (remote workers) and through shared memory (workers under the coordinator's kernel, what `run` uses);
 #   3. mnist-small: `run --workers 1` step time vs `train`, and 2 workers x 1 thread vs 1 worker x 1 thread;
-#   4. memory: `coordinator benchmark-soak` (RSS of the coordinator and each worker at the reference step and at the end).
+#   4. memory: `coordinator benchmark-soak` (RSS of the coordinator and each worker at the reference step and at the end);
+#   5. what the bitwise guarantee costs: `train` with the recipe's micro-batches vs one backward over the whole batch;
+#   6. stragglers: `coordinator benchmark-straggler` (2 healthy workers vs the same plus one slowed tenfold);
+#   7. faults: `coordinator benchmark-chaos` (workers and the coordinator SIGKILLed; samples per epoch, bits, time lost).
 # Usage: scripts/bench-distributed.sh [OUT_DIR] [--quick]   (default runs/bench-distributed; --quick: shorter runs)
 # Rates exclude each run's first step (joining, loading, one-time set-up).
 set -euo pipefail
@@ -20,8 +23,8 @@ report="$out/report.txt"; : > "$report"
 say() { printf '%s\n' "$*" | tee -a "$report"; }
 rate() { sed -n 's/.*; \([0-9.e+-]*\) steps\/s.*/\1/p' | tail -1; }
 ratio() { awk "BEGIN{printf \"%.2f\", $1 / $2}"; }
-if [ "$quick" = 1 ]; then swiss=1500; mnist=12; soak=1200; soakref=200; mnistsoak=60; mnistref=20
-else swiss=3000; mnist=40; soak=3000; soakref=300; mnistsoak=300; mnistref=50; fi
+if [ "$quick" = 1 ]; then swiss=1500; mnist=12; soak=1200; soakref=200; mnistsoak=60; mnistref=20; chaos=600; strag=200
+else swiss=3000; mnist=40; soak=3000; soakref=300; mnistsoak=300; mnistref=50; chaos=2000; strag=400; fi
 
 say "# DistDiffusion distributed benchmark, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 
@@ -65,5 +68,19 @@ say "   1 worker x 1 thread: $w1 steps/s; 2 workers x 1 thread: $w2 steps/s; spe
 say "4. memory over a long run (RSS at the reference step and at the end, every process):"
 "$coord" benchmark-soak --recipe swissroll --steps "$soak" --reference-step "$soakref" 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
 "$coord" benchmark-soak --recipe mnist-small --steps "$mnistsoak" --reference-step "$mnistref" 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
-tail -12 "$report"
+say "5. cost of the micro-batch tree (bitwise-identical results): train with the recipe's micro-batches vs micro-batches=1:"
+rm -rf "$out/c-s8" "$out/c-s1" "$out/c-m8" "$out/c-m1"
+c8=$("$coord" train "${sw[@]}" --out "$out/c-s8" 2>/dev/null | rate)
+c1=$("$coord" train "${sw[@]}" --set micro-batches=1 --out "$out/c-s1" 2>/dev/null | rate)
+say "   swissroll: 8 micro-batches $c8 steps/s, one backward $c1 steps/s: step time x$(ratio "$c1" "$c8")"
+d8=$("$coord" train "${mn[@]}" --out "$out/c-m8" 2>/dev/null | rate)
+d1=$("$coord" train "${mn[@]}" --set micro-batches=1 --out "$out/c-m1" 2>/dev/null | rate)
+say "   mnist-small: 8 micro-batches $d8 steps/s, one backward $d1 steps/s: step time x$(ratio "$d1" "$d8")"
+
+say "6. stragglers:"
+"$coord" benchmark-straggler --steps "$strag" 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
+
+say "7. faults, $chaos steps:"
+"$coord" benchmark-chaos --steps "$chaos" 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
+tail -40 "$report"
 say "report: $report"
