@@ -30,9 +30,10 @@ internal static class RunCommand
         var keepCheckpoints = CliSupport.KeepCheckpointsOption();
         var keepEvery = CliSupport.KeepEveryOption();
         var logLevel = new Option<string>("--log-level") { Description = "Log level of the coordinator and workers (debug, information, warning, error)", DefaultValueFactory = _ => "warning" };
+        var logEvery = CliSupport.LogEveryOption();
         var cmd = new Command("run", "Train with a coordinator and N worker processes on this machine")
         {
-            workers, recipe, set, steps, seed, output, resume, workerThreads, gradientDtype, ServeCommand.SharedMemory, keepCheckpoints, keepEvery, logLevel,
+            logEvery, workers, recipe, set, steps, seed, output, resume, workerThreads, gradientDtype, ServeCommand.SharedMemory, keepCheckpoints, keepEvery, logLevel,
         };
         cmd.SetAction(p =>
         {
@@ -44,7 +45,8 @@ internal static class RunCommand
             if (p.GetValue(resume) is null && p.GetValue(recipe) is null) throw new UsageException("--recipe is required (or --resume DIR)");
             var options = new CoordinatorOptions
             {
-                Listen = "http://127.0.0.1:0",
+                // The client verbs' default address when it is free (else any free port); endpoints.json says which.
+                Listen = RunEndpoints.IsFree(RunEndpoints.PreferredGrpcPort) ? $"http://127.0.0.1:{RunEndpoints.PreferredGrpcPort}" : "http://127.0.0.1:0",
                 Recipe = p.GetValue(recipe),
                 Set = p.GetValue(set) ?? [],
                 Steps = p.GetValue(steps),
@@ -56,6 +58,9 @@ internal static class RunCommand
                 KeepCheckpoints = p.GetValue(keepCheckpoints) ?? Model.Checkpoints.CheckpointRetention.DefaultKeepLast,
                 KeepEvery = p.GetValue(keepEvery),
                 MinWorkers = n,
+                // /metrics and the dashboard on a free port; endpoints.json says which.
+                Http = "http://127.0.0.1:0",
+                LogEvery = p.GetValue(logEvery),
                 // The coordinator's own torch work (Adam, EMA) is small; its cores belong to the workers.
                 Threads = 1,
             };
@@ -98,9 +103,10 @@ internal static class RunCommand
         {
             await using var server = started;
             Token.WriteFile(Path.Combine(server.RunDir, "token"), credentials.Client!);
+            RunEndpoints.Write(server.RunDir, server.Address, server.HttpAddress);
             var status = server.Loop.Status();
             Console.Error.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"run {status.RunId}: {status.Recipe} from step {status.Step} to {status.TargetStep}, coordinator {server.Address}, {workerCount} workers x {threads} threads, client token (status, sample) in {Path.Combine(server.RunDir, "token")}"));
+                $"run {status.RunId}: {status.Recipe} from step {status.Step} to {status.TargetStep}, coordinator {server.Address}, {workerCount} workers x {threads} threads, client token (status, sample) in {Path.Combine(server.RunDir, "token")}; `coordinator status --run {server.RunDir}` finds it"));
             for (var i = 0; i < workerCount; i++)
             {
                 // --exit-with-parent: should this process die without its finally block (SIGKILL, a crash), the workers

@@ -23,6 +23,9 @@ internal static class ServeCommand
     public static readonly Option<string?> WorkerTokenFile = new("--worker-token-file") { Description = $"File holding the worker token: its bearer may join as a worker, nothing else (default: the {Names.WorkerTokenEnvironmentVariable} environment variable)" };
     public static readonly Option<string?> ClientTokenFile = new("--client-token-file") { Description = $"File holding the client token: its bearer may read status and ask for samples, not join (default: the {Names.ClientTokenEnvironmentVariable} environment variable)" };
     public static readonly Option<string?> HealthListen = new("--health-listen") { Description = $"Also serve grpc.health.v1.Health/Check, and nothing else, in cleartext on this http:// URL (for probes that speak no TLS, e.g. http://0.0.0.0:{Names.DefaultHealthPort})" };
+    public static readonly Option<string?> Http = new("--http") { Description = $"HTTP/1.1 URL for GET /metrics (Prometheus text, client token) and the dashboard (GET /) (default http://127.0.0.1:{DefaultHttpPort}, a free port when that one is taken; none: off)" };
+    public static readonly Option<int?> LogEvery = new("--log-every") { Description = "Every N steps: a line in OUT/metrics.jsonl and the loss in the log at Information (default 100)" };
+    public const int DefaultHttpPort = 50052;
     public static readonly Option<bool> AllowUnauthenticated = new("--allow-unauthenticated") { Description = "Serve without a token (a warning is logged)" };
     public static readonly Option<string?> TlsCert = new("--tls-cert") { Description = "TLS certificate (PEM); with --tls-key the server speaks https" };
     public static readonly Option<string?> TlsKey = new("--tls-key") { Description = "TLS private key (PEM)" };
@@ -52,7 +55,7 @@ internal static class ServeCommand
         var threads = CliSupport.ThreadsOption();
         var cmd = new Command("serve", "Run the coordinator (parameter server) for workers to join, and serve samples")
         {
-            Listen, Recipe, Set, Steps, Seed, Out, Resume, tokenFile, WorkerTokenFile, ClientTokenFile, AllowUnauthenticated, TlsCert, TlsKey, HealthListen,
+            Listen, Recipe, Set, Steps, Seed, Out, Resume, tokenFile, WorkerTokenFile, ClientTokenFile, AllowUnauthenticated, TlsCert, TlsKey, HealthListen, Http, LogEvery,
             StepDeadline, Heartbeat, GradientDtype, MinWorkers, KeepServing, Checkpoint, SampleOnly, MaxSamples, device, threads, SharedMemory, GradientBoundRatio, StragglerFactor, VerifyFraction, MaxDisagreements,
             MaxSampleRequests, SampleDeadline, KeepCheckpoints, KeepEvery, LogLevel,
         };
@@ -70,6 +73,8 @@ internal static class ServeCommand
             Put(nameof(CoordinatorOptions.WorkerTokenFile), WorkerTokenFile);
             Put(nameof(CoordinatorOptions.ClientTokenFile), ClientTokenFile);
             Put(nameof(CoordinatorOptions.HealthListen), HealthListen);
+            Put(nameof(CoordinatorOptions.Http), Http);
+            Put(nameof(CoordinatorOptions.LogEvery), LogEvery);
             Put(nameof(CoordinatorOptions.AllowUnauthenticated), AllowUnauthenticated);
             Put(nameof(CoordinatorOptions.TlsCert), TlsCert);
             Put(nameof(CoordinatorOptions.TlsKey), TlsKey);
@@ -121,10 +126,20 @@ internal static class ServeCommand
             {
                 throw new ArgumentException("configuration: " + e.Message);
             }
+            // --http unset anywhere: the default port, unless taken (then a free one; the log says which).
+            options.Http ??= DefaultHttp(options);
             options.Validate();
             return options;
         });
         return options;
+    }
+
+    private static string DefaultHttp(CoordinatorOptions options)
+    {
+        var taken = new Uri(options.Listen).Port == DefaultHttpPort
+            || (options.HealthListen is not null && new Uri(options.HealthListen).Port == DefaultHttpPort)
+            || !RunEndpoints.IsFree(DefaultHttpPort);
+        return taken ? "http://127.0.0.1:0" : $"http://127.0.0.1:{DefaultHttpPort}";
     }
 
     private static int Serve(CoordinatorOptions options, LogEventLevel level)
