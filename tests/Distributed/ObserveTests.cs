@@ -175,4 +175,25 @@ public sealed class ObserveTests() : TempFolderTest("dd-observe")
         foreach (var (a, b) in records.Take(5).Zip(steps)) Assert.Equal(a.Loss, b.Loss, 1e-5);
         Assert.True(File.Exists(Path.Combine(distributed, MetricsJournal.LossPlotName)));
     }
+
+    /// <summary>
+    /// The distributed trainer honours sample-every: the workers sample pinned weights at steps 4 and 8 and at the end,
+    /// and the pictures are those `coordinator train` writes, byte for byte (sample i depends only on the seed and i).
+    /// </summary>
+    [Fact(Timeout = 240_000)]
+    public async Task RunWritesTheSamePeriodicSamplesAsTrain()
+    {
+        await Task.Yield();
+        string[] common = ["--recipe", "swissroll", "--seed", "11", "--steps", "10", .. Sets(), "--set", "sample-every=4"];
+        var local = Path.Combine(Dir, "local");
+        var distributed = Path.Combine(Dir, "distributed");
+        var (code, _, err) = CliHarness.Run(["train", "--out", local, "--threads", "1", .. common]);
+        Assert.True(code == 0, err);
+        (code, _, err) = CliHarness.Run(["run", "--workers", "2", "--worker-threads", "1", "--out", distributed, .. common]);
+        Assert.True(code == 0, err);
+        string[] expected = ["step-0000004.png", "step-0000008.png", "step-0000010.png"];
+        Assert.Equal(expected, Directory.GetFiles(Path.Combine(distributed, "samples")).Select(Path.GetFileName).Order(StringComparer.Ordinal));
+        foreach (var name in expected)
+            Assert.True(File.ReadAllBytes(Path.Combine(local, "samples", name)).AsSpan().SequenceEqual(File.ReadAllBytes(Path.Combine(distributed, "samples", name))), $"{name} differs");
+    }
 }

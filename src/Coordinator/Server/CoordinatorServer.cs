@@ -91,6 +91,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
             builder.Services.AddSingleton(credentials);
             builder.Services.AddSingleton<TrainingLoop>();
             builder.Services.AddSingleton<SamplingCoordinator>();
+            builder.Services.AddSingleton<PeriodicSamples>();
             builder.Services.AddHostedService(s => s.GetRequiredService<TrainingLoop>());
             builder.Services.AddHostedService(s => s.GetRequiredService<SamplingCoordinator>());
             builder.Services.AddGrpc(o =>

@@ -72,8 +72,11 @@ public sealed class TrainingLoop : BackgroundService
     private readonly Observe.MetricsJournal _journal;
     private readonly Observe.StepInterval _interval = new();
 
-    public TrainingLoop(RunSetup run, CoordinatorOptions options, ILogger<TrainingLoop> log, IHostApplicationLifetime lifetime)
+    private readonly PeriodicSamples? _samples;
+
+    public TrainingLoop(RunSetup run, CoordinatorOptions options, ILogger<TrainingLoop> log, IHostApplicationLifetime lifetime, PeriodicSamples? samples = null)
     {
+        _samples = samples;
         _run = run;
         _options = options;
         _log = log;
@@ -243,6 +246,8 @@ public sealed class TrainingLoop : BackgroundService
                 if (s.StepsDone % _options.LogEvery == 0 || s.StepsDone == _run.TargetStep) Record(split, norm);
                 if (s.Recipe.CheckpointEvery > 0 && s.StepsDone % s.Recipe.CheckpointEvery == 0 && s.StepsDone < _run.TargetStep)
                     SaveCheckpoint();
+                if (s.Recipe.SampleEvery > 0 && s.StepsDone % s.Recipe.SampleEvery == 0 && s.StepsDone < _run.TargetStep)
+                    SampleNow(stoppingToken);
             }
             if (_options.SampleOnly)
             {
@@ -252,6 +257,13 @@ public sealed class TrainingLoop : BackgroundService
             else
             {
                 if (_lastCheckpointStep != s.StepsDone) await SaveFinalCheckpointAsync(stoppingToken);
+                // The final picture, as `coordinator train` writes one, before the workers are let go.
+                if (_samples is not null && s.Recipe.SampleEvery > 0)
+                {
+                    await _samples.Running;
+                    if (!File.Exists(PeriodicSamples.PathFor(_run.RunDir, s.StepsDone))) SampleNow(stoppingToken);
+                    await _samples.Running;
+                }
                 SetState(RunState.Complete);
                 _log.LogInformation("Training complete at step {Step}", s.StepsDone);
             }
@@ -319,6 +331,19 @@ public sealed class TrainingLoop : BackgroundService
         foreach (var w in _workers.Connected) w.Send(new CoordinatorMessage { Finish = new Finish { Reason = "coordinator stopped: " + e.Message, Reconnect = false } });
         _completion.TrySetException(e);
         _lifetime.StopApplication();
+    }
+
+    /// <summary>Pins the current weights (EMA when kept) and has the workers sample them while training goes on.</summary>
+    private void SampleNow(CancellationToken ct)
+    {
+        if (_samples is null) return;
+        WeightsSnapshot snapshot;
+        using (Model.TorchRuntime.Compute())
+        {
+            _run.State.FlushEma();
+            snapshot = _parameters.Snapshot(true, (ulong)_run.State.StepsDone);
+        }
+        _samples.Start(snapshot, _run.State.StepsDone, ct);
     }
 
     /// <summary>A line in OUT/metrics.jsonl and the loss in the log, every --log-every steps.</summary>
