@@ -25,7 +25,7 @@ internal static class ServeCommand
     public static readonly Option<string?> HealthListen = new("--health-listen") { Description = $"Also serve grpc.health.v1.Health/Check, and nothing else, in cleartext on this http:// URL (for probes that speak no TLS, e.g. http://0.0.0.0:{Names.DefaultHealthPort})" };
     public static readonly Option<string?> Http = new("--http") { Description = $"HTTP/1.1 URL for GET /metrics (Prometheus text, client token) and the dashboard (GET /) (default http://127.0.0.1:{DefaultHttpPort}, a free port when that one is taken; none: off)" };
     public static readonly Option<int?> LogEvery = new("--log-every") { Description = "Every N steps: a line in OUT/metrics.jsonl and the loss in the log at Information (default 100)" };
-    public const int DefaultHttpPort = 50052;
+    public const int DefaultHttpPort = Names.DefaultHttpPort;
     public static readonly Option<bool> AllowUnauthenticated = new("--allow-unauthenticated") { Description = "Serve without a token (a warning is logged)" };
     public static readonly Option<string?> TlsCert = new("--tls-cert") { Description = "TLS certificate (PEM); with --tls-key the server speaks https" };
     public static readonly Option<string?> TlsKey = new("--tls-key") { Description = "TLS private key (PEM)" };
