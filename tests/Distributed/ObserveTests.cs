@@ -196,4 +196,42 @@ public sealed class ObserveTests() : TempFolderTest("dd-observe")
         foreach (var name in expected)
             Assert.True(File.ReadAllBytes(Path.Combine(local, "samples", name)).AsSpan().SequenceEqual(File.ReadAllBytes(Path.Combine(distributed, "samples", name))), $"{name} differs");
     }
+
+    /// <summary>--log-format json: every line of the coordinator and of its workers is one compact JSON event (no prefixes), and --devices reaches the workers.</summary>
+    [Fact(Timeout = 180_000)]
+    public async Task RunLogsCompactJsonFromEveryProcessAndGivesEachWorkerItsDevice()
+    {
+        var runDir = Path.Combine(Dir, "run");
+        using var run = new CoordinatorProcess(["run", "--workers", "2", "--worker-threads", "1", "--recipe", "swissroll", "--steps", "4", "--out", runDir, "--log-every", "2",
+            "--log-format", "json", "--log-level", "information", "--devices", "cpu", .. Sets()]);
+        await run.Process.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(120));
+        Assert.True(run.Process.ExitCode == 0, run.Output);
+        var events = run.Output.Split('\n').Where(l => l.StartsWith('{')).Select(l => JsonNode.Parse(l)!.AsObject()).ToList();
+        Assert.DoesNotContain(run.Output.Split('\n'), l => l.StartsWith("[worker", StringComparison.Ordinal) || l.StartsWith("[coordinator]", StringComparison.Ordinal));
+        Assert.All(events, e => Assert.True(e.ContainsKey("@t") && e.ContainsKey("@mt"), e.ToJsonString()));
+        var steps = events.Where(e => e["@mt"]!.GetValue<string>().StartsWith("Step {Step} of {Target}: loss", StringComparison.Ordinal)).ToList();
+        Assert.Equal([2L, 4L], steps.Select(e => e["Step"]!.GetValue<long>()));
+        var joined = events.Where(e => e["@mt"]!.GetValue<string>().StartsWith("Joined run {RunId}", StringComparison.Ordinal)).ToList();
+        Assert.Equal(2, joined.Count);
+        Assert.All(joined, e => Assert.Equal("cpu", e["Device"]!.ToString()));
+    }
+
+    [Fact]
+    public void DevicesGoToTheWorkersRoundRobin()
+    {
+        Assert.Equal(["cpu"], RunCommand.WorkerDevices(null, 0));
+        Assert.Equal(["cuda:0", "cuda:1"], RunCommand.WorkerDevices(null, 2));
+        Assert.Equal(["cuda:1", "cpu", "cuda:0"], RunCommand.WorkerDevices("1, cpu,0", 2));
+        Assert.Contains("CUDA is not available", Assert.Throws<ArgumentException>(() => RunCommand.WorkerDevices("0", 0)).Message, StringComparison.Ordinal);
+        Assert.Contains("2 are visible", Assert.Throws<ArgumentException>(() => RunCommand.WorkerDevices("2", 2)).Message, StringComparison.Ordinal);
+        Assert.Contains("neither a GPU index nor cpu", Assert.Throws<ArgumentException>(() => RunCommand.WorkerDevices("gpu0", 2)).Message, StringComparison.Ordinal);
+        Assert.Throws<ArgumentException>(() => RunCommand.WorkerDevices("0,,1", 2));
+        // On this machine: a GPU index without CUDA is a usage error before anything starts.
+        if (!TorchSharp.torch.cuda.is_available())
+        {
+            var (code, _, err) = CliHarness.Run(["run", "--workers", "1", "--recipe", "swissroll", "--out", Path.Combine(Dir, "gpu"), "--devices", "0"]);
+            Assert.Equal(CliSupport.ExitUsage, code);
+            Assert.Contains("CUDA is not available", err, StringComparison.Ordinal);
+        }
+    }
 }

@@ -31,9 +31,11 @@ internal static class RunCommand
         var keepEvery = CliSupport.KeepEveryOption();
         var logLevel = new Option<string>("--log-level") { Description = "Log level of the coordinator and workers (debug, information, warning, error)", DefaultValueFactory = _ => "warning" };
         var logEvery = CliSupport.LogEveryOption();
+        var logFormat = new Option<string>("--log-format") { Description = "Log format of the coordinator and workers: text (lines prefixed [coordinator], [worker N]) or json (Serilog's compact JSON, one event per line, unprefixed)", DefaultValueFactory = _ => "text" };
+        var devices = new Option<string?>("--devices") { Description = "Devices for the workers, round robin: GPU indices and/or cpu, e.g. 0,1 (default: every visible GPU, else the CPU)" };
         var cmd = new Command("run", "Train with a coordinator and N worker processes on this machine")
         {
-            logEvery, workers, recipe, set, steps, seed, output, resume, workerThreads, gradientDtype, ServeCommand.SharedMemory, keepCheckpoints, keepEvery, logLevel,
+            logEvery, logFormat, devices, workers, recipe, set, steps, seed, output, resume, workerThreads, gradientDtype, ServeCommand.SharedMemory, keepCheckpoints, keepEvery, logLevel,
         };
         cmd.SetAction(p =>
         {
@@ -61,9 +63,11 @@ internal static class RunCommand
                 // /metrics and the dashboard on a free port; endpoints.json says which.
                 Http = "http://127.0.0.1:0",
                 LogEvery = p.GetValue(logEvery),
+                LogFormat = p.GetValue(logFormat)!,
                 // The coordinator's own torch work (Adam, EMA) is small; its cores belong to the workers.
                 Threads = 1,
             };
+            var deviceList = CliSupport.UserInput(() => WorkerDevices(p.GetValue(devices), TorchSharp.torch.cuda.is_available() ? TorchSharp.torch.cuda.device_count() : 0));
             // All processes share this machine: OpenMP threads must not spin on cores another process computes on.
             Model.TorchRuntime.PreferPassiveThreads();
             var level = p.GetValue(logLevel)!;
@@ -72,10 +76,28 @@ internal static class RunCommand
             // so the token file on disk lets nobody join the run and push gradients.
             var credentials = new ServerCredentials(null, Worker: Token.Generate(), Client: Token.Generate());
             // Bad settings surface while starting (usage errors, exit 2); later failures are failures (exit 1).
-            var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, credentials, CliSupport.ParseLogLevel(level), "[coordinator] ").GetAwaiter().GetResult());
-            return RunAsync(server, credentials, n, threads > 0 ? threads : Math.Max(1, Environment.ProcessorCount / n), level).GetAwaiter().GetResult();
+            var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, credentials, CliSupport.ParseLogLevel(level), options.LogFormat == "json" ? "" : "[coordinator] ").GetAwaiter().GetResult());
+            return RunAsync(server, credentials, n, threads > 0 ? threads : Math.Max(1, Environment.ProcessorCount / n), level, options.LogFormat, deviceList).GetAwaiter().GetResult();
         });
         return cmd;
+    }
+
+    /// <summary>
+    /// The --device of each worker, given round robin: `--devices 0,1` is cuda:0, cuda:1, cuda:0, ...; "cpu" entries stay on
+    /// the CPU. Without --devices: every visible GPU in turn, else the CPU.
+    /// </summary>
+    internal static string[] WorkerDevices(string? list, int gpus)
+    {
+        if (list is null) return gpus > 0 ? [.. Enumerable.Range(0, gpus).Select(i => $"cuda:{i}")] : ["cpu"];
+        var entries = list.Split(',', StringSplitOptions.TrimEntries);
+        if (entries.Length == 0 || entries.Any(e => e.Length == 0)) throw new ArgumentException($"--devices {list}: expected GPU indices or cpu, separated by commas (e.g. 0,1)");
+        return [.. entries.Select(e =>
+        {
+            if (e.Equals("cpu", StringComparison.OrdinalIgnoreCase)) return "cpu";
+            if (!int.TryParse(e, NumberStyles.None, CultureInfo.InvariantCulture, out var i)) throw new ArgumentException($"--devices {list}: '{e}' is neither a GPU index nor cpu");
+            if (i >= gpus) throw new ArgumentException(gpus == 0 ? $"--devices {list}: GPU {i} asked for, but CUDA is not available here (use cpu)" : $"--devices {list}: GPU {i} asked for, but {gpus} are visible (0..{gpus - 1})");
+            return $"cuda:{i}";
+        })];
     }
 
     /// <summary>The worker executable shipped beside this one.</summary>
@@ -94,7 +116,7 @@ internal static class RunCommand
         return psi;
     }
 
-    private static async Task<int> RunAsync(CoordinatorServer started, ServerCredentials credentials, int workerCount, int threads, string logLevel)
+    private static async Task<int> RunAsync(CoordinatorServer started, ServerCredentials credentials, int workerCount, int threads, string logLevel, string logFormat, string[] devices)
     {
         using var cts = new CancellationTokenSource();
         using var signals = StopSignals.Register(cts);
@@ -111,14 +133,15 @@ internal static class RunCommand
             {
                 // --exit-with-parent: should this process die without its finally block (SIGKILL, a crash), the workers
                 // notice within a second and exit instead of retrying the coordinator until --give-up-after runs out.
-                var psi = WorkerStartInfo(["--coordinator", server.Address.ToString(), "--threads", threads.ToString(CultureInfo.InvariantCulture), "--log-level", logLevel, "--give-up-after", "60",
+                var psi = WorkerStartInfo(["--coordinator", server.Address.ToString(), "--threads", threads.ToString(CultureInfo.InvariantCulture), "--log-level", logLevel, "--log-format", logFormat, "--device", devices[i % devices.Length], "--give-up-after", "60",
                     "--exit-with-parent", Environment.ProcessId.ToString(CultureInfo.InvariantCulture)]);
                 psi.Environment.Remove(Names.TokenEnvironmentVariable);
                 psi.Environment.Remove(Names.ClientTokenEnvironmentVariable);
                 psi.Environment[Names.WorkerTokenEnvironmentVariable] = credentials.Worker;
                 foreach (var (key, value) in Model.TorchRuntime.AllocatorEnvironment()) psi.Environment[key] = value;
                 var process = Process.Start(psi) ?? throw new InvalidOperationException("could not start a worker process");
-                var prefix = $"[worker {i + 1}] ";
+                // JSON lines stay JSON: no prefix (each worker's events carry its id once it has joined).
+                var prefix = logFormat == "json" ? "" : $"[worker {i + 1}] ";
                 process.OutputDataReceived += (_, e) => { if (e.Data is not null) Console.Error.WriteLine(prefix + e.Data); };
                 process.ErrorDataReceived += (_, e) => { if (e.Data is not null) Console.Error.WriteLine(prefix + e.Data); };
                 process.BeginOutputReadLine();

@@ -25,6 +25,7 @@ internal static class ServeCommand
     public static readonly Option<string?> HealthListen = new("--health-listen") { Description = $"Also serve grpc.health.v1.Health/Check, and nothing else, in cleartext on this http:// URL (for probes that speak no TLS, e.g. http://0.0.0.0:{Names.DefaultHealthPort})" };
     public static readonly Option<string?> Http = new("--http") { Description = $"HTTP/1.1 URL for GET /metrics (Prometheus text, client token) and the dashboard (GET /) (default http://127.0.0.1:{DefaultHttpPort}, a free port when that one is taken; none: off)" };
     public static readonly Option<int?> LogEvery = new("--log-every") { Description = "Every N steps: a line in OUT/metrics.jsonl and the loss in the log at Information (default 100)" };
+    public static readonly Option<string?> LogFormat = new("--log-format") { Description = "text (default) or json (Serilog's compact JSON, one event per line)" };
     public const int DefaultHttpPort = Names.DefaultHttpPort;
     public static readonly Option<bool> AllowUnauthenticated = new("--allow-unauthenticated") { Description = "Serve without a token (a warning is logged)" };
     public static readonly Option<string?> TlsCert = new("--tls-cert") { Description = "TLS certificate (PEM); with --tls-key the server speaks https" };
@@ -57,7 +58,7 @@ internal static class ServeCommand
         {
             Listen, Recipe, Set, Steps, Seed, Out, Resume, tokenFile, WorkerTokenFile, ClientTokenFile, AllowUnauthenticated, TlsCert, TlsKey, HealthListen, Http, LogEvery,
             StepDeadline, Heartbeat, GradientDtype, MinWorkers, KeepServing, Checkpoint, SampleOnly, MaxSamples, device, threads, SharedMemory, GradientBoundRatio, StragglerFactor, VerifyFraction, MaxDisagreements,
-            MaxSampleRequests, SampleDeadline, KeepCheckpoints, KeepEvery, LogLevel,
+            MaxSampleRequests, SampleDeadline, KeepCheckpoints, KeepEvery, LogLevel, LogFormat,
         };
         cmd.SetAction(p =>
         {
@@ -75,6 +76,7 @@ internal static class ServeCommand
             Put(nameof(CoordinatorOptions.HealthListen), HealthListen);
             Put(nameof(CoordinatorOptions.Http), Http);
             Put(nameof(CoordinatorOptions.LogEvery), LogEvery);
+            Put(nameof(CoordinatorOptions.LogFormat), LogFormat);
             Put(nameof(CoordinatorOptions.AllowUnauthenticated), AllowUnauthenticated);
             Put(nameof(CoordinatorOptions.TlsCert), TlsCert);
             Put(nameof(CoordinatorOptions.TlsKey), TlsKey);

@@ -46,6 +46,8 @@ public sealed class CoordinatorOptions
     /// http://127.0.0.1:50052 (a free port when that one is taken); "none" turns it off.
     /// </summary>
     public string? Http { get; set; }
+    /// <summary>Console log format: text, or json (Serilog's compact JSON, one event per line).</summary>
+    public string LogFormat { get; set; } = "text";
     /// <summary>Every this many steps: a line in OUT/metrics.jsonl and the loss in the log at Information.</summary>
     public int LogEvery { get; set; } = 100;
     /// <summary>A worker that has not returned its gradient this long after the assignment is dropped.</summary>
@@ -131,6 +133,7 @@ public sealed class CoordinatorOptions
         if (MaxConcurrentSampleRequests < 1) throw new ArgumentException($"--max-sample-requests {MaxConcurrentSampleRequests}: expected at least 1");
         if (!(SampleBatchDeadlineSeconds > 0)) throw new ArgumentException($"--sample-deadline {SampleBatchDeadlineSeconds} s: expected > 0");
         if (MinWorkers < 1) throw new ArgumentException($"--min-workers {MinWorkers}: expected at least 1");
+        if (LogFormat.Trim().ToLowerInvariant() is not ("text" or "json")) throw new ArgumentException($"--log-format {LogFormat}: expected text or json");
         if (LogEvery < 1) throw new ArgumentException($"--log-every {LogEvery}: expected at least 1");
         if (Http is not null && Http != "none")
         {

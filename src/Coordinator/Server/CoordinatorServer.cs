@@ -70,11 +70,11 @@ public sealed class CoordinatorServer : IAsyncDisposable
         credentials.Validate();
         if (credentials.Open && !options.AllowUnauthenticated)
             throw new ArgumentException($"no token: give --worker-token-file PATH and --client-token-file PATH (or {Names.WorkerTokenEnvironmentVariable} and {Names.ClientTokenEnvironmentVariable}), or one shared token with --token-file PATH or {Names.TokenEnvironmentVariable} (or --allow-unauthenticated to serve without one)");
-        var logger = new LoggerConfiguration()
+        // --log-format json: one compact JSON event per line, without the prefix (which would break the JSON).
+        var logger = Worker.WorkerCli.WriteConsole(new LoggerConfiguration()
             .MinimumLevel.Is(level)
             .MinimumLevel.Override("Microsoft", LogEventLevel.Warning)
-            .MinimumLevel.Override("Grpc", LogEventLevel.Warning)
-            .WriteTo.Console(outputTemplate: logPrefix + "{Timestamp:HH:mm:ss.fff} {Level:u3} {Message:lj}{NewLine}{Exception}", standardErrorFromLevel: LogEventLevel.Verbose)
+            .MinimumLevel.Override("Grpc", LogEventLevel.Warning), options.LogFormat, logPrefix)
             .CreateLogger();
         var setupLog = new Serilog.Extensions.Logging.SerilogLoggerFactory(logger).CreateLogger<CoordinatorServer>();
         if (credentials.Open) setupLog.LogWarning("Serving WITHOUT authentication (--allow-unauthenticated): anyone who reaches {Listen} can join or read status", options.Listen);
