@@ -234,4 +234,32 @@ public sealed class ObserveTests() : TempFolderTest("dd-observe")
             Assert.Contains("CUDA is not available", err, StringComparison.Ordinal);
         }
     }
+
+    /// <summary>With 50051 taken, `run` listens on another port, and endpoints.json says which.</summary>
+    [Fact(Timeout = 120_000)]
+    public async Task RunFallsBackToAFreePortWhen50051IsTaken()
+    {
+        await Task.Yield();
+        System.Net.Sockets.TcpListener? holder = null;
+        if (RunEndpoints.IsFree(RunEndpoints.PreferredGrpcPort))
+        {
+            holder = new System.Net.Sockets.TcpListener(IPAddress.Loopback, RunEndpoints.PreferredGrpcPort);
+            holder.Start();
+        }
+        try
+        {
+            Assert.False(RunEndpoints.IsFree(RunEndpoints.PreferredGrpcPort));
+            var runDir = Path.Combine(Dir, "run");
+            var (code, _, err) = CliHarness.Run(["run", "--workers", "1", "--recipe", "swissroll", "--steps", "2", "--out", runDir, .. Sets()]);
+            Assert.True(code == 0, err);
+            var grpc = new Uri(ReadEndpoints(runDir)["grpc"]!.GetValue<string>());
+            Assert.NotEqual(RunEndpoints.PreferredGrpcPort, grpc.Port);
+            Assert.Contains($"coordinator {grpc}", err, StringComparison.Ordinal);
+        }
+        finally
+        {
+            holder?.Stop();
+            holder?.Dispose();
+        }
+    }
 }

@@ -76,7 +76,18 @@ internal static class RunCommand
             // so the token file on disk lets nobody join the run and push gradients.
             var credentials = new ServerCredentials(null, Worker: Token.Generate(), Client: Token.Generate());
             // Bad settings surface while starting (usage errors, exit 2); later failures are failures (exit 1).
-            var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, credentials, CliSupport.ParseLogLevel(level), options.LogFormat == "json" ? "" : "[coordinator] ").GetAwaiter().GetResult());
+            CoordinatorServer Start() => CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, credentials, CliSupport.ParseLogLevel(level), options.LogFormat == "json" ? "" : "[coordinator] ").GetAwaiter().GetResult());
+            CoordinatorServer server;
+            try
+            {
+                server = Start();
+            }
+            catch (IOException e) when (RunEndpoints.IsAddressInUse(e) && options.Listen != "http://127.0.0.1:0")
+            {
+                // Another process took 50051 between the check and the bind: any free port will do.
+                options.Listen = "http://127.0.0.1:0";
+                server = Start();
+            }
             return RunAsync(server, credentials, n, threads > 0 ? threads : Math.Max(1, Environment.ProcessorCount / n), level, options.LogFormat, deviceList).GetAwaiter().GetResult();
         });
         return cmd;

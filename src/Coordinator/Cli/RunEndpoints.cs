@@ -69,6 +69,10 @@ internal static class RunEndpoints
         }
     }
 
+    /// <summary>Kestrel's "Failed to bind to address ...: address already in use".</summary>
+    public static bool IsAddressInUse(Exception e) =>
+        e.InnerException is Microsoft.AspNetCore.Connections.AddressInUseException || e.Message.Contains("address already in use", StringComparison.OrdinalIgnoreCase);
+
     /// <summary>--run DIR as an option of the client verbs.</summary>
     public static System.CommandLine.Option<string?> RunOption() => new("--run")
     {

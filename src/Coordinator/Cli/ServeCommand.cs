@@ -129,12 +129,17 @@ internal static class ServeCommand
                 throw new ArgumentException("configuration: " + e.Message);
             }
             // --http unset anywhere: the default port, unless taken (then a free one; the log says which).
+            DefaultedHttp = options.Http is null;
             options.Http ??= DefaultHttp(options);
             options.Validate();
             return options;
         });
         return options;
     }
+
+    /// <summary>Whether the last <see cref="Configure"/> chose the --http URL itself.</summary>
+    [ThreadStatic]
+    private static bool DefaultedHttp;
 
     private static string DefaultHttp(CoordinatorOptions options)
     {
@@ -150,7 +155,18 @@ internal static class ServeCommand
         using var cts = new CancellationTokenSource();
         using var signals = StopSignals.Register(cts);
         // Bad settings surface while starting (usage errors, exit 2); later failures are failures (exit 1).
-        var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, credentials, level, ct: cts.Token).GetAwaiter().GetResult());
+        CoordinatorServer Start() => CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, credentials, level, ct: cts.Token).GetAwaiter().GetResult());
+        CoordinatorServer server;
+        try
+        {
+            server = Start();
+        }
+        catch (IOException e) when (RunEndpoints.IsAddressInUse(e) && options.Http == $"http://127.0.0.1:{DefaultHttpPort}" && DefaultedHttp)
+        {
+            // The default metrics port was taken between the check and the bind: any free port will do (the log says which).
+            options.Http = "http://127.0.0.1:0";
+            server = Start();
+        }
         return ServeAsync(server, cts.Token).GetAwaiter().GetResult();
     }
 
