@@ -24,7 +24,9 @@ public static class Names
     /// <summary>Health watching: a long-lived stream, so it needs a token (of any role).</summary>
     public const string HealthWatchMethod = "/grpc.health.v1.Health/Watch";
     /// <summary>The cleartext port `serve --health-listen` opens for probes next to a TLS listener (native gRPC probes speak no TLS).</summary>
-    public const int DefaultHealthPort = 50052;
+    public const int DefaultHealthPort = 50054;
+    /// <summary>The HTTP/1.1 port of `serve --http` (GET /metrics, the dashboard); also what the manifests use.</summary>
+    public const int DefaultHttpPort = 50052;
     /// <summary>Version of the Trainer stream protocol a worker must speak.</summary>
     public const uint ProtocolVersion = 1;
 }

@@ -54,11 +54,26 @@ public static class WorkerCli
         DefaultValueFactory = _ => "information",
     };
 
+    public static readonly Option<string> LogFormatOption = new("--log-format")
+    {
+        Description = "text (default) or json (Serilog's compact JSON, one event per line)",
+        DefaultValueFactory = _ => "text",
+    };
+
+    /// <summary>The console sink for --log-format: text lines, or compact JSON (one event per line); everything on stderr.</summary>
+    public static LoggerConfiguration WriteConsole(LoggerConfiguration c, string format, string prefix = "") =>
+        format.Trim().ToLowerInvariant() switch
+        {
+            "text" => c.WriteTo.Console(outputTemplate: prefix + "{Timestamp:HH:mm:ss.fff} {Level:u3} {Message:lj}{NewLine}{Exception}", standardErrorFromLevel: LogEventLevel.Verbose),
+            "json" => c.WriteTo.Console(new Serilog.Formatting.Compact.CompactJsonFormatter(), standardErrorFromLevel: LogEventLevel.Verbose),
+            _ => throw new ArgumentException($"--log-format {format}: expected text or json"),
+        };
+
     public static RootCommand Build()
     {
         var root = new RootCommand("DistDiffusion worker: joins a coordinator, computes gradients of its share of each step and serves sampling work")
         {
-            CoordinatorOption, TokenFileOption, ThreadsOption, DeviceOption, TlsCaOption, GiveUpOption, ExitWithParentOption, LogLevelOption,
+            CoordinatorOption, TokenFileOption, ThreadsOption, DeviceOption, TlsCaOption, GiveUpOption, ExitWithParentOption, LogLevelOption, LogFormatOption,
         };
         root.SetAction(p => Execute(p));
         return root;
@@ -98,6 +113,8 @@ public static class WorkerCli
             "error" => LogEventLevel.Error,
             var other => throw new ArgumentException($"--log-level {other}: expected debug, information, warning or error"),
         };
+        var format = p.GetValue(LogFormatOption)!;
+        if (format.Trim().ToLowerInvariant() is not ("text" or "json")) throw new ArgumentException($"--log-format {format}: expected text or json");
         var options = new WorkerOptions
         {
             Coordinator = ClientChannel.ParseAddress(p.GetValue(CoordinatorOption)!, "--coordinator"),
@@ -117,11 +134,10 @@ public static class WorkerCli
         var device = TorchRuntime.ResolveDevice(options.Device, threads);
 
         var builder = Host.CreateApplicationBuilder();
-        builder.Services.AddSerilog(c => c
+        builder.Services.AddSerilog(c => WriteConsole(c
             .MinimumLevel.Is(level)
             .MinimumLevel.Override("Microsoft", LogEventLevel.Warning)
-            .MinimumLevel.Override("Grpc", LogEventLevel.Warning)
-            .WriteTo.Console(outputTemplate: "{Timestamp:HH:mm:ss.fff} {Level:u3} {Message:lj}{NewLine}{Exception}", standardErrorFromLevel: LogEventLevel.Verbose));
+            .MinimumLevel.Override("Grpc", LogEventLevel.Warning), format));
         builder.Services.AddSingleton(options);
         builder.Services.AddSingleton(device);
         builder.Services.AddSingleton<TrainerWorker>();

@@ -76,8 +76,8 @@ internal static class ManifestPolicyChecks
             return;
         }
         foreach (var port in ports)
-            if (port.ContainerPort != facts.DefaultPort && port.ContainerPort != facts.DefaultHealthPort)
-                p.Add($"{c}: serves port {port.ContainerPort}, but the coordinator's ports are {facts.DefaultPort} (Names.DefaultPort) and the health port {facts.DefaultHealthPort} (Names.DefaultHealthPort)");
+            if (port.ContainerPort != facts.DefaultPort && port.ContainerPort != facts.DefaultHealthPort && port.ContainerPort != facts.DefaultHttpPort)
+                p.Add($"{c}: serves port {port.ContainerPort}, but the coordinator's ports are {facts.DefaultPort} (Names.DefaultPort), the health port {facts.DefaultHealthPort} (Names.DefaultHealthPort) and the metrics port {facts.DefaultHttpPort} (Names.DefaultHttpPort)");
         foreach (var (kind, probe) in new[] { ("liveness", c.Container.LivenessProbe), ("readiness", c.Container.ReadinessProbe), ("startup", c.Container.StartupProbe) })
         {
             if (probe is null)
@@ -201,11 +201,27 @@ internal static class ManifestPolicyChecks
             p.Add("no default-deny NetworkPolicy (podSelector {}, policyTypes Ingress and Egress, no rules)");
         var coordinator = apps.Running(facts.CoordinatorExe, "serve").Select(s => s.Container.Pod).FirstOrDefault();
         if (coordinator is null) return;
+        var monitoring = false;
         foreach (var np in policies.Where(np => ManifestSchemaChecks.Selects(np.Spec.PodSelector, coordinator.Labels)))
             foreach (var rule in np.Spec.Ingress ?? [])
+            {
+                // The one exception: labelled pods of one named namespace (the monitoring one) on the metrics port only.
+                var metricsOnly = rule.Ports is { Count: > 0 } && rule.Ports.All(x => x.Port?.Value == facts.DefaultHttpPort.ToString(System.Globalization.CultureInfo.InvariantCulture) && x.EndPort is null);
+                bool Labelled(V1LabelSelector? s) => s is not null && (s.MatchLabels?.Count ?? 0) + (s.MatchExpressions?.Count ?? 0) > 0;
+                bool Scraper(V1NetworkPolicyPeer peer) => metricsOnly && peer.IpBlock is null && Labelled(peer.PodSelector)
+                    && peer.NamespaceSelector?.MatchLabels?.ContainsKey("kubernetes.io/metadata.name") == true;
+                if (rule.FromProperty is { Count: > 0 } && rule.FromProperty.All(Scraper))
+                {
+                    monitoring = true;
+                    continue;
+                }
                 if (rule.FromProperty is not { Count: > 0 } || rule.FromProperty.Any(peer => peer.IpBlock is not null || peer.NamespaceSelector is not null || peer.PodSelector is null
                         || (peer.PodSelector.MatchLabels?.Count ?? 0) + (peer.PodSelector.MatchExpressions?.Count ?? 0) == 0))
                     p.Add($"NetworkPolicy {np.Metadata.Name}: lets more than labelled pods of this namespace reach the coordinator");
+            }
+        if (!monitoring)
+            p.Add($"no NetworkPolicy lets a monitoring namespace's (labelled) pods reach the coordinator's metrics port {facts.DefaultHttpPort}, and only it");
+        CheckScrapeAnnotations(coordinator, apps, facts, p);
         foreach (var pod in set.Pods().Where(x => x != coordinator))
         {
             var dials = apps.All.Where(a => a.Container.Pod == pod).Any(a => a.CoordinatorUrl is not null);
@@ -219,6 +235,26 @@ internal static class ManifestPolicyChecks
             if (downloads && !(EgressAllowed(policies, pod, null, 443, "TCP") && EgressAllowed(policies, pod, null, 53, "UDP")))
                 p.Add($"{pod}: downloads a dataset but may not reach HTTPS and DNS");
         }
+    }
+
+    /// <summary>prometheus.io/* annotations on the coordinator's pod that match its --http listener.</summary>
+    private static void CheckScrapeAnnotations(PodTemplate coordinator, AppContainers apps, DeployFacts facts, List<string> p)
+    {
+        var serve = apps.Running(facts.CoordinatorExe, "serve").First();
+        var http = serve.Invocation.Value("--http");
+        if (http is null || !Uri.TryCreate(http, UriKind.Absolute, out var url))
+        {
+            p.Add($"{serve}: no --http URL: nothing serves /metrics");
+            return;
+        }
+        var annotations = coordinator.Annotations;
+        string? A(string key) => annotations.TryGetValue(key, out var v) ? v : null;
+        if (A("prometheus.io/scrape") != "true") p.Add($"{coordinator}: no prometheus.io/scrape: \"true\" annotation");
+        if (A("prometheus.io/port") != url.Port.ToString(System.Globalization.CultureInfo.InvariantCulture)) p.Add($"{coordinator}: prometheus.io/port is {A("prometheus.io/port") ?? "missing"}, but --http listens on {url.Port}");
+        if ((A("prometheus.io/scheme") ?? "http") != url.Scheme) p.Add($"{coordinator}: prometheus.io/scheme is {A("prometheus.io/scheme") ?? "missing (http)"}, but --http speaks {url.Scheme}");
+        if ((A("prometheus.io/path") ?? "/metrics") != "/metrics") p.Add($"{coordinator}: prometheus.io/path is {A("prometheus.io/path")}, but the metrics are at /metrics");
+        if (url.Port != facts.DefaultHttpPort) p.Add($"{serve}: --http port {url.Port} is not {facts.DefaultHttpPort} (Names.DefaultHttpPort)");
+        if (!(serve.Container.Container.Ports ?? []).Any(cp => cp.ContainerPort == url.Port)) p.Add($"{serve}: the metrics port {url.Port} is no containerPort");
     }
 
     private static bool Allowed(List<V1NetworkPolicy> policies, PodTemplate from, PodTemplate to, int port, string protocol) =>

@@ -13,8 +13,10 @@ internal sealed record ManifestObject(string File, int Index, IKubernetesObject<
 }
 
 /// <summary>A pod template (of a Deployment or Job) or a bare Pod: where it is, its labels and its spec.</summary>
-internal sealed record PodTemplate(ManifestObject Owner, IDictionary<string, string> Labels, V1PodSpec Spec)
+internal sealed record PodTemplate(ManifestObject Owner, IDictionary<string, string> Labels, V1PodSpec Spec, IDictionary<string, string>? PodAnnotations = null)
 {
+    public IDictionary<string, string> Annotations => PodAnnotations ?? new Dictionary<string, string>();
+
     public override string ToString() => Owner.ToString();
 }
 
@@ -95,7 +97,7 @@ internal sealed class ManifestSet
             switch (o.Object)
             {
                 case V1Deployment d when d.Spec?.Template?.Spec is { } spec:
-                    pods.Add(new PodTemplate(o, d.Spec.Template.Metadata?.Labels ?? new Dictionary<string, string>(), spec));
+                    pods.Add(new PodTemplate(o, d.Spec.Template.Metadata?.Labels ?? new Dictionary<string, string>(), spec, d.Spec.Template.Metadata?.Annotations));
                     break;
                 case V1Job j when j.Spec?.Template?.Spec is { } spec:
                     pods.Add(new PodTemplate(o, j.Spec.Template.Metadata?.Labels ?? new Dictionary<string, string>(), spec));

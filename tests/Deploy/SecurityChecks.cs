@@ -32,6 +32,9 @@ internal static class SecurityChecks
         var tlsSecret = cert?.Secret;
 
         CheckHealthPort(server, set, facts, p);
+        // The metrics port carries the client token: TLS like the gRPC port.
+        if (server.Invocation.Value("--http") is { } http && !http.StartsWith("https://", StringComparison.Ordinal))
+            p.Add($"{server}: --http {http} is cleartext: the client token would cross the pod network unencrypted (use https:// with the same certificate)");
 
         if (inv.Has("--token-file"))
             p.Add($"{server}: --token-file is one shared token for every role: give --worker-token-file and --client-token-file instead, so a client cannot join as a worker");

@@ -101,8 +101,33 @@ public sealed class TlsAndConfigurationTests() : TempFolderTest("dd-tls")
         options.TlsCert = Path.Combine(tls, "tls.crt");
         options.TlsKey = Path.Combine(tls, "tls.key");
         options.HealthListen = "http://127.0.0.1:0";
+        options.Http = "https://127.0.0.1:0";
         await using var server = await Cluster.Start(options, new ServerCredentials(null, Cluster.WorkerToken, Cluster.ClientToken));
         var ca = Path.Combine(tls, "ca.crt");
+
+        // The metrics port (the manifest's --http https://...): TLS with the same certificate, verified against the CA.
+        Assert.NotNull(server.HttpAddress);
+        Assert.Equal(Uri.UriSchemeHttps, server.HttpAddress.Scheme);
+        using (var trust = X509Certificate2.CreateFromPem(File.ReadAllText(ca)))
+        using (var handler = new HttpClientHandler
+        {
+            ServerCertificateCustomValidationCallback = (_, certificate, _, _) =>
+            {
+                using var chain = new X509Chain();
+                chain.ChainPolicy.TrustMode = X509ChainTrustMode.CustomRootTrust;
+                chain.ChainPolicy.CustomTrustStore.Add(trust);
+                chain.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
+                return certificate is not null && chain.Build(certificate);
+            },
+        })
+        using (var https = new HttpClient(handler) { Timeout = TimeSpan.FromSeconds(30) })
+        {
+            using var request = new HttpRequestMessage(HttpMethod.Get, new Uri(server.HttpAddress, "/metrics"));
+            request.Headers.Authorization = new System.Net.Http.Headers.AuthenticationHeaderValue("Bearer", Cluster.ClientToken);
+            using var response = await https.SendAsync(request);
+            Assert.Equal(HttpStatusCode.OK, response.StatusCode);
+            Assert.Contains("distdiffusion_steps_total", await response.Content.ReadAsStringAsync(), StringComparison.Ordinal);
+        }
 
         // The probe's port: cleartext, the health Check only, without a token.
         Assert.NotNull(server.HealthAddress);

@@ -40,6 +40,12 @@ internal static class CliSupport
         Description = "Also keep for good every checkpoint whose step is a multiple of K (default: none)",
     };
 
+    public static Option<int> LogEveryOption() => new("--log-every")
+    {
+        Description = "Every N steps: a line in OUT/metrics.jsonl (and the loss in the log at Information)",
+        DefaultValueFactory = _ => 100,
+    };
+
     /// <summary>The token a client verb (status, sample) presents.</summary>
     public static Option<string?> TokenFileOption() => new("--token-file")
     {

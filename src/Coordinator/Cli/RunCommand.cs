@@ -30,9 +30,12 @@ internal static class RunCommand
         var keepCheckpoints = CliSupport.KeepCheckpointsOption();
         var keepEvery = CliSupport.KeepEveryOption();
         var logLevel = new Option<string>("--log-level") { Description = "Log level of the coordinator and workers (debug, information, warning, error)", DefaultValueFactory = _ => "warning" };
+        var logEvery = CliSupport.LogEveryOption();
+        var logFormat = new Option<string>("--log-format") { Description = "Log format of the coordinator and workers: text (lines prefixed [coordinator], [worker N]) or json (Serilog's compact JSON, one event per line, unprefixed)", DefaultValueFactory = _ => "text" };
+        var devices = new Option<string?>("--devices") { Description = "Devices for the workers, round robin: GPU indices and/or cpu, e.g. 0,1 (default: every visible GPU, else the CPU)" };
         var cmd = new Command("run", "Train with a coordinator and N worker processes on this machine")
         {
-            workers, recipe, set, steps, seed, output, resume, workerThreads, gradientDtype, ServeCommand.SharedMemory, keepCheckpoints, keepEvery, logLevel,
+            logEvery, logFormat, devices, workers, recipe, set, steps, seed, output, resume, workerThreads, gradientDtype, ServeCommand.SharedMemory, keepCheckpoints, keepEvery, logLevel,
         };
         cmd.SetAction(p =>
         {
@@ -44,7 +47,8 @@ internal static class RunCommand
             if (p.GetValue(resume) is null && p.GetValue(recipe) is null) throw new UsageException("--recipe is required (or --resume DIR)");
             var options = new CoordinatorOptions
             {
-                Listen = "http://127.0.0.1:0",
+                // The client verbs' default address when it is free (else any free port); endpoints.json says which.
+                Listen = RunEndpoints.IsFree(RunEndpoints.PreferredGrpcPort) ? $"http://127.0.0.1:{RunEndpoints.PreferredGrpcPort}" : "http://127.0.0.1:0",
                 Recipe = p.GetValue(recipe),
                 Set = p.GetValue(set) ?? [],
                 Steps = p.GetValue(steps),
@@ -56,9 +60,14 @@ internal static class RunCommand
                 KeepCheckpoints = p.GetValue(keepCheckpoints) ?? Model.Checkpoints.CheckpointRetention.DefaultKeepLast,
                 KeepEvery = p.GetValue(keepEvery),
                 MinWorkers = n,
+                // /metrics and the dashboard on a free port; endpoints.json says which.
+                Http = "http://127.0.0.1:0",
+                LogEvery = p.GetValue(logEvery),
+                LogFormat = p.GetValue(logFormat)!,
                 // The coordinator's own torch work (Adam, EMA) is small; its cores belong to the workers.
                 Threads = 1,
             };
+            var deviceList = CliSupport.UserInput(() => WorkerDevices(p.GetValue(devices), TorchSharp.torch.cuda.is_available() ? TorchSharp.torch.cuda.device_count() : 0));
             // All processes share this machine: OpenMP threads must not spin on cores another process computes on.
             Model.TorchRuntime.PreferPassiveThreads();
             var level = p.GetValue(logLevel)!;
@@ -67,8 +76,19 @@ internal static class RunCommand
             // so the token file on disk lets nobody join the run and push gradients.
             var credentials = new ServerCredentials(null, Worker: Token.Generate(), Client: Token.Generate());
             // Bad settings surface while starting (usage errors, exit 2); later failures are failures (exit 1).
-            var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, credentials, CliSupport.ParseLogLevel(level), "[coordinator] ").GetAwaiter().GetResult());
-            return RunAsync(server, credentials, n, threads > 0 ? threads : Math.Max(1, Environment.ProcessorCount / n), level).GetAwaiter().GetResult();
+            CoordinatorServer Start() => CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, credentials, CliSupport.ParseLogLevel(level), options.LogFormat == "json" ? "" : "[coordinator] ").GetAwaiter().GetResult());
+            CoordinatorServer server;
+            try
+            {
+                server = Start();
+            }
+            catch (IOException e) when (RunEndpoints.IsAddressInUse(e) && options.Listen != "http://127.0.0.1:0")
+            {
+                // Another process took 50051 between the check and the bind: any free port will do.
+                options.Listen = "http://127.0.0.1:0";
+                server = Start();
+            }
+            return RunAsync(server, credentials, n, threads > 0 ? threads : Math.Max(1, Environment.ProcessorCount / n), level, options.LogFormat, deviceList).GetAwaiter().GetResult();
         });
         return cmd;
     }
@@ -79,10 +99,11 @@ internal static class RunCommand
     /// crash), the worker notices within a second and exits instead of retrying the coordinator until --give-up-after
     /// runs out. Its output lines go to <paramref name="output"/> with <paramref name="prefix"/>.
     /// </summary>
-    internal static Process StartWorker(Uri address, string workerToken, int threads, string logLevel, string prefix, Action<string> output, double giveUpAfterSeconds = 60)
+    internal static Process StartWorker(Uri address, string workerToken, int threads, string logLevel, string prefix, Action<string> output, double giveUpAfterSeconds = 60,
+        string device = "cpu", string logFormat = "text")
     {
         var psi = WorkerStartInfo(["--coordinator", address.ToString(), "--threads", threads.ToString(CultureInfo.InvariantCulture), "--log-level", logLevel,
-            "--give-up-after", giveUpAfterSeconds.ToString(CultureInfo.InvariantCulture), "--exit-with-parent", Environment.ProcessId.ToString(CultureInfo.InvariantCulture)]);
+            "--log-format", logFormat, "--device", device, "--give-up-after", giveUpAfterSeconds.ToString(CultureInfo.InvariantCulture), "--exit-with-parent", Environment.ProcessId.ToString(CultureInfo.InvariantCulture)]);
         psi.Environment.Remove(Names.TokenEnvironmentVariable);
         psi.Environment.Remove(Names.ClientTokenEnvironmentVariable);
         psi.Environment[Names.WorkerTokenEnvironmentVariable] = workerToken;
@@ -93,6 +114,24 @@ internal static class RunCommand
         process.BeginOutputReadLine();
         process.BeginErrorReadLine();
         return process;
+    }
+
+    /// <summary>
+    /// The --device of each worker, given round robin: `--devices 0,1` is cuda:0, cuda:1, cuda:0, ...; "cpu" entries stay on
+    /// the CPU. Without --devices: every visible GPU in turn, else the CPU.
+    /// </summary>
+    internal static string[] WorkerDevices(string? list, int gpus)
+    {
+        if (list is null) return gpus > 0 ? [.. Enumerable.Range(0, gpus).Select(i => $"cuda:{i}")] : ["cpu"];
+        var entries = list.Split(',', StringSplitOptions.TrimEntries);
+        if (entries.Length == 0 || entries.Any(e => e.Length == 0)) throw new ArgumentException($"--devices {list}: expected GPU indices or cpu, separated by commas (e.g. 0,1)");
+        return [.. entries.Select(e =>
+        {
+            if (e.Equals("cpu", StringComparison.OrdinalIgnoreCase)) return "cpu";
+            if (!int.TryParse(e, NumberStyles.None, CultureInfo.InvariantCulture, out var i)) throw new ArgumentException($"--devices {list}: '{e}' is neither a GPU index nor cpu");
+            if (i >= gpus) throw new ArgumentException(gpus == 0 ? $"--devices {list}: GPU {i} asked for, but CUDA is not available here (use cpu)" : $"--devices {list}: GPU {i} asked for, but {gpus} are visible (0..{gpus - 1})");
+            return $"cuda:{i}";
+        })];
     }
 
     /// <summary>The worker executable shipped beside this one.</summary>
@@ -111,7 +150,7 @@ internal static class RunCommand
         return psi;
     }
 
-    private static async Task<int> RunAsync(CoordinatorServer started, ServerCredentials credentials, int workerCount, int threads, string logLevel)
+    private static async Task<int> RunAsync(CoordinatorServer started, ServerCredentials credentials, int workerCount, int threads, string logLevel, string logFormat, string[] devices)
     {
         using var cts = new CancellationTokenSource();
         using var signals = StopSignals.Register(cts);
@@ -120,11 +159,14 @@ internal static class RunCommand
         {
             await using var server = started;
             Token.WriteFile(Path.Combine(server.RunDir, "token"), credentials.Client!);
+            RunEndpoints.Write(server.RunDir, server.Address, server.HttpAddress);
             var status = server.Loop.Status();
             Console.Error.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"run {status.RunId}: {status.Recipe} from step {status.Step} to {status.TargetStep}, coordinator {server.Address}, {workerCount} workers x {threads} threads, client token (status, sample) in {Path.Combine(server.RunDir, "token")}"));
+                $"run {status.RunId}: {status.Recipe} from step {status.Step} to {status.TargetStep}, coordinator {server.Address}, {workerCount} workers x {threads} threads, client token (status, sample) in {Path.Combine(server.RunDir, "token")}; `coordinator status --run {server.RunDir}` finds it"));
             for (var i = 0; i < workerCount; i++)
-                processes.Add(StartWorker(server.Address, credentials.Worker!, threads, logLevel, $"[worker {i + 1}] ", Console.Error.WriteLine));
+                // JSON lines stay JSON: no prefix (each worker's events carry its id once it has joined).
+                processes.Add(StartWorker(server.Address, credentials.Worker!, threads, logLevel, logFormat == "json" ? "" : $"[worker {i + 1}] ", Console.Error.WriteLine,
+                    device: devices[i % devices.Length], logFormat: logFormat));
 
             var bar = new ProgressBar("train", (long)status.Step, (long)status.TargetStep);
             // The rate excludes the first step (joining, loading, one-time set-up), as `coordinator train`'s does.

@@ -16,6 +16,7 @@ internal static class SampleCommand
         var checkpoint = new Option<string?>("--checkpoint") { Description = "Sample in this process from a run folder (its latest checkpoint) or one checkpoint folder" };
         var address = new Option<string?>("--address") { Description = $"Ask the coordinator at this URL instead (e.g. {DistDiffusion.Protocol.Names.DefaultAddress})" };
         var tokenFile = CliSupport.TokenFileOption();
+        var run = RunEndpoints.RunOption();
         var timeout = new Option<double>("--timeout") { Description = "With --address: give up after this many seconds (0: no deadline)", DefaultValueFactory = _ => 0 };
         var tlsCa = new Option<string?>("--tls-ca") { Description = "With --address: CA certificate (PEM) to trust for an https coordinator" };
         var n = new Option<int>("--n") { Description = "Number of samples", DefaultValueFactory = _ => 64 };
@@ -31,14 +32,23 @@ internal static class SampleCommand
         var threads = CliSupport.ThreadsOption();
         var cmd = new Command("sample", "Draw samples from a trained model")
         {
-            checkpoint, address, tokenFile, timeout, tlsCa, n, sampler, steps, eta, seed, raw, trajectory, output, batch, device, threads,
+            checkpoint, address, run, tokenFile, timeout, tlsCa, n, sampler, steps, eta, seed, raw, trajectory, output, batch, device, threads,
         };
         cmd.SetAction(p =>
         {
-            if ((p.GetValue(checkpoint) is null) == (p.GetValue(address) is null))
-                throw new UsageException("give exactly one of --checkpoint DIR (sample here) or --address URL (ask a coordinator)");
-            if (p.GetValue(address) is { } url)
-                return RemoteSampler.Run(url, p.GetValue(tokenFile), p.GetValue(timeout), p.GetValue(tlsCa), p.GetValue(n), ParseSampler(p.GetValue(sampler)!),
+            var given = (p.GetValue(checkpoint) is null ? 0 : 1) + (p.GetValue(address) is null ? 0 : 1) + (p.GetValue(run) is null ? 0 : 1);
+            if (given != 1)
+                throw new UsageException("give exactly one of --checkpoint DIR (sample here), --address URL or --run DIR (ask a coordinator)");
+            var tokenPath = p.GetValue(tokenFile);
+            var url = p.GetValue(address);
+            if (p.GetValue(run) is { } dir)
+            {
+                if (tokenPath is not null) throw new UsageException("--run DIR gives the token: drop --token-file");
+                var found = RunEndpoints.Read(dir);
+                (url, tokenPath) = (found.Grpc.ToString(), found.TokenFile);
+            }
+            if (url is not null)
+                return RemoteSampler.Run(url, tokenPath, p.GetValue(timeout), p.GetValue(tlsCa), p.GetValue(n), ParseSampler(p.GetValue(sampler)!),
                     p.GetValue(steps), p.GetValue(eta), p.GetValue(seed), p.GetValue(raw), p.GetValue(trajectory), p.GetValue(output)!);
             return Run(p.GetValue(checkpoint)!, p.GetValue(n), p.GetValue(sampler)!, p.GetValue(steps), p.GetValue(eta),
                 p.GetValue(seed), p.GetValue(raw), p.GetValue(trajectory), p.GetValue(output)!, p.GetValue(batch), p.GetValue(device)!, p.GetValue(threads));

@@ -23,6 +23,10 @@ internal static class ServeCommand
     public static readonly Option<string?> WorkerTokenFile = new("--worker-token-file") { Description = $"File holding the worker token: its bearer may join as a worker, nothing else (default: the {Names.WorkerTokenEnvironmentVariable} environment variable)" };
     public static readonly Option<string?> ClientTokenFile = new("--client-token-file") { Description = $"File holding the client token: its bearer may read status and ask for samples, not join (default: the {Names.ClientTokenEnvironmentVariable} environment variable)" };
     public static readonly Option<string?> HealthListen = new("--health-listen") { Description = $"Also serve grpc.health.v1.Health/Check, and nothing else, in cleartext on this http:// URL (for probes that speak no TLS, e.g. http://0.0.0.0:{Names.DefaultHealthPort})" };
+    public static readonly Option<string?> Http = new("--http") { Description = $"HTTP/1.1 URL for GET /metrics (Prometheus text, client token) and the dashboard (GET /) (default http://127.0.0.1:{DefaultHttpPort}, a free port when that one is taken; none: off)" };
+    public static readonly Option<int?> LogEvery = new("--log-every") { Description = "Every N steps: a line in OUT/metrics.jsonl and the loss in the log at Information (default 100)" };
+    public static readonly Option<string?> LogFormat = new("--log-format") { Description = "text (default) or json (Serilog's compact JSON, one event per line)" };
+    public const int DefaultHttpPort = Names.DefaultHttpPort;
     public static readonly Option<bool> AllowUnauthenticated = new("--allow-unauthenticated") { Description = "Serve without a token (a warning is logged)" };
     public static readonly Option<string?> TlsCert = new("--tls-cert") { Description = "TLS certificate (PEM); with --tls-key the server speaks https" };
     public static readonly Option<string?> TlsKey = new("--tls-key") { Description = "TLS private key (PEM)" };
@@ -53,9 +57,9 @@ internal static class ServeCommand
         var threads = CliSupport.ThreadsOption();
         var cmd = new Command("serve", "Run the coordinator (parameter server) for workers to join, and serve samples")
         {
-            Listen, Recipe, Set, Steps, Seed, Out, Resume, tokenFile, WorkerTokenFile, ClientTokenFile, AllowUnauthenticated, TlsCert, TlsKey, HealthListen,
+            Listen, Recipe, Set, Steps, Seed, Out, Resume, tokenFile, WorkerTokenFile, ClientTokenFile, AllowUnauthenticated, TlsCert, TlsKey, HealthListen, Http, LogEvery,
             StepDeadline, Heartbeat, GradientDtype, MinWorkers, KeepServing, Checkpoint, SampleOnly, MaxSamples, device, threads, SharedMemory, GradientBoundRatio, StragglerFactor, VerifyFraction, MaxDisagreements,
-            MaxSampleRequests, SampleDeadline, KeepCheckpoints, KeepEvery, SampleLedger, LogLevel,
+            MaxSampleRequests, SampleDeadline, KeepCheckpoints, KeepEvery, SampleLedger, LogLevel, LogFormat,
         };
         cmd.SetAction(p =>
         {
@@ -71,6 +75,9 @@ internal static class ServeCommand
             Put(nameof(CoordinatorOptions.WorkerTokenFile), WorkerTokenFile);
             Put(nameof(CoordinatorOptions.ClientTokenFile), ClientTokenFile);
             Put(nameof(CoordinatorOptions.HealthListen), HealthListen);
+            Put(nameof(CoordinatorOptions.Http), Http);
+            Put(nameof(CoordinatorOptions.LogEvery), LogEvery);
+            Put(nameof(CoordinatorOptions.LogFormat), LogFormat);
             Put(nameof(CoordinatorOptions.AllowUnauthenticated), AllowUnauthenticated);
             Put(nameof(CoordinatorOptions.TlsCert), TlsCert);
             Put(nameof(CoordinatorOptions.TlsKey), TlsKey);
@@ -123,10 +130,25 @@ internal static class ServeCommand
             {
                 throw new ArgumentException("configuration: " + e.Message);
             }
+            // --http unset anywhere: the default port, unless taken (then a free one; the log says which).
+            DefaultedHttp = options.Http is null;
+            options.Http ??= DefaultHttp(options);
             options.Validate();
             return options;
         });
         return options;
+    }
+
+    /// <summary>Whether the last <see cref="Configure"/> chose the --http URL itself.</summary>
+    [ThreadStatic]
+    private static bool DefaultedHttp;
+
+    private static string DefaultHttp(CoordinatorOptions options)
+    {
+        var taken = new Uri(options.Listen).Port == DefaultHttpPort
+            || (options.HealthListen is not null && new Uri(options.HealthListen).Port == DefaultHttpPort)
+            || !RunEndpoints.IsFree(DefaultHttpPort);
+        return taken ? "http://127.0.0.1:0" : $"http://127.0.0.1:{DefaultHttpPort}";
     }
 
     private static int Serve(CoordinatorOptions options, LogEventLevel level)
@@ -135,7 +157,18 @@ internal static class ServeCommand
         using var cts = new CancellationTokenSource();
         using var signals = StopSignals.Register(cts);
         // Bad settings surface while starting (usage errors, exit 2); later failures are failures (exit 1).
-        var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, credentials, level, ct: cts.Token).GetAwaiter().GetResult());
+        CoordinatorServer Start() => CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, credentials, level, ct: cts.Token).GetAwaiter().GetResult());
+        CoordinatorServer server;
+        try
+        {
+            server = Start();
+        }
+        catch (IOException e) when (RunEndpoints.IsAddressInUse(e) && options.Http == $"http://127.0.0.1:{DefaultHttpPort}" && DefaultedHttp)
+        {
+            // The default metrics port was taken between the check and the bind: any free port will do (the log says which).
+            options.Http = "http://127.0.0.1:0";
+            server = Start();
+        }
         return ServeAsync(server, cts.Token).GetAwaiter().GetResult();
     }
 

@@ -17,18 +17,50 @@ internal static class StatusCommand
         var json = new Option<bool>("--json") { Description = "Print the status as JSON (the StatusReply message)" };
         var timeout = new Option<double>("--timeout") { Description = "Seconds to wait for the coordinator", DefaultValueFactory = _ => 10 };
         var tlsCa = new Option<string?>("--tls-ca") { Description = "CA certificate (PEM) to trust for an https coordinator" };
-        var cmd = new Command("status", "Show a running coordinator's run and workers") { address, tokenFile, json, timeout, tlsCa };
-        cmd.SetAction(p => Run(p.GetValue(address)!, p.GetValue(tokenFile), p.GetValue(json), p.GetValue(timeout), p.GetValue(tlsCa)));
+        var run = RunEndpoints.RunOption();
+        var watch = new Option<bool>("--watch") { Description = "Refresh until interrupted (Ctrl+C)" };
+        var interval = new Option<double>("--interval") { Description = "With --watch: seconds between refreshes", DefaultValueFactory = _ => 2 };
+        var cmd = new Command("status", "Show a running coordinator's run and workers") { address, tokenFile, run, json, timeout, tlsCa, watch, interval };
+        cmd.SetAction(p =>
+        {
+            var addressText = p.GetValue(address)!;
+            var tokenPath = p.GetValue(tokenFile);
+            if (p.GetValue(run) is { } dir)
+            {
+                if (p.GetResult(address) is { Implicit: false } || tokenPath is not null)
+                    throw new UsageException("--run DIR gives the address and the token: drop --address and --token-file");
+                var found = RunEndpoints.Read(dir);
+                (addressText, tokenPath) = (found.Grpc.ToString(), found.TokenFile);
+            }
+            return Run(addressText, tokenPath, p.GetValue(json), p.GetValue(timeout), p.GetValue(tlsCa), p.GetValue(watch), p.GetValue(interval));
+        });
         return cmd;
     }
 
-    private static int Run(string addressText, string? tokenFile, bool json, double timeoutSeconds, string? tlsCa)
+    private static int Run(string addressText, string? tokenFile, bool json, double timeoutSeconds, string? tlsCa, bool watch, double intervalSeconds)
     {
         if (!(timeoutSeconds > 0)) throw new UsageException($"--timeout {timeoutSeconds}: expected seconds > 0");
+        if (!(intervalSeconds > 0) || !double.IsFinite(intervalSeconds)) throw new UsageException($"--interval {intervalSeconds}: expected seconds > 0");
         var address = CliSupport.UserInput(() => ClientChannel.ParseAddress(addressText, "--address"));
         var token = CliSupport.UserInput(() => Token.ResolveClient(tokenFile));
         using var channel = CliSupport.UserInput(() => ClientChannel.Create(address, tlsCa));
         var client = new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(channel);
+        if (!watch) return Once(client, address, token, json, timeoutSeconds, clear: false);
+        // --watch: until Ctrl+C, SIGINT or SIGTERM; an unreachable coordinator is reported and asked again.
+        using var cts = new CancellationTokenSource();
+        using var signals = StopSignals.Register(cts);
+        var clear = !Console.IsOutputRedirected && !json;
+        while (!cts.IsCancellationRequested)
+        {
+            Once(client, address, token, json, timeoutSeconds, clear);
+            Console.Out.Flush();
+            cts.Token.WaitHandle.WaitOne(TimeSpan.FromSeconds(intervalSeconds));
+        }
+        return CliSupport.ExitOk;
+    }
+
+    private static int Once(DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient client, Uri address, string? token, bool json, double timeoutSeconds, bool clear)
+    {
         StatusReply reply;
         try
         {
@@ -39,6 +71,7 @@ internal static class StatusCommand
             Console.Error.WriteLine(CliSupport.DescribeRpcFailure(e, address));
             return CliSupport.ExitFailure;
         }
+        if (clear) Console.Write("\u001b[H\u001b[2J");
         if (json)
         {
             Console.WriteLine(new JsonFormatter(JsonFormatter.Settings.Default.WithFormatDefaultValues(true)).Format(reply));

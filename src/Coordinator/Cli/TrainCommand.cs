@@ -21,20 +21,23 @@ internal static class TrainCommand
         var threads = CliSupport.ThreadsOption();
         var keepCheckpoints = CliSupport.KeepCheckpointsOption();
         var keepEvery = CliSupport.KeepEveryOption();
+        var logEvery = CliSupport.LogEveryOption();
         var cmd = new Command("train", "Train in this one process (checkpoints and sample pictures go to the run folder)")
         {
-            recipe, set, steps, seed, output, resume, device, threads, keepCheckpoints, keepEvery,
+            recipe, set, steps, seed, output, resume, device, threads, keepCheckpoints, keepEvery, logEvery,
         };
         cmd.SetAction(p =>
         {
+            var every = p.GetValue(logEvery);
+            if (every < 1) throw new UsageException($"--log-every {every}: expected at least 1");
             var retention = CliSupport.UserInput(() => new CheckpointRetention(p.GetValue(keepCheckpoints) ?? CheckpointRetention.DefaultKeepLast, p.GetValue(keepEvery)));
             return Run(p.GetValue(recipe), p.GetValue(set) ?? [], p.GetValue(steps), p.GetValue(seed),
-                p.GetValue(output), p.GetValue(resume), p.GetValue(device)!, p.GetValue(threads), retention);
+                p.GetValue(output), p.GetValue(resume), p.GetValue(device)!, p.GetValue(threads), retention, every);
         });
         return cmd;
     }
 
-    private static int Run(string? recipeName, string[] sets, int? steps, long? seed, string? outDir, string? resume, string deviceSpec, int threads, CheckpointRetention retention)
+    private static int Run(string? recipeName, string[] sets, int? steps, long? seed, string? outDir, string? resume, string deviceSpec, int threads, CheckpointRetention retention, int logEvery)
     {
         var device = CliSupport.ResolveDevice(deviceSpec, threads);
         // The same rules as serve and run (RunFolder): a damaged newest checkpoint is skipped with a warning, and on
@@ -64,6 +67,9 @@ internal static class TrainCommand
             double smoothed = double.NaN;
             var firstStep = state.StepsDone;
             var clock = new System.Diagnostics.Stopwatch();
+            // OUT/metrics.jsonl gets a line every --log-every steps (appended on resume); OUT/loss.png is redrawn at each checkpoint.
+            var journal = new Observe.MetricsJournal(runDir);
+            var interval = new Observe.StepInterval();
             using var cts = new CancellationTokenSource();
             // Ctrl+C, SIGINT and SIGTERM (kill, Kubernetes) stop after the current step and write a checkpoint.
             using (StopSignals.Register(cts))
@@ -76,12 +82,26 @@ internal static class TrainCommand
                         if (p.Step == firstStep + 1) clock.Restart();
                         smoothed = double.IsNaN(smoothed) ? p.Loss : 0.98 * smoothed + 0.02 * p.Loss;
                         bar.Update(p.Step, "loss " + CliSupport.Format(smoothed));
+                        interval.Add(p.Loss, recipe.BatchSize);
+                        if (p.Step % logEvery == 0 || p.Step == p.TargetStep)
+                        {
+                            var (meanLoss, rate) = interval.Take();
+                            journal.Append(new Observe.StepRecord(p.Step, state.Cursor.Epoch, meanLoss, p.GradNorm, state.Optimizer.LearningRateAt(p.Step), rate, 0));
+                        }
                     },
                     OnCheckpoint = saved =>
                     {
                         foreach (var aside in saved.SetAside)
                             Console.Error.WriteLine($"warning: {aside.Folder} was not a valid checkpoint ({aside.Reason}); moved it to {aside.MovedTo}");
                         Console.Error.WriteLine($"checkpoint {saved.Folder}");
+                        try
+                        {
+                            journal.WriteLossPlot(recipe.Name);
+                        }
+                        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+                        {
+                            Console.Error.WriteLine($"warning: {journal.LossPlotPath} not written: {e.Message}");
+                        }
                         foreach (var gone in saved.Deleted) Console.Error.WriteLine($"deleted checkpoint {gone} ({retention})");
                         foreach (var problem in saved.PruneProblems) Console.Error.WriteLine($"warning: could not delete an old checkpoint: {problem}");
                     },

@@ -113,8 +113,18 @@ public sealed class AccessMiddleware(RequestDelegate next, ServerCredentials cre
     /// <summary>Key of the connection item that marks a connection to the health port.</summary>
     public const string HealthPortItem = "distdiffusion.health-port";
 
+    /// <summary>Key of the connection item that marks a connection to the HTTP/1.1 port (--http: /metrics and the dashboard).</summary>
+    public const string HttpPortItem = "distdiffusion.http-port";
+
+    public static bool OnHttpPort(HttpContext context) => context.Features.Get<IConnectionItemsFeature>()?.Items.ContainsKey(HttpPortItem) == true;
+
     public async Task InvokeAsync(HttpContext context)
     {
+        if (OnHttpPort(context))
+        {
+            await Http(context);
+            return;
+        }
         var method = context.Request.Path.Value ?? "";
         var onHealthPort = context.Features.Get<IConnectionItemsFeature>()?.Items.ContainsKey(HealthPortItem) == true;
         if (onHealthPort && method != Names.HealthCheckMethod)
@@ -154,6 +164,38 @@ public sealed class AccessMiddleware(RequestDelegate next, ServerCredentials cre
             log.LogWarning("Refused {Method} from {Peer}: the token has {Roles}", Quote(method), Peer(context), has);
             Refuse(context, StatusCode.PermissionDenied, message);
             return;
+        }
+        await next(context);
+    }
+
+    /// <summary>
+    /// The HTTP port: GETs of the dashboard page (no token; it holds no data), and of /metrics and /api/* with the client
+    /// (or shared) token as Bearer, else 401 and nothing else. Any other path or method: 404 / 405.
+    /// </summary>
+    private async Task Http(HttpContext context)
+    {
+        var path = context.Request.Path.Value ?? "";
+        if (!Observe.Dashboard.IsKnown(path))
+        {
+            context.Response.StatusCode = StatusCodes.Status404NotFound;
+            return;
+        }
+        if (!HttpMethods.IsGet(context.Request.Method) && !HttpMethods.IsHead(context.Request.Method))
+        {
+            context.Response.StatusCode = StatusCodes.Status405MethodNotAllowed;
+            context.Response.Headers.Allow = "GET, HEAD";
+            return;
+        }
+        if (!Observe.Dashboard.IsPublic(path) && !credentials.Open)
+        {
+            var authorization = context.Request.Headers.Authorization.ToString();
+            if ((credentials.RolesOf(authorization.Length == 0 ? null : authorization) & Roles.Client) == 0)
+            {
+                log.LogWarning("Refused HTTP {Path} from {Peer}: {Given}", Quote(path), Peer(context), authorization.Length == 0 ? "no token" : "not a client token");
+                context.Response.StatusCode = StatusCodes.Status401Unauthorized;
+                context.Response.Headers.WWWAuthenticate = "Bearer";
+                return;
+            }
         }
         await next(context);
     }

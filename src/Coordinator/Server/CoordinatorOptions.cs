@@ -41,6 +41,15 @@ public sealed class CoordinatorOptions
     /// speak no TLS (Kubernetes' native gRPC probes) next to an https <see cref="Listen"/>. Null: none.
     /// </summary>
     public string? HealthListen { get; set; }
+    /// <summary>
+    /// HTTP/1.1 listener for GET /metrics (Prometheus text) and the dashboard (GET /); null: none. `serve` defaults to
+    /// http://127.0.0.1:50052 (a free port when that one is taken); "none" turns it off.
+    /// </summary>
+    public string? Http { get; set; }
+    /// <summary>Console log format: text, or json (Serilog's compact JSON, one event per line).</summary>
+    public string LogFormat { get; set; } = "text";
+    /// <summary>Every this many steps: a line in OUT/metrics.jsonl and the loss in the log at Information.</summary>
+    public int LogEvery { get; set; } = 100;
     /// <summary>A worker that has not returned its gradient this long after the assignment is dropped.</summary>
     public double StepDeadlineSeconds { get; set; } = 600;
     /// <summary>How often workers send heartbeats; a worker silent for 4 intervals is dropped.</summary>
@@ -129,6 +138,15 @@ public sealed class CoordinatorOptions
         if (MaxConcurrentSampleRequests < 1) throw new ArgumentException($"--max-sample-requests {MaxConcurrentSampleRequests}: expected at least 1");
         if (!(SampleBatchDeadlineSeconds > 0)) throw new ArgumentException($"--sample-deadline {SampleBatchDeadlineSeconds} s: expected > 0");
         if (MinWorkers < 1) throw new ArgumentException($"--min-workers {MinWorkers}: expected at least 1");
+        if (LogFormat.Trim().ToLowerInvariant() is not ("text" or "json")) throw new ArgumentException($"--log-format {LogFormat}: expected text or json");
+        if (LogEvery < 1) throw new ArgumentException($"--log-every {LogEvery}: expected at least 1");
+        if (Http is not null && Http != "none")
+        {
+            var http = ClientChannel.ParseAddress(Http, "--http");
+            if (http.Scheme == Uri.UriSchemeHttps && TlsCert is null) throw new ArgumentException($"--http {Http}: https needs --tls-cert and --tls-key");
+            if (http.Port != 0 && http.Port == new Uri(Listen).Port) throw new ArgumentException($"--http {Http}: port {http.Port} is --listen's port too");
+            if (http.Port != 0 && HealthListen is not null && http.Port == new Uri(HealthListen).Port) throw new ArgumentException($"--http {Http}: port {http.Port} is --health-listen's port too");
+        }
         if (Steps is < 0) throw new ArgumentException($"--steps {Steps}: expected a count >= 0");
         ParseGradientDtype();
         Retention();

@@ -5,6 +5,8 @@ using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Hosting.Server;
 using Microsoft.AspNetCore.Hosting.Server.Features;
+using Microsoft.AspNetCore.Http;
+using OpenTelemetry.Metrics;
 using Microsoft.AspNetCore.Server.Kestrel.Core;
 using Microsoft.AspNetCore.Server.Kestrel.Https;
 using Microsoft.Extensions.Configuration;
@@ -29,13 +31,17 @@ public sealed class CoordinatorServer : IAsyncDisposable
     private readonly WebApplication _app;
     private readonly RunSetup _run;
 
-    private CoordinatorServer(WebApplication app, RunSetup run, Uri address, Uri? healthAddress)
+    private CoordinatorServer(WebApplication app, RunSetup run, Uri address, Uri? healthAddress, Uri? httpAddress)
     {
         _app = app;
         _run = run;
         Address = address;
         HealthAddress = healthAddress;
+        HttpAddress = httpAddress;
     }
+
+    /// <summary>The HTTP/1.1 port's URL (--http: /metrics and the dashboard), or null.</summary>
+    public Uri? HttpAddress { get; }
 
     /// <summary>The URL the server listens on (the real port when --listen asked for port 0).</summary>
     public Uri Address { get; }
@@ -64,11 +70,11 @@ public sealed class CoordinatorServer : IAsyncDisposable
         credentials.Validate();
         if (credentials.Open && !options.AllowUnauthenticated)
             throw new ArgumentException($"no token: give --worker-token-file PATH and --client-token-file PATH (or {Names.WorkerTokenEnvironmentVariable} and {Names.ClientTokenEnvironmentVariable}), or one shared token with --token-file PATH or {Names.TokenEnvironmentVariable} (or --allow-unauthenticated to serve without one)");
-        var logger = new LoggerConfiguration()
+        // --log-format json: one compact JSON event per line, without the prefix (which would break the JSON).
+        var logger = Worker.WorkerCli.WriteConsole(new LoggerConfiguration()
             .MinimumLevel.Is(level)
             .MinimumLevel.Override("Microsoft", LogEventLevel.Warning)
-            .MinimumLevel.Override("Grpc", LogEventLevel.Warning)
-            .WriteTo.Console(outputTemplate: logPrefix + "{Timestamp:HH:mm:ss.fff} {Level:u3} {Message:lj}{NewLine}{Exception}", standardErrorFromLevel: LogEventLevel.Verbose)
+            .MinimumLevel.Override("Grpc", LogEventLevel.Warning), options.LogFormat, logPrefix)
             .CreateLogger();
         var setupLog = new Serilog.Extensions.Logging.SerilogLoggerFactory(logger).CreateLogger<CoordinatorServer>();
         if (credentials.Open) setupLog.LogWarning("Serving WITHOUT authentication (--allow-unauthenticated): anyone who reaches {Listen} can join or read status", options.Listen);
@@ -85,6 +91,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
             builder.Services.AddSingleton(credentials);
             builder.Services.AddSingleton<TrainingLoop>();
             builder.Services.AddSingleton<SamplingCoordinator>();
+            builder.Services.AddSingleton<PeriodicSamples>();
             builder.Services.AddHostedService(s => s.GetRequiredService<TrainingLoop>());
             builder.Services.AddHostedService(s => s.GetRequiredService<SamplingCoordinator>());
             builder.Services.AddGrpc(o =>
@@ -100,6 +107,14 @@ public sealed class CoordinatorServer : IAsyncDisposable
             var certificate = options.TlsCert is null ? null : new ReloadingCertificate(options.TlsCert, options.TlsKey!, setupLog);
             var healthListen = options.HealthListen is null ? null : new Uri(options.HealthListen);
             var healthEndpoints = new List<ListenOptions>();
+            var httpListen = options.Http is null or "none" ? null : new Uri(options.Http);
+            var httpEndpoints = new List<ListenOptions>();
+            if (httpListen is not null)
+            {
+                builder.Services.AddSingleton<Observe.CoordinatorMetrics>();
+                builder.Services.AddSingleton<Observe.Dashboard>();
+                builder.Services.AddOpenTelemetry().WithMetrics(m => m.AddMeter(Observe.CoordinatorMetrics.MeterName).AddPrometheusExporter(p => p.ScrapeResponseCacheDurationMilliseconds = 0));
+            }
             builder.WebHost.ConfigureKestrel(k =>
             {
                 // Parameters and gradients are megabytes per step: windows that small round trips do not throttle.
@@ -126,9 +141,38 @@ public sealed class CoordinatorServer : IAsyncDisposable
                         });
                         healthEndpoints.Add(l);
                     });
+                if (httpListen is not null)
+                    Listen(k, httpListen, l =>
+                    {
+                        l.Protocols = HttpProtocols.Http1;
+                        if (httpListen.Scheme == Uri.UriSchemeHttps && certificate is not null)
+                            l.UseHttps(new HttpsConnectionAdapterOptions { ServerCertificateSelector = (_, _) => certificate.Current });
+                        // Marks the connection: AccessMiddleware serves /metrics and the dashboard on it, and no gRPC.
+                        l.Use(next => connection =>
+                        {
+                            connection.Items[AccessMiddleware.HttpPortItem] = true;
+                            return next(connection);
+                        });
+                        httpEndpoints.Add(l);
+                    });
             });
             var app = builder.Build();
             app.UseMiddleware<AccessMiddleware>();
+            if (httpListen is not null)
+            {
+                app.Services.GetRequiredService<Observe.CoordinatorMetrics>();   // the instruments exist before the first scrape
+                app.UseOpenTelemetryPrometheusScrapingEndpoint(c => AccessMiddleware.OnHttpPort(c) && c.Request.Path == "/metrics");
+                var dashboard = app.Services.GetRequiredService<Observe.Dashboard>();
+                app.Use(async (context, next) =>
+                {
+                    if (AccessMiddleware.OnHttpPort(context))
+                    {
+                        if (!await dashboard.TryServeAsync(context)) context.Response.StatusCode = StatusCodes.Status404NotFound;
+                        return;
+                    }
+                    await next(context);
+                });
+            }
             app.MapGrpcService<TrainerService>();
             app.MapGrpcService<StatusService>();
             app.MapGrpcService<SamplingService>();
@@ -151,8 +195,15 @@ public sealed class CoordinatorServer : IAsyncDisposable
                 healthActual = new UriBuilder(Uri.UriSchemeHttp, healthListen.Host is "localhost" or "0.0.0.0" or "*" or "+" or "[::]" ? "127.0.0.1" : healthListen.Host, port).Uri;
                 setupLog.LogInformation("Health checks (cleartext, grpc.health.v1.Health/Check only) on {HealthAddress}", healthActual);
             }
+            Uri? httpActual = null;
+            if (httpListen is not null)
+            {
+                var port = httpEndpoints.Select(l => l.IPEndPoint?.Port ?? 0).FirstOrDefault(p => p != 0);
+                httpActual = new UriBuilder(httpListen.Scheme, httpListen.Host is "localhost" or "0.0.0.0" or "*" or "+" or "[::]" ? "127.0.0.1" : httpListen.Host, port).Uri;
+                setupLog.LogInformation("Metrics (GET /metrics, client token) and the dashboard (GET /) on {HttpAddress}", httpActual);
+            }
             setupLog.LogInformation("Coordinator listening on {Address} (run folder {RunDir})", actual, run.RunDir);
-            return new CoordinatorServer(app, run, actual, healthActual);
+            return new CoordinatorServer(app, run, actual, healthActual, httpActual);
         }
         catch
         {

@@ -103,6 +103,9 @@ public sealed class SamplingCoordinator(CoordinatorOptions options, ILogger<Samp
 
     public void EndRequest() => Interlocked.Decrement(ref _requests);
 
+    /// <summary>Sampling requests being served now.</summary>
+    public int RequestsInFlight => Math.Min(Math.Max(0, Volatile.Read(ref _requests)), options.MaxConcurrentSampleRequests);
+
     internal IReadOnlyList<JobFigures> Jobs()
     {
         lock (_gate)

@@ -65,9 +65,18 @@ public sealed class TrainingLoop : BackgroundService
     private double _loss = double.NaN, _samplesPerSecond;
     private string _lastCheckpoint = "";
     private long _lastCheckpointStep = -1;
+    private long _lastCheckpointAt;
+    private double _gradNorm = double.NaN;
+    private StepSplit _lastSplit = new(0, 0, 0);
+    private double _stepCompute;
+    private readonly Observe.MetricsJournal _journal;
+    private readonly Observe.StepInterval _interval = new();
 
-    public TrainingLoop(RunSetup run, CoordinatorOptions options, ILogger<TrainingLoop> log, IHostApplicationLifetime lifetime)
+    private readonly PeriodicSamples? _samples;
+
+    public TrainingLoop(RunSetup run, CoordinatorOptions options, ILogger<TrainingLoop> log, IHostApplicationLifetime lifetime, PeriodicSamples? samples = null)
     {
+        _samples = samples;
         _run = run;
         _options = options;
         _log = log;
@@ -86,6 +95,22 @@ public sealed class TrainingLoop : BackgroundService
         _parameters.Publish((ulong)run.State.StepsDone, (ulong)run.State.StepsDone);
         // The checkpoint this state came from (not merely the highest step folder, which may be the damaged one skipped).
         if (run.LastCheckpoint is { } last) (_lastCheckpoint, _lastCheckpointStep) = (last.Folder, last.Step);
+        _journal = new Observe.MetricsJournal(run.RunDir);
+    }
+
+    /// <summary>OUT/metrics.jsonl and OUT/loss.png.</summary>
+    public Observe.MetricsJournal Journal => _journal;
+
+    /// <summary>How the last step's wall time divides: the slowest worker's computing, the rest of the wait, the coordinator's own work.</summary>
+    public readonly record struct StepSplit(double ComputeSeconds, double ExchangeSeconds, double UpdateSeconds);
+
+    /// <summary>What the metrics endpoint reads besides <see cref="Status"/>.</summary>
+    public readonly record struct Telemetry(double GradNorm, StepSplit LastStep, double? CheckpointAgeSeconds);
+
+    public Telemetry ReadTelemetry()
+    {
+        lock (_statusLock)
+            return new Telemetry(_gradNorm, _lastSplit, _lastCheckpointAt == 0 ? null : Stopwatch.GetElapsedTime(_lastCheckpointAt).TotalSeconds);
     }
 
     public string RunId { get; }
@@ -208,17 +233,27 @@ public sealed class TrainingLoop : BackgroundService
                 started = true;
                 SetState(RunState.Training);
                 clock.Restart();
+                var busyBefore = _busySeconds;
                 var (loss, norm) = await RunStepAsync(stoppingToken);
                 var seconds = clock.Elapsed.TotalSeconds;
+                var update = Math.Min(seconds, _busySeconds - busyBefore);
+                var compute = Math.Clamp(_stepCompute, 0, seconds - update);
+                var split = new StepSplit(compute, Math.Max(0, seconds - update - compute), update);
                 lock (_statusLock)
                 {
+                    _gradNorm = norm;
+                    _lastSplit = split;
                     _loss = double.IsNaN(_loss) ? loss : 0.9 * _loss + 0.1 * loss;
                     var rate = s.Recipe.BatchSize / Math.Max(seconds, 1e-9);
                     _samplesPerSecond = _samplesPerSecond == 0 ? rate : 0.9 * _samplesPerSecond + 0.1 * rate;
                 }
                 _log.LogDebug("Step {Step}: loss {Loss:G4}, gradient norm {Norm:G4}, {Seconds:F3} s over {Workers} workers", s.StepsDone, loss, norm, seconds, _workers.Live.Count);
+                _interval.Add(loss, s.Recipe.BatchSize);
+                if (s.StepsDone % _options.LogEvery == 0 || s.StepsDone == _run.TargetStep) Record(split, norm);
                 if (s.Recipe.CheckpointEvery > 0 && s.StepsDone % s.Recipe.CheckpointEvery == 0 && s.StepsDone < _run.TargetStep)
                     SaveCheckpoint();
+                if (s.Recipe.SampleEvery > 0 && s.StepsDone % s.Recipe.SampleEvery == 0 && s.StepsDone < _run.TargetStep)
+                    SampleNow(stoppingToken);
             }
             if (_options.SampleOnly)
             {
@@ -228,6 +263,13 @@ public sealed class TrainingLoop : BackgroundService
             else
             {
                 if (_lastCheckpointStep != s.StepsDone) await SaveFinalCheckpointAsync(stoppingToken);
+                // The final picture, as `coordinator train` writes one, before the workers are let go.
+                if (_samples is not null && s.Recipe.SampleEvery > 0)
+                {
+                    await _samples.Running;
+                    if (!File.Exists(PeriodicSamples.PathFor(_run.RunDir, s.StepsDone))) SampleNow(stoppingToken);
+                    await _samples.Running;
+                }
                 SetState(RunState.Complete);
                 _log.LogInformation("Training complete at step {Step}", s.StepsDone);
             }
@@ -297,6 +339,38 @@ public sealed class TrainingLoop : BackgroundService
         _lifetime.StopApplication();
     }
 
+    /// <summary>Pins the current weights (EMA when kept) and has the workers sample them while training goes on.</summary>
+    private void SampleNow(CancellationToken ct)
+    {
+        if (_samples is null) return;
+        WeightsSnapshot snapshot;
+        using (Model.TorchRuntime.Compute())
+        {
+            _run.State.FlushEma();
+            snapshot = _parameters.Snapshot(true, (ulong)_run.State.StepsDone);
+        }
+        _samples.Start(snapshot, _run.State.StepsDone, ct);
+    }
+
+    /// <summary>A line in OUT/metrics.jsonl and the loss in the log, every --log-every steps.</summary>
+    private void Record(StepSplit split, double norm)
+    {
+        var s = _run.State;
+        var (loss, rate) = _interval.Take();
+        var live = _workers.Live.Count;
+        _log.LogInformation("Step {Step} of {Target}: loss {Loss:G4}, gradient norm {Norm:G4}, {Rate:F0} samples/s, {Workers} workers; step time {Compute:F3} s compute, {Exchange:F3} s exchange, {Update:F3} s update",
+            s.StepsDone, _run.TargetStep, loss, norm, rate, live, split.ComputeSeconds, split.ExchangeSeconds, split.UpdateSeconds);
+        try
+        {
+            _journal.Append(new Observe.StepRecord(s.StepsDone, s.Cursor.Epoch, loss, norm, s.Optimizer.LearningRateAt(s.StepsDone), rate, live,
+                split.ComputeSeconds, split.ExchangeSeconds, split.UpdateSeconds));
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            _log.LogWarning(e, "Could not append to {Path}", _journal.Path);
+        }
+    }
+
     private void SetState(RunState state)
     {
         lock (_statusLock) _state = state;
@@ -351,6 +425,7 @@ public sealed class TrainingLoop : BackgroundService
     private async Task<(double Loss, double Norm)> RunStepAsync(CancellationToken ct)
     {
         var planning = Stopwatch.GetTimestamp();
+        _stepCompute = 0;
         var s = _run.State;
         var plan = s.PlanStep();
         var keys = s.Step.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
@@ -396,6 +471,7 @@ public sealed class TrainingLoop : BackgroundService
                     }
                     if (!Judge(gr)) break;
                     round.Accept(gr);
+                    _stepCompute = Math.Max(_stepCompute, gr.ComputeSeconds);
                     _results.Record(gr.Step, gr.Slice, gr.Checksum, gr.Worker.Id);
                     gr.Worker.CompletedSlice(gr.Step, gr.ComputeSeconds);
                     if (round.Unfinished(gr.Worker).Count == 0) gr.Worker.State = WorkerState.Idle;
@@ -615,7 +691,15 @@ public sealed class TrainingLoop : BackgroundService
                 step, last.Length > 0 ? last : "none", lastStep);
             return false;
         }
-        lock (_statusLock) (_lastCheckpoint, _lastCheckpointStep) = (saved.Folder, saved.Step);
+        lock (_statusLock) (_lastCheckpoint, _lastCheckpointStep, _lastCheckpointAt) = (saved.Folder, saved.Step, Stopwatch.GetTimestamp());
+        try
+        {
+            _journal.WriteLossPlot(_run.State.Recipe.Name);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            _log.LogWarning(e, "Could not write {Path}", _journal.LossPlotPath);
+        }
         foreach (var aside in saved.SetAside)
             _log.LogWarning("{Folder} was not a valid checkpoint ({Reason}); moved it to {MovedTo}", aside.Folder, aside.Reason, aside.MovedTo);
         _log.LogInformation("Checkpoint {Folder}", saved.Folder);
