@@ -119,25 +119,10 @@ internal sealed class WorkerSampler : IDisposable
         if (_loaded is { } loaded && loaded.Id == weightsId) return loaded.Model;
         if (!_weights.TryGetValue(weightsId, out var values))
             throw new InvalidOperationException($"sampling weights {weightsId} were not received");
-        var weights = new Dictionary<string, Tensor>();
-        long offset = 0;
-        foreach (var (name, shape) in _model.Vector.Shapes)
-        {
-            var count = shape.Aggregate(1L, (a, b) => a * b);
-            weights[name] = tensor(values.AsSpan((int)offset, (int)count).ToArray(), shape);
-            offset += count;
-        }
-        try
-        {
-            var model = DiffusionModel.FromWeights(_model.Recipe, weights, _device);
-            _loaded?.Model.Dispose();
-            _loaded = (weightsId, model);
-            return model;
-        }
-        finally
-        {
-            foreach (var t in weights.Values) t.Dispose();
-        }
+        var model = DiffusionModel.FromVector(_model.Recipe, values, _device);
+        _loaded?.Model.Dispose();
+        _loaded = (weightsId, model);
+        return model;
     }
 
     /// <summary>Sends; false when the session closed (the coordinator hands the batch to another worker).</summary>

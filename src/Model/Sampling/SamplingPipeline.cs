@@ -14,10 +14,7 @@ public sealed record SampleRequest(int Count, SamplerKind Sampler, int Steps, do
         if (Count < 1) throw new ArgumentException($"n = {Count}: expected at least 1 sample");
         if (FirstIndex < 0) throw new ArgumentException($"first index = {FirstIndex}: expected >= 0");
         if (TrajectoryEvery < 0) throw new ArgumentException($"trajectory-every = {TrajectoryEvery}: expected >= 0");
-        if (Sampler == SamplerKind.Ddpm && Steps != 0 && Steps != timesteps)
-            throw new ArgumentException($"steps = {Steps}: DDPM ancestral sampling runs all T = {timesteps} steps (use --sampler ddim for fewer)");
-        if (Sampler == SamplerKind.Ddim && (Steps < 0 || Steps > timesteps))
-            throw new ArgumentException($"steps = {Steps}: expected 1..{timesteps} for DDIM (0 means all)");
+        if (SamplerSteps.Problem(Sampler, Steps, timesteps) is { } problem) throw new ArgumentException(problem);
         if (!(Eta >= 0 && Eta <= 1)) throw new ArgumentException($"eta = {Eta}: expected a value in [0, 1]");
     }
 }
