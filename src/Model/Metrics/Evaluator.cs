@@ -61,7 +61,7 @@ public static class Evaluator
             for (var t = d.T - 1; t >= 0; t--)
             {
                 using var stepScope = NewDisposeScope();   // per-t intermediates go at once: memory stays flat in T
-                var keys = Enumerable.Range(0, (int)n).Select(i => SeedMix.Mix(seed, start + i, t)).ToArray();
+                var keys = Enumerable.Range(0, (int)n).Select(i => Randomness.BitsPerDimNoise(seed, start + i, t)).ToArray();
                 var eps = CounterRng.NormalRows(keys, model.SampleShape, model.Device);
                 var tt = full(new[] { n }, (long)t, ScalarType.Int64, model.Device);
                 var xt = d.QSample(x0, tt, eps);
@@ -89,7 +89,7 @@ public static class Evaluator
             var floors = new List<double>();
             for (var k = 0; k < FloorDraws; k++)
             {
-                using var draw = Synthetic2D.Generate(recipe.Dataset, n, (long)SeedMix.Mix(recipe.Seed, seed, 0xF100 + k));
+                using var draw = Synthetic2D.Generate(recipe.Dataset, n, Randomness.FloorDraw(recipe.Seed, seed, k));
                 floors.Add(SlicedWasserstein.Distance(draw, heldOut.Data));
             }
             return new EvalReport

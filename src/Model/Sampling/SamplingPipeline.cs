@@ -46,7 +46,7 @@ public sealed class SampleResult : IDisposable
 public static class SamplingPipeline
 {
     /// <summary>The noise key of sample <paramref name="index"/> of stream <paramref name="seed"/>.</summary>
-    public static ulong SampleKey(long seed, long index) => SeedMix.Mix(seed, index, 0x5A3D1E);
+    public static ulong SampleKey(long seed, long index) => Randomness.SamplingChain(seed, index);
 
     public static SampleResult Run(nn.Module<Tensor, Tensor, Tensor> network, GaussianDiffusion diffusion, bool clipDenoised,
         SampleRequest request, long[] sampleShape, Device device, int batchSize = 256,
@@ -111,7 +111,7 @@ public static class SamplingPipeline
                 Tensor? noise = null;
                 if (sampler.UsesNoise(pos))
                 {
-                    for (var j = 0; j < keys.Length; j++) stepKeys[j] = SeedMix.Mix(keys[j], (ulong)(pos + 1));
+                    for (var j = 0; j < keys.Length; j++) stepKeys[j] = Randomness.SamplingStepNoise(keys[j], pos);
                     noise = CounterRng.NormalRows(stepKeys, sampleShape, device);
                 }
                 var next = sampler.Step(output, pos, x, noise).DetachFromDisposeScope();

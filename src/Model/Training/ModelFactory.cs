@@ -69,7 +69,7 @@ public static class ModelFactory
     public static DenoiserNetwork Network(Recipe recipe, Device device, bool training, long[]? sampleShape = null, long? initSeed = null)
     {
         ArgumentNullException.ThrowIfNull(recipe);
-        if (initSeed is { } seed) random.manual_seed(seed);
+        if (initSeed is { } seed) random.manual_seed(Randomness.WeightInit(seed));
         var network = NetworkFactory.Create(recipe, sampleShape ?? recipe.SampleShape);
         try
         {
