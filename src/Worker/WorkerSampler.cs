@@ -1,6 +1,7 @@
 using System.Collections.Concurrent;
 using System.Runtime.InteropServices;
 using System.Threading.Channels;
+using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Sampling;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
@@ -96,8 +97,8 @@ internal sealed class WorkerSampler : IDisposable
     private void Run(SampleWork work, CancellationToken ct)
     {
         var model = ModelFor(work.WeightsId);
-        var kind = work.Sampler == DistDiffusion.Protocol.V1.SamplerKind.Ddim ? DistDiffusion.Model.Diffusion.SamplerKind.Ddim : DistDiffusion.Model.Diffusion.SamplerKind.Ddpm;
-        var request = new DistDiffusion.Model.Sampling.SampleRequest((int)work.Count, kind, (int)work.Steps, work.Eta, work.Seed, work.FirstIndex, (int)work.TrajectoryEvery);
+        var kind = work.Sampler == SamplerKind.Ddim ? SamplingMethod.Ddim : SamplingMethod.Ddpm;
+        var request = new SamplingRequest((int)work.Count, kind, (int)work.Steps, work.Eta, work.Seed, work.FirstIndex, (int)work.TrajectoryEvery);
         var clock = System.Diagnostics.Stopwatch.StartNew();
         using var result = model.Sample(request, batchSize: (int)work.Count, ct: ct);
         var head = new SampleOutput { JobId = work.JobId, Batch = work.Batch, FirstIndex = work.FirstIndex, Count = work.Count };

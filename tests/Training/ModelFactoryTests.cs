@@ -67,7 +67,7 @@ public class ModelFactoryTests
         using var flat = DiffusionModel.FromVector(Small, values, CPU);
         Assert.Equal(ParameterVector.Of(named.Network).ReadValues(), ParameterVector.Of(flat.Network).ReadValues());
         Assert.False(flat.Network.training);
-        var request = new SampleRequest(5, SamplerKind.Ddim, 4, 0.5, Seed: 9);
+        var request = new SamplingRequest(5, SamplingMethod.Ddim, 4, 0.5, Seed: 9);
         using var a = named.Sample(request);
         using var b = flat.Sample(request);
         Assert.Equal(a.Samples.data<float>().ToArray(), b.Samples.data<float>().ToArray());

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Imaging;
 using DistDiffusion.Protocol.V1;
 using Google.Protobuf;
@@ -43,7 +44,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
         var clock = Stopwatch.StartNew();
         var snapshot = await loop.SnapshotAsync(request.Weights != Weights.Raw, ct).WaitAsync(TimeSpan.FromSeconds(options.CallTimeoutSeconds), ct);
         var ddim = request.Sampler == SamplerKind.Ddim;
-        var steps = (uint)Model.Diffusion.SamplerSteps.Count(ddim ? Model.Diffusion.SamplerKind.Ddim : Model.Diffusion.SamplerKind.Ddpm, request.Steps, T);
+        var steps = (uint)SamplerSteps.Count(ddim ? SamplingMethod.Ddim : SamplingMethod.Ddpm, request.Steps, T);
         var frames = Frames(steps, request.TrajectoryEvery);
         var template = new SampleWork
         {
@@ -146,9 +147,9 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
             throw Bad(StatusCode.InvalidArgument, $"sampler {(int)r.Sampler}: expected SAMPLER_KIND_DDPM or SAMPLER_KIND_DDIM");
         if (r.Weights is not (Weights.Unspecified or Weights.Ema or Weights.Raw))
             throw Bad(StatusCode.InvalidArgument, $"weights {(int)r.Weights}: expected WEIGHTS_EMA or WEIGHTS_RAW");
-        var kind = r.Sampler == SamplerKind.Ddim ? Model.Diffusion.SamplerKind.Ddim : Model.Diffusion.SamplerKind.Ddpm;
-        if (Model.Diffusion.SamplerSteps.Problem(kind, r.Steps, T) is { } stepsProblem) throw Bad(StatusCode.InvalidArgument, stepsProblem);
-        if (kind == Model.Diffusion.SamplerKind.Ddim)
+        var kind = r.Sampler == SamplerKind.Ddim ? SamplingMethod.Ddim : SamplingMethod.Ddpm;
+        if (SamplerSteps.Problem(kind, r.Steps, T) is { } stepsProblem) throw Bad(StatusCode.InvalidArgument, stepsProblem);
+        if (kind == SamplingMethod.Ddim)
         {
             if (!(r.Eta >= 0 && r.Eta <= 1)) throw Bad(StatusCode.InvalidArgument, $"eta {r.Eta}: expected 0..1");
         }
@@ -157,7 +158,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
         if (r.TrajectoryEvery > 0)
         {
             // One sample with its trajectory is one batch, held whole by the coordinator: it must stay within bounds.
-            var steps = (uint)Model.Diffusion.SamplerSteps.Count(kind, r.Steps, T);
+            var steps = (uint)SamplerSteps.Count(kind, r.Steps, T);
             var bytes = sampleElements * 4 * (1 + Frames(steps, r.TrajectoryEvery));
             if (bytes > SamplingCoordinator.MaxSampleBytes)
             {

@@ -33,10 +33,10 @@ public abstract class ReverseSampler
 
     /// <summary>Builds the sampler a request names.</summary>
     /// <param name="steps">the requested step count (<see cref="SamplerSteps"/>: 0 means all T).</param>
-    public static ReverseSampler Create(GaussianDiffusion diffusion, SamplerKind kind, int steps, double eta, bool clipDenoised)
+    public static ReverseSampler Create(GaussianDiffusion diffusion, SamplingMethod kind, int steps, double eta, bool clipDenoised)
     {
         var count = SamplerSteps.Count(kind, steps, diffusion.T);
-        return kind == SamplerKind.Ddpm
+        return kind == SamplingMethod.Ddpm
             ? new DdpmSampler(diffusion, clipDenoised)
             : new DdimSampler(diffusion, count, eta, clipDenoised);
     }

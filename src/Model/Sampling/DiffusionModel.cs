@@ -60,7 +60,7 @@ public sealed class DiffusionModel : IDisposable
     public static DiffusionModel FromTrainingState(TrainingState state, bool useEma = true) =>
         FromWeights(state.Recipe, state.SamplingWeights(useEma), state.Device);
 
-    public SampleResult Sample(SampleRequest request, int batchSize = 256, Action<int>? onSamplesDone = null, CancellationToken ct = default) =>
+    public SamplingResult Sample(SamplingRequest request, int batchSize = 256, Action<int>? onSamplesDone = null, CancellationToken ct = default) =>
         SamplingPipeline.Run(Network, Diffusion, Recipe.ClipDenoised, request, SampleShape, Device, batchSize, onSamplesDone, ct);
 
     public void Dispose() => _parts.Dispose();

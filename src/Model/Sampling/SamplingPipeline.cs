@@ -7,7 +7,7 @@ namespace DistDiffusion.Model.Sampling;
 
 /// <summary>What to sample: samples FirstIndex .. FirstIndex + Count - 1 of the stream named by Seed.</summary>
 /// <param name="TrajectoryEvery">Keep x every k-th visited step (0: no trajectory); x_T and x_0 are always kept when k &gt; 0.</param>
-public sealed record SampleRequest(int Count, SamplerKind Sampler, int Steps, double Eta, long Seed, long FirstIndex = 0, int TrajectoryEvery = 0)
+public sealed record SamplingRequest(int Count, SamplingMethod Sampler, int Steps, double Eta, long Seed, long FirstIndex = 0, int TrajectoryEvery = 0)
 {
     public void Validate(int timesteps)
     {
@@ -20,9 +20,9 @@ public sealed record SampleRequest(int Count, SamplerKind Sampler, int Steps, do
 }
 
 /// <summary>Final samples [N, ...] (CPU) and, when asked, the kept trajectory frames x_T ... x_0 (CPU, each [N, ...]).</summary>
-public sealed class SampleResult : IDisposable
+public sealed class SamplingResult : IDisposable
 {
-    public SampleResult(Tensor samples, IReadOnlyList<Tensor> trajectory)
+    public SamplingResult(Tensor samples, IReadOnlyList<Tensor> trajectory)
     {
         Samples = samples;
         Trajectory = trajectory;
@@ -48,8 +48,8 @@ public static class SamplingPipeline
     /// <summary>The noise key of sample <paramref name="index"/> of stream <paramref name="seed"/>.</summary>
     public static ulong SampleKey(long seed, long index) => Randomness.SamplingChain(seed, index);
 
-    public static SampleResult Run(nn.Module<Tensor, Tensor, Tensor> network, GaussianDiffusion diffusion, bool clipDenoised,
-        SampleRequest request, long[] sampleShape, Device device, int batchSize = 256,
+    public static SamplingResult Run(nn.Module<Tensor, Tensor, Tensor> network, GaussianDiffusion diffusion, bool clipDenoised,
+        SamplingRequest request, long[] sampleShape, Device device, int batchSize = 256,
         Action<int>? onSamplesDone = null, CancellationToken cancellationToken = default)
     {
         request.Validate(diffusion.T);
@@ -77,7 +77,7 @@ public static class SamplingPipeline
             if (trajectories.Count > 0)
                 for (var f = 0; f < trajectories[0].Count; f++)
                     trajectory.Add(cat(trajectories.Select(tr => tr[f]).ToList(), 0));
-            return new SampleResult(samples.DetachFromDisposeScope(), trajectory.Select(t => t.DetachFromDisposeScope()).ToList());
+            return new SamplingResult(samples.DetachFromDisposeScope(), trajectory.Select(t => t.DetachFromDisposeScope()).ToList());
         }
         finally
         {
