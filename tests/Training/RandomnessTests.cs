@@ -79,7 +79,7 @@ public partial class RandomnessTests
     [Fact]
     public void NoSourceMixesItsOwnStream()
     {
-        var src = Path.Combine(RepoRoot(), "src");
+        var src = Repository.PathOf("src");
         var allowed = new[] { "Randomness.cs", "SeedMix.cs", "CounterRng.cs", "TrainingLoop.cs" };
         var offenders = Directory.EnumerateFiles(src, "*.cs", SearchOption.AllDirectories)
             .Where(f => !f.Contains($"{Path.DirectorySeparatorChar}obj{Path.DirectorySeparatorChar}", StringComparison.Ordinal))
@@ -99,11 +99,4 @@ public partial class RandomnessTests
     private static partial Regex VerifyCall();
 
     private static (string, string) Pair(string a, string b) => string.CompareOrdinal(a, b) < 0 ? (a, b) : (b, a);
-
-    private static string RepoRoot()
-    {
-        for (var d = new DirectoryInfo(AppContext.BaseDirectory); d is not null; d = d.Parent)
-            if (File.Exists(Path.Combine(d.FullName, "DistDiffusion.sln"))) return d.FullName;
-        throw new InvalidOperationException("DistDiffusion.sln not found above " + AppContext.BaseDirectory);
-    }
 }
