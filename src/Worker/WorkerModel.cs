@@ -17,20 +17,21 @@ internal sealed class WorkerModel : IDisposable
     private Dataset? _train;
     private Dataset? _heldOut;
 
-    private WorkerModel(string recipeJson, Recipe recipe, DenoiserNetwork network, TrainingStep step, Device device)
+    private readonly RecipeModel _parts;
+
+    private WorkerModel(string recipeJson, Recipe recipe, RecipeModel parts, Device device)
     {
         RecipeJson = recipeJson;
         Recipe = recipe;
-        Network = network;
-        Step = step;
+        _parts = parts;
         Device = device;
-        Vector = ParameterVector.Of(network);
+        Vector = ParameterVector.Of(parts.Network);
     }
 
     public string RecipeJson { get; }
     public Recipe Recipe { get; }
-    public DenoiserNetwork Network { get; }
-    public TrainingStep Step { get; }
+    public DenoiserNetwork Network => _parts.Network;
+    public TrainingStep Step => _parts.Step;
     public Device Device { get; }
     public ParameterVector Vector { get; }
     /// <summary>Version of the parameters now in <see cref="Network"/> (null: none received yet).</summary>
@@ -39,13 +40,7 @@ internal sealed class WorkerModel : IDisposable
     public static WorkerModel Load(string recipeJson, Device device)
     {
         var recipe = Recipe.FromJson(recipeJson);
-        recipe.Validate();
-        var network = NetworkFactory.Create(recipe, recipe.SampleShape);
-        network.to(device);
-        network.train();
-        var schedule = Model.Diffusion.NoiseSchedule.Create(recipe.BetaSchedule, recipe.Timesteps, recipe.BetaStart, recipe.BetaEnd);
-        var diffusion = new Model.Diffusion.GaussianDiffusion(schedule, recipe.Prediction, recipe.Variance, recipe.Loss, recipe.Reduction, discreteData: recipe.IsImageData);
-        return new WorkerModel(recipeJson, recipe, network, new TrainingStep(diffusion, recipe.Seed, recipe.RandomFlip), device);
+        return new WorkerModel(recipeJson, recipe, ModelFactory.Create(recipe, device, training: true), device);
     }
 
     /// <summary>The training split, loaded on first use; it must have the coordinator's <paramref name="expectedSize"/>.</summary>
@@ -84,8 +79,7 @@ internal sealed class WorkerModel : IDisposable
     public void Dispose()
     {
         _gradients?.Dispose();
-        Network.Dispose();
-        Step.Diffusion.Schedule.Dispose();
+        _parts.Dispose();
         _train?.Dispose();
         _heldOut?.Dispose();
     }

@@ -1,6 +1,7 @@
 using System.Collections.Concurrent;
 using System.Runtime.InteropServices;
 using System.Threading.Channels;
+using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Sampling;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
@@ -96,8 +97,8 @@ internal sealed class WorkerSampler : IDisposable
     private void Run(SampleWork work, CancellationToken ct)
     {
         var model = ModelFor(work.WeightsId);
-        var kind = work.Sampler == DistDiffusion.Protocol.V1.SamplerKind.Ddim ? DistDiffusion.Model.Diffusion.SamplerKind.Ddim : DistDiffusion.Model.Diffusion.SamplerKind.Ddpm;
-        var request = new DistDiffusion.Model.Sampling.SampleRequest((int)work.Count, kind, (int)work.Steps, work.Eta, work.Seed, work.FirstIndex, (int)work.TrajectoryEvery);
+        var kind = work.Sampler == SamplerKind.Ddim ? SamplingMethod.Ddim : SamplingMethod.Ddpm;
+        var request = new SamplingRequest((int)work.Count, kind, (int)work.Steps, work.Eta, work.Seed, work.FirstIndex, (int)work.TrajectoryEvery);
         var clock = System.Diagnostics.Stopwatch.StartNew();
         using var result = model.Sample(request, batchSize: (int)work.Count, ct: ct);
         var head = new SampleOutput { JobId = work.JobId, Batch = work.Batch, FirstIndex = work.FirstIndex, Count = work.Count };
@@ -119,25 +120,10 @@ internal sealed class WorkerSampler : IDisposable
         if (_loaded is { } loaded && loaded.Id == weightsId) return loaded.Model;
         if (!_weights.TryGetValue(weightsId, out var values))
             throw new InvalidOperationException($"sampling weights {weightsId} were not received");
-        var weights = new Dictionary<string, Tensor>();
-        long offset = 0;
-        foreach (var (name, shape) in _model.Vector.Shapes)
-        {
-            var count = shape.Aggregate(1L, (a, b) => a * b);
-            weights[name] = tensor(values.AsSpan((int)offset, (int)count).ToArray(), shape);
-            offset += count;
-        }
-        try
-        {
-            var model = DiffusionModel.FromWeights(_model.Recipe, weights, _device);
-            _loaded?.Model.Dispose();
-            _loaded = (weightsId, model);
-            return model;
-        }
-        finally
-        {
-            foreach (var t in weights.Values) t.Dispose();
-        }
+        var model = DiffusionModel.FromVector(_model.Recipe, values, _device);
+        _loaded?.Model.Dispose();
+        _loaded = (weightsId, model);
+        return model;
     }
 
     /// <summary>Sends; false when the session closed (the coordinator hands the batch to another worker).</summary>

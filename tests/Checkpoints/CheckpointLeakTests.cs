@@ -13,7 +13,7 @@ public sealed class TensorAccountingCollection
 [Collection(TensorAccountingCollection.Name)]
 public sealed class CheckpointLeakTests : IDisposable
 {
-    private readonly TempDir _run = new();
+    private readonly TempFolder _run = new("distdiffusion-ckpt");
 
     public void Dispose() => _run.Dispose();
 

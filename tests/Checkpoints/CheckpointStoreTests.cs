@@ -10,7 +10,7 @@ namespace DistDiffusion.Tests.Checkpoints;
 
 public sealed class CheckpointStoreTests : IDisposable
 {
-    private readonly TempDir _run = new();
+    private readonly TempFolder _run = new("distdiffusion-ckpt");
     private readonly List<Tensor> _owned = [];
 
     public void Dispose()

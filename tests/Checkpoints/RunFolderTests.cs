@@ -8,7 +8,7 @@ namespace DistDiffusion.Tests.Checkpoints;
 /// <summary>RunFolder's rules that the verbs' tests do not reach: branching with --out, and where a resumed run's last checkpoint is.</summary>
 public sealed class RunFolderTests : IDisposable
 {
-    private readonly TempDir _dir = new();
+    private readonly TempFolder _dir = new("distdiffusion-ckpt");
 
     public void Dispose() => _dir.Dispose();
 

@@ -11,7 +11,7 @@ namespace DistDiffusion.Tests.Checkpoints;
 
 public sealed class SafeTensorsFileTests : IDisposable
 {
-    private readonly TempDir _dir = new();
+    private readonly TempFolder _dir = new("distdiffusion-ckpt");
 
     public void Dispose() => _dir.Dispose();
 

@@ -3,25 +3,6 @@ using static TorchSharp.torch;
 
 namespace DistDiffusion.Tests.Checkpoints;
 
-/// <summary>A unique folder under the system temp folder, deleted on dispose.</summary>
-public sealed class TempDir : IDisposable
-{
-    public TempDir()
-    {
-        Path = System.IO.Path.Combine(System.IO.Path.GetTempPath(), "distdiffusion-ckpt-" + Guid.NewGuid().ToString("N"));
-        Directory.CreateDirectory(Path);
-    }
-
-    public string Path { get; }
-
-    public string File(string name) => System.IO.Path.Combine(Path, name);
-
-    public void Dispose()
-    {
-        if (Directory.Exists(Path)) Directory.Delete(Path, recursive: true);
-    }
-}
-
 internal static class TensorAssert
 {
     /// <summary>Same dtype, same shape and bit-identical contents.</summary>

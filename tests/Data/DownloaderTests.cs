@@ -83,7 +83,7 @@ public class DownloaderTests
     public async Task GoodChecksumPlacesTheFilesThenSkipsThem()
     {
         using var server = new LocalServer(CommittedT10k());
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         using var http = new HttpClient();
         var target = Path.Combine(tmp.Path, "mnist");
         await DatasetDownloader.DownloadFilesAsync(T10k, target, http, server.BaseUri, CancellationToken.None);
@@ -105,7 +105,7 @@ public class DownloaderTests
         var routes = CommittedT10k();
         routes["/mnist/t10k-labels-idx1-ubyte.gz"] = IdxReaderTests.Gzip(IdxReaderTests.Idx(2049, [10000], 10000));
         using var server = new LocalServer(routes);
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         using var http = new HttpClient();
         var e = await Assert.ThrowsAsync<IOException>(() => DatasetDownloader.DownloadFilesAsync(T10k, tmp.Path, http, server.BaseUri, CancellationToken.None));
         Assert.Contains("checksum mismatch", e.Message, StringComparison.Ordinal);
@@ -120,7 +120,7 @@ public class DownloaderTests
     public async Task CorruptExistingFileIsReplaced()
     {
         using var server = new LocalServer(CommittedT10k());
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         using var http = new HttpClient();
         File.WriteAllText(tmp.File("t10k-labels-idx1-ubyte.gz"), "half a download");
         File.Copy(TestFiles.T10kImages, tmp.File("t10k-images-idx3-ubyte.gz"));
@@ -133,7 +133,7 @@ public class DownloaderTests
     public async Task HttpErrorNamesTheUrlAndLeavesNothing()
     {
         using var server = new LocalServer(CommittedT10k()); // no train files: 404
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         using var http = new HttpClient();
         var e = await Assert.ThrowsAsync<IOException>(() => DatasetDownloader.DownloadAsync(DatasetKind.Mnist, tmp.Path, http, server.BaseUri));
         Assert.Contains(server.BaseUri + "train-images-idx3-ubyte.gz", e.Message, StringComparison.Ordinal);
@@ -146,7 +146,7 @@ public class DownloaderTests
     {
         var port = FreePort(); // closed again: connection refused
         var baseUri = new Uri($"http://127.0.0.1:{port}/mnist/");
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         var e = await Assert.ThrowsAsync<IOException>(() => DatasetDownloader.DownloadAsync(DatasetKind.FashionMnist, tmp.Path, baseUri: baseUri));
         Assert.Contains(baseUri + "train-images-idx3-ubyte.gz", e.Message, StringComparison.Ordinal);
         Assert.Contains("appears offline", e.Message, StringComparison.Ordinal);

@@ -25,7 +25,7 @@ public class IdxReaderTests
     [Fact]
     public void ReadsRawAndGzipSmallFilesAndScalesToMinusOneOne()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         var raw = Idx(2051, [2, 2, 3], 12);
         raw[16] = 0; raw[17] = 255; raw[18] = 51;
         File.WriteAllBytes(tmp.File("a-idx3-ubyte"), raw);
@@ -47,7 +47,7 @@ public class IdxReaderTests
     [Fact]
     public void BadMagicIsRejectedNamingFileAndNumbers()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         var p = tmp.File("images-bad-magic");
         File.WriteAllBytes(p, Idx(2049, [1, 2, 2], 4));
         var e = Assert.Throws<InvalidDataException>(() => IdxReader.ReadImages(p));
@@ -65,7 +65,7 @@ public class IdxReaderTests
     [Fact]
     public void TruncatedPixelsAreRejectedWithByteCounts()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         var p = tmp.File("truncated.gz");
         File.WriteAllBytes(p, Gzip(Idx(2051, [10, 28, 28], 7840 - 100)));
         var e = Assert.Throws<InvalidDataException>(() => IdxReader.ReadImages(p));
@@ -78,7 +78,7 @@ public class IdxReaderTests
     [Fact]
     public void HeaderCountDisagreeingWithTheDataIsRejected()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         var p = tmp.File("extra");
         File.WriteAllBytes(p, Idx(2049, [5], 8));
         var e = Assert.Throws<InvalidDataException>(() => IdxReader.ReadLabels(p));
@@ -89,7 +89,7 @@ public class IdxReaderTests
     [Fact]
     public void ZeroSizesAreRejected()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         var p = tmp.File("zero");
         File.WriteAllBytes(p, Idx(2051, [3, 0, 28], 0));
         var e = Assert.Throws<InvalidDataException>(() => IdxReader.ReadImages(p));
@@ -100,7 +100,7 @@ public class IdxReaderTests
     [Fact]
     public void GarbageWithGzNameAndCorruptGzipAreRejected()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         var p = tmp.File("train-images-idx3-ubyte.gz");
         File.WriteAllText(p, "<html>404 not found</html>");
         var e = Assert.Throws<InvalidDataException>(() => IdxReader.ReadImages(p));
@@ -119,7 +119,7 @@ public class IdxReaderTests
     [Fact]
     public void ImagesAndLabelsCountMismatchIsRejectedByMnistFiles()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         File.WriteAllBytes(tmp.File("t10k-images-idx3-ubyte"), Idx(2051, [3, 2, 2], 12));
         File.WriteAllBytes(tmp.File("t10k-labels-idx1-ubyte.gz"), Gzip(Idx(2049, [4], 4)));
         var e = Assert.Throws<InvalidDataException>(() => MnistFiles.Load(tmp.Path, DatasetKind.Mnist));
@@ -131,7 +131,7 @@ public class IdxReaderTests
     [Fact]
     public void TrainAndT10kAreConcatenatedTrainFirst()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         var train = Idx(2051, [2, 2, 2], 8);
         Array.Fill(train, (byte)255, 16, 8);
         File.WriteAllBytes(tmp.File("train-images-idx3-ubyte"), train);
@@ -165,7 +165,7 @@ public class IdxReaderTests
     [InlineData("labels")]
     public void GzipThatInflatesBeyondWhatItsHeaderDeclaresIsStoppedThere(string what)
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         var p = tmp.File(what + "-bomb.gz");
         var (header, declared) = what == "images" ? (Idx(2051, [2, 28, 28], 0), 16 + 2 * 28 * 28) : (Idx(2049, [2], 0), 8 + 2);
         var bomb = GzipBomb(header, 64L << 20);
@@ -181,7 +181,7 @@ public class IdxReaderTests
     [InlineData(false)]
     public void AbsurdHeaderDimensionsAreRefusedBeforeAnyDataIsRead(bool gzip)
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         var p = tmp.File(gzip ? "absurd.gz" : "absurd");
         // 1,000,000 images of 4,000 x 4,000 pixels: 1.6e13 bytes, and the file holds none of them.
         var header = Idx(2051, [1_000_000, 4_000, 4_000], 0);

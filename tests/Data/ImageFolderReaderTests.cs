@@ -23,7 +23,7 @@ public class ImageFolderReaderTests
     [Fact]
     public void ResizesShorterSideThenCentreCrops()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         WriteBands(tmp.File("b.png"));
         using (var grey = new SKBitmap(10, 40))
         {
@@ -53,7 +53,7 @@ public class ImageFolderReaderTests
     [Fact]
     public void CorruptFileIsNamed()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         WriteBands(tmp.File("good.png"));
         var bad = tmp.File("broken.png");
         File.WriteAllBytes(bad, [0x89, (byte)'P', (byte)'N', (byte)'G', 1, 2, 3, 4, 5]);
@@ -64,7 +64,7 @@ public class ImageFolderReaderTests
     [Fact]
     public void EmptyOrMissingFolderIsRejected()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         var e = Assert.Throws<FileNotFoundException>(() => ImageFolderReader.Load(tmp.Path, 8));
         Assert.Contains(tmp.Path, e.Message, StringComparison.Ordinal);
         Assert.Throws<DirectoryNotFoundException>(() => ImageFolderReader.Load(tmp.File("missing"), 8));
@@ -103,7 +103,7 @@ public class ImageFolderReaderTests
     [Fact]
     public void PngWhoseHeaderDeclaresHugeDimensionsIsRefusedBeforeDecoding()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         WriteBands(tmp.File("a-good.png"));
         var huge = tmp.File("b-huge.png");
         File.WriteAllBytes(huge, PngDeclaring(100_000, 100_000));
@@ -116,7 +116,7 @@ public class ImageFolderReaderTests
     [Fact]
     public void JpegWhoseHeaderDeclaresTooManyPixelsIsRefusedBeforeDecoding()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         // A real 16x16 JPEG whose start-of-frame is patched to declare 10000 x 10000 (each side allowed, the area not).
         using var bmp = new SKBitmap(16, 16);
         bmp.Erase(SKColors.Gray);

@@ -90,7 +90,7 @@ public class MnistTests
     [Fact]
     public void MissingFolderOrFilesNameTheFolderAndTheExpectedFiles()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         var missing = Path.Combine(tmp.Path, "nope");
         var e1 = Assert.Throws<DirectoryNotFoundException>(() => MnistFiles.Load(missing, DatasetKind.Mnist));
         Assert.Contains(missing, e1.Message, StringComparison.Ordinal);

@@ -1,21 +1,13 @@
 namespace DistDiffusion.Tests.Deploy;
 
-/// <summary>The repository the tests were built from: found by walking up from the test binaries to DistDiffusion.sln.</summary>
+/// <summary>The deployment files of the repository the tests were built from (<see cref="Repository"/>).</summary>
 internal static class RepoFiles
 {
-    private static readonly Lazy<string> RootPath = new(() =>
-    {
-        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
-            if (File.Exists(Path.Combine(dir.FullName, "DistDiffusion.sln")))
-                return dir.FullName;
-        throw new InvalidOperationException($"no DistDiffusion.sln above {AppContext.BaseDirectory}: the deployment tests read the repository's files");
-    });
+    public static string Root => Repository.Root;
 
-    public static string Root => RootPath.Value;
+    public static string PathOf(string relative) => Repository.PathOf(relative);
 
-    public static string PathOf(string relative) => Path.Combine(Root, relative.Replace('/', Path.DirectorySeparatorChar));
-
-    public static string Read(string relative) => File.ReadAllText(PathOf(relative));
+    public static string Read(string relative) => Repository.Read(relative);
 
     public const string Dockerfile = "deploy/docker/Dockerfile";
     public const string DockerIgnore = ".dockerignore";

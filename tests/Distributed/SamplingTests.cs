@@ -2,13 +2,12 @@ using System.Diagnostics;
 using System.Runtime.InteropServices;
 using DistDiffusion.Coordinator.Server;
 using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Sampling;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
 using Grpc.Core;
 using static TorchSharp.torch;
-using ModelSamplerKind = DistDiffusion.Model.Diffusion.SamplerKind;
-using SampleRequest = DistDiffusion.Protocol.V1.SampleRequest;
 
 namespace DistDiffusion.Tests.Distributed;
 
@@ -37,13 +36,13 @@ public sealed class SamplingTests() : TempFolderTest("dd-sampling")
     }
 
     /// <summary>One-process samples of the run's EMA weights: the reference every distributed answer must equal.</summary>
-    private static float[] LocalSamples(string run, int n, long seed, ModelSamplerKind kind = ModelSamplerKind.Ddpm, int steps = 0, double eta = 0)
+    private static float[] LocalSamples(string run, int n, long seed, SamplingMethod kind = SamplingMethod.Ddpm, int steps = 0, double eta = 0)
     {
         var data = CheckpointStore.Load(CheckpointStore.ResolveCheckpointFolder(run));
         try
         {
             using var model = DiffusionModel.FromCheckpoint(data, useEma: true, CPU);
-            using var result = model.Sample(new DistDiffusion.Model.Sampling.SampleRequest(n, kind, steps, eta, seed), 64);
+            using var result = model.Sample(new SamplingRequest(n, kind, steps, eta, seed), 64);
             return result.Samples.contiguous().data<float>().ToArray();
         }
         finally
@@ -99,7 +98,7 @@ public sealed class SamplingTests() : TempFolderTest("dd-sampling")
         try
         {
             using var model = DiffusionModel.FromCheckpoint(data, useEma: true, CPU);
-            using var result = model.Sample(new DistDiffusion.Model.Sampling.SampleRequest(n, ModelSamplerKind.Ddpm, 0, 0, seed, 0, every), 64);
+            using var result = model.Sample(new SamplingRequest(n, SamplingMethod.Ddpm, 0, 0, seed, 0, every), 64);
             return (result.Samples.contiguous().data<float>().ToArray(), [.. result.Trajectory.Select(f => f.contiguous().data<float>().ToArray())]);
         }
         finally
@@ -147,7 +146,7 @@ public sealed class SamplingTests() : TempFolderTest("dd-sampling")
     {
         var run = TrainedRun();
         var expected = LocalSamples(run, 300, seed: 5);
-        var ddimExpected = LocalSamples(run, 300, seed: 5, ModelSamplerKind.Ddim, steps: 10, eta: 0.5);
+        var ddimExpected = LocalSamples(run, 300, seed: 5, SamplingMethod.Ddim, steps: 10, eta: 0.5);
         await using var server = await ServeSamples(run);
         var workers = new List<WorkerProcess> { new(server.Address, Cluster.Token) };
         try

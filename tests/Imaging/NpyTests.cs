@@ -10,7 +10,7 @@ public class NpyTests
     [Fact]
     public void FloatRoundTripWithHandCheckedHeader()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         using var t = torch.tensor(new float[] { 1.5f, -2f, 0f, 3.25f, float.MaxValue, -0.125f }, [3, 2]);
         var path = tmp.File("a.npy");
         Npy.Write(path, t);
@@ -34,7 +34,7 @@ public class NpyTests
     [Fact]
     public void Int64AndOneDimensionalRoundTrip()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         using var t = torch.tensor(new long[] { 7, -1, long.MaxValue });
         Npy.Write(tmp.File("l.npy"), t);
         var header = Encoding.ASCII.GetString(File.ReadAllBytes(tmp.File("l.npy")), 10, 118);
@@ -54,7 +54,7 @@ public class NpyTests
     [Fact]
     public void MalformedFilesAreRejectedNamingTheFile()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         using var t = torch.ones(4, 2);
         var good = tmp.File("good.npy");
         Npy.Write(good, t);

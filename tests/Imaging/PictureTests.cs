@@ -23,7 +23,7 @@ public class PictureTests
     [Fact]
     public void MnistGridHasPaddingUpscalingAndTheDigits()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         using var x = IdxReader.ReadImages(TestFiles.T10kImages);
         using var first = x[..16];
         var path = tmp.File("sub/grid.png");
@@ -50,7 +50,7 @@ public class PictureTests
     [Fact]
     public void RgbGridWithExplicitColumns()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         // 5 images 3x64x64: image i is pure red (channel 0 = 1, others -1)
         using var imgs = torch.full(new long[] { 5, 3, 64, 64 }, -1f);
         imgs[.., 0] = torch.tensor(1f);
@@ -67,7 +67,7 @@ public class PictureTests
     [Fact]
     public void ScatterDrawsReferenceUnderSamples()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         using var reference = Synthetic2D.SwissRoll(2000, 1);
         using var samples = Synthetic2D.SwissRoll(300, 2);
         var path = tmp.File("scatter.png");
@@ -104,7 +104,7 @@ public class PictureTests
     [Fact]
     public void ImageTrajectoryHasOneRowPerSampleAndOneColumnPerFrame()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         var frames = Enumerable.Range(0, 3).Select(j => torch.full(new long[] { 2, 1, 8, 8 }, -1f + j)).ToList();
         TrajectoryStrip.Save(frames, tmp.File("traj.png"));
         var img = PngReader.Read(tmp.File("traj.png"));
@@ -120,7 +120,7 @@ public class PictureTests
     [Fact]
     public void PointTrajectoryHasOnePanelPerFrame()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         using var x0 = Synthetic2D.Gaussians8(500, 3);
         using var noise = torch.randn(500, 2);
         var frames = new[] { noise, x0 * 0.5f + noise * 0.5f, x0 };
@@ -146,7 +146,7 @@ public class PictureTests
     [Fact]
     public void PngReaderRejectsGarbage()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         File.WriteAllText(tmp.File("x.png"), "not a png");
         var e = Assert.Throws<InvalidDataException>(() => PngReader.Read(tmp.File("x.png")));
         Assert.Contains(tmp.File("x.png"), e.Message, StringComparison.Ordinal);

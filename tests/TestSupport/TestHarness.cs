@@ -27,13 +27,11 @@ internal static class CliHarness
 /// <summary>A test class with its own temporary folder, deleted afterwards.</summary>
 public abstract class TempFolderTest : IDisposable
 {
-    protected TempFolderTest(string prefix)
-    {
-        Dir = Path.Combine(Path.GetTempPath(), prefix + "-" + Guid.NewGuid().ToString("N"));
-        Directory.CreateDirectory(Dir);
-    }
+    private readonly TempFolder _folder;
 
-    protected string Dir { get; }
+    protected TempFolderTest(string prefix) => _folder = new TempFolder(prefix);
+
+    protected string Dir => _folder.Path;
 
     public void Dispose()
     {
@@ -43,6 +41,6 @@ public abstract class TempFolderTest : IDisposable
 
     protected virtual void Dispose(bool disposing)
     {
-        if (disposing && Directory.Exists(Dir)) Directory.Delete(Dir, true);
+        if (disposing) _folder.Dispose();
     }
 }

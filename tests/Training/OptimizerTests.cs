@@ -1,3 +1,5 @@
+using DistDiffusion.Model.Diffusion;
+using DistDiffusion.Model.Sampling;
 using DistDiffusion.Model.Training;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -84,9 +86,9 @@ public sealed class OptimizerUnderGcPressureTests
         var w = TorchSharp.torch.nn.Parameter(TorchSharp.torch.randn(64, 64));
         var b = TorchSharp.torch.nn.Parameter(TorchSharp.torch.randn(64));
         var named = new List<(string, TorchSharp.Modules.Parameter)> { ("w", w), ("b", b) };
-        var recipe = DistDiffusion.Model.Training.Recipes.Get("swissroll") with { GradClip = 1.0, WeightDecay = 0.01 };
-        using var adam = new DistDiffusion.Model.Training.AdamOptimizer(named, recipe);
-        using var ema = new DistDiffusion.Model.Training.ExponentialMovingAverage(named, 0.99);
+        var recipe = Recipes.Get("swissroll") with { GradClip = 1.0, WeightDecay = 0.01 };
+        using var adam = new AdamOptimizer(named, recipe);
+        using var ema = new ExponentialMovingAverage(named, 0.99);
         using var stop = new CancellationTokenSource();
         var gen0 = GC.CollectionCount(0);
         var collector = new Thread(() => Allocate(stop.Token));
@@ -124,13 +126,13 @@ public sealed class OptimizerUnderGcPressureTests
     public void WorkerStepsAndSamplingSurviveAnotherThreadsAllocations(string which)
     {
         var recipe = which == "unet"
-            ? DistDiffusion.Model.Training.Recipes.Get("mnist-small") with { BaseChannels = 8, GroupNormGroups = 4, ChannelMultipliers = [1, 2], AttentionHeads = 1, AttentionHeadSize = 8, Dropout = 0.1, BatchSize = 4, RandomFlip = true }
-            : DistDiffusion.Model.Training.Recipes.Get("swissroll") with { HiddenSize = 64, BatchSize = 64, SyntheticSize = 256 };
+            ? Recipes.Get("mnist-small") with { BaseChannels = 8, GroupNormGroups = 4, ChannelMultipliers = [1, 2], AttentionHeads = 1, AttentionHeadSize = 8, Dropout = 0.1, BatchSize = 4, RandomFlip = true }
+            : Recipes.Get("swissroll") with { HiddenSize = 64, BatchSize = 64, SyntheticSize = 256 };
         using var worker = DistDiffusion.Worker.WorkerModel.Load(recipe.ToJson(), TorchSharp.torch.CPU);
         var n = recipe.BatchSize;
         using var data = new DistDiffusion.Model.Data.Dataset(TorchSharp.torch.rand([n, .. recipe.SampleShape]) * 2 - 1, "noise");
         var indices = Enumerable.Range(0, n).Select(i => (long)i).ToArray();
-        using var model = DistDiffusion.Model.Sampling.DiffusionModel.FromWeights(recipe,
+        using var model = DiffusionModel.FromWeights(recipe,
             worker.Network.named_parameters().ToDictionary(p => p.name, p => (TorchSharp.torch.Tensor)p.parameter), TorchSharp.torch.CPU);
         var gradient = new byte[worker.Vector.Elements * 4];
         var gen0 = GC.CollectionCount(0);
@@ -144,7 +146,7 @@ public sealed class OptimizerUnderGcPressureTests
                 var seeds = indices.Select(i => (ulong)(step * 1000 + i)).ToArray();
                 worker.Gradient(data, MicroBatchTree.For(recipe).Root, indices, seeds, gradient);
             }
-            using var result = model.Sample(new DistDiffusion.Model.Sampling.SampleRequest(8, DistDiffusion.Model.Diffusion.SamplerKind.Ddpm, 0, 0, 1));
+            using var result = model.Sample(new SamplingRequest(8, SamplingMethod.Ddpm, 0, 0, 1));
             Assert.True(TorchSharp.torch.isfinite(result.Samples).all().item<bool>());
         }
         finally

@@ -136,7 +136,7 @@ public class TrainingTests
             double Swd()
             {
                 using var model = DiffusionModel.FromTrainingState(state);
-                using var s = model.Sample(new SampleRequest(1000, SamplerKind.Ddpm, 0, 0, 3));
+                using var s = model.Sample(new SamplingRequest(1000, SamplingMethod.Ddpm, 0, 0, 3));
                 return SlicedWasserstein.Distance(s.Samples, heldOut.Data.narrow(0, 0, 1000));
             }
             var untrained = Swd();
@@ -154,15 +154,15 @@ public class TrainingTests
         var recipe = TinyMlp;
         using var state = TrainingState.Create(recipe, [2], 64, CPU);
         using var model = DiffusionModel.FromTrainingState(state);
-        using var all = model.Sample(new SampleRequest(10, SamplerKind.Ddpm, 0, 0, 42), batchSize: 10);
-        using var split = model.Sample(new SampleRequest(10, SamplerKind.Ddpm, 0, 0, 42), batchSize: 3);
-        using var tail = model.Sample(new SampleRequest(4, SamplerKind.Ddpm, 0, 0, 42, FirstIndex: 6));
+        using var all = model.Sample(new SamplingRequest(10, SamplingMethod.Ddpm, 0, 0, 42), batchSize: 10);
+        using var split = model.Sample(new SamplingRequest(10, SamplingMethod.Ddpm, 0, 0, 42), batchSize: 3);
+        using var tail = model.Sample(new SamplingRequest(4, SamplingMethod.Ddpm, 0, 0, 42, FirstIndex: 6));
         Assert.True(all.Samples.allclose(split.Samples, atol: 1e-5));
         Assert.True(all.Samples.narrow(0, 6, 4).allclose(tail.Samples, atol: 1e-5));
-        using var ddim1 = model.Sample(new SampleRequest(5, SamplerKind.Ddim, 20, 0, 1));
-        using var ddim2 = model.Sample(new SampleRequest(5, SamplerKind.Ddim, 20, 0, 1));
+        using var ddim1 = model.Sample(new SamplingRequest(5, SamplingMethod.Ddim, 20, 0, 1));
+        using var ddim2 = model.Sample(new SamplingRequest(5, SamplingMethod.Ddim, 20, 0, 1));
         Assert.True(ddim1.Samples.eq(ddim2.Samples).all().item<bool>());
-        using var other = model.Sample(new SampleRequest(5, SamplerKind.Ddim, 20, 0, 2));
+        using var other = model.Sample(new SamplingRequest(5, SamplingMethod.Ddim, 20, 0, 2));
         Assert.False(ddim1.Samples.allclose(other.Samples));
     }
 }

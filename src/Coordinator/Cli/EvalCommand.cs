@@ -1,7 +1,9 @@
 using System.CommandLine;
 using System.Text.Json;
 using DistDiffusion.Model.Data;
+using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Metrics;
+using DistDiffusion.Model.Sampling;
 
 namespace DistDiffusion.Coordinator.Cli;
 
@@ -29,14 +31,14 @@ internal static class EvalCommand
         return cmd;
     }
 
-    private static int Run(string checkpointPath, int samples, int bpdImages, bool rawWeights, bool json, Model.Diffusion.SamplerKind sampler, int steps, double eta, string deviceSpec, int threads)
+    private static int Run(string checkpointPath, int samples, int bpdImages, bool rawWeights, bool json, SamplingMethod sampler, int steps, double eta, string deviceSpec, int threads)
     {
         if (samples < 2) throw new UsageException($"--samples {samples}: expected at least 2");
         if (bpdImages < 1) throw new UsageException($"--bpd-images {bpdImages}: expected at least 1");
         var device = CliSupport.ResolveDevice(deviceSpec, threads);
         var (model, data) = CliSupport.LoadModel(checkpointPath, rawWeights, device, DatasetLoader.ResolveDataPath);
         using var modelScope = model;
-        CliSupport.UserInput(() => { new Model.Sampling.SampleRequest(1, sampler, steps, eta, 0).Validate(model.Diffusion.T); return true; });
+        CliSupport.UserInput(() => { new SamplingRequest(1, sampler, steps, eta, 0).Validate(model.Diffusion.T); return true; });
         var recipe = data.Recipe;
         var (train, heldOut) = DatasetLoader.Load(recipe);
         using (train)

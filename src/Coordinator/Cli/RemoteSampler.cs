@@ -1,18 +1,18 @@
 using System.Globalization;
 using System.Runtime.InteropServices;
+using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Training;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
 using Grpc.Core;
 using static TorchSharp.torch;
-using ModelSamplerKind = DistDiffusion.Model.Diffusion.SamplerKind;
 
 namespace DistDiffusion.Coordinator.Cli;
 
 /// <summary>`coordinator sample --address URL`: a Sampler.Sample call with a progress bar; writes the grid/scatter PNG or .npy.</summary>
 internal static class RemoteSampler
 {
-    public static int Run(string addressText, string? tokenFile, double timeoutSeconds, string? tlsCa, int n, ModelSamplerKind kind, int steps, double eta,
+    public static int Run(string addressText, string? tokenFile, double timeoutSeconds, string? tlsCa, int n, SamplingMethod kind, int steps, double eta,
         long seed, bool rawWeights, int trajectoryEvery, string output)
     {
         var ext = Path.GetExtension(output).ToLowerInvariant();
@@ -27,7 +27,7 @@ internal static class RemoteSampler
         var request = new SampleRequest
         {
             Count = (uint)n,
-            Sampler = kind == ModelSamplerKind.Ddim ? SamplerKind.Ddim : SamplerKind.Ddpm,
+            Sampler = kind == SamplingMethod.Ddim ? SamplerKind.Ddim : SamplerKind.Ddpm,
             Steps = (uint)steps,
             Eta = eta,
             Seed = seed,
@@ -80,9 +80,9 @@ internal static class RemoteSampler
             var all = tensor(samples.SelectMany(s => s).ToArray(), [n, .. shape]);
             var recipe = new Recipe { Name = first?.Recipe ?? "remote", Dataset = shape.Length == 1 ? Model.Data.DatasetKind.SwissRoll : Model.Data.DatasetKind.Mnist };
             using var reference = shape.Length == 1 && Known(first?.Recipe) is { } known ? RunPictures.Reference(known, Math.Max(n, 1000)) : null;
-            RunPictures.Write(output, all, recipe, reference, $"{first?.Recipe} v{first?.ParameterVersion} {(kind == ModelSamplerKind.Ddim ? "ddim" : "ddpm")}");
+            RunPictures.Write(output, all, recipe, reference, $"{first?.Recipe} v{first?.ParameterVersion} {(kind == SamplingMethod.Ddim ? "ddim" : "ddpm")}");
             Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"wrote {n} samples ({(kind == ModelSamplerKind.Ddim ? "ddim" : "ddpm")}, {first?.Weights.ToString().ToUpperInvariant()} weights of parameter version {first?.ParameterVersion}, {first?.Workers} workers) to {output} in {clock.Elapsed.TotalSeconds:F1} s (first result after {firstResult:F2} s)"));
+                $"wrote {n} samples ({(kind == SamplingMethod.Ddim ? "ddim" : "ddpm")}, {first?.Weights.ToString().ToUpperInvariant()} weights of parameter version {first?.ParameterVersion}, {first?.Workers} workers) to {output} in {clock.Elapsed.TotalSeconds:F1} s (first result after {firstResult:F2} s)"));
             if (trajectoryEvery > 0 && frames[0].Count > 0)
             {
                 var strip = Enumerable.Range(0, frames[0].Count).Select(f => tensor(frames.SelectMany(s => s[f]).ToArray(), [n, .. shape])).ToList();

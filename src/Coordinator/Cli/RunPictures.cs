@@ -46,7 +46,7 @@ internal static class RunPictures
     {
         using var model = DiffusionModel.FromTrainingState(state);
         var n = state.Recipe.IsImageData ? 64 : 1000;
-        using var result = model.Sample(new SampleRequest(n, SamplerKind.Ddpm, 0, 0, Seed: 0));
+        using var result = model.Sample(new SamplingRequest(n, SamplingMethod.Ddpm, 0, 0, Seed: 0));
         var path = Path.Combine(runDir, "samples", $"step-{step:D7}.png");
         using var reference = Reference(state.Recipe, n);
         Write(path, result.Samples, state.Recipe, reference, $"{state.Recipe.Name} step {step}");

@@ -56,10 +56,10 @@ internal static class SampleCommand
         return cmd;
     }
 
-    public static SamplerKind ParseSampler(string s) => s.Trim().ToLowerInvariant() switch
+    public static SamplingMethod ParseSampler(string s) => s.Trim().ToLowerInvariant() switch
     {
-        "ddpm" => SamplerKind.Ddpm,
-        "ddim" => SamplerKind.Ddim,
+        "ddpm" => SamplingMethod.Ddpm,
+        "ddim" => SamplingMethod.Ddim,
         _ => throw new UsageException($"--sampler {s}: expected ddpm or ddim"),
     };
 
@@ -73,7 +73,7 @@ internal static class SampleCommand
         var device = CliSupport.ResolveDevice(deviceSpec, threads);
         var (model, data) = CliSupport.LoadModel(checkpointPath, rawWeights, device);
         using var modelScope = model;
-        var request = new SampleRequest(n, kind, steps, eta, seed, 0, trajectoryEvery);
+        var request = new SamplingRequest(n, kind, steps, eta, seed, 0, trajectoryEvery);
         CliSupport.UserInput(() => { request.Validate(model.Diffusion.T); return true; });
         var bar = new ProgressBar("sample", 0, n, "samples");
         var started = System.Diagnostics.Stopwatch.StartNew();
@@ -82,7 +82,7 @@ internal static class SampleCommand
         RunPictures.Write(output, result.Samples, model.Recipe, reference,
             $"{model.Recipe.Name} step {data.Step} {samplerName}");
         Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-            $"wrote {n} samples ({samplerName}, {(kind == SamplerKind.Ddpm ? model.Diffusion.T : steps == 0 ? model.Diffusion.T : steps)} steps, {(rawWeights || data.Ema.Count == 0 ? "raw" : "EMA")} weights of step {data.Step}) to {output} in {started.Elapsed.TotalSeconds:F1} s"));
+            $"wrote {n} samples ({samplerName}, {(kind == SamplingMethod.Ddpm ? model.Diffusion.T : steps == 0 ? model.Diffusion.T : steps)} steps, {(rawWeights || data.Ema.Count == 0 ? "raw" : "EMA")} weights of step {data.Step}) to {output} in {started.Elapsed.TotalSeconds:F1} s"));
         if (trajectoryEvery > 0)
             Console.WriteLine($"wrote the trajectory to {RunPictures.WriteTrajectory(output, result.Trajectory)}");
         return CliSupport.ExitOk;

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Imaging;
 using DistDiffusion.Protocol.V1;
 using Google.Protobuf;
@@ -43,7 +44,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
         var clock = Stopwatch.StartNew();
         var snapshot = await loop.SnapshotAsync(request.Weights != Weights.Raw, ct).WaitAsync(TimeSpan.FromSeconds(options.CallTimeoutSeconds), ct);
         var ddim = request.Sampler == SamplerKind.Ddim;
-        var steps = ddim ? (request.Steps == 0 ? (uint)T : request.Steps) : (uint)T;
+        var steps = (uint)SamplerSteps.Count(ddim ? SamplingMethod.Ddim : SamplingMethod.Ddpm, request.Steps, T);
         var frames = Frames(steps, request.TrajectoryEvery);
         var template = new SampleWork
         {
@@ -146,21 +147,18 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
             throw Bad(StatusCode.InvalidArgument, $"sampler {(int)r.Sampler}: expected SAMPLER_KIND_DDPM or SAMPLER_KIND_DDIM");
         if (r.Weights is not (Weights.Unspecified or Weights.Ema or Weights.Raw))
             throw Bad(StatusCode.InvalidArgument, $"weights {(int)r.Weights}: expected WEIGHTS_EMA or WEIGHTS_RAW");
-        if (r.Sampler == SamplerKind.Ddim)
+        var kind = r.Sampler == SamplerKind.Ddim ? SamplingMethod.Ddim : SamplingMethod.Ddpm;
+        if (SamplerSteps.Problem(kind, r.Steps, T) is { } stepsProblem) throw Bad(StatusCode.InvalidArgument, stepsProblem);
+        if (kind == SamplingMethod.Ddim)
         {
-            if (r.Steps > T) throw Bad(StatusCode.InvalidArgument, $"steps {r.Steps}: DDIM takes 1..{T} strided steps (0: all {T})");
             if (!(r.Eta >= 0 && r.Eta <= 1)) throw Bad(StatusCode.InvalidArgument, $"eta {r.Eta}: expected 0..1");
         }
-        else
-        {
-            if (r.Steps != 0 && r.Steps != T) throw Bad(StatusCode.InvalidArgument, $"steps {r.Steps}: DDPM runs all {T} steps (give 0 or {T}, or use DDIM for fewer)");
-            if (r.Eta != 0) throw Bad(StatusCode.InvalidArgument, $"eta {r.Eta}: only DDIM takes eta");
-        }
+        else if (r.Eta != 0) throw Bad(StatusCode.InvalidArgument, $"eta {r.Eta}: only DDIM takes eta");
         if (r.TrajectoryEvery > T) throw Bad(StatusCode.InvalidArgument, $"trajectory_every {r.TrajectoryEvery}: expected 0..{T}");
         if (r.TrajectoryEvery > 0)
         {
             // One sample with its trajectory is one batch, held whole by the coordinator: it must stay within bounds.
-            var steps = r.Sampler == SamplerKind.Ddim && r.Steps != 0 ? r.Steps : (uint)T;
+            var steps = (uint)SamplerSteps.Count(kind, r.Steps, T);
             var bytes = sampleElements * 4 * (1 + Frames(steps, r.TrajectoryEvery));
             if (bytes > SamplingCoordinator.MaxSampleBytes)
             {

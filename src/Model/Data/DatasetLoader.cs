@@ -5,11 +5,11 @@ namespace DistDiffusion.Model.Data;
 /// <summary>Builds the training and held-out datasets a recipe asks for.</summary>
 public static class DatasetLoader
 {
-    /// <summary>Seed stream of the synthetic training points: <c>SeedMix.Mix(recipe.Seed, TrainStream)</c>.</summary>
-    public const long TrainStream = 0;
+    /// <summary>Seed stream of the synthetic training points: <c>Randomness.SyntheticSet(recipe.Seed, TrainStream)</c>.</summary>
+    public const long TrainStream = (long)Randomness.SyntheticTrainTag;
 
     /// <summary>Seed stream of the independent synthetic held-out points.</summary>
-    public const long HeldOutStream = 1;
+    public const long HeldOutStream = (long)Randomness.SyntheticHeldOutTag;
 
     /// <summary>
     /// Synthetic kinds: <c>recipe.SyntheticSize</c> training points drawn with seed Mix(recipe.Seed, 0) and an
@@ -25,8 +25,8 @@ public static class DatasetLoader
         {
             var n = recipe.SyntheticSize;
             if (n < 1) throw new ArgumentException($"recipe field 'synthetic-size' = {n}: expected an integer >= 1");
-            var trainSeed = (long)SeedMix.Mix(recipe.Seed, TrainStream);
-            var heldSeed = (long)SeedMix.Mix(recipe.Seed, HeldOutStream);
+            var trainSeed = Randomness.SyntheticSet(recipe.Seed, Randomness.SyntheticTrainTag);
+            var heldSeed = Randomness.SyntheticSet(recipe.Seed, Randomness.SyntheticHeldOutTag);
             var name = Recipe.Kebab(kind.ToString());
             var train = new Dataset(Synthetic2D.Generate(kind, n, trainSeed), $"{name}: {n} training points (seed {recipe.Seed}, stream {TrainStream})");
             var held = new Dataset(Synthetic2D.Generate(kind, n, heldSeed), $"{name}: {n} held-out points (seed {recipe.Seed}, stream {HeldOutStream})");

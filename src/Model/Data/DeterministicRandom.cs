@@ -12,7 +12,7 @@ internal sealed class DeterministicRandom
 
     public DeterministicRandom(ulong seed) => _state = seed;
 
-    public DeterministicRandom(long seed, long stream) => _state = SeedMix.Mix(seed, stream);
+    public DeterministicRandom(long seed, long stream) => _state = Randomness.SplitMixState(seed, stream);
 
     public ulong NextUInt64()
     {

@@ -59,7 +59,7 @@ public enum LossReduction
 }
 
 /// <summary>Reverse-process sampler.</summary>
-public enum SamplerKind
+public enum SamplingMethod
 {
     /// <summary>Ancestral sampling, Ho et al. Algorithm 2.</summary>
     Ddpm,

@@ -32,15 +32,14 @@ public abstract class ReverseSampler
     public abstract Tensor Step(Tensor modelOutput, int position, Tensor xt, Tensor? noise);
 
     /// <summary>Builds the sampler a request names.</summary>
-    /// <param name="steps">DDIM: number of strided steps (1..T); DDPM: must be T (or 0 for "all").</param>
-    public static ReverseSampler Create(GaussianDiffusion diffusion, SamplerKind kind, int steps, double eta, bool clipDenoised) => kind switch
+    /// <param name="steps">the requested step count (<see cref="SamplerSteps"/>: 0 means all T).</param>
+    public static ReverseSampler Create(GaussianDiffusion diffusion, SamplingMethod kind, int steps, double eta, bool clipDenoised)
     {
-        SamplerKind.Ddpm => steps == 0 || steps == diffusion.T
+        var count = SamplerSteps.Count(kind, steps, diffusion.T);
+        return kind == SamplingMethod.Ddpm
             ? new DdpmSampler(diffusion, clipDenoised)
-            : throw new ArgumentException($"steps = {steps}: DDPM ancestral sampling runs all {diffusion.T} steps (use ddim for fewer)"),
-        SamplerKind.Ddim => new DdimSampler(diffusion, steps == 0 ? diffusion.T : steps, eta, clipDenoised),
-        _ => throw new ArgumentException($"sampler {kind}: expected ddpm or ddim"),
-    };
+            : new DdimSampler(diffusion, count, eta, clipDenoised);
+    }
 
     protected static Tensor TimestepTensor(Tensor like, int t) =>
         full(new[] { like.shape[0] }, (long)t, ScalarType.Int64, like.device);

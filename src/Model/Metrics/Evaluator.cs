@@ -61,7 +61,7 @@ public static class Evaluator
             for (var t = d.T - 1; t >= 0; t--)
             {
                 using var stepScope = NewDisposeScope();   // per-t intermediates go at once: memory stays flat in T
-                var keys = Enumerable.Range(0, (int)n).Select(i => SeedMix.Mix(seed, start + i, t)).ToArray();
+                var keys = Enumerable.Range(0, (int)n).Select(i => Randomness.BitsPerDimNoise(seed, start + i, t)).ToArray();
                 var eps = CounterRng.NormalRows(keys, model.SampleShape, model.Device);
                 var tt = full(new[] { n }, (long)t, ScalarType.Int64, model.Device);
                 var xt = d.QSample(x0, tt, eps);
@@ -76,7 +76,7 @@ public static class Evaluator
 
     /// <summary>The figures that apply to the model's data.</summary>
     public static EvalReport Evaluate(DiffusionModel model, long step, Dataset train, Dataset heldOut, int samples = 2000, int bpdImages = 256, long seed = 1234,
-        SamplerKind sampler = SamplerKind.Ddpm, int samplerSteps = 0, double eta = 0)
+        SamplingMethod sampler = SamplingMethod.Ddpm, int samplerSteps = 0, double eta = 0)
     {
         var recipe = model.Recipe;
         if (!recipe.IsImageData)
@@ -84,12 +84,12 @@ public static class Evaluator
             // n samples and n-point fresh draws of the data are each compared with the whole held-out set;
             // the floor averages several fresh draws, so both figures carry the same finite-sample noise.
             var n = samples;
-            using var result = model.Sample(new SampleRequest(n, sampler, samplerSteps, eta, seed));
+            using var result = model.Sample(new SamplingRequest(n, sampler, samplerSteps, eta, seed));
             var swd = SlicedWasserstein.Distance(result.Samples, heldOut.Data);
             var floors = new List<double>();
             for (var k = 0; k < FloorDraws; k++)
             {
-                using var draw = Synthetic2D.Generate(recipe.Dataset, n, (long)SeedMix.Mix(recipe.Seed, seed, 0xF100 + k));
+                using var draw = Synthetic2D.Generate(recipe.Dataset, n, Randomness.FloorDraw(recipe.Seed, seed, k));
                 floors.Add(SlicedWasserstein.Distance(draw, heldOut.Data));
             }
             return new EvalReport
@@ -108,7 +108,7 @@ public static class Evaluator
         using (prior)
         {
             var k = Math.Min(64, m);
-            using var sampled = model.Sample(new SampleRequest(k, sampler, samplerSteps, eta, seed));
+            using var sampled = model.Sample(new SamplingRequest(k, sampler, samplerSteps, eta, seed));
             using var sampleNn = NearestNeighbour.Distances(sampled.Samples, train.Data);
             using var heldNn = NearestNeighbour.Distances(heldOut.Data.narrow(0, 0, k), train.Data);
             return new EvalReport

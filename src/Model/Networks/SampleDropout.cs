@@ -6,7 +6,7 @@ namespace DistDiffusion.Model.Networks;
 
 /// <summary>
 /// Inverted dropout whose mask for sample i is drawn from a generator seeded with
-/// <c>SeedMix.Mix(seeds[i], LayerIndex)</c>: keep = rand(perSampleShape) &gt;= p, y = x * keep / (1 - p).
+/// <c>Randomness.DropoutLayer(seeds[i], LayerIndex)</c>: keep = rand(perSampleShape) &gt;= p, y = x * keep / (1 - p).
 /// A sample's mask therefore does not depend on which batch or worker computes it (the distributed
 /// trainer relies on this). Identity in eval mode or with p = 0.
 /// </summary>
@@ -48,7 +48,7 @@ public sealed class SampleDropout : nn.Module<Tensor, Tensor>
         var masks = new Tensor[batch];
         for (var i = 0; i < batch; i++)
         {
-            generator.manual_seed(unchecked((long)SeedMix.Mix(rows[i], LayerIndex)));
+            generator.manual_seed(Randomness.DropoutLayer(rows[i], LayerIndex));
             masks[i] = rand(perSample, dtype: ScalarType.Float32, device: device, generator: generator);
         }
         // keep: [B, ...perSample], 1 where the unit survives.

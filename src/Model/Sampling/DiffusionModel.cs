@@ -13,46 +13,41 @@ namespace DistDiffusion.Model.Sampling;
 /// </summary>
 public sealed class DiffusionModel : IDisposable
 {
-    private DiffusionModel(Recipe recipe, DenoiserNetwork network, NoiseSchedule schedule, Device device)
+    private readonly RecipeModel _parts;
+
+    private DiffusionModel(Recipe recipe, RecipeModel parts, Device device)
     {
         Recipe = recipe;
-        Network = network;
-        Schedule = schedule;
+        _parts = parts;
         Device = device;
-        Diffusion = new GaussianDiffusion(schedule, recipe.Prediction, recipe.Variance, recipe.Loss, recipe.Reduction, recipe.IsImageData);
     }
 
     public Recipe Recipe { get; }
-    public DenoiserNetwork Network { get; }
-    public NoiseSchedule Schedule { get; }
-    public GaussianDiffusion Diffusion { get; }
+    public DenoiserNetwork Network => _parts.Network;
+    public NoiseSchedule Schedule => _parts.Schedule;
+    public GaussianDiffusion Diffusion => _parts.Diffusion;
     public Device Device { get; }
     public long[] SampleShape => Recipe.SampleShape;
 
     /// <summary>A model from named weights (e.g. a checkpoint's EMA or raw weights); every parameter must be present with its shape.</summary>
-    public static DiffusionModel FromWeights(Recipe recipe, IReadOnlyDictionary<string, Tensor> weights, Device device)
+    public static DiffusionModel FromWeights(Recipe recipe, IReadOnlyDictionary<string, Tensor> weights, Device device) =>
+        Load(recipe, device, network => ModelFactory.LoadWeights(network, weights, $"weights for recipe '{recipe.Name}'"));
+
+    /// <summary>A model from the flat parameter vector a worker receives (<see cref="ParameterVector"/> order, [Elements]).</summary>
+    public static DiffusionModel FromVector(Recipe recipe, float[] values, Device device) =>
+        Load(recipe, device, network => ParameterVector.Of(network).WriteValues(values));
+
+    private static DiffusionModel Load(Recipe recipe, Device device, Action<DenoiserNetwork> load)
     {
-        var network = NetworkFactory.Create(recipe, recipe.SampleShape);
+        var parts = ModelFactory.Create(recipe, device, training: false);
         try
         {
-            var named = network.named_parameters().ToList();
-            foreach (var (name, p) in named)
-            {
-                if (!weights.TryGetValue(name, out var w))
-                    throw new InvalidDataException($"weights lack '{name}' (recipe '{recipe.Name}' expects it)");
-                if (!w.shape.SequenceEqual(p.shape))
-                    throw new InvalidDataException($"weight '{name}' has shape [{string.Join(",", w.shape)}], expected [{string.Join(",", p.shape)}]");
-            }
-            using (no_grad())
-                foreach (var (name, p) in named) p.copy_(weights[name]);
-            network.to(device);
-            network.eval();
-            var schedule = NoiseSchedule.Create(recipe.BetaSchedule, recipe.Timesteps, recipe.BetaStart, recipe.BetaEnd);
-            return new DiffusionModel(recipe, network, schedule, device);
+            load(parts.Network);
+            return new DiffusionModel(recipe, parts, device);
         }
         catch
         {
-            network.Dispose();
+            parts.Dispose();
             throw;
         }
     }
@@ -65,12 +60,8 @@ public sealed class DiffusionModel : IDisposable
     public static DiffusionModel FromTrainingState(TrainingState state, bool useEma = true) =>
         FromWeights(state.Recipe, state.SamplingWeights(useEma), state.Device);
 
-    public SampleResult Sample(SampleRequest request, int batchSize = 256, Action<int>? onSamplesDone = null, CancellationToken ct = default) =>
+    public SamplingResult Sample(SamplingRequest request, int batchSize = 256, Action<int>? onSamplesDone = null, CancellationToken ct = default) =>
         SamplingPipeline.Run(Network, Diffusion, Recipe.ClipDenoised, request, SampleShape, Device, batchSize, onSamplesDone, ct);
 
-    public void Dispose()
-    {
-        Network.Dispose();
-        Schedule.Dispose();
-    }
+    public void Dispose() => _parts.Dispose();
 }

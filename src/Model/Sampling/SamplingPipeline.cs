@@ -7,25 +7,22 @@ namespace DistDiffusion.Model.Sampling;
 
 /// <summary>What to sample: samples FirstIndex .. FirstIndex + Count - 1 of the stream named by Seed.</summary>
 /// <param name="TrajectoryEvery">Keep x every k-th visited step (0: no trajectory); x_T and x_0 are always kept when k &gt; 0.</param>
-public sealed record SampleRequest(int Count, SamplerKind Sampler, int Steps, double Eta, long Seed, long FirstIndex = 0, int TrajectoryEvery = 0)
+public sealed record SamplingRequest(int Count, SamplingMethod Sampler, int Steps, double Eta, long Seed, long FirstIndex = 0, int TrajectoryEvery = 0)
 {
     public void Validate(int timesteps)
     {
         if (Count < 1) throw new ArgumentException($"n = {Count}: expected at least 1 sample");
         if (FirstIndex < 0) throw new ArgumentException($"first index = {FirstIndex}: expected >= 0");
         if (TrajectoryEvery < 0) throw new ArgumentException($"trajectory-every = {TrajectoryEvery}: expected >= 0");
-        if (Sampler == SamplerKind.Ddpm && Steps != 0 && Steps != timesteps)
-            throw new ArgumentException($"steps = {Steps}: DDPM ancestral sampling runs all T = {timesteps} steps (use --sampler ddim for fewer)");
-        if (Sampler == SamplerKind.Ddim && (Steps < 0 || Steps > timesteps))
-            throw new ArgumentException($"steps = {Steps}: expected 1..{timesteps} for DDIM (0 means all)");
+        if (SamplerSteps.Problem(Sampler, Steps, timesteps) is { } problem) throw new ArgumentException(problem);
         if (!(Eta >= 0 && Eta <= 1)) throw new ArgumentException($"eta = {Eta}: expected a value in [0, 1]");
     }
 }
 
 /// <summary>Final samples [N, ...] (CPU) and, when asked, the kept trajectory frames x_T ... x_0 (CPU, each [N, ...]).</summary>
-public sealed class SampleResult : IDisposable
+public sealed class SamplingResult : IDisposable
 {
-    public SampleResult(Tensor samples, IReadOnlyList<Tensor> trajectory)
+    public SamplingResult(Tensor samples, IReadOnlyList<Tensor> trajectory)
     {
         Samples = samples;
         Trajectory = trajectory;
@@ -49,10 +46,10 @@ public sealed class SampleResult : IDisposable
 public static class SamplingPipeline
 {
     /// <summary>The noise key of sample <paramref name="index"/> of stream <paramref name="seed"/>.</summary>
-    public static ulong SampleKey(long seed, long index) => SeedMix.Mix(seed, index, 0x5A3D1E);
+    public static ulong SampleKey(long seed, long index) => Randomness.SamplingChain(seed, index);
 
-    public static SampleResult Run(nn.Module<Tensor, Tensor, Tensor> network, GaussianDiffusion diffusion, bool clipDenoised,
-        SampleRequest request, long[] sampleShape, Device device, int batchSize = 256,
+    public static SamplingResult Run(nn.Module<Tensor, Tensor, Tensor> network, GaussianDiffusion diffusion, bool clipDenoised,
+        SamplingRequest request, long[] sampleShape, Device device, int batchSize = 256,
         Action<int>? onSamplesDone = null, CancellationToken cancellationToken = default)
     {
         request.Validate(diffusion.T);
@@ -80,7 +77,7 @@ public static class SamplingPipeline
             if (trajectories.Count > 0)
                 for (var f = 0; f < trajectories[0].Count; f++)
                     trajectory.Add(cat(trajectories.Select(tr => tr[f]).ToList(), 0));
-            return new SampleResult(samples.DetachFromDisposeScope(), trajectory.Select(t => t.DetachFromDisposeScope()).ToList());
+            return new SamplingResult(samples.DetachFromDisposeScope(), trajectory.Select(t => t.DetachFromDisposeScope()).ToList());
         }
         finally
         {
@@ -114,7 +111,7 @@ public static class SamplingPipeline
                 Tensor? noise = null;
                 if (sampler.UsesNoise(pos))
                 {
-                    for (var j = 0; j < keys.Length; j++) stepKeys[j] = SeedMix.Mix(keys[j], (ulong)(pos + 1));
+                    for (var j = 0; j < keys.Length; j++) stepKeys[j] = Randomness.SamplingStepNoise(keys[j], pos);
                     noise = CounterRng.NormalRows(stepKeys, sampleShape, device);
                 }
                 var next = sampler.Step(output, pos, x, noise).DetachFromDisposeScope();

@@ -30,7 +30,7 @@ public sealed class DataOrder
         if (epoch == _cachedEpoch) return _cached;
         var perm = new long[_count];
         for (long i = 0; i < _count; i++) perm[i] = i;
-        var key = SeedMix.Mix(_seed, epoch, 0x0E90C4);
+        var key = Randomness.EpochPermutation(_seed, epoch);
         for (var i = _count - 1; i > 0; i--)
         {
             var j = Diffusion.CounterRng.UniformInt(key, (ulong)i, i + 1);

@@ -40,11 +40,7 @@ public sealed class MicroBatchGradients : IDisposable
         _replicas = new DenoiserNetwork[count];
         _replicas[0] = network;
         for (var r = 1; r < count; r++)
-        {
-            _replicas[r] = NetworkFactory.Create(recipe, recipe.SampleShape);
-            _replicas[r].to(device);
-            _replicas[r].train();
-        }
+            _replicas[r] = ModelFactory.Network(recipe, device, training: true);
         _vectors = _replicas.Select(ParameterVector.Of).ToArray();
         Elements = _vectors[0].Elements;
     }

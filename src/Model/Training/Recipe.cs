@@ -163,14 +163,18 @@ public sealed record Recipe
         return r;
     }
 
-    /// <summary>Checks every field's range; throws <see cref="ArgumentException"/> naming the field, the value and what was expected.</summary>
+    private static void Check(bool ok, string field, object value, string expected)
+    {
+        if (!ok)
+            throw new ArgumentException($"recipe field '{field}' = {Convert.ToString(value, CultureInfo.InvariantCulture)}: expected {expected}");
+    }
+
+    /// <summary>
+    /// Checks every field's range and that the network can be built for <see cref="SampleShape"/>; throws
+    /// <see cref="ArgumentException"/> naming the field, the value and what was expected. The one place recipes are checked.
+    /// </summary>
     public void Validate()
     {
-        static void Check(bool ok, string field, object value, string expected)
-        {
-            if (!ok)
-                throw new ArgumentException($"recipe field '{field}' = {Convert.ToString(value, CultureInfo.InvariantCulture)}: expected {expected}");
-        }
         Check(Timesteps >= 1, "timesteps", Timesteps, "an integer >= 1");
         Check(BetaStart > 0 && BetaStart < 1, "beta-start", BetaStart, "a value in (0, 1)");
         Check(BetaEnd > 0 && BetaEnd < 1, "beta-end", BetaEnd, "a value in (0, 1)");
@@ -209,6 +213,53 @@ public sealed record Recipe
         Check(!IsImageData || Network == NetworkKind.UNet, "network", Network, "unet for image data");
         Check(IsImageData || Network != NetworkKind.UNet, "network", Network, "mlp or sohl2015-mlp for 2-D data");
         Check(!IsImageData || !string.IsNullOrWhiteSpace(DataPath), "data-path", DataPath ?? "(unset)", "a folder holding the dataset files");
+        ValidateNetwork(SampleShape);
+    }
+
+    /// <summary>
+    /// The network fields alone, for data of per-sample shape <paramref name="dataShape"/> ([D] points, [C, H, W] images):
+    /// what <see cref="NetworkFactory.Create"/> needs (it calls this, also for shapes other than <see cref="SampleShape"/>).
+    /// </summary>
+    public void ValidateNetwork(long[] dataShape)
+    {
+        ArgumentNullException.ThrowIfNull(dataShape);
+        if (dataShape.Length == 0 || dataShape.Any(d => d < 1))
+            throw new ArgumentException($"data shape [{string.Join(", ", dataShape)}]: expected positive sizes, [D] or [C, H, W]", nameof(dataShape));
+        Check(Dropout >= 0 && Dropout < 1, "dropout", Dropout, "a value in [0, 1)");
+        switch (Network)
+        {
+            case NetworkKind.Mlp:
+            case NetworkKind.Sohl2015Mlp:
+                Check(dataShape.Length == 1, "network", Network, $"unet for data of shape [{string.Join(", ", dataShape)}] (the MLPs take points [D])");
+                Check(HiddenSize >= 1, "hidden-size", HiddenSize, "an integer >= 1");
+                Check(HiddenLayers >= 1, "hidden-layers", HiddenLayers, "an integer >= 1");
+                if (Network == NetworkKind.Mlp)
+                    Check(TimeEmbeddingSize >= 2, "time-embedding-size", TimeEmbeddingSize, "an integer >= 2");
+                else
+                    Check(Timesteps >= 1, "timesteps", Timesteps, "an integer >= 1");
+                break;
+            case NetworkKind.UNet:
+                Check(dataShape.Length == 3, "network", Network, $"mlp or sohl2015-mlp for data of shape [{string.Join(", ", dataShape)}] (the U-Net takes images [C, H, W])");
+                var mults = ChannelMultipliers;
+                Check(BaseChannels >= 2, "base-channels", BaseChannels, "an integer >= 2");
+                Check(mults.Length >= 1 && mults.All(m => m >= 1), "channel-multipliers", string.Join(",", mults), "a list of integers >= 1");
+                Check(ResBlocks >= 1, "res-blocks", ResBlocks, "an integer >= 1");
+                Check(GroupNormGroups >= 1 && BaseChannels % GroupNormGroups == 0, "group-norm-groups", GroupNormGroups,
+                    $"a divisor of base-channels ({BaseChannels}), so every stage's channels split into groups");
+                if (UNetLayout == UNetLayout.Annotated)
+                {
+                    Check(AttentionHeads >= 1, "attention-heads", AttentionHeads, "an integer >= 1");
+                    Check(AttentionHeadSize >= 1, "attention-head-size", AttentionHeadSize, "an integer >= 1");
+                }
+                var halvings = mults.Length - 1;
+                var factor = 1L << halvings;
+                foreach (var (side, name) in new[] { (dataShape[1], "height"), (dataShape[2], "width") })
+                    Check(side % factor == 0, "channel-multipliers", string.Join(",", mults),
+                        $"at most as many stages as the image {name} {side} can be halved: {mults.Length} stages need a side divisible by 2^{halvings} = {factor}");
+                break;
+            default:
+                throw new ArgumentException($"recipe field 'network' = {Network}: expected mlp, sohl2015-mlp or unet");
+        }
     }
 
     private static object? ParseValue(Type type, string value)

@@ -2,7 +2,6 @@ using System.Globalization;
 using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Networks;
-using TorchSharp;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Model.Training;
@@ -18,16 +17,16 @@ public sealed record StepPlan(long Step, long[] Indices, long[] Epochs, DataCurs
 /// </summary>
 public sealed class TrainingState : IDisposable
 {
-    private TrainingState(Recipe recipe, DenoiserNetwork network, long[] sampleShape, long datasetSize, Device device)
+    private TrainingState(Recipe recipe, RecipeModel model, long[] sampleShape, long datasetSize, Device device)
     {
         Recipe = recipe;
-        Network = network;
+        Network = model.Network;
         SampleShape = sampleShape;
         Device = device;
-        Schedule = NoiseSchedule.Create(recipe.BetaSchedule, recipe.Timesteps, recipe.BetaStart, recipe.BetaEnd);
-        Diffusion = new GaussianDiffusion(Schedule, recipe.Prediction, recipe.Variance, recipe.Loss, recipe.Reduction, discreteData: recipe.IsImageData);
-        Step = new TrainingStep(Diffusion, recipe.Seed, recipe.RandomFlip);
-        var named = network.named_parameters().Select(p => (p.name, p.parameter)).ToList();
+        Schedule = model.Schedule;
+        Diffusion = model.Diffusion;
+        Step = model.Step;
+        var named = Network.named_parameters().Select(p => (p.name, p.parameter)).ToList();
         Optimizer = new AdamOptimizer(named, recipe);
         Ema = recipe.EmaDecay > 0 ? new ExponentialMovingAverage(named, recipe.EmaDecay) : null;
         Order = new DataOrder(datasetSize, recipe.Seed);
@@ -51,11 +50,16 @@ public sealed class TrainingState : IDisposable
     /// <summary>A fresh run: weights initialized from torch's generator seeded with the recipe's seed.</summary>
     public static TrainingState Create(Recipe recipe, long[] sampleShape, long datasetSize, Device device)
     {
-        recipe.Validate();
-        random.manual_seed(recipe.Seed);
-        var network = NetworkFactory.Create(recipe, sampleShape);
-        network.to(device);
-        return new TrainingState(recipe, network, sampleShape, datasetSize, device);
+        var model = ModelFactory.Create(recipe, device, training: true, sampleShape, initSeed: recipe.Seed);
+        try
+        {
+            return new TrainingState(recipe, model, sampleShape, datasetSize, device);
+        }
+        catch
+        {
+            model.Dispose();
+            throw;
+        }
     }
 
     /// <summary>The run a checkpoint describes, with every tensor restored exactly.</summary>
@@ -148,22 +152,13 @@ public sealed class TrainingState : IDisposable
 
     private void Restore(CheckpointData c)
     {
-        var named = Network.named_parameters().ToList();
-        foreach (var (name, p) in named)
-        {
-            if (!c.Model.TryGetValue(name, out var w))
-                throw new InvalidDataException($"checkpoint lacks weight '{name}'");
-            if (!w.shape.SequenceEqual(p.shape))
-                throw new InvalidDataException($"checkpoint weight '{name}' has shape [{string.Join(",", w.shape)}], expected [{string.Join(",", p.shape)}]");
-        }
         if (c.Extra.TryGetValue(TrainSizeKey, out var sizeText) && sizeText != Order.DatasetSize.ToString(CultureInfo.InvariantCulture))
             throw new InvalidDataException($"checkpoint was trained on {sizeText} samples but the data now has {Order.DatasetSize}: resuming would not continue the same run");
         if (!c.Extra.TryGetValue(CheckpointStore.OptimizerStepKey, out var stepText) || !long.TryParse(stepText, NumberStyles.Integer, CultureInfo.InvariantCulture, out var optSteps))
             throw new InvalidDataException($"checkpoint lacks '{CheckpointStore.OptimizerStepKey}'");
         if (c.Step < 0 || c.Epoch < 0 || c.Cursor < 0 || c.Cursor >= Order.DatasetSize || optSteps != c.Step)
             throw new InvalidDataException($"checkpoint position out of range: step {c.Step}, epoch {c.Epoch}, cursor {c.Cursor} of {Order.DatasetSize} samples, {optSteps} optimizer updates (expected step, epoch, cursor >= 0, cursor < the training-set size, updates = step)");
-        using (no_grad())
-            foreach (var (name, p) in named) p.copy_(c.Model[name]);
+        ModelFactory.LoadWeights(Network, c.Model, "checkpoint");
         Optimizer.LoadState(c.Optimizer, optSteps);
         if (Ema is not null) Ema.Load(c.Ema);
         StepsDone = c.Step;

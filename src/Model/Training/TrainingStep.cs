@@ -27,7 +27,7 @@ public sealed class TrainingStep
     public bool RandomFlip { get; }
 
     /// <summary>The stream of one sample of one step; the epoch tells apart two copies of an index in a batch that spans epochs.</summary>
-    public static ulong SampleKey(long runSeed, long step, long epoch, long datasetIndex) => SeedMix.Mix(runSeed, step, epoch, datasetIndex);
+    public static ulong SampleKey(long runSeed, long step, long epoch, long datasetIndex) => Randomness.TrainingSample(runSeed, step, epoch, datasetIndex);
 
     /// <summary>The per-sample seeds of a step: one key per (dataset index, epoch) pair.</summary>
     public ulong[] SampleKeys(long step, ReadOnlySpan<long> datasetIndices, ReadOnlySpan<long> epochs)
@@ -50,10 +50,10 @@ public sealed class TrainingStep
         for (var i = 0; i < n; i++)
         {
             var key = sampleKeys[i];
-            ts[i] = CounterRng.UniformInt(key, 0, Diffusion.T);           // t ~ Uniform({1..T}) as index 0..T-1
-            flips[i] = RandomFlip && CounterRng.Uniform(key, 1) < 0.5;
-            dropout[i] = (long)CounterRng.Bits(key, 2);
-            noiseKeys[i] = SeedMix.Mix(key, 3UL);                        // eps ~ N(0, I) from its own stream
+            ts[i] = CounterRng.UniformInt(key, Randomness.TimestepPosition, Diffusion.T);           // t ~ Uniform({1..T}) as index 0..T-1
+            flips[i] = RandomFlip && CounterRng.Uniform(key, Randomness.FlipPosition) < 0.5;
+            dropout[i] = (long)CounterRng.Bits(key, Randomness.DropoutPosition);
+            noiseKeys[i] = Randomness.TrainingNoise(key);                // eps ~ N(0, I) from its own stream
         }
         return new SampleDraws(ts, noiseKeys, flips, dropout);
     }
