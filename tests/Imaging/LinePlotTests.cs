@@ -20,7 +20,7 @@ public class LinePlotTests
     [Fact]
     public void DrawsTheLineAcrossThePlotAndSkipsNonFinitePoints()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         var path = tmp.File("loss.png");
         var points = Enumerable.Range(1, 50).Select(i => ((double)i * 10, 1.0 / i)).Append((510.0, double.NaN)).ToList();
         LinePlot.Save(points, path, "loss", 320, 200);
@@ -37,7 +37,7 @@ public class LinePlotTests
     [Fact]
     public void AnEmptyHistoryGivesAFramedEmptyPlot()
     {
-        using var tmp = new TestFiles.TempFolder();
+        using var tmp = new TempFolder();
         var path = tmp.File("loss.png");
         LinePlot.Save([], path);
         var img = PngReader.Read(path);
