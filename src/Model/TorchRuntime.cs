@@ -122,6 +122,7 @@ public static class TorchRuntime
         EnsureConfigured();
         if (threads < 0) throw new ArgumentException($"--threads {threads}: expected 0 (all cores) or a positive count");
         if (threads > 0) TorchSharp.torch.set_num_threads(threads);
+        ConfiguredThreads = TorchSharp.torch.get_num_threads();
         var s = spec.Trim().ToLowerInvariant();
         if (s == "auto") return TorchSharp.torch.cuda.is_available() ? TorchSharp.torch.CUDA : TorchSharp.torch.CPU;
         if (s == "cpu") return TorchSharp.torch.CPU;
@@ -146,28 +147,20 @@ public static class TorchRuntime
     /// </summary>
     public static IDisposable Compute() => FinalizerGate.Enter();
 
+    /// <summary>The intra-op thread count the process was configured with (--threads; 0 = all cores): what sampling uses.</summary>
+    public static int ConfiguredThreads { get; private set; } = Environment.ProcessorCount;
+
     /// <summary>
-    /// Runs this thread's torch kernels on <paramref name="threads"/> intra-op threads until disposed. libtorch's CPU
-    /// thread count is OpenMP's, which is per calling thread: a .NET thread-pool thread that never set it uses every core.
-    /// Bits depend on it (reductions and the vector/scalar split of element-wise kernels follow the chunking), so work whose
-    /// bits must repeat — micro-batch gradients, Adam, EMA — pins it to one thread wherever it runs.
+    /// Sets this thread's intra-op thread count to <paramref name="threads"/> (a no-op when it is already). libtorch's CPU
+    /// count is OpenMP's, which is per calling thread: a .NET thread-pool thread that never set it uses every core. Bits
+    /// depend on it (reductions and the vector/scalar split of element-wise kernels follow the chunking), so work whose
+    /// bits must repeat — micro-batch gradients, Adam, EMA — runs at 1 on whichever thread runs it, and sampling goes back
+    /// to <see cref="ConfiguredThreads"/>. Not scoped: each change also resizes libtorch's process-wide pthreadpool and
+    /// MKL's count, so it is changed only when the kind of work changes, never around each operation.
     /// </summary>
-    public static ThreadPin PinIntraOpThreads(int threads) => new(threads);
-
-    public readonly struct ThreadPin : IDisposable
+    public static void UseIntraOpThreads(int threads)
     {
-        private readonly int _previous;
-
-        internal ThreadPin(int threads)
-        {
-            _previous = TorchSharp.torch.get_num_threads();
-            if (_previous != threads) TorchSharp.torch.set_num_threads(threads);
-        }
-
-        public void Dispose()
-        {
-            if (_previous > 0 && TorchSharp.torch.get_num_threads() != _previous) TorchSharp.torch.set_num_threads(_previous);
-        }
+        if (TorchSharp.torch.get_num_threads() != threads) TorchSharp.torch.set_num_threads(threads);
     }
 }
 

@@ -69,7 +69,7 @@ internal sealed class WorkerModel : IDisposable
     public (byte[] Present, double Loss) Gradient(Dataset train, TreeNode node, ReadOnlySpan<long> indices, ReadOnlySpan<ulong> seeds, Span<byte> values)
     {
         using var guard = Model.TorchRuntime.Compute();   // other threads allocate: temporaries must outlive their native calls
-        _gradients ??= new MicroBatchGradients(Recipe, Network, Step, Device, get_num_threads());
+        _gradients ??= new MicroBatchGradients(Recipe, Network, Step, Device, Model.TorchRuntime.ConfiguredThreads);
         if (!_gradients.Tree.Contains(node))
             throw new ProtocolException(Grpc.Core.StatusCode.InvalidArgument, $"micro-batches {node} are not a node of this recipe's {_gradients.Tree.Leaves}-leaf tree");
         var g = _gradients.Compute(node, train, indices, seeds, (long)(ParameterVersion ?? 0), System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(values));

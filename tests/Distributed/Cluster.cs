@@ -136,10 +136,11 @@ internal static class Cluster
 {
     public const string Token = "cluster-test-token-7f3a";
 
-    /// <summary>A small, fast swiss-roll run: 61 samples per batch so that slices over 2 and 3 workers are uneven.</summary>
+    /// <summary>A small, fast swiss-roll run: 61 samples in 8 micro-batches, so that slices over 2 and 3 workers are uneven.</summary>
     public static string[] Sets(int checkpointEvery = 0) =>
     [
         "hidden-size=32", "batch-size=61", "synthetic-size=500", "timesteps=50", $"checkpoint-every={checkpointEvery}", "sample-every=0", "ema-decay=0.9",
+        "micro-batches=8",
     ];
 
     public static Recipe Recipe(int steps, int checkpointEvery = 0) =>

@@ -55,6 +55,7 @@ public static class SamplingPipeline
         request.Validate(diffusion.T);
         if (batchSize < 1) throw new ArgumentException($"batch size = {batchSize}: expected >= 1");
         var sampler = ReverseSampler.Create(diffusion, request.Sampler, request.Steps, request.Eta, clipDenoised);
+        TorchRuntime.UseIntraOpThreads(TorchRuntime.ConfiguredThreads);   // training work leaves its thread at one
         var wasTraining = network.training;
         network.eval();
         var outputs = new List<Tensor>();

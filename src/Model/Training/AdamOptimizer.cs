@@ -110,7 +110,7 @@ public sealed class AdamOptimizer : IDisposable
         {
             using var inner = NewDisposeScope();
             using var noGrad2 = no_grad();
-            using var pin = TorchRuntime.PinIntraOpThreads(1);   // the same bits on any thread, in any process
+            TorchRuntime.UseIntraOpThreads(1);   // the same bits on any thread, in any process
             var (name, p) = _params[i];
             if (p.grad is not { } grad) return;
             var g = clipScale != 1.0 ? grad.mul(clip) : grad;

@@ -31,7 +31,7 @@ public sealed class ExponentialMovingAverage : IDisposable
     {
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
-        using var pin = TorchRuntime.PinIntraOpThreads(1);   // element-wise bits follow the thread count: the same everywhere
+        TorchRuntime.UseIntraOpThreads(1);   // element-wise bits follow the thread count: the same everywhere
         var d = DecayAt(step);
         // Scalars held alive across the native calls (see AdamOptimizer.Step).
         using var decay = d.ToScalar();

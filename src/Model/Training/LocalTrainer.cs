@@ -30,8 +30,8 @@ public sealed class LocalTrainer : IDisposable
         _state = state;
         _train = train;
         _runDir = runDir;
-        _gradients = new MicroBatchGradients(state.Recipe, state.Network, state.Step, state.Device, get_num_threads());
-        state.Optimizer.UpdateThreads = Math.Max(1, get_num_threads());   // parameters in parallel; each one's bits are fixed
+        _gradients = new MicroBatchGradients(state.Recipe, state.Network, state.Step, state.Device, TorchRuntime.ConfiguredThreads);
+        state.Optimizer.UpdateThreads = Math.Max(1, TorchRuntime.ConfiguredThreads);   // parameters in parallel; each one's bits are fixed
         _vector = ParameterVector.Of(state.Network);
         _total = new float[_vector.Elements];
     }

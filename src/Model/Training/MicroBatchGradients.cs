@@ -15,7 +15,8 @@ public readonly record struct NodeGradient(byte[] Present, double Loss);
 /// own (forward and backward of L_simple over its samples, Algorithm 1), then the micro-batch gradients added in the
 /// tree's fixed order. `coordinator train` computes the root with it, a worker the nodes it is given, so their bits agree.
 /// <para>Pinned for that: libtorch's CPU kernels give other bits on 1 and 2 threads for convolutions and group norm
-/// (the U-Net; the MLP happens not to care), so each micro-batch is computed with one intra-op thread, always. A process
+/// (the U-Net; the MLP happens not to care), so each micro-batch is computed with one intra-op thread, always (the
+/// thread stays at one afterwards: see <see cref="TorchRuntime.UseIntraOpThreads"/>). A process
 /// with more threads uses them across micro-batches instead: one replica of the network per thread, each computing its
 /// share of the leaves, with parameters copied from the primary network when their version changes.</para>
 /// </summary>
@@ -73,18 +74,16 @@ public sealed class MicroBatchGradients : IDisposable
             inputs[k] = (indices[(a - start)..(b - start)].ToArray(), keys[(a - start)..(b - start)].ToArray());
         }
         var results = new (float[] Values, byte[] Present, double Loss)[leaves.Length];
-        using (TorchRuntime.PinIntraOpThreads(1))
+        TorchRuntime.UseIntraOpThreads(1);
+        void Share(int r)
         {
-            void Share(int r)
-            {
-                for (var k = r; k < leaves.Length; k += _replicas.Length)
-                    results[k] = Leaf(r, data, inputs[k].Indices, inputs[k].Keys);
-            }
-            if (_replicas.Length == 1 || leaves.Length == 1)
-                for (var k = 0; k < leaves.Length; k++) results[k] = Leaf(0, data, inputs[k].Indices, inputs[k].Keys);
-            else
-                Parallel.For(0, Math.Min(_replicas.Length, leaves.Length), new ParallelOptions { MaxDegreeOfParallelism = _replicas.Length }, Share);
+            for (var k = r; k < leaves.Length; k += _replicas.Length)
+                results[k] = Leaf(r, data, inputs[k].Indices, inputs[k].Keys);
         }
+        if (_replicas.Length == 1 || leaves.Length == 1)
+            for (var k = 0; k < leaves.Length; k++) results[k] = Leaf(0, data, inputs[k].Indices, inputs[k].Keys);
+        else
+            Parallel.For(0, Math.Min(_replicas.Length, leaves.Length), new ParallelOptions { MaxDegreeOfParallelism = _replicas.Length }, Share);
         var present = new byte[results[0].Present.Length];
         var loss = 0.0;
         var byNode = new Dictionary<TreeNode, float[]>();
@@ -103,9 +102,7 @@ public sealed class MicroBatchGradients : IDisposable
     /// <summary>One micro-batch on replica <paramref name="r"/>: its gradient in a pooled buffer, presence, loss.</summary>
     private (float[] Values, byte[] Present, double Loss) Leaf(int r, Dataset data, long[] indices, ulong[] keys)
     {
-        // This thread's own count (a pool thread's is every core). Not restored: MKL's count is process-wide, and a
-        // thread finishing its leaf must not raise it under another thread's leaf still in a matrix product.
-        if (get_num_threads() != 1) set_num_threads(1);
+        TorchRuntime.UseIntraOpThreads(1);   // this thread's own count (a pool thread's is every core)
         var network = _replicas[r];
         network.zero_grad(set_to_none: true);   // presence then means "this micro-batch touched it"
         double loss;
