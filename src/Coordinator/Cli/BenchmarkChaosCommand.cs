@@ -218,11 +218,15 @@ internal static class BenchmarkChaosCommand
                 ok = false;
                 continue;
             }
-            foreach (var e in epochs)
-            {
-                Console.WriteLine(string.Create(inv, $"samples ({label}) epoch {e.Epoch}: {e.Seen} seen, {e.Distinct} distinct of {trainSize}, {e.Doubled} doubled{(e.Complete ? "" : " (epoch in progress at the last step)")}"));
-                if (e.Doubled > 0 || (e.Complete && e.Distinct != trainSize)) ok = false;
-            }
+            var bad = epochs.Where(e => e.Doubled > 0 || (e.Complete && (e.Distinct != trainSize || e.Seen != trainSize))).ToList();
+            foreach (var e in bad)
+                Console.WriteLine(string.Create(inv, $"samples ({label}) epoch {e.Epoch}: {e.Seen} seen, {e.Distinct} distinct of {trainSize}, {e.Doubled} doubled"));
+            var complete = epochs.Where(e => e.Complete).ToList();
+            var open = epochs.FirstOrDefault(e => !e.Complete);
+            var verdict = bad.Count == 0 ? string.Create(inv, $"each saw every one of the {trainSize} samples exactly once") : string.Create(inv, $"{bad.Count} of them wrong");
+            var progress = open is null ? "" : string.Create(inv, $"; epoch {open.Epoch} in progress: {open.Seen} samples, {open.Doubled} twice");
+            Console.WriteLine(string.Create(inv, $"samples ({label}): {complete.Count} complete epochs, {verdict}{progress}"));
+            if (bad.Count > 0) ok = false;
         }
         Console.WriteLine(ok ? "every epoch saw each sample exactly once and the final state is bit for bit the undisturbed one" : "NOT met: see above");
         if (!ok) Console.Error.WriteLine(chaos.Log);

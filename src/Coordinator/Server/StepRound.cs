@@ -151,6 +151,9 @@ internal sealed class StepRound
         return slow;
     }
 
+    /// <summary>Whether <paramref name="slice"/> was given a copy or split because it was slow (or is a copy itself).</summary>
+    public bool HadBackup(int slice) => _slices[slice].Holders.Count > 1 || HasChildSlices(slice) || _slices[slice].Node != _tree.Root && _slices.Take(slice).Any(s => s.Node.First <= _slices[slice].Node.First && s.Node.End >= _slices[slice].Node.End);
+
     /// <summary>Adds the two children of <paramref name="slice"/> as slices of their own (for two backups); returns their numbers.</summary>
     public (int Left, int Right) Split(int slice)
     {

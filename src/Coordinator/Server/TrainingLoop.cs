@@ -430,7 +430,9 @@ public sealed class TrainingLoop : BackgroundService
         var plan = s.PlanStep();
         var keys = s.Step.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
         // A worker still busy with a slice a backup took from it sits this step out (while others can do the work).
-        var eligible = _workers.Live.Where(w => !w.Straggling).ToList();
+        // ... and a worker that straggled sits out 2, 4, 8, ... steps (up to 256) before it is tried again, so a worker
+        // that stays slow costs a wait ever more rarely; one that answers a slice on time starts over.
+        var eligible = _workers.Live.Where(w => !w.Straggling && (ulong)plan.Step >= w.SitOutUntilStep).ToList();
         if (eligible.Count == 0) eligible = _workers.Live.ToList();
         var round = new StepRound((ulong)plan.Step, _parameters.Version, _tree, Math.Min(eligible.Count, _tree.Leaves), TimeSpan.FromSeconds(_options.StepDeadlineSeconds), TimeProvider.System);
         for (var i = 0; i < round.Parts.Length; i++)
@@ -474,6 +476,7 @@ public sealed class TrainingLoop : BackgroundService
                     _stepCompute = Math.Max(_stepCompute, gr.ComputeSeconds);
                     _results.Record(gr.Step, gr.Slice, gr.Checksum, gr.Worker.Id);
                     gr.Worker.CompletedSlice(gr.Step, gr.ComputeSeconds);
+                    if (!round.HadBackup((int)gr.Slice)) gr.Worker.Straggles = 0;   // on time: no more sitting out
                     if (round.Unfinished(gr.Worker).Count == 0) gr.Worker.State = WorkerState.Idle;
                     Ack(gr, applied: true, "");
                     _current = round.Snapshot();
@@ -562,7 +565,12 @@ public sealed class TrainingLoop : BackgroundService
                 var holders = round.HoldersOf(k).ToList();
                 var idle = _workers.Live.Where(w => !w.Straggling && !holders.Contains(w) && round.Unfinished(w).Count == 0 && w.Outstanding.Count == 0).ToList();
                 if (idle.Count == 0) return;
-                foreach (var h in holders) h.Straggling = true;
+                foreach (var h in holders)
+                {
+                    h.Straggling = true;
+                    h.Straggles = Math.Min(h.Straggles + 1, 8);
+                    h.SitOutUntilStep = round.Step + (1ul << h.Straggles);
+                }
                 Interlocked.Increment(ref _backups);
                 var node = round.NodeOf(k);
                 if (idle.Count >= 2 && !node.IsLeaf)

@@ -51,6 +51,10 @@ public sealed class WorkerConnection
     public HashSet<(ulong Step, uint Slice)> Outstanding { get; } = [];
     /// <summary>A backup took over a slice of this worker's that was slow; it gets no new slices until it answers.</summary>
     public bool Straggling { get; set; }
+    /// <summary>Times in a row a backup had to take over a slice of this worker's.</summary>
+    public int Straggles { get; set; }
+    /// <summary>The first step this worker gets slices again after straggling: 2^Straggles steps later (at most 256).</summary>
+    public ulong SitOutUntilStep { get; set; }
     /// <summary>Slices this worker computed with other bits than another worker (a silent-data-corruption signal).</summary>
     public int Disagreements => Volatile.Read(ref _disagreements);
     private int _disagreements;
