@@ -147,15 +147,8 @@ internal static class BenchmarkChaosCommand
         }
     }
 
-    private static Process StartCoordinator(string[] args, string prefix, Action<string> output)
-    {
-        var process = Process.Start(RunCommand.StartInfo("coordinator", args)) ?? throw new InvalidOperationException("could not start the coordinator");
-        process.OutputDataReceived += (_, e) => { if (e.Data is not null) output(prefix + e.Data); };
-        process.ErrorDataReceived += (_, e) => { if (e.Data is not null) output(prefix + e.Data); };
-        process.BeginOutputReadLine();
-        process.BeginErrorReadLine();
-        return process;
-    }
+    private static Process StartCoordinator(string[] args, string prefix, Action<string> output) =>
+        RunCommand.StartForwarding(RunCommand.StartInfo("coordinator", args), prefix, output);
 
     // Workers outlive coordinator restarts: they retry for up to 5 minutes.
     private static Process StartWorker(Uri address, string token, int index, Action<string> output) =>

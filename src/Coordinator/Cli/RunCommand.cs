@@ -108,7 +108,13 @@ internal static class RunCommand
         psi.Environment.Remove(Names.ClientTokenEnvironmentVariable);
         psi.Environment[Names.WorkerTokenEnvironmentVariable] = workerToken;
         foreach (var (key, value) in Model.TorchRuntime.AllocatorEnvironment()) psi.Environment[key] = value;
-        var process = Process.Start(psi) ?? throw new InvalidOperationException("could not start a worker process");
+        return StartForwarding(psi, prefix, output);
+    }
+
+    /// <summary>Starts <paramref name="psi"/> (output redirected) with every line of its output and error streams passed to <paramref name="output"/> after <paramref name="prefix"/>.</summary>
+    internal static Process StartForwarding(ProcessStartInfo psi, string prefix, Action<string> output)
+    {
+        var process = Process.Start(psi) ?? throw new InvalidOperationException($"could not start {psi.FileName}");
         process.OutputDataReceived += (_, e) => { if (e.Data is not null) output(prefix + e.Data); };
         process.ErrorDataReceived += (_, e) => { if (e.Data is not null) output(prefix + e.Data); };
         process.BeginOutputReadLine();
