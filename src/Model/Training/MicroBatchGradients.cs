@@ -73,6 +73,12 @@ public sealed class MicroBatchGradients : IDisposable
             var (a, b) = Tree.Samples(leaves[k]);
             inputs[k] = (indices[(a - start)..(b - start)].ToArray(), keys[(a - start)..(b - start)].ToArray());
         }
+        if (leaves.Length == 1)
+        {
+            // A single micro-batch: its gradient is the node's, written straight into the destination.
+            var (onlyPresent, onlyLoss) = LeafInto(0, data, inputs[0].Indices, inputs[0].Keys, destination);
+            return new NodeGradient(onlyPresent, onlyLoss);
+        }
         var results = new (float[] Values, byte[] Present, double Loss)[leaves.Length];
         TorchRuntime.UseIntraOpThreads(1);
         void Share(int r)
@@ -80,7 +86,7 @@ public sealed class MicroBatchGradients : IDisposable
             for (var k = r; k < leaves.Length; k += _replicas.Length)
                 results[k] = Leaf(r, data, inputs[k].Indices, inputs[k].Keys);
         }
-        if (_replicas.Length == 1 || leaves.Length == 1)
+        if (_replicas.Length == 1)
             for (var k = 0; k < leaves.Length; k++) results[k] = Leaf(0, data, inputs[k].Indices, inputs[k].Keys);
         else
             Parallel.For(0, Math.Min(_replicas.Length, leaves.Length), new ParallelOptions { MaxDegreeOfParallelism = _replicas.Length }, Share);
@@ -102,6 +108,14 @@ public sealed class MicroBatchGradients : IDisposable
     /// <summary>One micro-batch on replica <paramref name="r"/>: its gradient in a pooled buffer, presence, loss.</summary>
     private (float[] Values, byte[] Present, double Loss) Leaf(int r, Dataset data, long[] indices, ulong[] keys)
     {
+        if (!_buffers.TryTake(out var values)) values = new float[Elements];
+        var (present, loss) = LeafInto(r, data, indices, keys, values);
+        return (values, present, loss);
+    }
+
+    /// <summary>One micro-batch on replica <paramref name="r"/>, its gradient written into <paramref name="values"/> [Elements].</summary>
+    private (byte[] Present, double Loss) LeafInto(int r, Dataset data, long[] indices, ulong[] keys, Span<float> values)
+    {
         TorchRuntime.UseIntraOpThreads(1);   // this thread's own count (a pool thread's is every core)
         var network = _replicas[r];
         network.zero_grad(set_to_none: true);   // presence then means "this micro-batch touched it"
@@ -113,10 +127,9 @@ public sealed class MicroBatchGradients : IDisposable
             l.backward();
             loss = l.to_type(ScalarType.Float64).item<double>();
         }
-        if (!_buffers.TryTake(out var values)) values = new float[Elements];
-        var present = _vectors[r].ReadGradients(MemoryMarshal.AsBytes(values.AsSpan()));
+        var present = _vectors[r].ReadGradients(MemoryMarshal.AsBytes(values));
         network.zero_grad(set_to_none: true);
-        return (values, present, loss);
+        return (present, loss);
     }
 
     /// <summary>Copies the primary network's parameters into the other replicas when they changed.</summary>
