@@ -4,22 +4,15 @@ using System.Runtime.InteropServices;
 namespace DistDiffusion.Model;
 
 /// <summary>
-/// Process-wide native settings that must be in place before libtorch runs its first kernel.
-/// <para>oneDNN 3.7.1 (inside libtorch-cpu 2.10) computes wrong convolution input gradients — NaN or
-/// garbage in up to half of small-channel 3x3 cases, more often with 2 threads — when it JIT-compiles
-/// AVX-512 kernels (seen on AMD EPYC with AVX-512; AVX2 fails rarely, SSE4.1 never). Exact gradients are
-/// the product's guarantee, so unless the user has set <c>ONEDNN_MAX_CPU_ISA</c> themselves it is capped
-/// at SSE41 here (about 2.7x slower convolutions on this machine; see README). ATen's own kernels are unaffected.</para>
+/// Process-wide native settings that must be in place before libtorch runs its first kernel. (The CPU convolution path is
+/// chosen later, by <see cref="ConvolutionCheck"/>, when the first convolutional network is built.)
 /// </summary>
 public static class TorchRuntime
 {
+    /// <summary>oneDNN's instruction-set cap; the user's setting is honoured, and checked like the default (<see cref="ConvolutionCheck"/>).</summary>
     public const string IsaVariable = "ONEDNN_MAX_CPU_ISA";
-    public const string SafeIsa = "SSE41";
 
     private static int _configured;
-
-    /// <summary>The oneDNN ISA cap in force for this process (the user's, ours, or null when none applies).</summary>
-    public static string? OneDnnIsaCap { get; private set; }
 
 #pragma warning disable CA2255 // a library initializer is exactly what is needed: it must run before any kernel
     [ModuleInitializer]
@@ -31,16 +24,6 @@ public static class TorchRuntime
     {
         if (Interlocked.Exchange(ref _configured, 1) == 1) return;
         KeepFreedMemory();
-        var user = Environment.GetEnvironmentVariable(IsaVariable);
-        if (!string.IsNullOrEmpty(user))
-        {
-            OneDnnIsaCap = user;
-            return;
-        }
-        if (!(OperatingSystem.IsLinux() || OperatingSystem.IsMacOS())) return;
-        // .NET's Environment.SetEnvironmentVariable does not reach native getenv on Unix: use libc.
-        if (setenv(IsaVariable, SafeIsa, 0) == 0) OneDnnIsaCap = SafeIsa;
-        Environment.SetEnvironmentVariable(IsaVariable, SafeIsa);   // inherited by child processes
     }
 
     /// <summary>What glibc's allocator was told at start-up (null: nothing, e.g. the user set MALLOC_* or this is not glibc).</summary>

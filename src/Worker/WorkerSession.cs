@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
 using System.Threading.Channels;
+using DistDiffusion.Model;
 using DistDiffusion.Model.Training;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
@@ -103,6 +104,7 @@ internal sealed class WorkerSession
             State = SessionState.Ready;
             _log.LogInformation("Joined run {RunId} as {WorkerId}: recipe {Recipe}, {Samples} training samples, device {Device}, {Threads} threads",
                 welcome.RunId, _workerId, model.Recipe.Name, welcome.TrainSize, _device, get_num_threads());
+            if (ConvolutionCheck.Path != ConvolutionPath.Unchecked) _log.LogInformation("Convolutions: {Convolutions}", ConvolutionCheck.Describe());
             var heartbeat = HeartbeatLoopAsync(TimeSpan.FromMilliseconds(Math.Max(100, welcome.HeartbeatIntervalMs)), cts.Token);
 
             while (await call.ResponseStream.MoveNext(cts.Token))

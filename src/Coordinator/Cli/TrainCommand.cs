@@ -63,6 +63,7 @@ internal static class TrainCommand
             var inv = CultureInfo.InvariantCulture;
             Console.Error.WriteLine(string.Create(inv,
                 $"training {recipe.Name}: {train.Description}, {train.Count} samples, {state.Network.parameters().Sum(p => p.numel())} parameters, batch {recipe.BatchSize}, T = {recipe.Timesteps}, device {device}, from step {state.StepsDone} to {recipe.Steps}"));
+            if (Model.ConvolutionCheck.Path != Model.ConvolutionPath.Unchecked) Console.Error.WriteLine($"convolutions: {Model.ConvolutionCheck.Describe()}");
             var bar = new ProgressBar("train", state.StepsDone, recipe.Steps);
             double smoothed = double.NaN;
             var firstStep = state.StepsDone;

@@ -14,6 +14,7 @@ public static class NetworkFactory
         ArgumentNullException.ThrowIfNull(recipe);
         recipe.ValidateNetwork(dataShape);
         var learnedVariance = recipe.Variance == VarianceType.LearnedRange;
+        if (recipe.Network is not (NetworkKind.Mlp or NetworkKind.Sohl2015Mlp)) ConvolutionCheck.Ensure();   // once per process, before the first convolution
         return recipe.Network switch
         {
             NetworkKind.Mlp => new Mlp(recipe, dataShape, learnedVariance),
