@@ -188,7 +188,8 @@ public sealed class TlsAndConfigurationTests() : TempFolderTest("dd-tls")
         File.SetLastWriteTimeUtc(cert, DateTime.UtcNow.AddSeconds(5));
         var renewed = reloading.Current.Thumbprint;
         Assert.NotEqual(before, renewed);
-        Assert.Equal(X509Certificate2.CreateFromPemFile(cert, key).Thumbprint, renewed);
+        using (var expected = X509Certificate2.CreateFromPemFile(cert, key))
+            Assert.Equal(expected.Thumbprint, renewed);
 
         // A certificate whose key has not arrived yet: the previous pair stays in use.
         var third = IssuedByCa("third", "127.0.0.1");

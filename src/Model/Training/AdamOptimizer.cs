@@ -12,7 +12,7 @@ namespace DistDiffusion.Model.Training;
 /// </summary>
 public sealed class AdamOptimizer : IDisposable
 {
-    private readonly IReadOnlyList<(string Name, Parameter Param)> _params;
+    private readonly List<(string Name, Parameter Param)> _params;
     private readonly Dictionary<string, Tensor> _expAvg = new();
     private readonly Dictionary<string, Tensor> _expAvgSq = new();
 

@@ -91,7 +91,7 @@ public sealed record Recipe
     public double EmaDecay { get; init; } = 0.999;
 
     // ---- run ----
-    public long Seed { get; init; } = 0;
+    public long Seed { get; init; }
     public int CheckpointEvery { get; init; } = 1000;
     public int SampleEvery { get; init; } = 1000;
 

@@ -50,7 +50,9 @@ public sealed class TrainingState : IDisposable
     /// <summary>A fresh run: weights initialized from torch's generator seeded with the recipe's seed.</summary>
     public static TrainingState Create(Recipe recipe, long[] sampleShape, long datasetSize, Device device)
     {
+#pragma warning disable CA2000 // ownership passes to the new TrainingState (disposed below if its constructor throws)
         var model = ModelFactory.Create(recipe, device, training: true, sampleShape, initSeed: recipe.Seed);
+#pragma warning restore CA2000
         try
         {
             return new TrainingState(recipe, model, sampleShape, datasetSize, device);
