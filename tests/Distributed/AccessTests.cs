@@ -39,7 +39,7 @@ public sealed class AccessTests() : TempFolderTest("dd-access")
         }
         Assert.Empty(server.Loop.Status().Workers);
 
-        var status = new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(channel);
+        var status = new Coordination.CoordinationClient(channel);
         var e = await Assert.ThrowsAsync<RpcException>(async () => await status.GetStatusAsync(new GetStatusRequest(), Token.Headers(Cluster.WorkerToken)));
         Assert.Equal(StatusCode.PermissionDenied, e.StatusCode);
         Assert.Contains("needs the client role; this token has the worker role", e.Status.Detail, StringComparison.Ordinal);
@@ -121,7 +121,7 @@ public sealed class AccessTests() : TempFolderTest("dd-access")
         {
             // A status call whose request never arrives: refused on its headers, without waiting for the request.
 #pragma warning disable CA2000 // both requests stay in flight until the finally cancels them; disposing one mid-send would change what is tested
-            var refused = await http.SendAsync(StalledCall(server.Address, "/distdiffusion.v1.Coordinator/GetStatus", stop.Token), HttpCompletionOption.ResponseHeadersRead);
+            var refused = await http.SendAsync(StalledCall(server.Address, "/distdiffusion.v1.Coordination/GetStatus", stop.Token), HttpCompletionOption.ResponseHeadersRead);
             Assert.Equal(((int)StatusCode.Unauthenticated).ToString(System.Globalization.CultureInfo.InvariantCulture), refused.Headers.GetValues("grpc-status").Single());
 
             // The one open call, a health Check, whose request trickles in (1 KiB every 100 ms towards 1 MiB: fast enough

@@ -119,7 +119,7 @@ public sealed class ObserveTests() : TempFolderTest("dd-observe")
         Assert.Contains("<canvas id=\"lossCurve\"", page, StringComparison.Ordinal);
         Assert.DoesNotContain("http://", page, StringComparison.Ordinal);
         Assert.DoesNotContain("https://", page, StringComparison.Ordinal);
-        using (var missing = await client.GetAsync(new Uri("/distdiffusion.v1.Coordinator/GetStatus", UriKind.Relative)))
+        using (var missing = await client.GetAsync(new Uri("/distdiffusion.v1.Coordination/GetStatus", UriKind.Relative)))
             Assert.Equal(HttpStatusCode.NotFound, missing.StatusCode);
         using var empty = new StringContent("");
         using (var post = await client.PostAsync(new Uri("/metrics", UriKind.Relative), empty))

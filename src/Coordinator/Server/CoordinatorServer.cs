@@ -181,7 +181,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
             app.MapGrpcService<HealthServiceImpl>();
             app.MapGrpcReflectionService();
             var health = app.Services.GetRequiredService<HealthServiceImpl>();
-            string[] services = ["", "distdiffusion.v1.Trainer", "distdiffusion.v1.Coordinator", "distdiffusion.v1.Sampler"];
+            string[] services = ["", "distdiffusion.v1.Trainer", "distdiffusion.v1.Coordination", "distdiffusion.v1.Sampler"];
             foreach (var name in services) health.SetStatus(name, HealthCheckResponse.Types.ServingStatus.Serving);
             app.Lifetime.ApplicationStopping.Register(() =>
             {
