@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Threading.Channels;
+using DistDiffusion.Model;
 using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Training;
 using DistDiffusion.Protocol;
