@@ -27,7 +27,7 @@ public sealed class TrainingState : IDisposable
         Diffusion = model.Diffusion;
         Step = model.Step;
         var named = Network.named_parameters().Select(p => (p.name, p.parameter)).ToList();
-        Optimizer = new AdamOptimizer(named, recipe);
+        Optimizer = new AdamOptimizer(named, recipe.ToAdamOptions());
         Ema = recipe.EmaDecay > 0 ? new ExponentialMovingAverage(named, recipe.EmaDecay) : null;
         Order = new DataOrder(datasetSize, recipe.Seed);
     }
