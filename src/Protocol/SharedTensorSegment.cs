@@ -72,6 +72,7 @@ public sealed unsafe class SharedTensorSegment : IDisposable
         var nonce = BinaryPrimitives.ReadUInt64LittleEndian(RandomNumberGenerator.GetBytes(8));
         try
         {
+#pragma warning disable CA2000 // the stream goes to MapOrDispose: owned by the mapping, or disposed there on failure
             var stream = new FileStream(path, new FileStreamOptions
             {
                 Mode = FileMode.CreateNew,   // O_EXCL: never follows or reuses an existing name
@@ -79,8 +80,8 @@ public sealed unsafe class SharedTensorSegment : IDisposable
                 UnixCreateMode = UnixFileMode.UserRead | UnixFileMode.UserWrite,
                 PreallocationSize = total,   // fallocate: a full tmpfs fails here, not with SIGBUS on first touch
             });
-            stream.SetLength(total);
-            var file = MemoryMappedFile.CreateFromFile(stream, null, total, MemoryMappedFileAccess.ReadWrite, HandleInheritability.None, leaveOpen: false);
+#pragma warning restore CA2000
+            var file = MapOrDispose(stream, total, resize: true);
             var segment = new SharedTensorSegment(path, nonce, regionBytes, file, owner: true);
             BinaryPrimitives.WriteUInt64LittleEndian(new Span<byte>(segment._base, 8), Magic);
             BinaryPrimitives.WriteUInt64LittleEndian(new Span<byte>(segment._base + 8, 8), nonce);
@@ -91,6 +92,24 @@ public sealed unsafe class SharedTensorSegment : IDisposable
             reason = $"cannot create a {total}-byte segment in {Folder}: {e.Message}";
             TryDelete(path);
             return null;
+        }
+    }
+
+    /// <summary>
+    /// Maps <paramref name="stream"/> (the mapping then owns it); if sizing or mapping fails the stream is closed here
+    /// instead of waiting for its finalizer.
+    /// </summary>
+    private static MemoryMappedFile MapOrDispose(FileStream stream, long total, bool resize)
+    {
+        try
+        {
+            if (resize) stream.SetLength(total);
+            return MemoryMappedFile.CreateFromFile(stream, null, total, MemoryMappedFileAccess.ReadWrite, HandleInheritability.None, leaveOpen: false);
+        }
+        catch
+        {
+            stream.Dispose();
+            throw;
         }
     }
 
@@ -113,8 +132,10 @@ public sealed unsafe class SharedTensorSegment : IDisposable
             if (!info.Exists) { reason = $"segment {path} does not exist here (another machine or container)"; return null; }
             if (info.LinkTarget is not null) { reason = $"segment {path} is a link"; return null; }
             if (info.Length != total) { reason = $"segment {path} has {info.Length} bytes, expected {total}"; return null; }
+#pragma warning disable CA2000 // the stream goes to MapOrDispose: owned by the mapping, or disposed there on failure
             var stream = new FileStream(path, FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite);
-            var file = MemoryMappedFile.CreateFromFile(stream, null, total, MemoryMappedFileAccess.ReadWrite, HandleInheritability.None, leaveOpen: false);
+#pragma warning restore CA2000
+            var file = MapOrDispose(stream, total, resize: false);
             var segment = new SharedTensorSegment(path, nonce, regionBytes, file, owner: false);
             var magic = BinaryPrimitives.ReadUInt64LittleEndian(new ReadOnlySpan<byte>(segment._base, 8));
             var theirs = BinaryPrimitives.ReadUInt64LittleEndian(new ReadOnlySpan<byte>(segment._base + 8, 8));

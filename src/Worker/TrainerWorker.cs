@@ -98,7 +98,9 @@ internal sealed class TrainerWorker : BackgroundService
         {
             // Ctrl+C / SIGTERM
         }
+#pragma warning disable CA1031 // the host's last resort: any failure is logged and becomes the exit code
         catch (Exception e)
+#pragma warning restore CA1031
         {
             _log.LogError(e, "Worker failed");
             ExitCode = 1;

@@ -64,7 +64,7 @@ public static class WorkerCli
     public static LoggerConfiguration WriteConsole(LoggerConfiguration c, string format, string prefix = "") =>
         format.Trim().ToLowerInvariant() switch
         {
-            "text" => c.WriteTo.Console(outputTemplate: prefix + "{Timestamp:HH:mm:ss.fff} {Level:u3} {Message:lj}{NewLine}{Exception}", standardErrorFromLevel: LogEventLevel.Verbose),
+            "text" => c.WriteTo.Console(outputTemplate: prefix + "{Timestamp:HH:mm:ss.fff} {Level:u3} {Message:lj}{NewLine}{Exception}", formatProvider: System.Globalization.CultureInfo.CurrentCulture, standardErrorFromLevel: LogEventLevel.Verbose),
             "json" => c.WriteTo.Console(new Serilog.Formatting.Compact.CompactJsonFormatter(), standardErrorFromLevel: LogEventLevel.Verbose),
             _ => throw new ArgumentException($"--log-format {format}: expected text or json"),
         };

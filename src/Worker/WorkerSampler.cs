@@ -63,7 +63,11 @@ internal sealed class WorkerSampler : IDisposable
 
     public void Cancel(ulong jobId)
     {
+        // Not disposed: the runner may be reading the job's token at this moment (Token throws once disposed), and a
+        // source without a timer or linked tokens holds no native resource.
+#pragma warning disable CA2000
         if (_jobs.TryRemove(jobId, out var cts)) cts.Cancel();
+#pragma warning restore CA2000
     }
 
     private async Task RunAsync()

@@ -157,7 +157,9 @@ internal sealed class WorkerSession
             State = SessionState.Closed;
             _outbox.Writer.TryComplete();
             await cts.CancelAsync();
+#pragma warning disable CA1031 // draining the writer of a stream that is being torn down; any error means it is gone
             try { await writer.WaitAsync(TimeSpan.FromSeconds(5), CancellationToken.None); } catch (Exception) { /* the stream is gone either way */ }
+#pragma warning restore CA1031
         }
     }
 
@@ -223,7 +225,7 @@ internal sealed class WorkerSession
     private void Compute(WorkerModel model, StepAssignment a, DType dtype, SharedTensorSegment? segment)
     {
         if (model.ParameterVersion != a.ParameterVersion)
-            throw new ProtocolException(StatusCode.Internal, $"assignment for parameter version {a.ParameterVersion} but this worker holds {model.ParameterVersion?.ToString() ?? "none"}");
+            throw new ProtocolException(StatusCode.Internal, $"assignment for parameter version {a.ParameterVersion} but this worker holds {model.ParameterVersion?.ToString(System.Globalization.CultureInfo.InvariantCulture) ?? "none"}");
         if (a.Indices.Count != a.SampleSeeds.Count)
             throw new ProtocolException(StatusCode.Internal, $"assignment has {a.Indices.Count} indices but {a.SampleSeeds.Count} seeds");
         State = SessionState.Computing;

@@ -63,14 +63,14 @@ public class DownloaderTests
 
     internal static int FreePort()
     {
-        var l = new TcpListener(IPAddress.Loopback, 0);
+        using var l = new TcpListener(IPAddress.Loopback, 0);
         l.Start();
         var port = ((IPEndPoint)l.LocalEndpoint).Port;
         l.Stop();
         return port;
     }
 
-    private static IReadOnlyList<DatasetDownloader.RemoteFile> T10k =>
+    private static IReadOnlyList<RemoteFile> T10k =>
         DatasetDownloader.MnistFiles.Where(f => f.Name.StartsWith("t10k", StringComparison.Ordinal)).ToArray();
 
     private static Dictionary<string, byte[]> CommittedT10k() => new()

@@ -1,3 +1,4 @@
+using DistDiffusion.Model;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Networks;
 using DistDiffusion.Model.Training;

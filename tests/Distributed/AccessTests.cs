@@ -39,7 +39,7 @@ public sealed class AccessTests() : TempFolderTest("dd-access")
         }
         Assert.Empty(server.Loop.Status().Workers);
 
-        var status = new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(channel);
+        var status = new Coordination.CoordinationClient(channel);
         var e = await Assert.ThrowsAsync<RpcException>(async () => await status.GetStatusAsync(new GetStatusRequest(), Token.Headers(Cluster.WorkerToken)));
         Assert.Equal(StatusCode.PermissionDenied, e.StatusCode);
         Assert.Contains("needs the client role; this token has the worker role", e.Status.Detail, StringComparison.Ordinal);
@@ -120,13 +120,15 @@ public sealed class AccessTests() : TempFolderTest("dd-access")
         try
         {
             // A status call whose request never arrives: refused on its headers, without waiting for the request.
-            var refused = await http.SendAsync(StalledCall(server.Address, "/distdiffusion.v1.Coordinator/GetStatus", stop.Token), HttpCompletionOption.ResponseHeadersRead);
+#pragma warning disable CA2000 // both requests stay in flight until the finally cancels them; disposing one mid-send would change what is tested
+            var refused = await http.SendAsync(StalledCall(server.Address, "/distdiffusion.v1.Coordination/GetStatus", stop.Token), HttpCompletionOption.ResponseHeadersRead);
             Assert.Equal(((int)StatusCode.Unauthenticated).ToString(System.Globalization.CultureInfo.InvariantCulture), refused.Headers.GetValues("grpc-status").Single());
 
             // The one open call, a health Check, whose request trickles in (1 KiB every 100 ms towards 1 MiB: fast enough
             // for Kestrel's minimum data rate, so it would take 100 s): the coordinator ends it at its limit.
             var trickle = new TricklingContent(1 << 20, stop.Token);
             var check = http.SendAsync(Call(server.Address, Names.HealthCheckMethod, trickle), HttpCompletionOption.ResponseHeadersRead);
+#pragma warning restore CA2000
             await Cluster.WaitUntil(() => check.IsCompleted, AccessMiddleware.OpenCallLimit * 4, "the coordinator to end a trickling health check");
             Assert.True(check.IsFaulted, "the trickling health check was answered");
             Assert.True(trickle.Sent < trickle.Total, $"the whole request arrived ({trickle.Sent} bytes)");

@@ -8,6 +8,7 @@ using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Training;
 using DistDiffusion.Protocol;
+using DistDiffusion.Protocol.V1;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Tests.Distributed;
@@ -194,7 +195,7 @@ internal static class Cluster
         using var channel = ClientChannel.Create(address);
         try
         {
-            return new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(channel).GetStatus(new DistDiffusion.Protocol.V1.GetStatusRequest(), DistDiffusion.Protocol.Token.Headers(token), DateTime.UtcNow.AddSeconds(5)).Step;
+            return new Coordination.CoordinationClient(channel).GetStatus(new GetStatusRequest(), DistDiffusion.Protocol.Token.Headers(token), DateTime.UtcNow.AddSeconds(5)).Step;
         }
         catch (Grpc.Core.RpcException)
         {

@@ -1,4 +1,5 @@
 using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Protocol.V1;
 
 namespace DistDiffusion.Tests.Distributed;
 
@@ -19,7 +20,7 @@ public sealed class CoordinatorCheckpointTests() : TempFolderTest("dd-coord-ckpt
         return runDir;
     }
 
-    private static async Task<DistDiffusion.Protocol.V1.StepAssignment> CompleteAsync(RawWorker w, DistDiffusion.Protocol.V1.StepAssignment a)
+    private static async Task<StepAssignment> CompleteAsync(RawWorker w, StepAssignment a)
     {
         await w.SendAllAsync(w.Push(a, new float[w.Elements]));
         return await w.NextAssignmentAsync();

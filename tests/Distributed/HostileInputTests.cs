@@ -108,7 +108,7 @@ public sealed class HostileInputTests() : TempFolderTest("dd-hostile")
     {
         await using var server = await Cluster.Start(Cluster.Options(Path.Combine(Dir, "run"), steps: 5));
         using var channel = ClientChannel.Create(server.Address);
-        var status = new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(channel);
+        var status = new Coordination.CoordinationClient(channel);
         foreach (var token in new string?[] { null, "wrong-token" })
         {
             var e = await Assert.ThrowsAsync<RpcException>(async () => await status.GetStatusAsync(new GetStatusRequest(), Token.Headers(token)));
@@ -160,7 +160,7 @@ public sealed class HostileInputTests() : TempFolderTest("dd-hostile")
         open.AllowUnauthenticated = true;
         await using var server = await Cluster.Start(open, token: null);
         using var channel = ClientChannel.Create(server.Address);
-        var reply = await new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(channel).GetStatusAsync(new GetStatusRequest());
+        var reply = await new Coordination.CoordinationClient(channel).GetStatusAsync(new GetStatusRequest());
         Assert.Equal(RunState.WaitingForWorkers, reply.State);
     }
 }

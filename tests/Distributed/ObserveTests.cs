@@ -17,7 +17,7 @@ public sealed class ObserveTests() : TempFolderTest("dd-observe")
     private static JsonObject ReadEndpoints(string runDir) => JsonNode.Parse(File.ReadAllText(Path.Combine(runDir, RunEndpoints.FileName)))!.AsObject();
 
     /// <summary>A `coordinator run` long enough to look at; disposing kills it and its workers.</summary>
-    private async Task<CoordinatorProcess> StartLongRun(string runDir)
+    private static async Task<CoordinatorProcess> StartLongRun(string runDir)
     {
         var run = new CoordinatorProcess(["run", "--workers", "1", "--recipe", "swissroll", "--steps", "1000000", "--out", runDir, "--log-every", "5", .. Sets()]);
         await Cluster.WaitUntil(() => File.Exists(Path.Combine(runDir, RunEndpoints.FileName)) || run.Process.HasExited, TimeSpan.FromSeconds(60), "endpoints.json", () => run.Output);
@@ -119,9 +119,10 @@ public sealed class ObserveTests() : TempFolderTest("dd-observe")
         Assert.Contains("<canvas id=\"lossCurve\"", page, StringComparison.Ordinal);
         Assert.DoesNotContain("http://", page, StringComparison.Ordinal);
         Assert.DoesNotContain("https://", page, StringComparison.Ordinal);
-        using (var missing = await client.GetAsync(new Uri("/distdiffusion.v1.Coordinator/GetStatus", UriKind.Relative)))
+        using (var missing = await client.GetAsync(new Uri("/distdiffusion.v1.Coordination/GetStatus", UriKind.Relative)))
             Assert.Equal(HttpStatusCode.NotFound, missing.StatusCode);
-        using (var post = await client.PostAsync(new Uri("/metrics", UriKind.Relative), new StringContent("")))
+        using var empty = new StringContent("");
+        using (var post = await client.PostAsync(new Uri("/metrics", UriKind.Relative), empty))
             Assert.Equal(HttpStatusCode.MethodNotAllowed, post.StatusCode);
     }
 

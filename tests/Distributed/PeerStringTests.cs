@@ -72,7 +72,7 @@ public sealed class PeerStringTests() : TempFolderTest("dd-strings")
                 Assert.True(first is RpcException { StatusCode: StatusCode.InvalidArgument }, $"join {i} was answered with {first}");
             }
             using var channel = ClientChannel.Create(server.Address);
-            var reply = await new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(channel).GetStatusAsync(new GetStatusRequest(), Token.Headers(Cluster.Token));
+            var reply = await new Coordination.CoordinationClient(channel).GetStatusAsync(new GetStatusRequest(), Token.Headers(Cluster.Token));
             Assert.Empty(reply.Workers);
         }
         finally

@@ -28,7 +28,7 @@ public sealed class SamplingTests() : TempFolderTest("dd-sampling")
         return run;
     }
 
-    private async Task<CoordinatorServer> ServeSamples(string run, Action<CoordinatorOptions>? adjust = null)
+    private static async Task<CoordinatorServer> ServeSamples(string run, Action<CoordinatorOptions>? adjust = null)
     {
         var o = new CoordinatorOptions { Listen = "http://127.0.0.1:0", Checkpoint = run, SampleOnly = true, HeartbeatSeconds = 1, SampleWaitSeconds = 20 };
         adjust?.Invoke(o);

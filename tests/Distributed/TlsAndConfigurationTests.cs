@@ -45,13 +45,13 @@ public sealed class TlsAndConfigurationTests() : TempFolderTest("dd-tls")
 
         using (var trusted = ClientChannel.Create(server.Address, cert))
         {
-            var reply = await new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(trusted).GetStatusAsync(new GetStatusRequest(), Token.Headers(Cluster.Token));
+            var reply = await new Coordination.CoordinationClient(trusted).GetStatusAsync(new GetStatusRequest(), Token.Headers(Cluster.Token));
             Assert.Equal("swissroll", reply.Recipe);
         }
         using (var untrusted = ClientChannel.Create(server.Address))
         {
             var e = await Assert.ThrowsAsync<RpcException>(async () =>
-                await new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(untrusted).GetStatusAsync(new GetStatusRequest(), Token.Headers(Cluster.Token)));
+                await new Coordination.CoordinationClient(untrusted).GetStatusAsync(new GetStatusRequest(), Token.Headers(Cluster.Token)));
             // The TLS handshake fails: grpc-dotnet reports it as Internal (SSL) or Unavailable.
             Assert.Contains(e.StatusCode, new[] { StatusCode.Unavailable, StatusCode.Internal });
             Assert.Contains("SSL", e.Status.DebugException?.ToString() ?? e.Status.Detail, StringComparison.OrdinalIgnoreCase);
@@ -137,7 +137,7 @@ public sealed class TlsAndConfigurationTests() : TempFolderTest("dd-tls")
             var health = new Health.HealthClient(probe);
             Assert.Equal(HealthCheckResponse.Types.ServingStatus.Serving, (await health.CheckAsync(new HealthCheckRequest())).Status);
             var status = await Assert.ThrowsAsync<RpcException>(async () =>
-                await new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(probe).GetStatusAsync(new GetStatusRequest(), Token.Headers(Cluster.ClientToken)));
+                await new Coordination.CoordinationClient(probe).GetStatusAsync(new GetStatusRequest(), Token.Headers(Cluster.ClientToken)));
             Assert.Equal(StatusCode.PermissionDenied, status.StatusCode);
             Assert.Contains("the health port serves /grpc.health.v1.Health/Check only", status.Status.Detail, StringComparison.Ordinal);
             using var watch = health.Watch(new HealthCheckRequest(), Token.Headers(Cluster.ClientToken));
@@ -157,7 +157,7 @@ public sealed class TlsAndConfigurationTests() : TempFolderTest("dd-tls")
         using (var channel = ClientChannel.Create(impostor.Address, otherCa))
         {
             var e = await Assert.ThrowsAsync<RpcException>(async () =>
-                await new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(channel).GetStatusAsync(new GetStatusRequest(), Token.Headers(Cluster.ClientToken)));
+                await new Coordination.CoordinationClient(channel).GetStatusAsync(new GetStatusRequest(), Token.Headers(Cluster.ClientToken)));
             Assert.Contains(e.StatusCode, new[] { StatusCode.Unavailable, StatusCode.Internal });
         }
         // `coordinator status` verifies with --tls-ca, and a worker process trusting the CA trains.
@@ -188,7 +188,8 @@ public sealed class TlsAndConfigurationTests() : TempFolderTest("dd-tls")
         File.SetLastWriteTimeUtc(cert, DateTime.UtcNow.AddSeconds(5));
         var renewed = reloading.Current.Thumbprint;
         Assert.NotEqual(before, renewed);
-        Assert.Equal(X509Certificate2.CreateFromPemFile(cert, key).Thumbprint, renewed);
+        using (var expected = X509Certificate2.CreateFromPemFile(cert, key))
+            Assert.Equal(expected.Thumbprint, renewed);
 
         // A certificate whose key has not arrived yet: the previous pair stays in use.
         var third = IssuedByCa("third", "127.0.0.1");

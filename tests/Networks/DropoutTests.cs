@@ -9,10 +9,10 @@ public class DropoutTests
 
     private static (DenoiserNetwork Net, long[] Shape) Build(string name, double dropout) => name switch
     {
-        "mlp" => (NetworkFactory.Create(TestNetworks.Mlp(NetworkKind.Mlp, dropout), [2]), [2]),
-        "sohl2015" => (NetworkFactory.Create(TestNetworks.Mlp(NetworkKind.Sohl2015Mlp, dropout), [2]), [2]),
-        "unet-annotated" => (NetworkFactory.Create(TestNetworks.UNet(UNetLayout.Annotated, [1, 2], dropout), [1, 8, 8]), [1, 8, 8]),
-        "unet-ho2020" => (NetworkFactory.Create(TestNetworks.UNet(UNetLayout.Ho2020, [1, 2], dropout, attention: [4]), [1, 8, 8]), [1, 8, 8]),
+        "mlp" => (NetworkFactory.Create(TestNetworks.Mlp(NetworkKind.Mlp, dropout).ToNetworkOptions(), [2]), [2]),
+        "sohl2015" => (NetworkFactory.Create(TestNetworks.Mlp(NetworkKind.Sohl2015Mlp, dropout).ToNetworkOptions(), [2]), [2]),
+        "unet-annotated" => (NetworkFactory.Create(TestNetworks.UNet(UNetLayout.Annotated, [1, 2], dropout).ToNetworkOptions(), [1, 8, 8]), [1, 8, 8]),
+        "unet-ho2020" => (NetworkFactory.Create(TestNetworks.UNet(UNetLayout.Ho2020, [1, 2], dropout, attention: [4]).ToNetworkOptions(), [1, 8, 8]), [1, 8, 8]),
         _ => throw new ArgumentException(name),
     };
 

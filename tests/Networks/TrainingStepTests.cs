@@ -10,10 +10,10 @@ public class TrainingStepTests
 
     private static (DenoiserNetwork Net, long[] Shape) Build(string name, double dropout = 0.1) => name switch
     {
-        "mlp" => (NetworkFactory.Create(TestNetworks.Mlp(NetworkKind.Mlp, dropout, learnedVariance: true), [2]), [2]),
-        "sohl2015" => (NetworkFactory.Create(TestNetworks.Mlp(NetworkKind.Sohl2015Mlp, dropout, learnedVariance: true), [2]), [2]),
-        "unet-annotated" => (NetworkFactory.Create(TestNetworks.UNet(UNetLayout.Annotated, [1, 2], dropout, learnedVariance: true), [1, 8, 8]), [1, 8, 8]),
-        "unet-ho2020" => (NetworkFactory.Create(TestNetworks.UNet(UNetLayout.Ho2020, [1, 2], dropout, learnedVariance: true, attention: [8, 4]), [1, 8, 8]), [1, 8, 8]),
+        "mlp" => (NetworkFactory.Create(TestNetworks.Mlp(NetworkKind.Mlp, dropout, learnedVariance: true).ToNetworkOptions(), [2]), [2]),
+        "sohl2015" => (NetworkFactory.Create(TestNetworks.Mlp(NetworkKind.Sohl2015Mlp, dropout, learnedVariance: true).ToNetworkOptions(), [2]), [2]),
+        "unet-annotated" => (NetworkFactory.Create(TestNetworks.UNet(UNetLayout.Annotated, [1, 2], dropout, learnedVariance: true).ToNetworkOptions(), [1, 8, 8]), [1, 8, 8]),
+        "unet-ho2020" => (NetworkFactory.Create(TestNetworks.UNet(UNetLayout.Ho2020, [1, 2], dropout, learnedVariance: true, attention: [8, 4]).ToNetworkOptions(), [1, 8, 8]), [1, 8, 8]),
         _ => throw new ArgumentException(name),
     };
 

@@ -33,7 +33,7 @@ public sealed class CheckpointFailureTests() : TempFolderTest("dd-ckpt-fail")
         using var train = new Dataset(Synthetic2D.SwissRoll(Tiny.SyntheticSize, 2), "swiss roll");
         using var state = TrainingState.Create(Tiny, [2], train.Count, CPU);
         var failed = new List<long>();
-        var trainer = new LocalTrainer(state, train, run)
+        using var trainer = new LocalTrainer(state, train, run)
         {
             OnCheckpointFailed = (step, e) =>
             {
@@ -58,7 +58,7 @@ public sealed class CheckpointFailureTests() : TempFolderTest("dd-ckpt-fail")
         using var train = new Dataset(Synthetic2D.SwissRoll(Tiny.SyntheticSize, 2), "swiss roll");
         using var state = TrainingState.Create(Tiny, [2], train.Count, CPU);
         var failed = new List<long>();
-        var trainer = new LocalTrainer(state, train, run)
+        using var trainer = new LocalTrainer(state, train, run)
         {
             FinalCheckpointRetryPause = TimeSpan.Zero,
             OnCheckpointFailed = (step, _) =>
@@ -81,7 +81,7 @@ public sealed class CheckpointFailureTests() : TempFolderTest("dd-ckpt-fail")
         using var train = new Dataset(Synthetic2D.SwissRoll(Tiny.SyntheticSize, 2), "swiss roll");
         using var state = TrainingState.Create(Tiny, [2], train.Count, CPU);
         var failed = new List<long>();
-        var trainer = new LocalTrainer(state, train, run) { FinalCheckpointRetryPause = TimeSpan.Zero, OnCheckpointFailed = (step, _) => failed.Add(step) };
+        using var trainer = new LocalTrainer(state, train, run) { FinalCheckpointRetryPause = TimeSpan.Zero, OnCheckpointFailed = (step, _) => failed.Add(step) };
         var e = Assert.Throws<IOException>(() => trainer.Run(Tiny.Steps));
         Assert.Contains("the checkpoint of step 6 could not be written in 3 attempts", e.Message, StringComparison.Ordinal);
         Assert.Contains("this run wrote no checkpoint", e.Message, StringComparison.Ordinal);
@@ -97,7 +97,8 @@ public sealed class CheckpointFailureTests() : TempFolderTest("dd-ckpt-fail")
         using var train = new Dataset(Synthetic2D.SwissRoll(Tiny.SyntheticSize, 2), "swiss roll");
         using var state = TrainingState.Create(Tiny with { CheckpointEvery = 1, Steps = 7 }, [2], train.Count, CPU);
         var deleted = new List<string>();
-        new LocalTrainer(state, train, run) { Retention = new CheckpointRetention(keepLast: 2, keepEvery: 3), OnCheckpoint = s => deleted.AddRange(s.Deleted) }.Run(7);
+        using (var trainer = new LocalTrainer(state, train, run) { Retention = new CheckpointRetention(keepLast: 2, keepEvery: 3), OnCheckpoint = s => deleted.AddRange(s.Deleted) })
+            trainer.Run(7);
         Assert.Equal([3L, 6L, 7L], Steps(run));
         Assert.Equal(new long[] { 1, 2, 4, 5 }.Select(s => Path.Combine(run, "checkpoints", s.ToString(System.Globalization.CultureInfo.InvariantCulture))), deleted);
     }
@@ -112,7 +113,8 @@ public sealed class CheckpointFailureTests() : TempFolderTest("dd-ckpt-fail")
         var run = Path.Combine(Dir, "run");
         using var train = new Dataset(Synthetic2D.SwissRoll(Tiny.SyntheticSize, 2), "swiss roll");
         using (var first = TrainingState.Create(Tiny, [2], train.Count, CPU))
-            new LocalTrainer(first, train, run).Run(6);
+        using (var trainer = new LocalTrainer(first, train, run))
+            trainer.Run(6);
         Assert.Equal([2L, 4L, 6L], Steps(run));
         var model = Path.Combine(run, "checkpoints", "6", "model.safetensors");
         var bytes = File.ReadAllBytes(model);
@@ -123,7 +125,8 @@ public sealed class CheckpointFailureTests() : TempFolderTest("dd-ckpt-fail")
         using var resumed = TrainingState.FromCheckpoint(older, [2], train.Count, CPU);
         older.DisposeTensors();
         var saved = new List<SavedCheckpoint>();
-        new LocalTrainer(resumed, train, run) { OnCheckpoint = saved.Add }.Run(6);
+        using (var trainer = new LocalTrainer(resumed, train, run) { OnCheckpoint = saved.Add })
+            trainer.Run(6);
 
         var last = Assert.Single(saved);
         Assert.Equal(6, last.Step);
@@ -139,13 +142,15 @@ public sealed class CheckpointFailureTests() : TempFolderTest("dd-ckpt-fail")
         var run = Path.Combine(Dir, "run");
         using var train = new Dataset(Synthetic2D.SwissRoll(Tiny.SyntheticSize, 2), "swiss roll");
         using (var first = TrainingState.Create(Tiny, [2], train.Count, CPU))
-            new LocalTrainer(first, train, run).Run(4);
+        using (var trainer = new LocalTrainer(first, train, run))
+            trainer.Run(4);
         var checkpoint = CheckpointStore.Load(run);
         using var resumed = TrainingState.FromCheckpoint(checkpoint, [2], train.Count, CPU);
         checkpoint.DisposeTensors();
         var failed = new List<long>();
         var saved = new List<SavedCheckpoint>();
-        new LocalTrainer(resumed, train, run) { OnCheckpoint = saved.Add, OnCheckpointFailed = (s, _) => failed.Add(s) }.Run(4);
+        using (var trainer = new LocalTrainer(resumed, train, run) { OnCheckpoint = saved.Add, OnCheckpointFailed = (s, _) => failed.Add(s) })
+            trainer.Run(4);
         Assert.Empty(saved);
         Assert.Empty(failed);
         Assert.Equal([2L, 4L], Steps(run));

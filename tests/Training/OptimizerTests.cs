@@ -16,7 +16,7 @@ public class OptimizerTests
         var a = nn.Linear(3, 2);
         var b = nn.Linear(3, 2);
         b.load_state_dict(a.state_dict());
-        var ours = new AdamOptimizer(a.named_parameters().Select(p => (p.name, p.parameter)), recipe);
+        using var ours = new AdamOptimizer(a.named_parameters().Select(p => (p.name, p.parameter)), recipe.ToAdamOptions());
         var theirs = optim.Adam(b.parameters(), lr: 0.01, beta1: 0.9, beta2: 0.99, eps: 1e-8);
         var x = tensor(new float[] { 1, 2, 3, -1, 0.5f, 2 }, new long[] { 2, 3 });
         for (var step = 0; step < 5; step++)
@@ -39,7 +39,7 @@ public class OptimizerTests
         using var scope = NewDisposeScope();
         var lin = nn.Linear(2, 1, hasBias: false);
         var recipe = new Recipe { LearningRate = 0.1, GradClip = 1.0, WarmupSteps = 10 };
-        var opt = new AdamOptimizer(lin.named_parameters().Select(p => (p.name, p.parameter)), recipe);
+        using var opt = new AdamOptimizer(lin.named_parameters().Select(p => (p.name, p.parameter)), recipe.ToAdamOptions());
         Assert.Equal(0.01, opt.LearningRateAt(1), 12);
         Assert.Equal(0.1, opt.LearningRateAt(10), 12);
         Assert.Equal(0.1, opt.LearningRateAt(50), 12);
@@ -63,7 +63,7 @@ public class OptimizerTests
         using var scope = NewDisposeScope();
         var lin = nn.Linear(1, 1, hasBias: false);
         using (no_grad()) lin.weight!.fill_(0f);
-        var ema = new ExponentialMovingAverage(lin.named_parameters().Select(p => (p.name, p.parameter)), 0.99);
+        using var ema = new ExponentialMovingAverage(lin.named_parameters().Select(p => (p.name, p.parameter)), 0.99);
         Assert.Equal(2.0 / 11.0, ema.DecayAt(1), 12);
         Assert.Equal(0.99, ema.DecayAt(100_000), 12);
         using (no_grad()) lin.weight!.fill_(1f);
@@ -87,7 +87,7 @@ public sealed class OptimizerUnderGcPressureTests
         var b = TorchSharp.torch.nn.Parameter(TorchSharp.torch.randn(64));
         var named = new List<(string, TorchSharp.Modules.Parameter)> { ("w", w), ("b", b) };
         var recipe = Recipes.Get("swissroll") with { GradClip = 1.0, WeightDecay = 0.01 };
-        using var adam = new AdamOptimizer(named, recipe);
+        using var adam = new AdamOptimizer(named, recipe.ToAdamOptions());
         using var ema = new ExponentialMovingAverage(named, 0.99);
         using var stop = new CancellationTokenSource();
         var gen0 = GC.CollectionCount(0);

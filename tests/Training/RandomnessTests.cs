@@ -1,4 +1,5 @@
 using System.Text.RegularExpressions;
+using DistDiffusion.Model;
 using DistDiffusion.Model.Training;
 
 namespace DistDiffusion.Tests.Training;

@@ -108,7 +108,7 @@ public class TrainingTests
         var recipe = TinyMlp with { Steps = 5, CheckpointEvery = 0, SampleEvery = 0 };
         using var train = new Dataset(Synthetic2D.SwissRoll(recipe.SyntheticSize, 2), "swiss roll");
         using var state = TrainingState.Create(recipe, [2], train.Count, CPU);
-        var trainer = new LocalTrainer(state, train, "unused");
+        using var trainer = new LocalTrainer(state, train, "unused");
         for (var i = 0; i < 5; i++) trainer.TrainStep();
         var good = state.ToCheckpoint();
         var n = long.Parse(value, System.Globalization.CultureInfo.InvariantCulture);

@@ -95,7 +95,7 @@ internal static class BenchmarkChaosCommand
             coordinator = StartCoordinator(fresh, "[coordinator] ", Line);
             for (var i = 0; i < s.Workers; i++) workers.Add(StartWorker(address, token, i, Line));
             using var channel = ClientChannel.Create(address);
-            var client = new Protocol.V1.Coordinator.CoordinatorClient(channel);
+            var client = new Coordination.CoordinationClient(channel);
             var nextWorkerKill = (ulong)s.KillEvery;
             while (true)
             {
@@ -154,7 +154,7 @@ internal static class BenchmarkChaosCommand
     private static Process StartWorker(Uri address, string token, int index, Action<string> output) =>
         RunCommand.StartWorker(address, token, 1, "warning", $"[worker {index + 1}] ", output, giveUpAfterSeconds: 300);
 
-    private static async Task<ulong?> StepAsync(Protocol.V1.Coordinator.CoordinatorClient client, string token)
+    private static async Task<ulong?> StepAsync(Coordination.CoordinationClient client, string token)
     {
         try
         {

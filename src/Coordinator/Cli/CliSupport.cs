@@ -135,7 +135,9 @@ internal static class CliSupport
             Console.Error.WriteLine("cancelled");
             return 130;
         }
+#pragma warning disable CA1031 // the CLI's last resort: any failure becomes an exit code and one line on stderr
         catch (Exception e)
+#pragma warning restore CA1031
         {
             // Anything else (a corrupt checkpoint, missing data, a native torch error) is a failure, not a usage error.
             Console.Error.WriteLine($"error: {e.Message.ReplaceLineEndings(" ")}");

@@ -55,7 +55,7 @@ public static partial class SoakMonitor
             var url = await address.Task.WaitAsync(TimeSpan.FromSeconds(120), ct);
             var tokenFile = Path.Combine(outDir, "token");
             using var channel = ClientChannel.Create(url);
-            var client = new Protocol.V1.Coordinator.CoordinatorClient(channel);
+            var client = new Coordination.CoordinationClient(channel);
             string? token = null;
             while (!process.HasExited)
             {

@@ -44,7 +44,7 @@ internal static class StatusCommand
         var address = CliSupport.UserInput(() => ClientChannel.ParseAddress(addressText, "--address"));
         var token = CliSupport.UserInput(() => Token.ResolveClient(tokenFile));
         using var channel = CliSupport.UserInput(() => ClientChannel.Create(address, tlsCa));
-        var client = new DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient(channel);
+        var client = new Coordination.CoordinationClient(channel);
         if (!watch) return Once(client, address, token, json, timeoutSeconds, clear: false);
         // --watch: until Ctrl+C, SIGINT or SIGTERM; an unreachable coordinator is reported and asked again.
         using var cts = new CancellationTokenSource();
@@ -59,7 +59,7 @@ internal static class StatusCommand
         return CliSupport.ExitOk;
     }
 
-    private static int Once(DistDiffusion.Protocol.V1.Coordinator.CoordinatorClient client, Uri address, string? token, bool json, double timeoutSeconds, bool clear)
+    private static int Once(Coordination.CoordinationClient client, Uri address, string? token, bool json, double timeoutSeconds, bool clear)
     {
         StatusReply reply;
         try

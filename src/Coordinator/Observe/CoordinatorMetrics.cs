@@ -47,7 +47,7 @@ public sealed class CoordinatorMetrics : IDisposable
             "s", "Seconds since this coordinator last wrote a checkpoint (absent before the first)");
     }
 
-    private static IEnumerable<WorkerStatus> Workers(TrainingLoop loop) => loop.Status().Workers;
+    private static Google.Protobuf.Collections.RepeatedField<WorkerStatus> Workers(TrainingLoop loop) => loop.Status().Workers;
 
     private static IEnumerable<Measurement<double>> Finite(double v) => double.IsFinite(v) ? [new Measurement<double>(v)] : [];
 

@@ -50,7 +50,9 @@ public sealed class MetricsJournal(string runDir)
     }
 
     /// <summary>Every record in the file (a torn last line, from a killed process, is skipped).</summary>
-    public static List<StepRecord> Read(string path)
+    public static IReadOnlyList<StepRecord> Read(string path) => ReadAll(path);
+
+    private static List<StepRecord> ReadAll(string path)
     {
         var records = new List<StepRecord>();
         if (!File.Exists(path)) return records;
@@ -72,10 +74,10 @@ public sealed class MetricsJournal(string runDir)
     }
 
     /// <summary>The last <paramref name="max"/> records.</summary>
-    public List<StepRecord> Tail(int max)
+    public IReadOnlyList<StepRecord> Tail(int max)
     {
         List<StepRecord> all;
-        lock (_lock) all = Read(Path);
+        lock (_lock) all = ReadAll(Path);
         return all.Count <= max ? all : all.GetRange(all.Count - max, max);
     }
 
@@ -83,7 +85,7 @@ public sealed class MetricsJournal(string runDir)
     public void WriteLossPlot(string recipeName)
     {
         List<StepRecord> records;
-        lock (_lock) records = Read(Path);
+        lock (_lock) records = ReadAll(Path);
         LinePlot.Save(records.Select(r => ((double)r.Step, r.Loss)).ToList(), LossPlotPath,
             string.Create(CultureInfo.InvariantCulture, $"{recipeName}: loss by step"));
     }

@@ -77,7 +77,7 @@ public static class AccessRules
     private static readonly Dictionary<string, Roles> Methods = new(StringComparer.Ordinal)
     {
         ["/distdiffusion.v1.Trainer/Connect"] = Roles.Worker,
-        ["/distdiffusion.v1.Coordinator/GetStatus"] = Roles.Client,
+        ["/distdiffusion.v1.Coordination/GetStatus"] = Roles.Client,
         ["/distdiffusion.v1.Sampler/Sample"] = Roles.Client,
         [Names.HealthCheckMethod] = Roles.None,
         [Names.HealthWatchMethod] = Roles.Any,

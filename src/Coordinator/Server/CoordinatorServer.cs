@@ -76,7 +76,9 @@ public sealed class CoordinatorServer : IAsyncDisposable
             .MinimumLevel.Override("Microsoft", LogEventLevel.Warning)
             .MinimumLevel.Override("Grpc", LogEventLevel.Warning), options.LogFormat, logPrefix)
             .CreateLogger();
+#pragma warning disable CA2000 // the factory does not own the Serilog logger (the host disposes it) and holds nothing else; its logger outlives this method (certificate reloads)
         var setupLog = new Serilog.Extensions.Logging.SerilogLoggerFactory(logger).CreateLogger<CoordinatorServer>();
+#pragma warning restore CA2000
         if (credentials.Open) setupLog.LogWarning("Serving WITHOUT authentication (--allow-unauthenticated): anyone who reaches {Listen} can join or read status", options.Listen);
         else setupLog.LogInformation("Tokens: {Tokens}", credentials.Describe());
         if (options.TlsCert is null && !IsLoopback(options.Listen))
@@ -179,7 +181,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
             app.MapGrpcService<HealthServiceImpl>();
             app.MapGrpcReflectionService();
             var health = app.Services.GetRequiredService<HealthServiceImpl>();
-            string[] services = ["", "distdiffusion.v1.Trainer", "distdiffusion.v1.Coordinator", "distdiffusion.v1.Sampler"];
+            string[] services = ["", "distdiffusion.v1.Trainer", "distdiffusion.v1.Coordination", "distdiffusion.v1.Sampler"];
             foreach (var name in services) health.SetStatus(name, HealthCheckResponse.Types.ServingStatus.Serving);
             app.Lifetime.ApplicationStopping.Register(() =>
             {

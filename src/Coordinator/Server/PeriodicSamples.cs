@@ -116,7 +116,9 @@ public sealed class PeriodicSamples(SamplingCoordinator sampling, RunSetup run, 
         {
             log.LogInformation("Samples of step {Step} abandoned: shutting down", step);
         }
+#pragma warning disable CA1031 // a failed sample grid must not stop training; it is logged
         catch (Exception e)
+#pragma warning restore CA1031
         {
             log.LogWarning(e, "Samples of step {Step} not written", step);
         }

@@ -6,7 +6,7 @@ using Grpc.Core;
 namespace DistDiffusion.Coordinator.Server;
 
 /// <summary>The client-facing Coordinator service: run and worker status.</summary>
-public sealed class StatusService(TrainingLoop loop) : DistDiffusion.Protocol.V1.Coordinator.CoordinatorBase
+public sealed class StatusService(TrainingLoop loop) : Coordination.CoordinationBase
 {
     /// <summary>The largest status reply: what clients accept (<see cref="ClientChannel.MaxReceiveMessageBytes"/>), less room for framing.</summary>
     public const int MaxReplyBytes = ClientChannel.MaxReceiveMessageBytes - 64 * 1024;

@@ -293,7 +293,7 @@ public sealed class TrainerService : Trainer.TrainerBase
         Deliver(worker, incoming.Header, incoming.Assembler.ToFloat32());
     }
 
-    private async Task WriteLoopAsync(WorkerConnection worker, IServerStreamWriter<CoordinatorMessage> stream, TimeSpan timeout, CancellationTokenSource linked, CancellationToken callEnded)
+    private static async Task WriteLoopAsync(WorkerConnection worker, IServerStreamWriter<CoordinatorMessage> stream, TimeSpan timeout, CancellationTokenSource linked, CancellationToken callEnded)
     {
         try
         {

@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Threading.Channels;
+using DistDiffusion.Model;
 using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Training;
 using DistDiffusion.Protocol;
@@ -24,6 +25,12 @@ internal sealed record GradientArrived(SliceGradient Gradient) : LoopEvent;
 
 /// <summary>A request from the sampling side for the current weights (served by the loop, which owns them).</summary>
 internal sealed record WeightsRequested(bool PreferEma, TaskCompletionSource<WeightsSnapshot> Reply) : LoopEvent;
+
+/// <summary>How the last step's wall time divides: the slowest worker's computing, the rest of the wait, the coordinator's own work.</summary>
+public readonly record struct StepSplit(double ComputeSeconds, double ExchangeSeconds, double UpdateSeconds);
+
+/// <summary>What the metrics endpoint reads besides <see cref="TrainingLoop.Status"/>.</summary>
+public readonly record struct Telemetry(double GradNorm, StepSplit LastStep, double? CheckpointAgeSeconds);
 
 /// <summary>One consistent set of weights to sample with: id (cache key on workers), parameter version, EMA or raw, float32 bytes.</summary>
 public sealed record WeightsSnapshot(ulong Id, ulong Version, bool Ema, byte[] Bytes, TensorHeader Header);
@@ -101,12 +108,6 @@ public sealed class TrainingLoop : BackgroundService
     /// <summary>OUT/metrics.jsonl and OUT/loss.png.</summary>
     public Observe.MetricsJournal Journal => _journal;
 
-    /// <summary>How the last step's wall time divides: the slowest worker's computing, the rest of the wait, the coordinator's own work.</summary>
-    public readonly record struct StepSplit(double ComputeSeconds, double ExchangeSeconds, double UpdateSeconds);
-
-    /// <summary>What the metrics endpoint reads besides <see cref="Status"/>.</summary>
-    public readonly record struct Telemetry(double GradNorm, StepSplit LastStep, double? CheckpointAgeSeconds);
-
     public Telemetry ReadTelemetry()
     {
         lock (_statusLock)
@@ -166,7 +167,9 @@ public sealed class TrainingLoop : BackgroundService
             }
             request.Reply.TrySetResult(snapshot);
         }
+#pragma warning disable CA1031 // the failure is handed to the waiting requester, not swallowed
         catch (Exception e)
+#pragma warning restore CA1031
         {
             request.Reply.TrySetException(e);
         }
@@ -328,7 +331,9 @@ public sealed class TrainingLoop : BackgroundService
                 {
                     SaveCheckpoint();
                 }
+#pragma warning disable CA1031 // a failed final checkpoint while stopping is logged; the previous one stays valid
                 catch (Exception saveError)
+#pragma warning restore CA1031
                 {
                     _log.LogError(saveError, "Could not checkpoint step {Step} while stopping; the last checkpoint is {Folder}", s.StepsDone, _lastCheckpoint);
                 }

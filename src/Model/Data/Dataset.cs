@@ -62,7 +62,7 @@ public sealed class Dataset : IDisposable
 
         var perm = new long[n];
         for (long i = 0; i < n; i++) perm[i] = i;
-        var rng = new DeterministicRandom(seed, (long)Training.Randomness.SplitTag);
+        var rng = new DeterministicRandom(seed, (long)Randomness.SplitTag);
         for (var i = n - 1; i > 0; i--)
         {
             var j = rng.NextLong(i + 1);

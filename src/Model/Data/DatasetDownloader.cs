@@ -4,6 +4,9 @@ using System.Security.Cryptography;
 
 namespace DistDiffusion.Model.Data;
 
+/// <summary>One file of a release: name, MD5 of the .gz archive (torchvision's list) and MD5 of its decompressed contents.</summary>
+public sealed record RemoteFile(string Name, string ArchiveMd5, string ContentMd5);
+
 /// <summary>
 /// Downloads MNIST / Fashion-MNIST (train + t10k, images + labels, gzip) into a folder. Each file goes to a
 /// temporary name in the target folder, is checked against the well-known MD5 sums (those torchvision uses)
@@ -11,9 +14,6 @@ namespace DistDiffusion.Model.Data;
 /// </summary>
 public static class DatasetDownloader
 {
-    /// <summary>One file of a release: name, MD5 of the .gz archive (torchvision's list) and MD5 of its decompressed contents.</summary>
-    public sealed record RemoteFile(string Name, string ArchiveMd5, string ContentMd5);
-
     /// <summary>Default mirror of MNIST (torchvision's first choice; the original host now needs a login).</summary>
     public static Uri MnistBaseUri { get; } = new("https://ossci-datasets.s3.amazonaws.com/mnist/");
 
@@ -63,7 +63,9 @@ public static class DatasetDownloader
         Directory.CreateDirectory(folder);
         if (!baseUri.AbsoluteUri.EndsWith('/')) baseUri = new Uri(baseUri.AbsoluteUri + "/");
         var owned = http is null;
+#pragma warning disable CA2000 // disposed in the finally below when this method created it (owned); a caller's client stays the caller's
         http ??= new HttpClient { Timeout = TimeSpan.FromMinutes(10) };
+#pragma warning restore CA2000
         try
         {
             foreach (var file in files)

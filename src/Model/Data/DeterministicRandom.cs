@@ -1,5 +1,3 @@
-using DistDiffusion.Model.Training;
-
 namespace DistDiffusion.Model.Data;
 
 /// <summary>

@@ -1,5 +1,4 @@
 using System.Runtime.InteropServices;
-using DistDiffusion.Model.Training;
 
 namespace DistDiffusion.Model.Diffusion;
 

@@ -18,7 +18,7 @@ public static class SlicedWasserstein
             throw new ArgumentException("each point cloud needs at least 2 points");
         using var scope = NewDisposeScope();
         var d = a.shape[1];
-        var keys = Enumerable.Range(0, projections).Select(i => Training.Randomness.SlicedWassersteinDirection(seed, i)).ToArray();
+        var keys = Enumerable.Range(0, projections).Select(i => Randomness.SlicedWassersteinDirection(seed, i)).ToArray();
         var dirs = CounterRng.NormalRows(keys, [d], CPU).to(ScalarType.Float64);
         dirs = dirs / dirs.norm(1, keepdim: true);                          // [K, D]
         var pa = a.to(ScalarType.Float64).cpu().matmul(dirs.t()).sort(0).Values;   // [N, K]

@@ -1,4 +1,3 @@
-using DistDiffusion.Model.Training;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
 
@@ -18,16 +17,16 @@ public sealed class Mlp : DenoiserNetwork
     private readonly ModuleList<SampleDropout> dropout;
     private readonly Linear output;
 
-    internal Mlp(Recipe recipe, long[] dataShape, bool learnedVariance)
-        : base(nameof(Mlp), dataShape, learnedVariance, recipe.Dropout)
+    internal Mlp(MlpOptions options, double dropoutRate, long[] dataShape, bool learnedVariance)
+        : base(nameof(Mlp), dataShape, learnedVariance, dropoutRate)
     {
         var dim = dataShape[0];
-        long width = recipe.HiddenSize;
-        timeEmbeddingSize = recipe.TimeEmbeddingSize;
+        long width = options.HiddenSize;
+        timeEmbeddingSize = options.TimeEmbeddingSize;
         time_proj = nn.Linear(timeEmbeddingSize, width);
         hidden = new ModuleList<Linear>();
         dropout = new ModuleList<SampleDropout>();
-        for (var l = 0; l < recipe.HiddenLayers; l++)
+        for (var l = 0; l < options.HiddenLayers; l++)
         {
             hidden.Add(nn.Linear((l == 0 ? dim : width) + width, width));
             dropout.Add(NewDropout());

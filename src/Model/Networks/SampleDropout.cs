@@ -1,4 +1,3 @@
-using DistDiffusion.Model.Training;
 using TorchSharp;
 using static TorchSharp.torch;
 

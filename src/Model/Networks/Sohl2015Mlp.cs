@@ -1,4 +1,3 @@
-using DistDiffusion.Model.Training;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
 
@@ -18,15 +17,15 @@ public sealed class Sohl2015Mlp : DenoiserNetwork
     private readonly Parameter head_weight;
     private readonly Parameter head_bias;
 
-    internal Sohl2015Mlp(Recipe recipe, long[] dataShape, bool learnedVariance)
-        : base(nameof(Sohl2015Mlp), dataShape, learnedVariance, recipe.Dropout)
+    internal Sohl2015Mlp(MlpOptions options, double dropoutRate, long[] dataShape, bool learnedVariance)
+        : base(nameof(Sohl2015Mlp), dataShape, learnedVariance, dropoutRate)
     {
         var dim = dataShape[0];
-        long width = recipe.HiddenSize;
+        long width = options.HiddenSize;
         long outputs = learnedVariance ? 2 * dim : dim;
         trunk = new ModuleList<Linear>();
         dropout = new ModuleList<SampleDropout>();
-        for (var l = 0; l < recipe.HiddenLayers; l++)
+        for (var l = 0; l < options.HiddenLayers; l++)
         {
             trunk.Add(nn.Linear(l == 0 ? dim : width, width));
             dropout.Add(NewDropout());
@@ -35,8 +34,8 @@ public sealed class Sohl2015Mlp : DenoiserNetwork
         var bound = 1.0 / Math.Sqrt(width);
         using (no_grad())
         {
-            head_weight = new Parameter(empty(recipe.Timesteps, width, outputs).uniform_(-bound, bound));
-            head_bias = new Parameter(empty(recipe.Timesteps, outputs).uniform_(-bound, bound));
+            head_weight = new Parameter(empty(options.Timesteps, width, outputs).uniform_(-bound, bound));
+            head_bias = new Parameter(empty(options.Timesteps, outputs).uniform_(-bound, bound));
         }
         RegisterComponents();
     }

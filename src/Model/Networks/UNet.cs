@@ -1,4 +1,3 @@
-using DistDiffusion.Model.Training;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
 using F = TorchSharp.torch.nn.functional;
@@ -14,15 +13,15 @@ public sealed class UNet : DenoiserNetwork
 {
     private readonly nn.Module<Tensor, Tensor, Tensor> body;
 
-    internal UNet(Recipe recipe, long[] dataShape, bool learnedVariance)
-        : base(nameof(UNet), dataShape, learnedVariance, recipe.Dropout)
+    internal UNet(UNetOptions options, double dropoutRate, long[] dataShape, bool learnedVariance)
+        : base(nameof(UNet), dataShape, learnedVariance, dropoutRate)
     {
-        Layout = recipe.UNetLayout;
+        Layout = options.UNetLayout;
         var outChannels = learnedVariance ? 2 * dataShape[0] : dataShape[0];
         body = Layout switch
         {
-            UNetLayout.Annotated => new AnnotatedUNet(recipe, dataShape[0], outChannels, NewDropout),
-            UNetLayout.Ho2020 => new Ho2020UNet(recipe, dataShape[0], dataShape[1], outChannels, NewDropout),
+            UNetLayout.Annotated => new AnnotatedUNet(options, dataShape[0], outChannels, NewDropout),
+            UNetLayout.Ho2020 => new Ho2020UNet(options, dataShape[0], dataShape[1], outChannels, NewDropout),
             _ => throw new ArgumentException($"recipe field 'u-net-layout' = {Layout}: expected annotated or ho2020"),
         };
         RegisterComponents();
@@ -70,18 +69,18 @@ internal sealed class AnnotatedUNet : nn.Module<Tensor, Tensor, Tensor>
     private readonly AnnotatedResnetBlock final_res_block;
     private readonly Conv2d final_conv;
 
-    public AnnotatedUNet(Recipe recipe, long inChannels, long outChannels, Func<SampleDropout> newDropout)
+    public AnnotatedUNet(UNetOptions options, long inChannels, long outChannels, Func<SampleDropout> newDropout)
         : base(nameof(AnnotatedUNet))
     {
-        dim = recipe.BaseChannels;
-        long groups = recipe.GroupNormGroups, heads = recipe.AttentionHeads, headSize = recipe.AttentionHeadSize;
+        dim = options.BaseChannels;
+        long groups = options.GroupNormGroups, heads = options.AttentionHeads, headSize = options.AttentionHeadSize;
         var timeDim = 4 * dim;
         init_conv = nn.Conv2d(inChannels, dim, 1);
         time_mlp1 = nn.Linear(dim, timeDim);
         time_mlp2 = nn.Linear(timeDim, timeDim);
 
         // dims = [init_dim, dim * m for m in dim_mults]; in_out = consecutive pairs.
-        var dims = new[] { dim }.Concat(recipe.ChannelMultipliers.Select(m => dim * m)).ToArray();
+        var dims = new[] { dim }.Concat(options.ChannelMultipliers.Select(m => dim * m)).ToArray();
         var inOut = dims.Zip(dims.Skip(1)).ToArray();
         AnnotatedResnetBlock Block(long i, long o) => new(i, o, timeDim, groups, newDropout());
 
@@ -91,7 +90,7 @@ internal sealed class AnnotatedUNet : nn.Module<Tensor, Tensor, Tensor>
             var (dimIn, dimOut) = inOut[s];
             var last = s == inOut.Length - 1;
             downs.Add(new AnnotatedStage(
-                Enumerable.Range(0, recipe.ResBlocks).Select(_ => Block(dimIn, dimIn)).ToArray(),
+                Enumerable.Range(0, options.ResBlocks).Select(_ => Block(dimIn, dimIn)).ToArray(),
                 new Residual(new PreNorm(dimIn, new LinearAttention(dimIn, heads, headSize))),
                 last ? nn.Conv2d(dimIn, dimOut, 3, padding: 1) : new AnnotatedDownsample(dimIn, dimOut)));
         }
@@ -105,7 +104,7 @@ internal sealed class AnnotatedUNet : nn.Module<Tensor, Tensor, Tensor>
             var (dimIn, dimOut) = inOut[inOut.Length - 1 - s];
             var last = s == inOut.Length - 1;
             ups.Add(new AnnotatedStage(
-                Enumerable.Range(0, recipe.ResBlocks).Select(_ => Block(dimOut + dimIn, dimOut)).ToArray(),
+                Enumerable.Range(0, options.ResBlocks).Select(_ => Block(dimOut + dimIn, dimOut)).ToArray(),
                 new Residual(new PreNorm(dimOut, new LinearAttention(dimOut, heads, headSize))),
                 last ? nn.Conv2d(dimOut, dimIn, 3, padding: 1) : new Upsample(dimOut, dimIn)));
         }
@@ -183,15 +182,15 @@ internal sealed class Ho2020UNet : nn.Module<Tensor, Tensor, Tensor>
     private readonly GroupNorm norm_out;
     private readonly Conv2d conv_out;
 
-    public Ho2020UNet(Recipe recipe, long inChannels, long resolution, long outChannels, Func<SampleDropout> newDropout)
+    public Ho2020UNet(UNetOptions options, long inChannels, long resolution, long outChannels, Func<SampleDropout> newDropout)
         : base(nameof(Ho2020UNet))
     {
-        ch = recipe.BaseChannels;
-        long groups = recipe.GroupNormGroups;
-        var mult = recipe.ChannelMultipliers;
+        ch = options.BaseChannels;
+        long groups = options.GroupNormGroups;
+        var mult = options.ChannelMultipliers;
         var levels = mult.Length;
-        var numResBlocks = recipe.ResBlocks;
-        var attnResolutions = recipe.AttentionResolutions.ToHashSet();
+        var numResBlocks = options.ResBlocks;
+        var attnResolutions = options.AttentionResolutions.ToHashSet();
         var tembCh = 4 * ch;
         temb_dense0 = nn.Linear(ch, tembCh);
         temb_dense1 = nn.Linear(tembCh, tembCh);

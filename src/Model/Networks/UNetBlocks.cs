@@ -221,6 +221,7 @@ internal sealed class AnnotatedDownsample : nn.Module<Tensor, Tensor>
 /// <summary><c>Upsample</c> of both layouts: nearest-neighbour 2x then a 3x3 conv ([B, C, H, W] -> [B, C', 2H, 2W]).</summary>
 internal sealed class Upsample : nn.Module<Tensor, Tensor>
 {
+    private static readonly double[] ScaleFactor = [2.0, 2.0];
     private readonly Conv2d conv;
 
     public Upsample(long inChannels, long outChannels)
@@ -231,7 +232,7 @@ internal sealed class Upsample : nn.Module<Tensor, Tensor>
     }
 
     public override Tensor forward(Tensor x) =>
-        conv.forward(F.interpolate(x, scale_factor: new[] { 2.0, 2.0 }, mode: InterpolationMode.Nearest));
+        conv.forward(F.interpolate(x, scale_factor: ScaleFactor, mode: InterpolationMode.Nearest));
 }
 
 /// <summary>

@@ -4,6 +4,9 @@ using static TorchSharp.torch;
 
 namespace DistDiffusion.Model.Training;
 
+/// <summary>The optimizer's settings (the recipe's learning-rate, adam-beta1/2, adam-epsilon, weight-decay, grad-clip and warmup-steps; <see cref="Recipe.ToAdamOptions"/>).</summary>
+public sealed record AdamOptions(double LearningRate, double Beta1, double Beta2, double Epsilon, double WeightDecay, double GradClip, int WarmupSteps);
+
 /// <summary>
 /// Adam (Kingma &amp; Ba 2015) with bias correction, as torch.optim.Adam computes it, plus decoupled weight
 /// decay (AdamW), global-norm gradient clipping and linear warm-up. Its state (exp_avg, exp_avg_sq per
@@ -12,7 +15,7 @@ namespace DistDiffusion.Model.Training;
 /// </summary>
 public sealed class AdamOptimizer : IDisposable
 {
-    private readonly IReadOnlyList<(string Name, Parameter Param)> _params;
+    private readonly List<(string Name, Parameter Param)> _params;
     private readonly Dictionary<string, Tensor> _expAvg = new();
     private readonly Dictionary<string, Tensor> _expAvgSq = new();
 
@@ -27,16 +30,17 @@ public sealed class AdamOptimizer : IDisposable
     /// <summary>Number of optimizer steps taken so far.</summary>
     public long StepCount { get; private set; }
 
-    public AdamOptimizer(IEnumerable<(string Name, Parameter Param)> parameters, Recipe recipe)
+    public AdamOptimizer(IEnumerable<(string Name, Parameter Param)> parameters, AdamOptions options)
     {
+        ArgumentNullException.ThrowIfNull(options);
         _params = parameters.ToList();
-        LearningRate = recipe.LearningRate;
-        Beta1 = recipe.AdamBeta1;
-        Beta2 = recipe.AdamBeta2;
-        Epsilon = recipe.AdamEpsilon;
-        WeightDecay = recipe.WeightDecay;
-        GradClip = recipe.GradClip;
-        WarmupSteps = recipe.WarmupSteps;
+        LearningRate = options.LearningRate;
+        Beta1 = options.Beta1;
+        Beta2 = options.Beta2;
+        Epsilon = options.Epsilon;
+        WeightDecay = options.WeightDecay;
+        GradClip = options.GradClip;
+        WarmupSteps = options.WarmupSteps;
         foreach (var (name, p) in _params)
         {
             _expAvg[name] = zeros_like(p).DetachFromDisposeScope();

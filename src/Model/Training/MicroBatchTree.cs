@@ -62,7 +62,7 @@ public sealed class MicroBatchTree
     }
 
     /// <summary>The fewest tree nodes that exactly cover the leaves [first, end), in leaf order.</summary>
-    public List<TreeNode> Cover(int first, int end)
+    public IReadOnlyList<TreeNode> Cover(int first, int end)
     {
         if (first < 0 || end > Leaves || first >= end)
             throw new ArgumentOutOfRangeException(nameof(first), $"leaves [{first},{end}): expected a non-empty range within [0,{Leaves})");

@@ -70,7 +70,7 @@ public static class ModelFactory
     {
         ArgumentNullException.ThrowIfNull(recipe);
         if (initSeed is { } seed) random.manual_seed(Randomness.WeightInit(seed));
-        var network = NetworkFactory.Create(recipe, sampleShape ?? recipe.SampleShape);
+        var network = NetworkFactory.Create(recipe.ToNetworkOptions(), sampleShape ?? recipe.SampleShape);
         try
         {
             network.to(device);

@@ -91,7 +91,7 @@ public sealed record Recipe
     public double EmaDecay { get; init; } = 0.999;
 
     // ---- run ----
-    public long Seed { get; init; } = 0;
+    public long Seed { get; init; }
     public int CheckpointEvery { get; init; } = 1000;
     public int SampleEvery { get; init; } = 1000;
 
@@ -218,49 +218,18 @@ public sealed record Recipe
 
     /// <summary>
     /// The network fields alone, for data of per-sample shape <paramref name="dataShape"/> ([D] points, [C, H, W] images):
-    /// what <see cref="NetworkFactory.Create"/> needs (it calls this, also for shapes other than <see cref="SampleShape"/>).
+    /// the checks <see cref="NetworkFactory.Create"/> makes (<see cref="NetworkOptions.Validate"/>), also for shapes other than <see cref="SampleShape"/>.
     /// </summary>
-    public void ValidateNetwork(long[] dataShape)
-    {
-        ArgumentNullException.ThrowIfNull(dataShape);
-        if (dataShape.Length == 0 || dataShape.Any(d => d < 1))
-            throw new ArgumentException($"data shape [{string.Join(", ", dataShape)}]: expected positive sizes, [D] or [C, H, W]", nameof(dataShape));
-        Check(Dropout >= 0 && Dropout < 1, "dropout", Dropout, "a value in [0, 1)");
-        switch (Network)
-        {
-            case NetworkKind.Mlp:
-            case NetworkKind.Sohl2015Mlp:
-                Check(dataShape.Length == 1, "network", Network, $"unet for data of shape [{string.Join(", ", dataShape)}] (the MLPs take points [D])");
-                Check(HiddenSize >= 1, "hidden-size", HiddenSize, "an integer >= 1");
-                Check(HiddenLayers >= 1, "hidden-layers", HiddenLayers, "an integer >= 1");
-                if (Network == NetworkKind.Mlp)
-                    Check(TimeEmbeddingSize >= 2, "time-embedding-size", TimeEmbeddingSize, "an integer >= 2");
-                else
-                    Check(Timesteps >= 1, "timesteps", Timesteps, "an integer >= 1");
-                break;
-            case NetworkKind.UNet:
-                Check(dataShape.Length == 3, "network", Network, $"mlp or sohl2015-mlp for data of shape [{string.Join(", ", dataShape)}] (the U-Net takes images [C, H, W])");
-                var mults = ChannelMultipliers;
-                Check(BaseChannels >= 2, "base-channels", BaseChannels, "an integer >= 2");
-                Check(mults.Length >= 1 && mults.All(m => m >= 1), "channel-multipliers", string.Join(",", mults), "a list of integers >= 1");
-                Check(ResBlocks >= 1, "res-blocks", ResBlocks, "an integer >= 1");
-                Check(GroupNormGroups >= 1 && BaseChannels % GroupNormGroups == 0, "group-norm-groups", GroupNormGroups,
-                    $"a divisor of base-channels ({BaseChannels}), so every stage's channels split into groups");
-                if (UNetLayout == UNetLayout.Annotated)
-                {
-                    Check(AttentionHeads >= 1, "attention-heads", AttentionHeads, "an integer >= 1");
-                    Check(AttentionHeadSize >= 1, "attention-head-size", AttentionHeadSize, "an integer >= 1");
-                }
-                var halvings = mults.Length - 1;
-                var factor = 1L << halvings;
-                foreach (var (side, name) in new[] { (dataShape[1], "height"), (dataShape[2], "width") })
-                    Check(side % factor == 0, "channel-multipliers", string.Join(",", mults),
-                        $"at most as many stages as the image {name} {side} can be halved: {mults.Length} stages need a side divisible by 2^{halvings} = {factor}");
-                break;
-            default:
-                throw new ArgumentException($"recipe field 'network' = {Network}: expected mlp, sohl2015-mlp or unet");
-        }
-    }
+    public void ValidateNetwork(long[] dataShape) => ToNetworkOptions().Validate(dataShape);
+
+    /// <summary>The network fields, as <see cref="NetworkFactory.Create"/> takes them (a method, not a property, so it stays out of the recipe's JSON).</summary>
+    public NetworkOptions ToNetworkOptions() => new(
+        Network, Dropout, LearnedVariance: Variance == VarianceType.LearnedRange,
+        new MlpOptions(HiddenSize, HiddenLayers, TimeEmbeddingSize, Timesteps),
+        new UNetOptions(UNetLayout, BaseChannels, ChannelMultipliers, ResBlocks, GroupNormGroups, AttentionHeads, AttentionHeadSize, AttentionResolutions));
+
+    /// <summary>The optimizer fields, as <see cref="AdamOptimizer"/> takes them.</summary>
+    public AdamOptions ToAdamOptions() => new(LearningRate, AdamBeta1, AdamBeta2, AdamEpsilon, WeightDecay, GradClip, WarmupSteps);
 
     private static object? ParseValue(Type type, string value)
     {

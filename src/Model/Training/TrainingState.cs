@@ -27,7 +27,7 @@ public sealed class TrainingState : IDisposable
         Diffusion = model.Diffusion;
         Step = model.Step;
         var named = Network.named_parameters().Select(p => (p.name, p.parameter)).ToList();
-        Optimizer = new AdamOptimizer(named, recipe);
+        Optimizer = new AdamOptimizer(named, recipe.ToAdamOptions());
         Ema = recipe.EmaDecay > 0 ? new ExponentialMovingAverage(named, recipe.EmaDecay) : null;
         Order = new DataOrder(datasetSize, recipe.Seed);
     }
@@ -50,7 +50,9 @@ public sealed class TrainingState : IDisposable
     /// <summary>A fresh run: weights initialized from torch's generator seeded with the recipe's seed.</summary>
     public static TrainingState Create(Recipe recipe, long[] sampleShape, long datasetSize, Device device)
     {
+#pragma warning disable CA2000 // ownership passes to the new TrainingState (disposed below if its constructor throws)
         var model = ModelFactory.Create(recipe, device, training: true, sampleShape, initSeed: recipe.Seed);
+#pragma warning restore CA2000
         try
         {
             return new TrainingState(recipe, model, sampleShape, datasetSize, device);

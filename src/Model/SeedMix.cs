@@ -1,4 +1,4 @@
-namespace DistDiffusion.Model.Training;
+namespace DistDiffusion.Model;
 
 /// <summary>
 /// Derives independent 64-bit seeds from tuples of integers (SplitMix64 finalizer over a running hash).

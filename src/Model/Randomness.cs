@@ -1,4 +1,4 @@
-namespace DistDiffusion.Model.Training;
+namespace DistDiffusion.Model;
 
 /// <summary>What consumes a derived 64-bit value: streams of different consumers never meet, whatever their values.</summary>
 public enum RandomConsumer
