@@ -57,6 +57,20 @@ internal sealed class WorkerModel : IDisposable
         return _train;
     }
 
+    /// <summary>The held-out split (loaded with the training split on first use); it must have the client's <paramref name="expectedSize"/>.</summary>
+    public Dataset HeldOut(ulong expectedSize)
+    {
+        if (_heldOut is null)
+        {
+            var (train, heldOut) = DatasetLoader.Load(DatasetLoader.ResolveDataPath(Recipe));
+            (_train, _heldOut) = (train, heldOut);
+        }
+        if ((ulong)_heldOut.Count != expectedSize)
+            throw new InvalidOperationException(
+                $"this worker's held-out split has {_heldOut.Count} images but the evaluating client's has {expectedSize}: the dataset at '{Recipe.DataPath}' differs");
+        return _heldOut;
+    }
+
     /// <summary>Computes micro-batch gradients the way `coordinator train` does (created on the first assignment).</summary>
     private MicroBatchGradients? _gradients;
 

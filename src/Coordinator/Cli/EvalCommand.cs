@@ -7,12 +7,24 @@ using DistDiffusion.Model.Sampling;
 
 namespace DistDiffusion.Coordinator.Cli;
 
-/// <summary>`coordinator eval --checkpoint DIR`: the quality figures of a trained model.</summary>
+/// <summary>
+/// `coordinator eval --checkpoint DIR`: the quality figures of a trained model, computed in this process;
+/// `--address URL` / `--run DIR`: the same figures for the model a coordinator serves or trains, its workers computing the
+/// samples and the bits/dim terms (<see cref="RemoteEval"/>).
+/// </summary>
 internal static class EvalCommand
 {
+    /// <summary>The evaluation seed of both ways (Evaluator's default): the same samples and noise here and on the workers.</summary>
+    internal const long Seed = 1234;
+
     public static Command Create()
     {
-        var checkpoint = new Option<string>("--checkpoint") { Description = "A run folder (its latest checkpoint) or one checkpoint folder", Required = true };
+        var checkpoint = new Option<string?>("--checkpoint") { Description = "Evaluate in this process a run folder (its latest checkpoint) or one checkpoint folder" };
+        var address = new Option<string?>("--address") { Description = $"Evaluate the model of the coordinator at this URL on its workers instead (e.g. {DistDiffusion.Protocol.Names.DefaultAddress})" };
+        var run = RunEndpoints.RunOption();
+        var tokenFile = CliSupport.TokenFileOption();
+        var timeout = new Option<double>("--timeout") { Description = "With --address/--run: give up after this many seconds (0: no deadline)", DefaultValueFactory = _ => 3600 };
+        var tlsCa = new Option<string?>("--tls-ca") { Description = "With --address: CA certificate (PEM) to trust for an https coordinator" };
         var samples = new Option<int>("--samples") { Description = "2-D data: samples compared with held-out data", DefaultValueFactory = _ => 2000 };
         var images = new Option<int>("--bpd-images") { Description = "Images: held-out images for bits/dim", DefaultValueFactory = _ => 256 };
         var raw = new Option<bool>("--raw-weights") { Description = "Evaluate the raw weights instead of the EMA weights" };
@@ -24,10 +36,27 @@ internal static class EvalCommand
         var threads = CliSupport.ThreadsOption();
         var cmd = new Command("eval", "Print quality figures: sliced Wasserstein distance vs its noise floor (2-D), bits/dim and nearest-neighbour distances (images)")
         {
-            checkpoint, samples, images, raw, json, sampler, steps, eta, device, threads,
+            checkpoint, address, run, tokenFile, timeout, tlsCa, samples, images, raw, json, sampler, steps, eta, device, threads,
         };
-        cmd.SetAction(p => Run(p.GetValue(checkpoint)!, p.GetValue(samples), p.GetValue(images), p.GetValue(raw), p.GetValue(json),
-            SampleCommand.ParseSampler(p.GetValue(sampler)!), p.GetValue(steps), p.GetValue(eta), p.GetValue(device)!, p.GetValue(threads)));
+        cmd.SetAction(p =>
+        {
+            var given = (p.GetValue(checkpoint) is null ? 0 : 1) + (p.GetValue(address) is null ? 0 : 1) + (p.GetValue(run) is null ? 0 : 1);
+            if (given != 1)
+                throw new UsageException("give exactly one of --checkpoint DIR (evaluate here), --address URL or --run DIR (evaluate on a coordinator's workers)");
+            var tokenPath = p.GetValue(tokenFile);
+            var url = p.GetValue(address);
+            if (p.GetValue(run) is { } dir)
+            {
+                if (tokenPath is not null) throw new UsageException("--run DIR gives the token: drop --token-file");
+                var found = RunEndpoints.Read(dir);
+                (url, tokenPath) = (found.Grpc.ToString(), found.TokenFile);
+            }
+            if (url is not null)
+                return RemoteEval.Run(url, tokenPath, p.GetValue(timeout), p.GetValue(tlsCa), p.GetValue(samples), p.GetValue(images), p.GetValue(raw), p.GetValue(json),
+                    SampleCommand.ParseSampler(p.GetValue(sampler)!), p.GetValue(steps), p.GetValue(eta), Seed);
+            return Run(p.GetValue(checkpoint)!, p.GetValue(samples), p.GetValue(images), p.GetValue(raw), p.GetValue(json),
+                SampleCommand.ParseSampler(p.GetValue(sampler)!), p.GetValue(steps), p.GetValue(eta), p.GetValue(device)!, p.GetValue(threads));
+        });
         return cmd;
     }
 
