@@ -126,6 +126,7 @@ internal sealed class WorkerSampler : IDisposable
             throw new InvalidOperationException($"held-out images {work.FirstIndex}..+{work.Count}: this worker's split has {heldOut.Count}");
         var clock = System.Diagnostics.Stopwatch.StartNew();
         byte[] bytes;
+        Model.TorchRuntime.UseIntraOpThreads(Model.TorchRuntime.ConfiguredThreads);   // as sampling: training work leaves its thread at one
         using (Model.TorchRuntime.Compute())
         using (var scope = NewDisposeScope())
         {

@@ -17,6 +17,14 @@ internal static class EvalCommand
     /// <summary>The evaluation seed of both ways (Evaluator's default): the same samples and noise here and on the workers.</summary>
     internal const long Seed = 1234;
 
+    /// <summary>Most held-out images per bits/dim batch (the coordinator's limit too).</summary>
+    internal const int MaxBpdBatch = Server.SamplingService.MaxBpdBatch;
+
+    internal static void CheckBpdBatch(int bpdBatch)
+    {
+        if (bpdBatch is < 1 or > MaxBpdBatch) throw new UsageException($"--bpd-batch {bpdBatch}: expected 1..{MaxBpdBatch} images per batch");
+    }
+
     public static Command Create()
     {
         var checkpoint = new Option<string?>("--checkpoint") { Description = "Evaluate in this process a run folder (its latest checkpoint) or one checkpoint folder" };
@@ -29,6 +37,11 @@ internal static class EvalCommand
         var images = new Option<int>("--bpd-images") { Description = "Images: held-out images for bits/dim", DefaultValueFactory = _ => 256 };
         var raw = new Option<bool>("--raw-weights") { Description = "Evaluate the raw weights instead of the EMA weights" };
         var json = new Option<bool>("--json") { Description = "Print the figures as JSON" };
+        var bpdBatch = new Option<int>("--bpd-batch")
+        {
+            Description = $"Images: held-out images per network batch of bits/dim (the terms depend on it; with --address, the unit of work a worker gets)",
+            DefaultValueFactory = _ => Evaluator.DefaultBpdBatch,
+        };
         var sampler = new Option<string>("--sampler") { Description = "Sampler of the evaluated samples: ddpm (all T steps) or ddim", DefaultValueFactory = _ => "ddpm" };
         var steps = new Option<int>("--steps") { Description = "DDIM: number of strided steps (0: all T)", DefaultValueFactory = _ => 0 };
         var eta = new Option<double>("--eta") { Description = "DDIM eta in [0, 1]", DefaultValueFactory = _ => 0.0 };
@@ -36,7 +49,7 @@ internal static class EvalCommand
         var threads = CliSupport.ThreadsOption();
         var cmd = new Command("eval", "Print quality figures: sliced Wasserstein distance vs its noise floor (2-D), bits/dim and nearest-neighbour distances (images)")
         {
-            checkpoint, address, run, tokenFile, timeout, tlsCa, samples, images, raw, json, sampler, steps, eta, device, threads,
+            checkpoint, address, run, tokenFile, timeout, tlsCa, samples, images, bpdBatch, raw, json, sampler, steps, eta, device, threads,
         };
         cmd.SetAction(p =>
         {
@@ -52,18 +65,19 @@ internal static class EvalCommand
                 (url, tokenPath) = (found.Grpc.ToString(), found.TokenFile);
             }
             if (url is not null)
-                return RemoteEval.Run(url, tokenPath, p.GetValue(timeout), p.GetValue(tlsCa), p.GetValue(samples), p.GetValue(images), p.GetValue(raw), p.GetValue(json),
+                return RemoteEval.Run(url, tokenPath, p.GetValue(timeout), p.GetValue(tlsCa), p.GetValue(samples), p.GetValue(images), p.GetValue(bpdBatch), p.GetValue(raw), p.GetValue(json),
                     SampleCommand.ParseSampler(p.GetValue(sampler)!), p.GetValue(steps), p.GetValue(eta), Seed);
-            return Run(p.GetValue(checkpoint)!, p.GetValue(samples), p.GetValue(images), p.GetValue(raw), p.GetValue(json),
+            return Run(p.GetValue(checkpoint)!, p.GetValue(samples), p.GetValue(images), p.GetValue(bpdBatch), p.GetValue(raw), p.GetValue(json),
                 SampleCommand.ParseSampler(p.GetValue(sampler)!), p.GetValue(steps), p.GetValue(eta), p.GetValue(device)!, p.GetValue(threads));
         });
         return cmd;
     }
 
-    private static int Run(string checkpointPath, int samples, int bpdImages, bool rawWeights, bool json, SamplingMethod sampler, int steps, double eta, string deviceSpec, int threads)
+    private static int Run(string checkpointPath, int samples, int bpdImages, int bpdBatch, bool rawWeights, bool json, SamplingMethod sampler, int steps, double eta, string deviceSpec, int threads)
     {
         if (samples < 2) throw new UsageException($"--samples {samples}: expected at least 2");
         if (bpdImages < 1) throw new UsageException($"--bpd-images {bpdImages}: expected at least 1");
+        CheckBpdBatch(bpdBatch);
         var device = CliSupport.ResolveDevice(deviceSpec, threads);
         var (model, data) = CliSupport.LoadModel(checkpointPath, rawWeights, device, DatasetLoader.ResolveDataPath);
         using var modelScope = model;
@@ -73,7 +87,7 @@ internal static class EvalCommand
         using (train)
         using (heldOut)
         {
-            var report = Evaluator.Evaluate(model, data.Step, train, heldOut, samples, bpdImages, sampler: sampler, samplerSteps: steps, eta: eta);
+            var report = Evaluator.Evaluate(new LocalEvalSource(model) { BpdBatch = bpdBatch }, model.Recipe, data.Step, train, heldOut, samples, bpdImages, sampler: sampler, samplerSteps: steps, eta: eta);
             if (json)
                 Console.WriteLine(JsonSerializer.Serialize(report, Model.Training.Recipe.JsonOptions));
             else

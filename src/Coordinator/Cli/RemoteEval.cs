@@ -43,7 +43,7 @@ internal static class RemoteEval
         public void Dispose() => samples.Dispose();
     }
 
-    public static int Run(string addressText, string? tokenFile, double timeoutSeconds, string? tlsCa, int samples, int bpdImages, bool rawWeights, bool json,
+    public static int Run(string addressText, string? tokenFile, double timeoutSeconds, string? tlsCa, int samples, int bpdImages, int bpdBatch, bool rawWeights, bool json,
         SamplingMethod sampler, int steps, double eta, long seed)
     {
         if (timeoutSeconds < 0 || !double.IsFinite(timeoutSeconds)) throw new UsageException($"--timeout {timeoutSeconds}: expected seconds >= 0");
@@ -56,7 +56,7 @@ internal static class RemoteEval
         try
         {
             var clock = Stopwatch.StartNew();
-            var (report, fetched) = Evaluate(channel, token, timeoutSeconds, samples, bpdImages, rawWeights, sampler, steps, eta, seed, showProgress: !json, cts.Token);
+            var (report, fetched) = Evaluate(channel, token, timeoutSeconds, samples, bpdImages, bpdBatch, rawWeights, sampler, steps, eta, seed, showProgress: !json, cts.Token);
             using (fetched)
             {
                 if (json)
@@ -93,11 +93,12 @@ internal static class RemoteEval
     /// <see cref="StatusSeconds"/>, Evaluate by <paramref name="timeoutSeconds"/> (0: none; the coordinator still ends it
     /// when no worker remains).
     /// </summary>
-    internal static (EvalReport Report, Fetched Fetched) Evaluate(ChannelBase channel, string? token, double timeoutSeconds, int samples, int bpdImages, bool rawWeights,
+    internal static (EvalReport Report, Fetched Fetched) Evaluate(ChannelBase channel, string? token, double timeoutSeconds, int samples, int bpdImages, int bpdBatch, bool rawWeights,
         SamplingMethod sampler, int steps, double eta, long seed, bool showProgress, CancellationToken ct)
     {
         if (samples < 2) throw new UsageException($"--samples {samples}: expected at least 2");
         if (bpdImages < 1) throw new UsageException($"--bpd-images {bpdImages}: expected at least 1");
+        EvalCommand.CheckBpdBatch(bpdBatch);
         if (steps < 0) throw new UsageException($"--steps {steps}: expected >= 0");
         var status = new Protocol.V1.Coordinator.CoordinatorClient(channel).GetStatus(new GetStatusRequest(), Token.Headers(token), DateTime.UtcNow.AddSeconds(StatusSeconds), ct);
         if (status.RecipeJson.Length == 0)
@@ -108,7 +109,7 @@ internal static class RemoteEval
         using (heldOut)
         {
             var plan = Evaluator.Plan(recipe, heldOut.Count, samples, bpdImages);
-            var fetched = Fetch(channel, token, timeoutSeconds, recipe, plan, (ulong)heldOut.Count, rawWeights, sampler, steps, eta, seed, showProgress, ct);
+            var fetched = Fetch(channel, token, timeoutSeconds, recipe, plan, (ulong)heldOut.Count, bpdBatch, rawWeights, sampler, steps, eta, seed, showProgress, ct);
             try
             {
                 var report = Evaluator.Evaluate(fetched, recipe, (long)fetched.Progress.Step, train, heldOut, samples, bpdImages, seed, sampler, steps, eta);
@@ -125,7 +126,7 @@ internal static class RemoteEval
     /// <summary>Bound of the GetStatus call that reads the recipe.</summary>
     internal const double StatusSeconds = 30;
 
-    private static Fetched Fetch(ChannelBase channel, string? token, double timeoutSeconds, Recipe recipe, (int Samples, int BpdImages) plan, ulong heldOutSize,
+    private static Fetched Fetch(ChannelBase channel, string? token, double timeoutSeconds, Recipe recipe, (int Samples, int BpdImages) plan, ulong heldOutSize, int bpdBatch,
         bool rawWeights, SamplingMethod sampler, int steps, double eta, long seed, bool showProgress, CancellationToken ct)
     {
         var request = new EvalRequest
@@ -138,6 +139,7 @@ internal static class RemoteEval
             Weights = rawWeights ? Weights.Raw : Weights.Unspecified,
             BpdImages = (uint)plan.BpdImages,
             HeldOutSize = heldOutSize,
+            BpdBatch = (uint)bpdBatch,
         };
         var deadline = timeoutSeconds > 0 ? DateTime.UtcNow.AddSeconds(timeoutSeconds) : (DateTime?)null;
         using var call = new Sampler.SamplerClient(channel).Evaluate(request, Token.Headers(token), deadline, ct);

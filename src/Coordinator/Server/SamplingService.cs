@@ -112,8 +112,8 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
         }
     }
 
-    /// <summary>Most held-out images one bits/dim batch of an evaluation holds (a worker computes T network passes on each).</summary>
-    internal const int MaxBpdBatch = 16;
+    /// <summary>Most held-out images one bits/dim batch of an evaluation may hold (a worker computes T network passes of it).</summary>
+    internal const int MaxBpdBatch = 1024;
 
     /// <summary>
     /// Sampler.Evaluate: one weights snapshot (its step goes to the client) for the eval samples and the bits/dim terms;
@@ -157,7 +157,8 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
         if (request.BpdImages > 0)
         {
             var template = new SampleWork { Count = request.BpdImages, Seed = request.Seed, Kind = SampleWorkKind.BitsPerDim, HeldOutSize = request.HeldOutSize };
-            jobs.Add((sampling.Start(template, snapshot, [2], 0, MaxBpdBatch), true));
+            var batch = request.BpdBatch == 0 ? (uint)Model.Metrics.Evaluator.DefaultBpdBatch : request.BpdBatch;
+            jobs.Add((sampling.Start(template, snapshot, [2], 0, MaxBpdBatch, batch), true));
         }
         var resolved = snapshot.Ema ? Weights.Ema : Weights.Raw;
         var step = snapshot.Header.Step;
@@ -269,6 +270,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
             throw Bad(StatusCode.ResourceExhausted, $"bpd_images {r.BpdImages}: at most {options.MaxSamplesPerRequest} images per request (raise MaxSamplesPerRequest)");
         if (r.BpdImages > 0 && r.HeldOutSize < r.BpdImages)
             throw Bad(StatusCode.InvalidArgument, $"held_out_size {r.HeldOutSize}: expected at least bpd_images ({r.BpdImages})");
+        if (r.BpdBatch > MaxBpdBatch) throw Bad(StatusCode.InvalidArgument, $"bpd_batch {r.BpdBatch}: expected 0 (128) or 1..{MaxBpdBatch} images per batch");
         if (r.Sampler is not (SamplerKind.Unspecified or SamplerKind.Ddpm or SamplerKind.Ddim))
             throw Bad(StatusCode.InvalidArgument, $"sampler {(int)r.Sampler}: expected SAMPLER_KIND_DDPM or SAMPLER_KIND_DDIM");
         if (r.Weights is not (Weights.Unspecified or Weights.Ema or Weights.Raw))

@@ -55,6 +55,9 @@ public interface IEvalSource
 /// <summary>The one-process evaluation: everything computed in this process from <paramref name="model"/>.</summary>
 public sealed class LocalEvalSource(DiffusionModel model) : IEvalSource
 {
+    /// <summary>Held-out images per network batch of bits/dim (an image's terms depend on the batch size, not on the batch's other images).</summary>
+    public int BpdBatch { get; init; } = Evaluator.DefaultBpdBatch;
+
     public Tensor Sample(SamplingRequest request)
     {
         using var result = model.Sample(request);
@@ -64,7 +67,7 @@ public sealed class LocalEvalSource(DiffusionModel model) : IEvalSource
     public (Tensor Total, Tensor Prior) BitsPerDim(Dataset heldOut, int m, long seed)
     {
         using var images = heldOut.Data.narrow(0, 0, m);
-        return Evaluator.BitsPerDim(model, images, seed);
+        return Evaluator.BitsPerDim(model, images, seed, BpdBatch);
     }
 }
 
@@ -73,12 +76,15 @@ public static class Evaluator
     /// <summary>Independent data draws averaged for the sliced Wasserstein noise floor.</summary>
     public const int FloorDraws = 8;
 
+    /// <summary>Held-out images per network batch of <see cref="BitsPerDim"/> unless told otherwise.</summary>
+    public const int DefaultBpdBatch = 128;
+
     /// <summary>Variational bound per image in bits/dim [B]: the sum over t of the bound terms plus the prior term, with fixed per-image noise.</summary>
     /// <remarks>
     /// <paramref name="firstIndex"/>: the index of images[0] in the held-out split (image i's noise at t comes from
     /// (seed, firstIndex + i, t)), so a range computed elsewhere gives the terms of the whole split's computation.
     /// </remarks>
-    public static (Tensor Total, Tensor Prior) BitsPerDim(DiffusionModel model, Tensor images, long seed = 0, int batchSize = 128, long firstIndex = 0, CancellationToken ct = default)
+    public static (Tensor Total, Tensor Prior) BitsPerDim(DiffusionModel model, Tensor images, long seed = 0, int batchSize = DefaultBpdBatch, long firstIndex = 0, CancellationToken ct = default)
     {
         using var noGrad = no_grad();
         model.Network.eval();
