@@ -78,7 +78,7 @@ public sealed class EvalTests() : TempFolderTest("dd-eval")
     private static (EvalReport Report, RemoteEval.Fetched Fetched) Remote(Uri address, int bpdImages, int bpdBatch)
     {
         using var channel = ClientChannel.Create(address);
-        return RemoteEval.Evaluate(channel, Cluster.Token, 120, 2000, bpdImages, bpdBatch, false, SamplingMethod.Ddpm, 0, 0, Seed, showProgress: false, CancellationToken.None);
+        return RemoteEval.Evaluate(channel, Cluster.Token, 120, 2000, Math.Max(1, bpdImages), bpdBatch, false, SamplingMethod.Ddpm, 0, 0, Seed, showProgress: false, CancellationToken.None);
     }
 
     private static float[] Values(Tensor t)
@@ -194,5 +194,47 @@ public sealed class EvalTests() : TempFolderTest("dd-eval")
         var e = await Assert.ThrowsAsync<RpcException>(() => Task.Run(() => Remote(server.Address, 8, batch)));
         Assert.Equal(StatusCode.Unavailable, e.StatusCode);
         Assert.True(clock.Elapsed < TimeSpan.FromSeconds(60), $"the failure took {clock.Elapsed.TotalSeconds:F0} s");
+    }
+
+    [Fact(Timeout = 240_000)]
+    public async Task TwoDimensionalEvalDuringTrainingPinsAStepAndBadRequestsAreRefusedNamingTheValueWithTrainingUndisturbed()
+    {
+        var options = Cluster.Options(Path.Combine(Dir, "train"), steps: 1_000_000);
+        await using var server = await Cluster.Start(options);
+        using var worker = new WorkerProcess(server.Address, Cluster.Token);
+        await Cluster.WaitUntil(() => server.Loop.StepsDone >= 20, TimeSpan.FromSeconds(120), "20 training steps", () => worker.Output);
+
+        using var channel = ClientChannel.Create(server.Address);
+        var client = new Protocol.V1.Sampler.SamplerClient(channel);
+        async Task<RpcException> Refused(Protocol.V1.EvalRequest request)
+        {
+            using var call = client.Evaluate(request, Token.Headers(Cluster.Token), DateTime.UtcNow.AddSeconds(30));
+            return await Assert.ThrowsAsync<RpcException>(async () => { while (await call.ResponseStream.MoveNext(CancellationToken.None)) { } });
+        }
+        var before = server.Loop.StepsDone;
+        var e = await Refused(new Protocol.V1.EvalRequest { Samples = 100, BpdImages = 8, HeldOutSize = 500 });
+        Assert.Equal(StatusCode.InvalidArgument, e.StatusCode);
+        Assert.Contains("bpd_images 8", e.Status.Detail);
+        e = await Refused(new Protocol.V1.EvalRequest());
+        Assert.Equal(StatusCode.InvalidArgument, e.StatusCode);
+        e = await Refused(new Protocol.V1.EvalRequest { Samples = 100, Eta = 0.5 });
+        Assert.Contains("eta 0.5", e.Status.Detail);
+        e = await Refused(new Protocol.V1.EvalRequest { Samples = 1_000_000 });
+        Assert.Equal(StatusCode.ResourceExhausted, e.StatusCode);
+        using (var noToken = client.Evaluate(new Protocol.V1.EvalRequest { Samples = 100 }, deadline: DateTime.UtcNow.AddSeconds(30)))
+            Assert.Equal(StatusCode.Unauthenticated, (await Assert.ThrowsAsync<RpcException>(async () => await noToken.ResponseStream.MoveNext(CancellationToken.None))).StatusCode);
+
+        // A 2-D evaluation while training runs: the figures name the step of the one snapshot they used.
+        var (report, fetched) = await Task.Run(() => Remote(server.Address, 0, 16));
+        using (fetched)
+        {
+            Assert.Equal((long)fetched.Progress.Step, report.Step);
+            Assert.True(report.Step >= (long)before, $"step {report.Step}, training was at {before}");
+            Assert.Equal(2000, report.SampleCount);
+            Assert.NotNull(report.SlicedWasserstein);
+            Assert.Null(report.BitsPerDim);
+        }
+        var after = server.Loop.StepsDone;
+        await Cluster.WaitUntil(() => server.Loop.StepsDone > after, TimeSpan.FromSeconds(60), "training to go on", () => worker.Output);
     }
 }

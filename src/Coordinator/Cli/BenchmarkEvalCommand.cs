@@ -103,9 +103,11 @@ internal static class BenchmarkEvalCommand
         finally
         {
             server.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            // Workers of a coordinator that stops keep trying to reconnect: end the ones started here.
             foreach (var p in processes)
             {
-                if (!p.WaitForExit(TimeSpan.FromSeconds(10))) p.Kill(entireProcessTree: true);
+                if (!p.HasExited) p.Kill(entireProcessTree: true);
+                p.WaitForExit(TimeSpan.FromSeconds(10));
                 p.Dispose();
             }
         }

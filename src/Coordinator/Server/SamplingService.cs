@@ -152,7 +152,8 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
             {
                 Count = request.Samples, Sampler = ddim ? SamplerKind.Ddim : SamplerKind.Ddpm, Steps = ddim ? steps : 0, Eta = request.Eta, Seed = request.Seed,
             };
-            jobs.Add((sampling.Start(template, snapshot, shape, 0, recipe.IsImageData ? 64 : 2000), false));
+            // One batch per worker: the client waits for all of them anyway, and fewer, larger batches cost fewer network calls.
+            jobs.Add((sampling.Start(template, snapshot, shape, 0, recipe.IsImageData ? 64 : 2000, batchesPerWorker: 1), false));
         }
         if (request.BpdImages > 0)
         {
