@@ -9,7 +9,8 @@ namespace DistDiffusion.Worker;
 
 /// <summary>
 /// What a worker computes with for one run: its copy of the recipe's network, the training split (loaded
-/// locally on the first training assignment: a worker that only samples needs no data), and the loss of
+/// locally on the first training or bits/dim assignment: a worker that only samples needs no data), the held-out
+/// split of evaluation work (loaded with it), and the loss of
 /// Algorithm 1. Kept across reconnects while the recipe stays the same.
 /// </summary>
 internal sealed class WorkerModel : IDisposable
@@ -46,15 +47,34 @@ internal sealed class WorkerModel : IDisposable
     /// <summary>The training split, loaded on first use; it must have the coordinator's <paramref name="expectedSize"/>.</summary>
     public Dataset Train(long expectedSize)
     {
-        if (_train is null)
-        {
-            var (train, heldOut) = DatasetLoader.Load(DatasetLoader.ResolveDataPath(Recipe));
-            (_train, _heldOut) = (train, heldOut);
-        }
-        if (_train.Count != expectedSize)
+        LoadSplits();
+        if (_train!.Count != expectedSize)
             throw new ProtocolException(Grpc.Core.StatusCode.FailedPrecondition,
                 $"this worker's training split has {_train.Count} samples but the coordinator's has {expectedSize}: the dataset at '{Recipe.DataPath}' differs");
         return _train;
+    }
+
+    /// <summary>The held-out split (loaded with the training split on first use); it must have the client's <paramref name="expectedSize"/>.</summary>
+    public Dataset HeldOut(ulong expectedSize)
+    {
+        LoadSplits();
+        if ((ulong)_heldOut!.Count != expectedSize)
+            throw new InvalidOperationException(
+                $"this worker's held-out split has {_heldOut.Count} images but the evaluating client's has {expectedSize}: the dataset at '{Recipe.DataPath}' differs");
+        return _heldOut;
+    }
+
+    private readonly object _loading = new();
+
+    /// <summary>Loads both splits once (training on the session's thread and evaluation on the sampler's may ask at once).</summary>
+    private void LoadSplits()
+    {
+        lock (_loading)
+        {
+            if (_train is not null) return;
+            var (train, heldOut) = DatasetLoader.Load(DatasetLoader.ResolveDataPath(Recipe));
+            (_train, _heldOut) = (train, heldOut);
+        }
     }
 
     /// <summary>Computes micro-batch gradients the way `coordinator train` does (created on the first assignment).</summary>

@@ -100,6 +100,11 @@ internal sealed class WorkerSampler : IDisposable
 
     private void Run(SampleWork work, CancellationToken ct)
     {
+        if (work.Kind == SampleWorkKind.BitsPerDim)
+        {
+            RunBitsPerDim(work, ct);
+            return;
+        }
         var model = ModelFor(work.WeightsId);
         var kind = work.Sampler == SamplerKind.Ddim ? SamplingMethod.Ddim : SamplingMethod.Ddpm;
         var request = new SamplingRequest((int)work.Count, kind, (int)work.Steps, work.Eta, work.Seed, work.FirstIndex, (int)work.TrajectoryEvery);
@@ -110,6 +115,32 @@ internal sealed class WorkerSampler : IDisposable
         _log.LogDebug("Sample job {Job} batch {Batch}: {Count} chains in {Seconds:F2} s", work.JobId, work.Batch, work.Count, clock.Elapsed.TotalSeconds);
         // Inline when it fits one message, else header + chunks (a long trajectory of even one sample can pass the limit).
         foreach (var message in SampleTransport.Output(head, Bytes(result.Samples), frames))
+            if (!TrySend(message)) return;
+    }
+
+    /// <summary>
+    /// The bound of held-out images first..+count of this worker's own split, with the noise of (seed, image, t): the
+    /// per-image terms of the one-process <see cref="Model.Metrics.Evaluator.BitsPerDim"/>. Sent as float32 [count, 2] (total, prior).
+    /// </summary>
+    private void RunBitsPerDim(SampleWork work, CancellationToken ct)
+    {
+        var model = ModelFor(work.WeightsId);
+        var heldOut = _model.HeldOut(work.HeldOutSize);
+        if ((long)work.FirstIndex + work.Count > heldOut.Count)
+            throw new InvalidOperationException($"held-out images {work.FirstIndex}..+{work.Count}: this worker's split has {heldOut.Count}");
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        byte[] bytes;
+        Model.TorchRuntime.UseIntraOpThreads(Model.TorchRuntime.ConfiguredThreads);   // as sampling: training work leaves its thread at one
+        using (Model.TorchRuntime.Compute())
+        using (var scope = NewDisposeScope())
+        {
+            var images = heldOut.Data.narrow(0, work.FirstIndex, work.Count);
+            var (total, prior) = Model.Metrics.Evaluator.BitsPerDim(model, images, work.Seed, (int)work.Count, work.FirstIndex, ct);
+            bytes = Bytes(stack([total, prior], 1));
+        }
+        _log.LogDebug("Eval job {Job} batch {Batch}: bits/dim of {Count} held-out images in {Seconds:F2} s", work.JobId, work.Batch, work.Count, clock.Elapsed.TotalSeconds);
+        var head = new SampleOutput { JobId = work.JobId, Batch = work.Batch, FirstIndex = work.FirstIndex, Count = work.Count };
+        foreach (var message in SampleTransport.Output(head, bytes, []))
             if (!TrySend(message)) return;
     }
 

@@ -18,6 +18,7 @@ public static class CoordinatorCli
         BenchmarkSoakCommand.Create(),
         BenchmarkStragglerCommand.Create(),
         BenchmarkChaosCommand.Create(),
+        BenchmarkEvalCommand.Create(),
     };
 
     public static int Run(string[] args) => CliSupport.Invoke(Build(), args);

@@ -7,16 +7,41 @@ using DistDiffusion.Model.Sampling;
 
 namespace DistDiffusion.Coordinator.Cli;
 
-/// <summary>`coordinator eval --checkpoint DIR`: the quality figures of a trained model.</summary>
+/// <summary>
+/// `coordinator eval --checkpoint DIR`: the quality figures of a trained model, computed in this process;
+/// `--address URL` / `--run DIR`: the same figures for the model a coordinator serves or trains, its workers computing the
+/// samples and the bits/dim terms (<see cref="RemoteEval"/>).
+/// </summary>
 internal static class EvalCommand
 {
+    /// <summary>The evaluation seed of both ways (Evaluator's default): the same samples and noise here and on the workers.</summary>
+    internal const long Seed = 1234;
+
+    /// <summary>Most held-out images per bits/dim batch (the coordinator's limit too).</summary>
+    internal const int MaxBpdBatch = Server.SamplingService.MaxBpdBatch;
+
+    internal static void CheckBpdBatch(int bpdBatch)
+    {
+        if (bpdBatch is < 1 or > MaxBpdBatch) throw new UsageException($"--bpd-batch {bpdBatch}: expected 1..{MaxBpdBatch} images per batch");
+    }
+
     public static Command Create()
     {
-        var checkpoint = new Option<string>("--checkpoint") { Description = "A run folder (its latest checkpoint) or one checkpoint folder", Required = true };
+        var checkpoint = new Option<string?>("--checkpoint") { Description = "Evaluate in this process a run folder (its latest checkpoint) or one checkpoint folder" };
+        var address = new Option<string?>("--address") { Description = $"Evaluate the model of the coordinator at this URL on its workers instead (e.g. {DistDiffusion.Protocol.Names.DefaultAddress})" };
+        var run = RunEndpoints.RunOption();
+        var tokenFile = CliSupport.TokenFileOption();
+        var timeout = new Option<double>("--timeout") { Description = "With --address/--run: give up after this many seconds (0: no deadline)", DefaultValueFactory = _ => 3600 };
+        var tlsCa = new Option<string?>("--tls-ca") { Description = "With --address: CA certificate (PEM) to trust for an https coordinator" };
         var samples = new Option<int>("--samples") { Description = "2-D data: samples compared with held-out data", DefaultValueFactory = _ => 2000 };
         var images = new Option<int>("--bpd-images") { Description = "Images: held-out images for bits/dim", DefaultValueFactory = _ => 256 };
         var raw = new Option<bool>("--raw-weights") { Description = "Evaluate the raw weights instead of the EMA weights" };
         var json = new Option<bool>("--json") { Description = "Print the figures as JSON" };
+        var bpdBatch = new Option<int>("--bpd-batch")
+        {
+            Description = $"Images: held-out images per network batch of bits/dim (the terms depend on it; with --address, the unit of work a worker gets)",
+            DefaultValueFactory = _ => Evaluator.DefaultBpdBatch,
+        };
         var sampler = new Option<string>("--sampler") { Description = "Sampler of the evaluated samples: ddpm (all T steps) or ddim", DefaultValueFactory = _ => "ddpm" };
         var steps = new Option<int>("--steps") { Description = "DDIM: number of strided steps (0: all T)", DefaultValueFactory = _ => 0 };
         var eta = new Option<double>("--eta") { Description = "DDIM eta in [0, 1]", DefaultValueFactory = _ => 0.0 };
@@ -24,17 +49,35 @@ internal static class EvalCommand
         var threads = CliSupport.ThreadsOption();
         var cmd = new Command("eval", "Print quality figures: sliced Wasserstein distance vs its noise floor (2-D), bits/dim and nearest-neighbour distances (images)")
         {
-            checkpoint, samples, images, raw, json, sampler, steps, eta, device, threads,
+            checkpoint, address, run, tokenFile, timeout, tlsCa, samples, images, bpdBatch, raw, json, sampler, steps, eta, device, threads,
         };
-        cmd.SetAction(p => Run(p.GetValue(checkpoint)!, p.GetValue(samples), p.GetValue(images), p.GetValue(raw), p.GetValue(json),
-            SampleCommand.ParseSampler(p.GetValue(sampler)!), p.GetValue(steps), p.GetValue(eta), p.GetValue(device)!, p.GetValue(threads)));
+        cmd.SetAction(p =>
+        {
+            var given = (p.GetValue(checkpoint) is null ? 0 : 1) + (p.GetValue(address) is null ? 0 : 1) + (p.GetValue(run) is null ? 0 : 1);
+            if (given != 1)
+                throw new UsageException("give exactly one of --checkpoint DIR (evaluate here), --address URL or --run DIR (evaluate on a coordinator's workers)");
+            var tokenPath = p.GetValue(tokenFile);
+            var url = p.GetValue(address);
+            if (p.GetValue(run) is { } dir)
+            {
+                if (tokenPath is not null) throw new UsageException("--run DIR gives the token: drop --token-file");
+                var found = RunEndpoints.Read(dir);
+                (url, tokenPath) = (found.Grpc.ToString(), found.TokenFile);
+            }
+            if (url is not null)
+                return RemoteEval.Run(url, tokenPath, p.GetValue(timeout), p.GetValue(tlsCa), p.GetValue(samples), p.GetValue(images), p.GetValue(bpdBatch), p.GetValue(raw), p.GetValue(json),
+                    SampleCommand.ParseSampler(p.GetValue(sampler)!), p.GetValue(steps), p.GetValue(eta), Seed);
+            return Run(p.GetValue(checkpoint)!, p.GetValue(samples), p.GetValue(images), p.GetValue(bpdBatch), p.GetValue(raw), p.GetValue(json),
+                SampleCommand.ParseSampler(p.GetValue(sampler)!), p.GetValue(steps), p.GetValue(eta), p.GetValue(device)!, p.GetValue(threads));
+        });
         return cmd;
     }
 
-    private static int Run(string checkpointPath, int samples, int bpdImages, bool rawWeights, bool json, SamplingMethod sampler, int steps, double eta, string deviceSpec, int threads)
+    private static int Run(string checkpointPath, int samples, int bpdImages, int bpdBatch, bool rawWeights, bool json, SamplingMethod sampler, int steps, double eta, string deviceSpec, int threads)
     {
         if (samples < 2) throw new UsageException($"--samples {samples}: expected at least 2");
         if (bpdImages < 1) throw new UsageException($"--bpd-images {bpdImages}: expected at least 1");
+        CheckBpdBatch(bpdBatch);
         var device = CliSupport.ResolveDevice(deviceSpec, threads);
         var (model, data) = CliSupport.LoadModel(checkpointPath, rawWeights, device, DatasetLoader.ResolveDataPath);
         using var modelScope = model;
@@ -44,7 +87,7 @@ internal static class EvalCommand
         using (train)
         using (heldOut)
         {
-            var report = Evaluator.Evaluate(model, data.Step, train, heldOut, samples, bpdImages, sampler: sampler, samplerSteps: steps, eta: eta);
+            var report = Evaluator.Evaluate(new LocalEvalSource(model) { BpdBatch = bpdBatch }, model.Recipe, data.Step, train, heldOut, samples, bpdImages, sampler: sampler, samplerSteps: steps, eta: eta);
             if (json)
                 Console.WriteLine(JsonSerializer.Serialize(report, Model.Training.Recipe.JsonOptions));
             else

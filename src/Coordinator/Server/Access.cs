@@ -15,7 +15,7 @@ public enum Roles
     None = 0,
     /// <summary>Join as a worker: Trainer.Connect (parameters in, gradients out).</summary>
     Worker = 1,
-    /// <summary>Status, samples and reflection: Coordinator.GetStatus, Sampler.Sample, server reflection.</summary>
+    /// <summary>Status, samples, evaluation and reflection: Coordinator.GetStatus, Sampler.Sample, Sampler.Evaluate, server reflection.</summary>
     Client = 2,
     Any = Worker | Client,
 }
@@ -79,6 +79,7 @@ public static class AccessRules
         ["/distdiffusion.v1.Trainer/Connect"] = Roles.Worker,
         ["/distdiffusion.v1.Coordination/GetStatus"] = Roles.Client,
         ["/distdiffusion.v1.Sampler/Sample"] = Roles.Client,
+        ["/distdiffusion.v1.Sampler/Evaluate"] = Roles.Client,
         [Names.HealthCheckMethod] = Roles.None,
         [Names.HealthWatchMethod] = Roles.Any,
         ["/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"] = Roles.Client,

@@ -302,13 +302,15 @@ public sealed class SamplingCoordinator(CoordinatorOptions options, ILogger<Samp
     }
 
     /// <summary>Starts a job; the caller reads <see cref="Job.Changes"/> and must call <see cref="End"/>.</summary>
-    internal Job Start(SampleWork template, WeightsSnapshot weights, long[] sampleShape, int frames, int maxBatch)
+    /// <param name="fixedBatch">Set: batches of exactly this many (the last one fewer) at multiples of it, whatever the workers (bits/dim terms depend on the batch size).</param>
+    /// <param name="batchesPerWorker">Batches per connected worker when the size is free: 2 by default (an early first result for a streaming client).</param>
+    internal Job Start(SampleWork template, WeightsSnapshot weights, long[] sampleShape, int frames, int maxBatch, uint? fixedBatch = null, int batchesPerWorker = 2)
     {
         var elements = sampleShape.Aggregate(1L, (a, b) => a * b);
         var perSample = elements * 4 * (1 + frames);
         // Small enough to give every worker two batches (and an early first result), within the message limit.
-        var spread = (template.Count + 2 * Math.Max(1, WorkerCount) - 1) / (2 * Math.Max(1, WorkerCount));
-        var batchSize = (uint)Math.Clamp(Math.Min(MaxBatchBytes / Math.Max(1, perSample), spread), 1, maxBatch);
+        var spread = (template.Count + batchesPerWorker * Math.Max(1, WorkerCount) - 1) / (batchesPerWorker * Math.Max(1, WorkerCount));
+        var batchSize = fixedBatch ?? (uint)Math.Clamp(Math.Min(MaxBatchBytes / Math.Max(1, perSample), spread), 1, maxBatch);
         var batches = new List<(uint, uint)>();
         for (uint first = 0; first < template.Count; first += batchSize)
             batches.Add((first, Math.Min(batchSize, template.Count - first)));

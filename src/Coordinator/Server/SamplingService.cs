@@ -60,7 +60,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
         var resolved = snapshot.Ema ? Weights.Ema : Weights.Raw;
         log.LogInformation("Sample job {Job}: {Count} x {Sampler} ({Steps} steps), seed {Seed}, {Weights} weights of version {Version}, {Batches} batches",
             job.Id, request.Count, template.Sampler, steps, request.Seed, resolved, snapshot.Version, job.Batches.Length);
-        var writer = new BoundedWriter(responseStream, context, TimeSpan.FromSeconds(options.CallTimeoutSeconds));
+        var writer = new BoundedWriter<SampleResponse>(responseStream, context, TimeSpan.FromSeconds(options.CallTimeoutSeconds));
         try
         {
             SampleProgress Progress(uint done) => new() { Done = done, Total = request.Count, Workers = (uint)sampling.WorkerCount, ParameterVersion = snapshot.Version, Weights = resolved, Recipe = recipe.Name };
@@ -112,6 +112,179 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
         }
     }
 
+    /// <summary>Most held-out images one bits/dim batch of an evaluation may hold (a worker computes T network passes of it).</summary>
+    internal const int MaxBpdBatch = 1024;
+
+    /// <summary>
+    /// Sampler.Evaluate: one weights snapshot (its step goes to the client) for the eval samples and the bits/dim terms;
+    /// both run as jobs of <see cref="SamplingCoordinator"/> (idle workers pull batches, a lost worker's batches go to the
+    /// others), and results go to the client in index order per kind as they complete. Counts as one sampling request.
+    /// </summary>
+    public override async Task Evaluate(EvalRequest request, IServerStreamWriter<EvalResponse> responseStream, ServerCallContext context)
+    {
+        var recipe = loop.Recipe;
+        ValidateEval(request, recipe);
+        if (!sampling.TryBeginRequest())
+            throw new RpcException(new Status(StatusCode.ResourceExhausted,
+                $"{options.MaxConcurrentSampleRequests} sampling requests are already in progress, the most this coordinator serves at once (MaxConcurrentSampleRequests, --max-sample-requests); retry later"));
+        try
+        {
+            await EvaluateAsync(request, responseStream, context, recipe);
+        }
+        finally
+        {
+            sampling.EndRequest();
+        }
+    }
+
+    private async Task EvaluateAsync(EvalRequest request, IServerStreamWriter<EvalResponse> responseStream, ServerCallContext context, Model.Training.Recipe recipe)
+    {
+        var ct = context.CancellationToken;
+        var clock = Stopwatch.StartNew();
+        var shape = recipe.SampleShape;
+        var snapshot = await loop.SnapshotAsync(request.Weights != Weights.Raw, ct).WaitAsync(TimeSpan.FromSeconds(options.CallTimeoutSeconds), ct);
+        var ddim = request.Sampler == SamplerKind.Ddim;
+        var steps = (uint)SamplerSteps.Count(ddim ? SamplingMethod.Ddim : SamplingMethod.Ddpm, request.Steps, recipe.Timesteps);
+        var jobs = new List<(SamplingCoordinator.Job Job, bool Bpd)>();
+        if (request.Samples > 0)
+        {
+            var template = new SampleWork
+            {
+                Count = request.Samples, Sampler = ddim ? SamplerKind.Ddim : SamplerKind.Ddpm, Steps = ddim ? steps : 0, Eta = request.Eta, Seed = request.Seed,
+            };
+            // One batch per worker: the client waits for all of them anyway, and fewer, larger batches cost fewer network calls.
+            jobs.Add((sampling.Start(template, snapshot, shape, 0, recipe.IsImageData ? 64 : 2000, batchesPerWorker: 1), false));
+        }
+        if (request.BpdImages > 0)
+        {
+            var template = new SampleWork { Count = request.BpdImages, Seed = request.Seed, Kind = SampleWorkKind.BitsPerDim, HeldOutSize = request.HeldOutSize };
+            var batch = request.BpdBatch == 0 ? (uint)Model.Metrics.Evaluator.DefaultBpdBatch : request.BpdBatch;
+            jobs.Add((sampling.Start(template, snapshot, [2], 0, MaxBpdBatch, batch), true));
+        }
+        var resolved = snapshot.Ema ? Weights.Ema : Weights.Raw;
+        var step = snapshot.Header.Step;
+        log.LogInformation("Eval: {Samples} samples and bits/dim of {Images} held-out images, seed {Seed}, {Weights} weights of step {Step} (version {Version}), jobs {Jobs}",
+            request.Samples, request.BpdImages, request.Seed, resolved, step, snapshot.Version, string.Join(",", jobs.Select(j => j.Job.Id)));
+        var writer = new BoundedWriter<EvalResponse>(responseStream, context, TimeSpan.FromSeconds(options.CallTimeoutSeconds));
+        var next = new int[jobs.Count];
+        var done = new uint[jobs.Count];
+        try
+        {
+            EvalProgress Progress() => new()
+            {
+                SamplesDone = (uint)jobs.Zip(done).Where(j => !j.First.Bpd).Sum(j => j.Second), SamplesTotal = request.Samples,
+                ImagesDone = (uint)jobs.Zip(done).Where(j => j.First.Bpd).Sum(j => j.Second), ImagesTotal = request.BpdImages,
+                Workers = (uint)sampling.WorkerCount, Step = step, ParameterVersion = snapshot.Version, Weights = resolved, Recipe = recipe.Name,
+            };
+            await writer.WriteAsync(new EvalResponse { Progress = Progress() });
+            var noWorkerSince = sampling.WorkerCount == 0 ? Stopwatch.StartNew() : null;
+            while (Enumerable.Range(0, jobs.Count).Any(j => next[j] < jobs[j].Job.Batches.Length))
+            {
+                var sent = false;
+                for (var j = 0; j < jobs.Count; j++)
+                {
+                    var (job, bpd) = jobs[j];
+                    while (next[j] < job.Batches.Length && job.Results[next[j]] is { } output)
+                    {
+                        await writer.WriteAsync(bpd ? BitsPerDimResult(output) : new EvalResponse
+                        {
+                            Samples = new EvalSamples { FirstIndex = output.FirstIndex, Count = output.Count, Shape = { shape }, Tensor = output.Samples },
+                        });
+                        done[j] += output.Count;
+                        sampling.Forwarded(job, next[j]);
+                        next[j]++;
+                        sent = true;
+                    }
+                }
+                if (sent)
+                {
+                    await writer.WriteAsync(new EvalResponse { Progress = Progress() });
+                    continue;
+                }
+                if (sampling.WorkerCount > 0) noWorkerSince = null;
+                else if ((noWorkerSince ??= Stopwatch.StartNew()).Elapsed.TotalSeconds > options.SampleWaitSeconds)
+                    throw new RpcException(new Status(StatusCode.Unavailable,
+                        $"no worker is connected to evaluate on (waited {options.SampleWaitSeconds:F0} s); start workers with `worker --coordinator URL`"));
+                // Wait for a change of any job (a result or a failure), polling for lost workers twice a second.
+                using var wait = CancellationTokenSource.CreateLinkedTokenSource(ct);
+                wait.CancelAfter(TimeSpan.FromMilliseconds(500));
+                try
+                {
+                    await Task.WhenAny(jobs.Select(j => j.Job.Changes.Reader.WaitToReadAsync(wait.Token).AsTask()));
+                }
+                catch (OperationCanceledException) when (!ct.IsCancellationRequested)
+                {
+                    // poll
+                }
+                ct.ThrowIfCancellationRequested();
+                foreach (var (job, _) in jobs)
+                    while (job.Changes.Reader.TryRead(out var failure))
+                        if (failure is not null) throw new RpcException(new Status(StatusCode.Internal, failure));
+            }
+            log.LogInformation("Eval at step {Step} done in {Seconds:F2} s", step, clock.Elapsed.TotalSeconds);
+        }
+        catch (OperationCanceledException) when (ct.IsCancellationRequested)
+        {
+            log.LogInformation("Eval at step {Step} cancelled by the client after {Seconds:F2} s", step, clock.Elapsed.TotalSeconds);
+            throw;
+        }
+        catch (TimeoutException)
+        {
+            log.LogWarning("Eval at step {Step}: the client read nothing for {Seconds} s; ending the call and its jobs", step, options.CallTimeoutSeconds);
+            throw new RpcException(new Status(StatusCode.DeadlineExceeded, $"the client read nothing for {options.CallTimeoutSeconds} s"));
+        }
+        finally
+        {
+            foreach (var (job, _) in jobs) sampling.End(job);
+        }
+    }
+
+    /// <summary>A bits/dim batch ([count, 2] interleaved total, prior) as the client's two float32 vectors.</summary>
+    private static EvalResponse BitsPerDimResult(SampleOutput output)
+    {
+        var values = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(output.Samples.Span);
+        var totals = new float[output.Count];
+        var priors = new float[output.Count];
+        for (var i = 0; i < totals.Length; i++) (totals[i], priors[i]) = (values[2 * i], values[2 * i + 1]);
+        return new EvalResponse
+        {
+            BitsPerDim = new EvalBitsPerDim
+            {
+                FirstIndex = output.FirstIndex, Count = output.Count,
+                Totals = ByteString.CopyFrom(System.Runtime.InteropServices.MemoryMarshal.AsBytes(totals.AsSpan())),
+                Priors = ByteString.CopyFrom(System.Runtime.InteropServices.MemoryMarshal.AsBytes(priors.AsSpan())),
+            },
+        };
+    }
+
+    private void ValidateEval(EvalRequest r, Model.Training.Recipe recipe)
+    {
+        static RpcException Bad(StatusCode code, string message) => new(new Status(code, message));
+        var T = recipe.Timesteps;
+        if (r.Samples == 0 && r.BpdImages == 0) throw Bad(StatusCode.InvalidArgument, "samples 0 and bpd_images 0: expected at least 1 of either");
+        if (r.Samples > options.MaxSamplesPerRequest)
+            throw Bad(StatusCode.ResourceExhausted, $"samples {r.Samples}: at most {options.MaxSamplesPerRequest} samples per request (raise MaxSamplesPerRequest)");
+        if (r.Samples is > 0 and < 2 && !recipe.IsImageData) throw Bad(StatusCode.InvalidArgument, $"samples {r.Samples}: expected at least 2 for a distance to held-out data");
+        if (r.BpdImages > 0 && !recipe.IsImageData)
+            throw Bad(StatusCode.InvalidArgument, $"bpd_images {r.BpdImages}: recipe {recipe.Name} has 2-D points, bits/dim is for image recipes (expected 0)");
+        if (r.BpdImages > options.MaxSamplesPerRequest)
+            throw Bad(StatusCode.ResourceExhausted, $"bpd_images {r.BpdImages}: at most {options.MaxSamplesPerRequest} images per request (raise MaxSamplesPerRequest)");
+        if (r.BpdImages > 0 && r.HeldOutSize < r.BpdImages)
+            throw Bad(StatusCode.InvalidArgument, $"held_out_size {r.HeldOutSize}: expected at least bpd_images ({r.BpdImages})");
+        if (r.BpdBatch > MaxBpdBatch) throw Bad(StatusCode.InvalidArgument, $"bpd_batch {r.BpdBatch}: expected 0 (128) or 1..{MaxBpdBatch} images per batch");
+        if (r.Sampler is not (SamplerKind.Unspecified or SamplerKind.Ddpm or SamplerKind.Ddim))
+            throw Bad(StatusCode.InvalidArgument, $"sampler {(int)r.Sampler}: expected SAMPLER_KIND_DDPM or SAMPLER_KIND_DDIM");
+        if (r.Weights is not (Weights.Unspecified or Weights.Ema or Weights.Raw))
+            throw Bad(StatusCode.InvalidArgument, $"weights {(int)r.Weights}: expected WEIGHTS_EMA or WEIGHTS_RAW");
+        var kind = r.Sampler == SamplerKind.Ddim ? SamplingMethod.Ddim : SamplingMethod.Ddpm;
+        if (SamplerSteps.Problem(kind, r.Steps, T) is { } stepsProblem) throw Bad(StatusCode.InvalidArgument, stepsProblem);
+        if (kind == SamplingMethod.Ddim)
+        {
+            if (!(r.Eta >= 0 && r.Eta <= 1)) throw Bad(StatusCode.InvalidArgument, $"eta {r.Eta}: expected 0..1");
+        }
+        else if (r.Eta != 0) throw Bad(StatusCode.InvalidArgument, $"eta {r.Eta}: only DDIM takes eta");
+    }
+
     /// <summary>Trajectory frames per sample: x_T, then every k-th step, and x_0 (0 when no trajectory is asked).</summary>
     private static int Frames(uint steps, uint every) => every == 0 ? 0 : (int)((steps + every - 1) / every) + 1;
 
@@ -119,9 +292,9 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
     /// Writes to the client, each write bounded by the call timeout: a client that reads nothing for that long has its
     /// call reset (so nothing stays queued for it) and the write throws <see cref="TimeoutException"/>.
     /// </summary>
-    private sealed class BoundedWriter(IServerStreamWriter<SampleResponse> stream, ServerCallContext context, TimeSpan timeout)
+    private sealed class BoundedWriter<TMessage>(IServerStreamWriter<TMessage> stream, ServerCallContext context, TimeSpan timeout)
     {
-        public async Task WriteAsync(SampleResponse message)
+        public async Task WriteAsync(TMessage message)
         {
             var write = stream.WriteAsync(message, context.CancellationToken);
             try
@@ -174,7 +347,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
     /// <summary>Most trajectory bytes one result message carries; a sample's further frames follow in results of their own.</summary>
     private const int ResultTrajectoryBytes = 1 << 20;
 
-    private static async Task WriteBatchAsync(BoundedWriter stream, SampleOutput output, long[] shape, int frames, bool tensor, bool png)
+    private static async Task WriteBatchAsync(BoundedWriter<SampleResponse> stream, SampleOutput output, long[] shape, int frames, bool tensor, bool png)
     {
         var elements = (int)shape.Aggregate(1L, (a, b) => a * b);
         var bytesPer = elements * 4;

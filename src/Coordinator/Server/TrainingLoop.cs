@@ -181,6 +181,7 @@ public sealed class TrainingLoop : BackgroundService
         var reply = new StatusReply
         {
             Recipe = s.Recipe.Name,
+            RecipeJson = RecipeJson,
             TargetStep = (ulong)_run.TargetStep,
             RunId = RunId,
         };

@@ -39,13 +39,52 @@ public sealed record EvalReport
     }
 }
 
+/// <summary>
+/// Where an evaluation gets its samples and its bits/dim terms: computed here from a model (<see cref="LocalEvalSource"/>)
+/// or by a coordinator's workers. Either way the same request gives the same samples and per-image terms.
+/// </summary>
+public interface IEvalSource
+{
+    /// <summary>Samples [n, ...] of <paramref name="request"/> (the caller disposes them).</summary>
+    Tensor Sample(SamplingRequest request);
+
+    /// <summary>Per-image bits/dim (total, prior) [m] of held-out images [0, m) with the noise of <paramref name="seed"/>.</summary>
+    (Tensor Total, Tensor Prior) BitsPerDim(Dataset heldOut, int m, long seed);
+}
+
+/// <summary>The one-process evaluation: everything computed in this process from <paramref name="model"/>.</summary>
+public sealed class LocalEvalSource(DiffusionModel model) : IEvalSource
+{
+    /// <summary>Held-out images per network batch of bits/dim (an image's terms depend on the batch size, not on the batch's other images).</summary>
+    public int BpdBatch { get; init; } = Evaluator.DefaultBpdBatch;
+
+    public Tensor Sample(SamplingRequest request)
+    {
+        using var result = model.Sample(request);
+        return result.Samples.alias().DetachFromDisposeScope();
+    }
+
+    public (Tensor Total, Tensor Prior) BitsPerDim(Dataset heldOut, int m, long seed)
+    {
+        using var images = heldOut.Data.narrow(0, 0, m);
+        return Evaluator.BitsPerDim(model, images, seed, BpdBatch);
+    }
+}
+
 public static class Evaluator
 {
     /// <summary>Independent data draws averaged for the sliced Wasserstein noise floor.</summary>
     public const int FloorDraws = 8;
 
+    /// <summary>Held-out images per network batch of <see cref="BitsPerDim"/> unless told otherwise.</summary>
+    public const int DefaultBpdBatch = 128;
+
     /// <summary>Variational bound per image in bits/dim [B]: the sum over t of the bound terms plus the prior term, with fixed per-image noise.</summary>
-    public static (Tensor Total, Tensor Prior) BitsPerDim(DiffusionModel model, Tensor images, long seed = 0, int batchSize = 128)
+    /// <remarks>
+    /// <paramref name="firstIndex"/>: the index of images[0] in the held-out split (image i's noise at t comes from
+    /// (seed, firstIndex + i, t)), so a range computed elsewhere gives the terms of the whole split's computation.
+    /// </remarks>
+    public static (Tensor Total, Tensor Prior) BitsPerDim(DiffusionModel model, Tensor images, long seed = 0, int batchSize = DefaultBpdBatch, long firstIndex = 0, CancellationToken ct = default)
     {
         using var noGrad = no_grad();
         model.Network.eval();
@@ -60,8 +99,9 @@ public static class Evaluator
             var vb = zeros(n, device: model.Device);
             for (var t = d.T - 1; t >= 0; t--)
             {
+                ct.ThrowIfCancellationRequested();
                 using var stepScope = NewDisposeScope();   // per-t intermediates go at once: memory stays flat in T
-                var keys = Enumerable.Range(0, (int)n).Select(i => Randomness.BitsPerDimNoise(seed, start + i, t)).ToArray();
+                var keys = Enumerable.Range(0, (int)n).Select(i => Randomness.BitsPerDimNoise(seed, firstIndex + start + i, t)).ToArray();
                 var eps = CounterRng.NormalRows(keys, model.SampleShape, model.Device);
                 var tt = full(new[] { n }, (long)t, ScalarType.Int64, model.Device);
                 var xt = d.QSample(x0, tt, eps);
@@ -76,16 +116,32 @@ public static class Evaluator
 
     /// <summary>The figures that apply to the model's data.</summary>
     public static EvalReport Evaluate(DiffusionModel model, long step, Dataset train, Dataset heldOut, int samples = 2000, int bpdImages = 256, long seed = 1234,
+        SamplingMethod sampler = SamplingMethod.Ddpm, int samplerSteps = 0, double eta = 0) =>
+        Evaluate(new LocalEvalSource(model), model.Recipe, step, train, heldOut, samples, bpdImages, seed, sampler, samplerSteps, eta);
+
+    /// <summary>
+    /// What an evaluation asks its source for: the samples drawn and the held-out images of bits/dim (0 for 2-D data).
+    /// A remote source fetches exactly these, at one weights snapshot, before <see cref="Evaluate(IEvalSource, Recipe, long, Dataset, Dataset, int, int, long, SamplingMethod, int, double)"/> runs.
+    /// </summary>
+    public static (int Samples, int BpdImages) Plan(Recipe recipe, long heldOutCount, int samples = 2000, int bpdImages = 256)
+    {
+        if (!recipe.IsImageData) return (samples, 0);
+        var m = (int)Math.Min(bpdImages, heldOutCount);
+        return (Math.Min(64, m), m);
+    }
+
+    /// <summary>The figures that apply to the recipe's data, with samples and bits/dim terms from <paramref name="source"/>.</summary>
+    public static EvalReport Evaluate(IEvalSource source, Recipe recipe, long step, Dataset train, Dataset heldOut, int samples = 2000, int bpdImages = 256, long seed = 1234,
         SamplingMethod sampler = SamplingMethod.Ddpm, int samplerSteps = 0, double eta = 0)
     {
-        var recipe = model.Recipe;
+        var plan = Plan(recipe, heldOut.Count, samples, bpdImages);
         if (!recipe.IsImageData)
         {
             // n samples and n-point fresh draws of the data are each compared with the whole held-out set;
             // the floor averages several fresh draws, so both figures carry the same finite-sample noise.
-            var n = samples;
-            using var result = model.Sample(new SamplingRequest(n, sampler, samplerSteps, eta, seed));
-            var swd = SlicedWasserstein.Distance(result.Samples, heldOut.Data);
+            var n = plan.Samples;
+            using var drawn = source.Sample(new SamplingRequest(n, sampler, samplerSteps, eta, seed));
+            var swd = SlicedWasserstein.Distance(drawn, heldOut.Data);
             var floors = new List<double>();
             for (var k = 0; k < FloorDraws; k++)
             {
@@ -101,15 +157,14 @@ public static class Evaluator
                 SlicedWassersteinFloor = floors.Average(),
             };
         }
-        var m = (int)Math.Min(bpdImages, heldOut.Count);
-        using var images = heldOut.Data.narrow(0, 0, m);
-        var (total, prior) = BitsPerDim(model, images, seed);
+        var m = plan.BpdImages;
+        var (total, prior) = source.BitsPerDim(heldOut, m, seed);
         using (total)
         using (prior)
         {
-            var k = Math.Min(64, m);
-            using var sampled = model.Sample(new SamplingRequest(k, sampler, samplerSteps, eta, seed));
-            using var sampleNn = NearestNeighbour.Distances(sampled.Samples, train.Data);
+            var k = plan.Samples;
+            using var sampled = source.Sample(new SamplingRequest(k, sampler, samplerSteps, eta, seed));
+            using var sampleNn = NearestNeighbour.Distances(sampled, train.Data);
             using var heldNn = NearestNeighbour.Distances(heldOut.Data.narrow(0, 0, k), train.Data);
             return new EvalReport
             {
