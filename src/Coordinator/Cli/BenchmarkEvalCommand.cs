@@ -81,7 +81,9 @@ internal static class BenchmarkEvalCommand
         double remoteSeconds;
         EvalReport remote;
         int used;
+#pragma warning disable CA2000 // disposed in the finally below (DisposeAsync, which the analyzer does not follow through GetResult)
         var server = CoordinatorServer.StartAsync(options, credentials, Serilog.Events.LogEventLevel.Warning, "[coordinator] ").GetAwaiter().GetResult();
+#pragma warning restore CA2000
         try
         {
             for (var i = 0; i < workers; i++)

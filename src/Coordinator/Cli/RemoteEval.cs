@@ -100,7 +100,7 @@ internal static class RemoteEval
         if (bpdImages < 1) throw new UsageException($"--bpd-images {bpdImages}: expected at least 1");
         EvalCommand.CheckBpdBatch(bpdBatch);
         if (steps < 0) throw new UsageException($"--steps {steps}: expected >= 0");
-        var status = new Protocol.V1.Coordinator.CoordinatorClient(channel).GetStatus(new GetStatusRequest(), Token.Headers(token), DateTime.UtcNow.AddSeconds(StatusSeconds), ct);
+        var status = new Coordination.CoordinationClient(channel).GetStatus(new GetStatusRequest(), Token.Headers(token), DateTime.UtcNow.AddSeconds(StatusSeconds), ct);
         if (status.RecipeJson.Length == 0)
             throw new InvalidOperationException($"the coordinator did not send its recipe (recipe {status.Recipe}): it is older than this client; evaluate a checkpoint with --checkpoint");
         var recipe = DatasetLoader.ResolveDataPath(Recipe.FromJson(status.RecipeJson));
