@@ -22,6 +22,14 @@ public sealed record EvalReport
     /// <summary>Images: mean distance of samples to their nearest training image, and of held-out images to theirs.</summary>
     public double? NearestTrainDistance { get; init; }
     public double? HeldOutNearestTrainDistance { get; init; }
+    /// <summary>Labelled images: the data-set classifier's held-out accuracy, how it labels samples and held-out images, and the
+    /// Fréchet distance in its penultimate feature space ("classifier FID") of samples and, as a floor, of training images to held-out images.</summary>
+    public double? ClassifierAccuracy { get; init; }
+    public ClassStats? SampleClasses { get; init; }
+    public ClassStats? HeldOutClasses { get; init; }
+    public double? ClassifierFid { get; init; }
+    public double? ClassifierFidFloor { get; init; }
+    public int? ClassifierFidFloorImages { get; init; }
 
     /// <summary>SWD / floor: 1.0 is as close to the data as a fresh draw of the data itself.</summary>
     public double? SlicedWassersteinRatio => SlicedWasserstein / SlicedWassersteinFloor;
@@ -36,6 +44,13 @@ public sealed record EvalReport
             yield return string.Create(inv, $"bits/dim on {BpdImages} held-out images: {bpd:F3} (prior term {PriorBitsPerDim:F4})");
         if (NearestTrainDistance is { } nn)
             yield return string.Create(inv, $"nearest training image: samples {nn:F3}, held-out images {HeldOutNearestTrainDistance:F3} (much smaller for samples = memorization)");
+        if (SampleClasses is { } sc && HeldOutClasses is { } hc)
+        {
+            static string Describe(ClassStats c) => string.Create(System.Globalization.CultureInfo.InvariantCulture,
+                $"{100 * c.ConfidentShare:F1}% confident (>= {ClassifierFigures.Confidence}), {c.Classes} classes [{string.Join(" ", c.Histogram)}]");
+            yield return string.Create(inv, $"classifier (held-out accuracy {100 * ClassifierAccuracy:F2}%): {sc.Images} samples: {Describe(sc)}; {hc.Images} held-out: {Describe(hc)}");
+            yield return string.Create(inv, $"classifier FID: samples {ClassifierFid:F2} (vs {hc.Images} held-out images), train-vs-held-out floor {ClassifierFidFloor:F2} ({ClassifierFidFloorImages} training images)");
+        }
     }
 }
 
@@ -76,7 +91,8 @@ public static class Evaluator
 
     /// <summary>The figures that apply to the model's data.</summary>
     public static EvalReport Evaluate(DiffusionModel model, long step, Dataset train, Dataset heldOut, int samples = 2000, int bpdImages = 256, long seed = 1234,
-        SamplingMethod sampler = SamplingMethod.Ddpm, int samplerSteps = 0, double eta = 0)
+        SamplingMethod sampler = SamplingMethod.Ddpm, int samplerSteps = 0, double eta = 0,
+        DigitClassifier? classifier = null, double? classifierAccuracy = null, int classifierSamples = 1000)
     {
         var recipe = model.Recipe;
         if (!recipe.IsImageData)
@@ -108,8 +124,14 @@ public static class Evaluator
         using (prior)
         {
             var k = Math.Min(64, m);
-            using var sampled = model.Sample(new SamplingRequest(k, sampler, samplerSteps, eta, seed));
-            using var sampleNn = NearestNeighbour.Distances(sampled.Samples, train.Data);
+            // One sampling run serves both: the first k samples for the nearest-neighbour figure, all for the classifier's.
+            var withClassifier = classifier is not null && classifierSamples > 0;
+            if (withClassifier && classifierSamples < 2)
+                throw new ArgumentException($"classifier samples = {classifierSamples}: expected 0 (skip the classifier figures) or at least 2");
+            using var sampled = model.Sample(new SamplingRequest(withClassifier ? Math.Max(k, classifierSamples) : k, sampler, samplerSteps, eta, seed));
+            var figures = withClassifier ? ClassifierFigures.Compute(classifier!, sampled.Samples.narrow(0, 0, classifierSamples), train, heldOut) : null;
+            using var nnSamples = sampled.Samples.narrow(0, 0, k);
+            using var sampleNn = NearestNeighbour.Distances(nnSamples, train.Data);
             using var heldNn = NearestNeighbour.Distances(heldOut.Data.narrow(0, 0, k), train.Data);
             return new EvalReport
             {
@@ -121,6 +143,12 @@ public static class Evaluator
                 NearestTrainDistance = sampleNn.mean().item<float>(),
                 HeldOutNearestTrainDistance = heldNn.mean().item<float>(),
                 SampleCount = k,
+                ClassifierAccuracy = figures is null ? null : classifierAccuracy,
+                SampleClasses = figures?.Samples,
+                HeldOutClasses = figures?.HeldOut,
+                ClassifierFid = figures?.Fid,
+                ClassifierFidFloor = figures?.FidFloor,
+                ClassifierFidFloorImages = figures?.FloorImages,
             };
         }
     }
