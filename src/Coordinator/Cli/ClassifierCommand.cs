@@ -57,10 +57,13 @@ internal static class ClassifierCommand
         return CliSupport.ExitOk;
     }
 
+    /// <summary>The classifier config of the verb and of eval; tests swap in a tiny one (a few hundred images, one epoch).</summary>
+    internal static ClassifierConfig Config { get; set; } = ClassifierConfig.Default;
+
     /// <summary>The recipe's data set classifier from the cache, or trained now with progress and outcome on stderr.</summary>
     internal static CachedClassifier Obtain(Recipe recipe, Dataset train, Dataset heldOut, bool retrain = false, bool announce = true, ClassifierConfig? config = null)
     {
-        var classifier = ClassifierCache.LoadOrTrain(recipe.DataPath!, train, heldOut, recipe.HeldOutFraction, recipe.Seed, config, retrain,
+        var classifier = ClassifierCache.LoadOrTrain(recipe.DataPath!, train, heldOut, recipe.HeldOutFraction, recipe.Seed, config ?? Config, retrain,
             message => Console.Error.WriteLine(message));
         if (classifier.Trained && announce)
             Console.Error.WriteLine(Describe(classifier));
