@@ -48,7 +48,8 @@ public sealed record EvalReport
         {
             static string Describe(ClassStats c) => string.Create(System.Globalization.CultureInfo.InvariantCulture,
                 $"{100 * c.ConfidentShare:F1}% confident (>= {ClassifierFigures.Confidence}), {c.Classes} classes [{string.Join(" ", c.Histogram)}]");
-            yield return string.Create(inv, $"classifier (held-out accuracy {100 * ClassifierAccuracy:F2}%): {sc.Images} samples: {Describe(sc)}; {hc.Images} held-out: {Describe(hc)}");
+            var accuracy = ClassifierAccuracy is { } a ? string.Create(inv, $" (held-out accuracy {100 * a:F2}%)") : "";
+            yield return string.Create(inv, $"classifier{accuracy}: {sc.Images} samples: {Describe(sc)}; {hc.Images} held-out: {Describe(hc)}");
             yield return string.Create(inv, $"classifier FID: samples {ClassifierFid:F2} (vs {hc.Images} held-out images), train-vs-held-out floor {ClassifierFidFloor:F2} ({ClassifierFidFloorImages} training images)");
         }
     }
