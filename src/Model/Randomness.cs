@@ -57,6 +57,8 @@ public static class Randomness
     public const ulong VerifyTag = 0x5EF1;
     /// <summary>The train / held-out split of an image dataset.</summary>
     public const ulong SplitTag = 0x5B117;
+    /// <summary>The evaluation classifier (Metrics.DigitClassifier): its weights and its epochs' batch order.</summary>
+    public const ulong ClassifierTag = 0xC1A55;
     /// <summary>The synthetic 2-D training points and the independent held-out points.</summary>
     public const ulong SyntheticTrainTag = 0, SyntheticHeldOutTag = 1;
     /// <summary>A training sample's epsilon: its own stream, the sample key mixed with this.</summary>
@@ -110,6 +112,12 @@ public static class Randomness
     /// <summary>Torch's generator before a fresh run's weights are initialized: the run seed itself.</summary>
     public static long WeightInit(long runSeed) => runSeed;
 
+    /// <summary>The torch generator seed of the evaluation classifier's initial weights.</summary>
+    public static long ClassifierInit(long classifierSeed) => unchecked((long)SeedMix.Mix(classifierSeed, (long)ClassifierTag, 0));
+
+    /// <summary>The SplitMix state of the evaluation classifier's batch order in epoch <paramref name="epoch"/> (0-based).</summary>
+    public static ulong ClassifierEpochOrder(long classifierSeed, int epoch) => SeedMix.Mix(classifierSeed, (long)ClassifierTag, epoch + 1L);
+
     private static readonly KeyPart AnyStep = KeyPart.Var("step");
     private static readonly KeyPart AnyIndex = KeyPart.Var("index");
     private static readonly KeyPart DatasetKindValue = KeyPart.Var("dataset kind", 2);   // the synthetic kinds: 0..2
@@ -135,6 +143,10 @@ public static class Randomness
         new("synthetic training set", RandomConsumer.SplitMixState, "run seed", [KeyPart.Tag(SyntheticTrainTag), DatasetKindValue], "DatasetLoader, Synthetic2D"),
         new("synthetic held-out set", RandomConsumer.SplitMixState, "run seed", [KeyPart.Tag(SyntheticHeldOutTag), DatasetKindValue], "DatasetLoader, Synthetic2D"),
         new("image split", RandomConsumer.SplitMixState, "run seed", [KeyPart.Tag(SplitTag)], "Dataset.Split"),
+        new("classifier init", RandomConsumer.TorchGenerator, "classifier seed", [KeyPart.Tag(ClassifierTag), KeyPart.Tag(0)],
+            "DigitClassifier: the evaluation classifier's initial weights"),
+        new("classifier batch order", RandomConsumer.SplitMixState, "classifier seed", [KeyPart.Tag(ClassifierTag), KeyPart.Var("epoch + 1", int.MaxValue, 1)],
+            "DigitClassifier.Train: an epoch's permutation"),
         new("verify draw", RandomConsumer.SystemRandom, "run seed", [AnyStep, KeyPart.Tag(VerifyTag)], "TrainingLoop: --verify-fraction (coordinator)"),
     ];
 

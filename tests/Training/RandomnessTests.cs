@@ -28,7 +28,7 @@ public partial class RandomnessTests
     public void TagsAndSamplePositionsAreDistinct()
     {
         ulong[] tags = [Randomness.SamplingTag, Randomness.DataOrderTag, Randomness.FloorTag, Randomness.SlicedWassersteinTag,
-            Randomness.VerifyTag, Randomness.SplitTag];
+            Randomness.VerifyTag, Randomness.SplitTag, Randomness.ClassifierTag];
         Assert.Equal(tags.Length, tags.Distinct().Count());
         Assert.All(tags, t => Assert.False(t is >= Randomness.FloorTag + 1 and <= Randomness.FloorTag + 255, $"0x{t:X} is among the floor draws' tags"));
         ulong[] positions = [Randomness.TimestepPosition, Randomness.FlipPosition, Randomness.DropoutPosition];
@@ -63,6 +63,8 @@ public partial class RandomnessTests
         var key = (ulong)c * 0x9E3779B97F4A7C15UL;
         Assert.Equal(SeedMix.Mix(key, 3UL), Randomness.TrainingNoise(key));
         Assert.Equal(unchecked((long)SeedMix.Mix(seed, b)), Randomness.DropoutLayer(seed, b));
+        Assert.Equal(unchecked((long)SeedMix.Mix(SeedMix.Mix(seed, 0xC1A55), 0)), Randomness.ClassifierInit(seed));
+        Assert.Equal(SeedMix.Mix(SeedMix.Mix(seed, 0xC1A55), 3), Randomness.ClassifierEpochOrder(seed, 2));
         Assert.Equal(SeedMix.Mix(seed, a, 0x5A3D1E), Randomness.SamplingChain(seed, a));
         Assert.Equal(SeedMix.Mix(key, (ulong)(b + 1)), Randomness.SamplingStepNoise(key, (int)b));
         Assert.Equal(SeedMix.Mix(seed, a, 0x0E90C4), Randomness.EpochPermutation(seed, a));

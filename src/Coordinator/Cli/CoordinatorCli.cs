@@ -10,6 +10,7 @@ public static class CoordinatorCli
         TrainCommand.Create(),
         SampleCommand.Create(),
         EvalCommand.Create(),
+        ClassifierCommand.Create(),
         DownloadCommand.Create(),
         ServeCommand.Create(),
         RunCommand.Create(),

@@ -20,6 +20,18 @@ internal static class EvalCommand
     /// <summary>Most held-out images per bits/dim batch (the coordinator's limit too).</summary>
     internal const int MaxBpdBatch = Server.SamplingService.MaxBpdBatch;
 
+    /// <summary>The data set's classifier for labelled MNIST-style data and a non-zero --classifier-samples (null otherwise).</summary>
+    internal static CachedClassifier? ObtainClassifier(Recipe recipe, Dataset train, Dataset heldOut, int classifierSamples)
+    {
+        var labelled = recipe.Dataset is DatasetKind.Mnist or DatasetKind.FashionMnist && train.Labels is not null && heldOut.Labels is not null;
+        return labelled && classifierSamples > 0 ? ClassifierCommand.Obtain(recipe, train, heldOut) : null;
+    }
+
+    internal static void CheckClassifierSamples(int classifierSamples)
+    {
+        CheckClassifierSamples(classifierSamples);
+    }
+
     internal static void CheckBpdBatch(int bpdBatch)
     {
         if (bpdBatch is < 1 or > MaxBpdBatch) throw new UsageException($"--bpd-batch {bpdBatch}: expected 1..{MaxBpdBatch} images per batch");
@@ -45,11 +57,16 @@ internal static class EvalCommand
         var sampler = new Option<string>("--sampler") { Description = "Sampler of the evaluated samples: ddpm (all T steps) or ddim", DefaultValueFactory = _ => "ddpm" };
         var steps = new Option<int>("--steps") { Description = "DDIM: number of strided steps (0: all T)", DefaultValueFactory = _ => 0 };
         var eta = new Option<double>("--eta") { Description = "DDIM eta in [0, 1]", DefaultValueFactory = _ => 0.0 };
+        var classifierSamples = new Option<int>("--classifier-samples")
+        {
+            Description = "Labelled images (MNIST, Fashion-MNIST): samples labelled by the data set's classifier and compared with as many held-out images (classifier FID); 0 skips. The classifier is trained and cached on first use (see the classifier verb)",
+            DefaultValueFactory = _ => 1000,
+        };
         var device = CliSupport.DeviceOption();
         var threads = CliSupport.ThreadsOption();
-        var cmd = new Command("eval", "Print quality figures: sliced Wasserstein distance vs its noise floor (2-D), bits/dim and nearest-neighbour distances (images)")
+        var cmd = new Command("eval", "Print quality figures: sliced Wasserstein distance vs its noise floor (2-D), bits/dim and nearest-neighbour distances (images), and for labelled images (MNIST, Fashion-MNIST) the data-set classifier's confident-class shares, class histograms and classifier FID")
         {
-            checkpoint, address, run, tokenFile, timeout, tlsCa, samples, images, bpdBatch, raw, json, sampler, steps, eta, device, threads,
+            checkpoint, address, run, tokenFile, timeout, tlsCa, samples, images, bpdBatch, raw, json, sampler, steps, eta, classifierSamples, device, threads,
         };
         cmd.SetAction(p =>
         {
@@ -66,15 +83,16 @@ internal static class EvalCommand
             }
             if (url is not null)
                 return RemoteEval.Run(url, tokenPath, p.GetValue(timeout), p.GetValue(tlsCa), p.GetValue(samples), p.GetValue(images), p.GetValue(bpdBatch), p.GetValue(raw), p.GetValue(json),
-                    SampleCommand.ParseSampler(p.GetValue(sampler)!), p.GetValue(steps), p.GetValue(eta), Seed);
+                    SampleCommand.ParseSampler(p.GetValue(sampler)!), p.GetValue(steps), p.GetValue(eta), Seed, p.GetValue(classifierSamples));
             return Run(p.GetValue(checkpoint)!, p.GetValue(samples), p.GetValue(images), p.GetValue(bpdBatch), p.GetValue(raw), p.GetValue(json),
-                SampleCommand.ParseSampler(p.GetValue(sampler)!), p.GetValue(steps), p.GetValue(eta), p.GetValue(device)!, p.GetValue(threads));
+                SampleCommand.ParseSampler(p.GetValue(sampler)!), p.GetValue(steps), p.GetValue(eta), p.GetValue(device)!, p.GetValue(threads), p.GetValue(classifierSamples));
         });
         return cmd;
     }
 
-    private static int Run(string checkpointPath, int samples, int bpdImages, int bpdBatch, bool rawWeights, bool json, SamplingMethod sampler, int steps, double eta, string deviceSpec, int threads)
+    private static int Run(string checkpointPath, int samples, int bpdImages, int bpdBatch, bool rawWeights, bool json, SamplingMethod sampler, int steps, double eta, string deviceSpec, int threads, int classifierSamples)
     {
+        CheckClassifierSamples(classifierSamples);
         if (samples < 2) throw new UsageException($"--samples {samples}: expected at least 2");
         if (bpdImages < 1) throw new UsageException($"--bpd-images {bpdImages}: expected at least 1");
         CheckBpdBatch(bpdBatch);
@@ -87,7 +105,10 @@ internal static class EvalCommand
         using (train)
         using (heldOut)
         {
-            var report = Evaluator.Evaluate(new LocalEvalSource(model) { BpdBatch = bpdBatch }, model.Recipe, data.Step, train, heldOut, samples, bpdImages, sampler: sampler, samplerSteps: steps, eta: eta);
+            // Labelled MNIST-style data: the data set's classifier (cached next to the data; trained here on first use).
+            using var classifier = ObtainClassifier(recipe, train, heldOut, classifierSamples);
+            var report = Evaluator.Evaluate(new LocalEvalSource(model) { BpdBatch = bpdBatch }, model.Recipe, data.Step, train, heldOut, samples, bpdImages, sampler: sampler, samplerSteps: steps, eta: eta,
+                classifier: classifier?.Network, classifierAccuracy: classifier?.Info.HeldOutAccuracy, classifierSamples: classifierSamples);
             if (json)
                 Console.WriteLine(JsonSerializer.Serialize(report, Model.Training.Recipe.JsonOptions));
             else

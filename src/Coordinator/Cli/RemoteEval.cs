@@ -44,7 +44,7 @@ internal static class RemoteEval
     }
 
     public static int Run(string addressText, string? tokenFile, double timeoutSeconds, string? tlsCa, int samples, int bpdImages, int bpdBatch, bool rawWeights, bool json,
-        SamplingMethod sampler, int steps, double eta, long seed)
+        SamplingMethod sampler, int steps, double eta, long seed, int classifierSamples = 0)
     {
         if (timeoutSeconds < 0 || !double.IsFinite(timeoutSeconds)) throw new UsageException($"--timeout {timeoutSeconds}: expected seconds >= 0");
         var address = CliSupport.UserInput(() => ClientChannel.ParseAddress(addressText, "--address"));
@@ -56,7 +56,7 @@ internal static class RemoteEval
         try
         {
             var clock = Stopwatch.StartNew();
-            var (report, fetched) = Evaluate(channel, token, timeoutSeconds, samples, bpdImages, bpdBatch, rawWeights, sampler, steps, eta, seed, showProgress: !json, cts.Token);
+            var (report, fetched) = Evaluate(channel, token, timeoutSeconds, samples, bpdImages, bpdBatch, rawWeights, sampler, steps, eta, seed, showProgress: !json, cts.Token, classifierSamples);
             using (fetched)
             {
                 if (json)
@@ -94,8 +94,9 @@ internal static class RemoteEval
     /// when no worker remains).
     /// </summary>
     internal static (EvalReport Report, Fetched Fetched) Evaluate(ChannelBase channel, string? token, double timeoutSeconds, int samples, int bpdImages, int bpdBatch, bool rawWeights,
-        SamplingMethod sampler, int steps, double eta, long seed, bool showProgress, CancellationToken ct)
+        SamplingMethod sampler, int steps, double eta, long seed, bool showProgress, CancellationToken ct, int classifierSamples = 0)
     {
+        EvalCommand.CheckClassifierSamples(classifierSamples);
         if (samples < 2) throw new UsageException($"--samples {samples}: expected at least 2");
         if (bpdImages < 1) throw new UsageException($"--bpd-images {bpdImages}: expected at least 1");
         EvalCommand.CheckBpdBatch(bpdBatch);
@@ -108,11 +109,15 @@ internal static class RemoteEval
         using (train)
         using (heldOut)
         {
-            var plan = Evaluator.Plan(recipe, heldOut.Count, samples, bpdImages);
+            // The classifier runs here, on the samples the workers drew (trained and cached on first use, like eval --checkpoint's).
+            using var classifier = EvalCommand.ObtainClassifier(recipe, train, heldOut, classifierSamples);
+            var used = classifier is null ? 0 : classifierSamples;
+            var plan = Evaluator.Plan(recipe, heldOut.Count, samples, bpdImages, used);
             var fetched = Fetch(channel, token, timeoutSeconds, recipe, plan, (ulong)heldOut.Count, bpdBatch, rawWeights, sampler, steps, eta, seed, showProgress, ct);
             try
             {
-                var report = Evaluator.Evaluate(fetched, recipe, (long)fetched.Progress.Step, train, heldOut, samples, bpdImages, seed, sampler, steps, eta);
+                var report = Evaluator.Evaluate(fetched, recipe, (long)fetched.Progress.Step, train, heldOut, samples, bpdImages, seed, sampler, steps, eta,
+                    classifier?.Network, classifier?.Info.HeldOutAccuracy, used);
                 return (report, fetched);
             }
             catch

@@ -22,6 +22,14 @@ public sealed record EvalReport
     /// <summary>Images: mean distance of samples to their nearest training image, and of held-out images to theirs.</summary>
     public double? NearestTrainDistance { get; init; }
     public double? HeldOutNearestTrainDistance { get; init; }
+    /// <summary>Labelled images: the data-set classifier's held-out accuracy, how it labels samples and held-out images, and the
+    /// Fréchet distance in its penultimate feature space ("classifier FID") of samples and, as a floor, of training images to held-out images.</summary>
+    public double? ClassifierAccuracy { get; init; }
+    public ClassStats? SampleClasses { get; init; }
+    public ClassStats? HeldOutClasses { get; init; }
+    public double? ClassifierFid { get; init; }
+    public double? ClassifierFidFloor { get; init; }
+    public int? ClassifierFidFloorImages { get; init; }
 
     /// <summary>SWD / floor: 1.0 is as close to the data as a fresh draw of the data itself.</summary>
     public double? SlicedWassersteinRatio => SlicedWasserstein / SlicedWassersteinFloor;
@@ -36,6 +44,14 @@ public sealed record EvalReport
             yield return string.Create(inv, $"bits/dim on {BpdImages} held-out images: {bpd:F3} (prior term {PriorBitsPerDim:F4})");
         if (NearestTrainDistance is { } nn)
             yield return string.Create(inv, $"nearest training image: samples {nn:F3}, held-out images {HeldOutNearestTrainDistance:F3} (much smaller for samples = memorization)");
+        if (SampleClasses is { } sc && HeldOutClasses is { } hc)
+        {
+            static string Describe(ClassStats c) => string.Create(System.Globalization.CultureInfo.InvariantCulture,
+                $"{100 * c.ConfidentShare:F1}% confident (>= {ClassifierFigures.Confidence}), {c.Classes} classes [{string.Join(" ", c.Histogram)}]");
+            var accuracy = ClassifierAccuracy is { } a ? string.Create(inv, $" (held-out accuracy {100 * a:F2}%)") : "";
+            yield return string.Create(inv, $"classifier{accuracy}: {sc.Images} samples: {Describe(sc)}; {hc.Images} held-out: {Describe(hc)}");
+            yield return string.Create(inv, $"classifier FID: samples {ClassifierFid:F2} (vs {hc.Images} held-out images), train-vs-held-out floor {ClassifierFidFloor:F2} ({ClassifierFidFloorImages} training images)");
+        }
     }
 }
 
@@ -116,25 +132,33 @@ public static class Evaluator
 
     /// <summary>The figures that apply to the model's data.</summary>
     public static EvalReport Evaluate(DiffusionModel model, long step, Dataset train, Dataset heldOut, int samples = 2000, int bpdImages = 256, long seed = 1234,
-        SamplingMethod sampler = SamplingMethod.Ddpm, int samplerSteps = 0, double eta = 0) =>
-        Evaluate(new LocalEvalSource(model), model.Recipe, step, train, heldOut, samples, bpdImages, seed, sampler, samplerSteps, eta);
+        SamplingMethod sampler = SamplingMethod.Ddpm, int samplerSteps = 0, double eta = 0,
+        DigitClassifier? classifier = null, double? classifierAccuracy = null, int classifierSamples = 1000) =>
+        Evaluate(new LocalEvalSource(model), model.Recipe, step, train, heldOut, samples, bpdImages, seed, sampler, samplerSteps, eta, classifier, classifierAccuracy, classifierSamples);
 
     /// <summary>
-    /// What an evaluation asks its source for: the samples drawn and the held-out images of bits/dim (0 for 2-D data).
-    /// A remote source fetches exactly these, at one weights snapshot, before <see cref="Evaluate(IEvalSource, Recipe, long, Dataset, Dataset, int, int, long, SamplingMethod, int, double)"/> runs.
+    /// What an evaluation asks its source for: the samples drawn (the first 64 for the nearest-neighbour figure and, with a
+    /// classifier, <paramref name="classifierSamples"/> for its figures: one sampling run serves both) and the held-out
+    /// images of bits/dim (0 for 2-D data). A remote source fetches exactly these, at one weights snapshot, before
+    /// <see cref="Evaluate(IEvalSource, Recipe, long, Dataset, Dataset, int, int, long, SamplingMethod, int, double, DigitClassifier?, double?, int)"/> runs.
     /// </summary>
-    public static (int Samples, int BpdImages) Plan(Recipe recipe, long heldOutCount, int samples = 2000, int bpdImages = 256)
+    public static (int Samples, int BpdImages) Plan(Recipe recipe, long heldOutCount, int samples = 2000, int bpdImages = 256, int classifierSamples = 0)
     {
+        ArgumentNullException.ThrowIfNull(recipe);
         if (!recipe.IsImageData) return (samples, 0);
         var m = (int)Math.Min(bpdImages, heldOutCount);
-        return (Math.Min(64, m), m);
+        return (Math.Max(Math.Min(64, m), classifierSamples), m);
     }
 
     /// <summary>The figures that apply to the recipe's data, with samples and bits/dim terms from <paramref name="source"/>.</summary>
     public static EvalReport Evaluate(IEvalSource source, Recipe recipe, long step, Dataset train, Dataset heldOut, int samples = 2000, int bpdImages = 256, long seed = 1234,
-        SamplingMethod sampler = SamplingMethod.Ddpm, int samplerSteps = 0, double eta = 0)
+        SamplingMethod sampler = SamplingMethod.Ddpm, int samplerSteps = 0, double eta = 0,
+        DigitClassifier? classifier = null, double? classifierAccuracy = null, int classifierSamples = 1000)
     {
-        var plan = Plan(recipe, heldOut.Count, samples, bpdImages);
+        var withClassifier = classifier is not null && classifierSamples > 0;
+        if (withClassifier && classifierSamples < 2)
+            throw new ArgumentException($"classifier samples = {classifierSamples}: expected 0 (skip the classifier figures) or at least 2");
+        var plan = Plan(recipe, heldOut.Count, samples, bpdImages, withClassifier ? classifierSamples : 0);
         if (!recipe.IsImageData)
         {
             // n samples and n-point fresh draws of the data are each compared with the whole held-out set;
@@ -162,9 +186,12 @@ public static class Evaluator
         using (total)
         using (prior)
         {
-            var k = plan.Samples;
-            using var sampled = source.Sample(new SamplingRequest(k, sampler, samplerSteps, eta, seed));
-            using var sampleNn = NearestNeighbour.Distances(sampled, train.Data);
+            var k = Math.Min(64, m);
+            // One sampling run serves both: the first k samples for the nearest-neighbour figure, all for the classifier's.
+            using var sampled = source.Sample(new SamplingRequest(plan.Samples, sampler, samplerSteps, eta, seed));
+            var figures = withClassifier ? ClassifierFigures.Compute(classifier!, sampled.narrow(0, 0, classifierSamples), train, heldOut) : null;
+            using var nnSamples = sampled.narrow(0, 0, k);
+            using var sampleNn = NearestNeighbour.Distances(nnSamples, train.Data);
             using var heldNn = NearestNeighbour.Distances(heldOut.Data.narrow(0, 0, k), train.Data);
             return new EvalReport
             {
@@ -176,6 +203,12 @@ public static class Evaluator
                 NearestTrainDistance = sampleNn.mean().item<float>(),
                 HeldOutNearestTrainDistance = heldNn.mean().item<float>(),
                 SampleCount = k,
+                ClassifierAccuracy = figures is null ? null : classifierAccuracy,
+                SampleClasses = figures?.Samples,
+                HeldOutClasses = figures?.HeldOut,
+                ClassifierFid = figures?.Fid,
+                ClassifierFidFloor = figures?.FidFloor,
+                ClassifierFidFloorImages = figures?.FloorImages,
             };
         }
     }
