@@ -21,7 +21,7 @@ internal static class EvalCommand
     internal const int MaxBpdBatch = Server.SamplingService.MaxBpdBatch;
 
     /// <summary>The data set's classifier for labelled MNIST-style data and a non-zero --classifier-samples (null otherwise).</summary>
-    internal static CachedClassifier? ObtainClassifier(Recipe recipe, Dataset train, Dataset heldOut, int classifierSamples)
+    internal static CachedClassifier? ObtainClassifier(Model.Training.Recipe recipe, Dataset train, Dataset heldOut, int classifierSamples)
     {
         var labelled = recipe.Dataset is DatasetKind.Mnist or DatasetKind.FashionMnist && train.Labels is not null && heldOut.Labels is not null;
         return labelled && classifierSamples > 0 ? ClassifierCommand.Obtain(recipe, train, heldOut) : null;
