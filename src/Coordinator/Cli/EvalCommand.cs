@@ -29,7 +29,7 @@ internal static class EvalCommand
 
     internal static void CheckClassifierSamples(int classifierSamples)
     {
-        CheckClassifierSamples(classifierSamples);
+        if (classifierSamples is < 0 or 1) throw new UsageException($"--classifier-samples {classifierSamples}: expected 0 (skip) or at least 2");
     }
 
     internal static void CheckBpdBatch(int bpdBatch)
