@@ -66,6 +66,7 @@ public sealed class DigitClassifier : nn.Module<Tensor, Tensor>
         ImageShape = imageShape.ToArray();
         Classes = classes;
         Config = config;
+        ConvolutionCheck.Ensure();   // once per process, before the first convolution (it flips a process-wide switch while it runs)
         conv1 = nn.Conv2d(imageShape[0], config.Conv1Channels, 3, padding: 1);
         conv2 = nn.Conv2d(config.Conv1Channels, config.Conv2Channels, 3, padding: 1);
         fc = nn.Linear(config.Conv2Channels * (imageShape[1] / 4) * (imageShape[2] / 4), config.Features);
