@@ -17,8 +17,8 @@ public sealed record ClassifierConfig
     public int Epochs { get; init; } = 6;
     public int BatchSize { get; init; } = 64;
     public double LearningRate { get; init; } = 2e-3;
-    public int Conv1Channels { get; init; } = 8;
-    public int Conv2Channels { get; init; } = 16;
+    public int Conv1Channels { get; init; } = 16;
+    public int Conv2Channels { get; init; } = 32;
     /// <summary>Width of the penultimate layer: the feature space of the classifier FID.</summary>
     public int Features { get; init; } = 128;
     /// <summary>Train on the first this many training images only (0: all); a knob for fast tests.</summary>

@@ -129,6 +129,26 @@ public static class Recipes
         SampleEvery = 500,
     };
 
+    /// <summary>
+    /// The project's MNIST recipe for a 2-core CPU: about 20 minutes with `coordinator run --workers 2` (README: image quality).
+    /// From mnist-small, measured with the data-set classifier: a cosine schedule over T = 100 (alpha-bar_T ~ 0, so sampling
+    /// starts where the forward process ends; mnist-small's linear 0.1 schedule ends at 0.075), 32 channels (at 500 steps 39%
+    /// confident samples against 30% for 16 channels, at about half the steps per second), two micro-batches of 32 (one per
+    /// worker: larger kernels than eight of 8), a 200-step warm-up and gradient clipping at 1 for the higher rate.
+    /// </summary>
+    public static Recipe MnistCpu { get; } = MnistSmall with
+    {
+        Name = "mnist-cpu",
+        Timesteps = 100,
+        BetaSchedule = BetaSchedule.Cosine,
+        BaseChannels = 32,
+        MicroBatches = 2,
+        WarmupSteps = 200,
+        GradClip = 1,
+        EmaDecay = 0.999,
+        Steps = 2300,
+    };
+
     /// <summary>The annotated diffusion model's Fashion-MNIST run: T = 300 linear, U-Net width 28 (1,2,4), Huber, Adam 1e-3, batch 128, flips.</summary>
     public static Recipe FashionMnistAnnotated { get; } = new()
     {
@@ -188,7 +208,7 @@ public static class Recipes
     };
 
     public static IReadOnlyList<Recipe> All { get; } =
-        [SwissRoll, SwissRollDdpm, SwissRollSohl2015, MnistDdpm, MnistSmall, FashionMnistAnnotated, Cifar10Ddpm];
+        [SwissRoll, SwissRollDdpm, SwissRollSohl2015, MnistDdpm, MnistSmall, MnistCpu, FashionMnistAnnotated, Cifar10Ddpm];
 
     /// <summary>The recipe named <paramref name="name"/>; <see cref="ArgumentException"/> listing the names otherwise.</summary>
     public static Recipe Get(string name) =>
