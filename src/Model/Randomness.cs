@@ -44,6 +44,14 @@ public sealed record RandomStream(string Name, RandomConsumer Consumer, string R
 /// </summary>
 public static class Randomness
 {
+    /// <summary>
+    /// Held while torch's process-wide generator is seeded and modules draw their initial weights from it (every module
+    /// constructor draws, even when its weights are overwritten later). Without it, a module built on another thread
+    /// between <c>manual_seed</c> and the last draw of a seeded network changes that network's initial weights.
+    /// Re-entrant (a monitor).
+    /// </summary>
+    public static readonly object GlobalGeneratorLock = new();
+
     // ---- tags ----
     /// <summary>Sampling chain i of a request: its x_T and every step's noise.</summary>
     public const ulong SamplingTag = 0x5A3D1E;

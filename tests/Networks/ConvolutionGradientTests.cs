@@ -1,6 +1,7 @@
 using DistDiffusion.Model;
 using TorchSharp;
 using static TorchSharp.torch;
+using TorchSharp.Modules;
 
 namespace DistDiffusion.Tests.Networks;
 
@@ -22,9 +23,10 @@ public class ConvolutionGradientTests
             foreach (var (b, side) in new[] { (6, 14), (32, 28), (2, 32) })
             {
                 using var scope = NewDisposeScope();
-                random.manual_seed(c * 100 + b);
-                var conv = nn.Conv2d(c, c, 3, padding: 1);
-                var x0 = randn(b, c, side, side);
+                using var generator = new Generator((ulong)(c * 100 + b));
+                Conv2d conv;
+                lock (Randomness.GlobalGeneratorLock) conv = nn.Conv2d(c, c, 3, padding: 1);   // its init draws from the global generator
+                var x0 = randn([b, c, side, side], generator: generator);
                 Tensor? first = null;
                 for (var i = 0; i < 15; i++)
                 {

@@ -67,10 +67,13 @@ public sealed class DigitClassifier : nn.Module<Tensor, Tensor>
         Classes = classes;
         Config = config;
         ConvolutionCheck.Ensure();   // once per process, before the first convolution (it flips a process-wide switch while it runs)
-        conv1 = nn.Conv2d(imageShape[0], config.Conv1Channels, 3, padding: 1);
-        conv2 = nn.Conv2d(config.Conv1Channels, config.Conv2Channels, 3, padding: 1);
-        fc = nn.Linear(config.Conv2Channels * (imageShape[1] / 4) * (imageShape[2] / 4), config.Features);
-        head = nn.Linear(config.Features, classes);
+        lock (Randomness.GlobalGeneratorLock)   // the constructors draw from torch's global generator (weights replaced below)
+        {
+            conv1 = nn.Conv2d(imageShape[0], config.Conv1Channels, 3, padding: 1);
+            conv2 = nn.Conv2d(config.Conv1Channels, config.Conv2Channels, 3, padding: 1);
+            fc = nn.Linear(config.Conv2Channels * (imageShape[1] / 4) * (imageShape[2] / 4), config.Features);
+            head = nn.Linear(config.Features, classes);
+        }
         RegisterComponents();
         Initialize(Randomness.ClassifierInit(config.Seed));
     }

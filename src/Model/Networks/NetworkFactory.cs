@@ -11,11 +11,12 @@ public static class NetworkFactory
         ArgumentNullException.ThrowIfNull(options);
         options.Validate(dataShape);
         if (options.Network is not (NetworkKind.Mlp or NetworkKind.Sohl2015Mlp)) ConvolutionCheck.Ensure();   // once per process, before the first convolution
-        return options.Network switch
-        {
-            NetworkKind.Mlp => new Mlp(options.Mlp, options.Dropout, dataShape, options.LearnedVariance),
-            NetworkKind.Sohl2015Mlp => new Sohl2015Mlp(options.Mlp, options.Dropout, dataShape, options.LearnedVariance),
-            _ => new UNet(options.UNet, options.Dropout, dataShape, options.LearnedVariance),
-        };
+        lock (Randomness.GlobalGeneratorLock)   // initial weights come from torch's global generator
+            return options.Network switch
+            {
+                NetworkKind.Mlp => new Mlp(options.Mlp, options.Dropout, dataShape, options.LearnedVariance),
+                NetworkKind.Sohl2015Mlp => new Sohl2015Mlp(options.Mlp, options.Dropout, dataShape, options.LearnedVariance),
+                _ => new UNet(options.UNet, options.Dropout, dataShape, options.LearnedVariance),
+            };
     }
 }

@@ -69,8 +69,12 @@ public static class ModelFactory
     public static DenoiserNetwork Network(Recipe recipe, Device device, bool training, long[]? sampleShape = null, long? initSeed = null)
     {
         ArgumentNullException.ThrowIfNull(recipe);
-        if (initSeed is { } seed) random.manual_seed(Randomness.WeightInit(seed));
-        var network = NetworkFactory.Create(recipe.ToNetworkOptions(), sampleShape ?? recipe.SampleShape);
+        DenoiserNetwork network;
+        lock (Randomness.GlobalGeneratorLock)   // seeding and every draw of the initial weights, with no other module built in between
+        {
+            if (initSeed is { } seed) random.manual_seed(Randomness.WeightInit(seed));
+            network = NetworkFactory.Create(recipe.ToNetworkOptions(), sampleShape ?? recipe.SampleShape);
+        }
         try
         {
             network.to(device);
