@@ -36,10 +36,12 @@ public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
         {
             await server.Loop.Completion.WaitAsync(TimeSpan.FromSeconds(150));
             var status = server.Loop.Status();
-            // Every worker took part (admitted before step 0, none dropped); one may sit out a step after a backup
-            // took a slow slice from it.
+            // Every worker took part (admitted before step 0, none dropped): it finished slices, or still holds one. On a
+            // loaded machine a worker whose first slice is slow (start-up) can have every slice it got taken over by
+            // straggler backups and sit out the rest of this 12-step run, finishing none (seen in CI).
             Assert.Equal(workerCount, status.Workers.Count);
-            Assert.All(status.Workers, w => Assert.InRange(w.StepsDone, 1ul, (ulong)steps));
+            Assert.All(status.Workers, w => Assert.True(w.StepsDone is >= 1 and <= steps || w.State == WorkerState.Busy,
+                $"worker {w.Id}: {w.StepsDone} steps done, state {w.State}: expected 1..{steps} steps, or a slice still held"));
             Assert.All(status.Workers, w => Assert.NotEqual(WorkerState.Dropped, w.State));
             Assert.All(status.Workers, w => Assert.Equal(sharedMemory && SharedTensorSegment.Supported, w.SharedMemory));
             Cluster.AssertSameState(reference, Cluster.Latest(runDir), Logs(workers));
