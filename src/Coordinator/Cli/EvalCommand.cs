@@ -70,17 +70,8 @@ internal static class EvalCommand
         };
         cmd.SetAction(p =>
         {
-            var given = (p.GetValue(checkpoint) is null ? 0 : 1) + (p.GetValue(address) is null ? 0 : 1) + (p.GetValue(run) is null ? 0 : 1);
-            if (given != 1)
-                throw new UsageException("give exactly one of --checkpoint DIR (evaluate here), --address URL or --run DIR (evaluate on a coordinator's workers)");
-            var tokenPath = p.GetValue(tokenFile);
-            var url = p.GetValue(address);
-            if (p.GetValue(run) is { } dir)
-            {
-                if (tokenPath is not null) throw new UsageException("--run DIR gives the token: drop --token-file");
-                var found = RunEndpoints.Read(dir);
-                (url, tokenPath) = (found.Grpc.ToString(), found.TokenFile);
-            }
+            var (url, tokenPath) = RunEndpoints.ResolveTarget(p.GetValue(checkpoint), p.GetValue(address), p.GetValue(run), p.GetValue(tokenFile),
+                "evaluate here", "evaluate on a coordinator's workers");
             if (url is not null)
                 return RemoteEval.Run(url, tokenPath, p.GetValue(timeout), p.GetValue(tlsCa), p.GetValue(samples), p.GetValue(images), p.GetValue(bpdBatch), p.GetValue(raw), p.GetValue(json),
                     SampleCommand.ParseSampler(p.GetValue(sampler)!), p.GetValue(steps), p.GetValue(eta), Seed, p.GetValue(classifierSamples));

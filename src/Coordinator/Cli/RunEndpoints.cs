@@ -29,6 +29,23 @@ internal static class RunEndpoints
         if (!OperatingSystem.IsWindows()) File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite);
     }
 
+    /// <summary>
+    /// Where a client verb with --checkpoint / --address / --run works: exactly one must be given; --run reads the run
+    /// folder's endpoints and token (so --token-file is refused with it). Returns (null, null) for --checkpoint.
+    /// </summary>
+    /// <param name="here">what --checkpoint means for the verb (named in the error).</param>
+    /// <param name="remote">what --address and --run mean for the verb.</param>
+    public static (string? Url, string? TokenPath) ResolveTarget(string? checkpoint, string? address, string? run, string? tokenFile, string here, string remote)
+    {
+        var given = (checkpoint is null ? 0 : 1) + (address is null ? 0 : 1) + (run is null ? 0 : 1);
+        if (given != 1)
+            throw new UsageException($"give exactly one of --checkpoint DIR ({here}), --address URL or --run DIR ({remote})");
+        if (run is null) return (address, tokenFile);
+        if (tokenFile is not null) throw new UsageException("--run DIR gives the token: drop --token-file");
+        var found = Read(run);
+        return (found.Grpc.ToString(), found.TokenFile);
+    }
+
     /// <summary>The gRPC and HTTP addresses and the token file of the run in <paramref name="runDir"/>; a usage error naming what is missing.</summary>
     public static (Uri Grpc, Uri? Http, string TokenFile) Read(string runDir)
     {
