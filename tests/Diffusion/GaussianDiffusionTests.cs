@@ -97,6 +97,39 @@ public class GaussianDiffusionTests
     }
 
     [Fact]
+    public void MinSnrWeightsFollowHang2023()
+    {
+        using var scope = NewDisposeScope();
+        using var s = NoiseSchedule.Create(BetaSchedule.Linear, 1000);
+        // Golden values (linear 1e-4 .. 0.02, T = 1000): SNR at index 0 = 0.9999 / 0.0001 = 9999, so min(SNR, 5) / SNR = 5 / 9999.
+        Assert.Equal(9999.0, s.SignalToNoise[0], 6);
+        int[] idx = [0, 10, 100, 300, 999];
+        var t = tensor(idx.Select(i => (long)i).ToArray(), ScalarType.Int64);
+        foreach (var (prediction, expected) in new (PredictionType, Func<double, double>)[]
+                 {
+                     (PredictionType.Epsilon, snr => Math.Min(snr, 5) / snr),
+                     (PredictionType.V, snr => Math.Min(snr, 5) / (snr + 1)),
+                     (PredictionType.X0, snr => Math.Min(snr, 5)),
+                 })
+        {
+            var d = new GaussianDiffusion(s, prediction, VarianceType.FixedLarge, weighting: LossWeighting.MinSnr, minSnrGamma: 5);
+            var w = d.MinSnrWeights(t).data<float>().ToArray();
+            for (var k = 0; k < idx.Length; k++)
+                Assert.Equal(expected(s.SignalToNoise[idx[k]]), w[k], 1e-4 * Math.Max(1.0, expected(s.SignalToNoise[idx[k]])));
+        }
+        // Where SNR < gamma (high noise) an epsilon loss is unchanged; the weighted loss is the uniform one times the weight.
+        var eps = Randn(7, 5, 3);
+        var x0 = Randn(8, 5, 3);
+        var output = zeros(5, 3);
+        var uniform = new GaussianDiffusion(s, PredictionType.Epsilon, VarianceType.FixedLarge).TrainingLosses(output, x0, x0, t, eps);
+        var minSnr = new GaussianDiffusion(s, PredictionType.Epsilon, VarianceType.FixedLarge, weighting: LossWeighting.MinSnr, minSnrGamma: 5);
+        var weighted = minSnr.TrainingLosses(output, x0, x0, t, eps);
+        Assert.True(weighted.allclose(uniform * minSnr.MinSnrWeights(t), rtol: 1e-6, atol: 0));
+        Assert.Equal(uniform[4].item<float>(), weighted[4].item<float>());
+        Assert.Throws<ArgumentException>(() => new GaussianDiffusion(s, PredictionType.Epsilon, VarianceType.FixedLarge, weighting: LossWeighting.MinSnr, minSnrGamma: 0));
+    }
+
+    [Fact]
     public void LearnedRangeVarianceInterpolatesBetweenBetaTildeAndBeta()
     {
         using var scope = NewDisposeScope();

@@ -34,6 +34,23 @@ public class OptimizerTests
     }
 
     [Fact]
+    public void CosineDecayRunsFromTheRateAfterWarmupToTheMinimumAtTheLastStep()
+    {
+        using var scope = NewDisposeScope();
+        var lin = nn.Linear(2, 1, hasBias: false);
+        var recipe = new Recipe { LearningRate = 0.1, WarmupSteps = 10, Steps = 110, LearningRateDecay = LearningRateDecay.Cosine, MinLearningRate = 0.01 };
+        using var opt = new AdamOptimizer(lin.named_parameters().Select(p => (p.name, p.parameter)), recipe.ToAdamOptions());
+        Assert.Equal(0.05, opt.LearningRateAt(5), 12);                       // warm-up: 0.1 x 5/10
+        Assert.Equal(0.1, opt.LearningRateAt(10), 12);                       // p = 0
+        Assert.Equal(0.01 + 0.09 * 0.5 * (1 + Math.Cos(Math.PI / 4)), opt.LearningRateAt(35), 12);   // p = 1/4
+        Assert.Equal(0.055, opt.LearningRateAt(60), 12);                     // p = 1/2: half-way between 0.1 and 0.01
+        Assert.Equal(0.01, opt.LearningRateAt(110), 12);                     // the last step
+        Assert.Equal(0.01, opt.LearningRateAt(500), 12);                     // past the end (a run extended with --steps beyond its recipe)
+        for (var step = 11; step <= 110; step++)
+            Assert.True(opt.LearningRateAt(step) < opt.LearningRateAt(step - 1), $"step {step}: the rate must fall");
+    }
+
+    [Fact]
     public void ClippingWarmupAndNonFiniteGradients()
     {
         using var scope = NewDisposeScope();

@@ -62,6 +62,16 @@ public class RecipeTests
         Assert.Contains("group-norm-groups", Assert.Throws<ArgumentException>(() => Recipes.MnistSmall.WithOverrides(["group-norm-groups=0"])).Message);
         Assert.Contains("random-flip", Assert.Throws<ArgumentException>(() => Recipes.SwissRoll.WithOverrides(["random-flip=true"])).Message);
         Assert.Contains("key=value", Assert.Throws<ArgumentException>(() => Recipes.SwissRoll.WithOverrides(["timesteps"])).Message);
+        var decayed = Recipes.MnistSmall.WithOverrides(["learning-rate-decay=cosine", "min-learning-rate=1e-4", "loss-weighting=min-snr", "min-snr-gamma=3"]);
+        Assert.Equal(LearningRateDecay.Cosine, decayed.LearningRateDecay);
+        Assert.Equal(LossWeighting.MinSnr, decayed.LossWeighting);
+        Assert.Equal(3.0, decayed.MinSnrGamma);
+        var tooLow = Assert.Throws<ArgumentException>(() => Recipes.MnistSmall.WithOverrides(["min-learning-rate=0.5"])).Message;
+        Assert.Contains("min-learning-rate", tooLow);
+        Assert.Contains("0.5", tooLow);
+        Assert.Contains("min-snr-gamma", Assert.Throws<ArgumentException>(() => Recipes.MnistSmall.WithOverrides(["loss-weighting=min-snr", "min-snr-gamma=0"])).Message);
+        Assert.Contains("loss-weighting", Assert.Throws<ArgumentException>(() =>
+            Recipes.MnistSmall.WithOverrides(["loss-weighting=min-snr", "loss=kl", "variance=learned-range"])).Message);
         Assert.Contains("swissroll", Assert.Throws<ArgumentException>(() => Recipes.Get("nope")).Message);
     }
 }

@@ -49,6 +49,19 @@ public enum LossType
     Kl,
 }
 
+/// <summary>How each sample's loss is weighted by its timestep before the batch is reduced.</summary>
+public enum LossWeighting
+{
+    /// <summary>Every t alike (L_simple, Ho et al. eq. 14).</summary>
+    Uniform,
+    /// <summary>
+    /// Min-SNR-gamma (Hang et al. 2023, eq. 8): the x_0 error weighted by min(SNR(t), gamma), which for an epsilon target is
+    /// min(SNR, gamma) / SNR and for a v target min(SNR, gamma) / (SNR + 1); it stops the easy low-noise steps from
+    /// dominating the gradient.
+    /// </summary>
+    MinSnr,
+}
+
 /// <summary>How per-element losses become the batch loss.</summary>
 public enum LossReduction
 {

@@ -1,3 +1,4 @@
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Model.Diffusion;
@@ -24,10 +25,20 @@ public sealed class GaussianDiffusion
     public LossReduction Reduction { get; }
     /// <summary>True for 8-bit image data in [-1, 1]: L_0 uses the discretized Gaussian decoder (Ho et al. eq. 13).</summary>
     public bool DiscreteData { get; }
+    public LossWeighting Weighting { get; }
+    /// <summary>The gamma of <see cref="LossWeighting.MinSnr"/>.</summary>
+    public double MinSnrGamma { get; }
 
     public GaussianDiffusion(NoiseSchedule schedule, PredictionType prediction, VarianceType variance,
-        LossType loss = LossType.L2, LossReduction reduction = LossReduction.Mean, bool discreteData = false)
+        LossType loss = LossType.L2, LossReduction reduction = LossReduction.Mean, bool discreteData = false,
+        LossWeighting weighting = LossWeighting.Uniform, double minSnrGamma = 5.0)
     {
+        if (weighting == LossWeighting.MinSnr && !(minSnrGamma > 0))
+            throw new ArgumentException($"min-snr gamma {minSnrGamma}: expected a value > 0", nameof(minSnrGamma));
+        if (weighting == LossWeighting.MinSnr && (loss == LossType.Kl || prediction == PredictionType.Mean))
+            throw new ArgumentException($"loss weighting min-snr with loss {loss} and prediction {prediction}: expected an epsilon, x0 or v regression loss", nameof(weighting));
+        Weighting = weighting;
+        MinSnrGamma = minSnrGamma;
         Schedule = schedule;
         Prediction = prediction;
         Variance = variance;
@@ -195,7 +206,28 @@ public sealed class GaussianDiffusion
             LossType.Huber => where(diff.abs() < 1.0, 0.5f * diff.square(), diff.abs() - 0.5f),
             _ => throw new InvalidOperationException($"loss {Loss}: not supported"),
         };
-        return ReduceSample(elementwise, Reduction == LossReduction.Mean);
+        var perSample = ReduceSample(elementwise, Reduction == LossReduction.Mean);
+        return Weighting == LossWeighting.MinSnr ? perSample * MinSnrWeights(t) : perSample;
+    }
+
+    /// <summary>
+    /// Min-SNR-gamma weights [B] for t [B] (Hang et al. 2023): min(SNR, gamma) on the x_0 error, expressed for the
+    /// prediction's own target: / SNR for epsilon (eps error = SNR x x_0 error), / (SNR + 1) for v, as is for x_0.
+    /// </summary>
+    public Tensor MinSnrWeights(Tensor t)
+    {
+        var snr = B(t).SignalToNoise.index_select(0, t);
+        // Held for the native call (TorchSharp's Scalar is not kept alive across it; see AdamOptimizer.Step).
+        using var gamma = MinSnrGamma.ToScalar();
+        using var one = 1.0f.ToScalar();
+        var clipped = snr.clamp_max(gamma);
+        return Prediction switch
+        {
+            PredictionType.Epsilon => clipped / snr,
+            PredictionType.V => clipped / snr.add(one),
+            PredictionType.X0 => clipped,
+            _ => throw new InvalidOperationException($"prediction {Prediction} has no min-snr weight"),
+        };
     }
 
     /// <summary>

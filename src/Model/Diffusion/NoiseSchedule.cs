@@ -38,6 +38,8 @@ public sealed class NoiseSchedule : IDisposable
     public IReadOnlyList<double> PosteriorMeanCoef2 { get; }
     /// <summary>log sigma^2 for sigma^2 = beta ("fixed large"), with t = 1 using beta-tilde_2 as improved-diffusion does (the decoder L_0 then has a sensible variance).</summary>
     public IReadOnlyList<double> FixedLargeLogVariance { get; }
+    /// <summary>SNR(t) = abar_t / (1 - abar_t), the signal-to-noise ratio of x_t (Kingma et al. 2021, eq. 2).</summary>
+    public IReadOnlyList<double> SignalToNoise { get; }
 
     private readonly double[] _betas;
     private readonly Dictionary<string, ScheduleBuffers> _buffers = new();
@@ -70,6 +72,7 @@ public sealed class NoiseSchedule : IDisposable
         SqrtOneMinusAlphasCumprod = abar.Select(a => Math.Sqrt(1.0 - a)).ToArray();
         SqrtRecipAlphasCumprod = abar.Select(a => Math.Sqrt(1.0 / a)).ToArray();
         SqrtRecipM1AlphasCumprod = abar.Select(a => Math.Sqrt(1.0 / a - 1.0)).ToArray();
+        SignalToNoise = abar.Select(a => a / (1.0 - a)).ToArray();
         var postVar = new double[n];
         var coef1 = new double[n];
         var coef2 = new double[n];
@@ -175,6 +178,7 @@ public sealed class ScheduleBuffers : IDisposable
     public Tensor LogBetas { get; }
     public Tensor PosteriorMeanCoef1 { get; }
     public Tensor PosteriorMeanCoef2 { get; }
+    public Tensor SignalToNoise { get; }
     private readonly List<Tensor> _all = new();
 
     internal ScheduleBuffers(NoiseSchedule s, Device device)
@@ -201,6 +205,7 @@ public sealed class ScheduleBuffers : IDisposable
         LogBetas = Make(s.Betas.Select(b => Math.Log(b)));
         PosteriorMeanCoef1 = Make(s.PosteriorMeanCoef1);
         PosteriorMeanCoef2 = Make(s.PosteriorMeanCoef2);
+        SignalToNoise = Make(s.SignalToNoise);
     }
 
     /// <summary>coef[t] reshaped to broadcast against x: [B] -> [B, 1, ..., 1] with x's rank.</summary>

@@ -4,8 +4,25 @@ using static TorchSharp.torch;
 
 namespace DistDiffusion.Model.Training;
 
-/// <summary>The optimizer's settings (the recipe's learning-rate, adam-beta1/2, adam-epsilon, weight-decay, grad-clip and warmup-steps; <see cref="Recipe.ToAdamOptions"/>).</summary>
-public sealed record AdamOptions(double LearningRate, double Beta1, double Beta2, double Epsilon, double WeightDecay, double GradClip, int WarmupSteps);
+/// <summary>How the learning rate moves after the warm-up.</summary>
+public enum LearningRateDecay
+{
+    /// <summary>The recipe's rate from the end of the warm-up on.</summary>
+    None,
+    /// <summary>
+    /// Half a cosine from the recipe's rate at the end of the warm-up down to min-learning-rate at the run's last step
+    /// (Loshchilov &amp; Hutter 2017, SGDR without restarts; diffusers' get_cosine_schedule_with_warmup).
+    /// </summary>
+    Cosine,
+}
+
+/// <summary>
+/// The optimizer's settings (the recipe's learning-rate, adam-beta1/2, adam-epsilon, weight-decay, grad-clip, warmup-steps,
+/// learning-rate-decay and min-learning-rate; <see cref="Recipe.ToAdamOptions"/>). <paramref name="TotalSteps"/> is the run's
+/// last step, where a decay ends.
+/// </summary>
+public sealed record AdamOptions(double LearningRate, double Beta1, double Beta2, double Epsilon, double WeightDecay, double GradClip, int WarmupSteps,
+    LearningRateDecay Decay = LearningRateDecay.None, double MinLearningRate = 0, long TotalSteps = 0);
 
 /// <summary>
 /// Adam (Kingma &amp; Ba 2015) with bias correction, as torch.optim.Adam computes it, plus decoupled weight
@@ -26,6 +43,9 @@ public sealed class AdamOptimizer : IDisposable
     public double WeightDecay { get; }
     public double GradClip { get; }
     public int WarmupSteps { get; }
+    public LearningRateDecay Decay { get; }
+    public double MinLearningRate { get; }
+    public long TotalSteps { get; }
 
     /// <summary>Number of optimizer steps taken so far.</summary>
     public long StepCount { get; private set; }
@@ -41,6 +61,9 @@ public sealed class AdamOptimizer : IDisposable
         WeightDecay = options.WeightDecay;
         GradClip = options.GradClip;
         WarmupSteps = options.WarmupSteps;
+        Decay = options.Decay;
+        MinLearningRate = options.MinLearningRate;
+        TotalSteps = options.TotalSteps;
         foreach (var (name, p) in _params)
         {
             _expAvg[name] = zeros_like(p).DetachFromDisposeScope();
@@ -61,8 +84,21 @@ public sealed class AdamOptimizer : IDisposable
 
     private int _updateThreads = 1;
 
-    /// <summary>The learning rate used at optimizer step number <paramref name="step"/> (1-based).</summary>
-    public double LearningRateAt(long step) => WarmupSteps > 0 ? LearningRate * Math.Min(1.0, (double)step / WarmupSteps) : LearningRate;
+    /// <summary>
+    /// The learning rate used at optimizer step number <paramref name="step"/> (1-based): linear warm-up to the recipe's rate
+    /// over the warm-up steps, then constant or, for <see cref="LearningRateDecay.Cosine"/>,
+    /// lr_min + (lr - lr_min) (1 + cos(pi p)) / 2 with p = (step - warm-up) / (total - warm-up) clamped to [0, 1].
+    /// Computed in double from the step number alone, so a resumed run continues on the same curve.
+    /// </summary>
+    public double LearningRateAt(long step)
+    {
+        if (WarmupSteps > 0 && step < WarmupSteps)
+            return LearningRate * ((double)step / WarmupSteps);   // the same bits as before decays existed
+        if (Decay == LearningRateDecay.None || TotalSteps <= WarmupSteps)
+            return LearningRate;
+        var progress = Math.Clamp((double)(step - WarmupSteps) / (TotalSteps - WarmupSteps), 0.0, 1.0);
+        return MinLearningRate + (LearningRate - MinLearningRate) * 0.5 * (1.0 + Math.Cos(Math.PI * progress));
+    }
 
     /// <summary>
     /// Global L2 norm of the current gradients (parameters without a gradient count as zero), summed in double in a fixed

@@ -93,7 +93,8 @@ public static class ModelFactory
         NoiseSchedule.Create(recipe.BetaSchedule, recipe.Timesteps, recipe.BetaStart, recipe.BetaEnd);
 
     public static GaussianDiffusion Diffusion(Recipe recipe, NoiseSchedule schedule) =>
-        new(schedule, recipe.Prediction, recipe.Variance, recipe.Loss, recipe.Reduction, discreteData: recipe.IsImageData);
+        new(schedule, recipe.Prediction, recipe.Variance, recipe.Loss, recipe.Reduction, discreteData: recipe.IsImageData,
+            weighting: recipe.LossWeighting, minSnrGamma: recipe.MinSnrGamma);
 
     /// <summary>
     /// Copies named <paramref name="weights"/> into <paramref name="network"/>'s parameters after checking that every

@@ -41,6 +41,10 @@ public sealed record Recipe
     public VarianceType Variance { get; init; } = VarianceType.FixedLarge;
     public LossType Loss { get; init; } = LossType.L2;
     public LossReduction Reduction { get; init; } = LossReduction.Mean;
+    /// <summary>Per-timestep weight of each sample's loss (uniform: L_simple; min-snr: Hang et al. 2023).</summary>
+    public LossWeighting LossWeighting { get; init; } = LossWeighting.Uniform;
+    /// <summary>The gamma of min-snr loss weighting.</summary>
+    public double MinSnrGamma { get; init; } = 5.0;
     /// <summary>Clip the predicted x_0 to [-1, 1] while sampling (image data only makes sense with it).</summary>
     public bool ClipDenoised { get; init; }
 
@@ -87,6 +91,10 @@ public sealed record Recipe
     public double GradClip { get; init; }
     /// <summary>Linear learning-rate warm-up over this many steps (0: none).</summary>
     public int WarmupSteps { get; init; }
+    /// <summary>After the warm-up: a constant rate (none) or a cosine decay to <see cref="MinLearningRate"/> at the run's last step (<see cref="Steps"/>).</summary>
+    public LearningRateDecay LearningRateDecay { get; init; } = LearningRateDecay.None;
+    /// <summary>Where a learning-rate decay ends.</summary>
+    public double MinLearningRate { get; init; }
     /// <summary>Exponential moving average decay of the weights (0: no EMA, sampling uses the raw weights).</summary>
     public double EmaDecay { get; init; } = 0.999;
 
@@ -189,6 +197,10 @@ public sealed record Recipe
         Check(WeightDecay >= 0, "weight-decay", WeightDecay, "a value >= 0");
         Check(GradClip >= 0, "grad-clip", GradClip, "a value >= 0 (0 disables clipping)");
         Check(WarmupSteps >= 0, "warmup-steps", WarmupSteps, "an integer >= 0");
+        Check(MinLearningRate >= 0 && MinLearningRate <= LearningRate, "min-learning-rate", MinLearningRate, $"a value in [0, learning-rate ({LearningRate.ToString(CultureInfo.InvariantCulture)})]");
+        Check(MinSnrGamma > 0, "min-snr-gamma", MinSnrGamma, "a value > 0");
+        Check(LossWeighting != LossWeighting.MinSnr || (Loss != LossType.Kl && Prediction != PredictionType.Mean), "loss-weighting", LossWeighting,
+            "uniform unless the loss regresses an epsilon, x0 or v target (min-snr weights that target's error)");
         Check(EmaDecay >= 0 && EmaDecay < 1, "ema-decay", EmaDecay, "a value in [0, 1) (0 disables EMA)");
         Check(Dropout >= 0 && Dropout < 1, "dropout", Dropout, "a value in [0, 1)");
         Check(HiddenSize >= 1, "hidden-size", HiddenSize, "an integer >= 1");
@@ -229,7 +241,8 @@ public sealed record Recipe
         new UNetOptions(UNetLayout, BaseChannels, ChannelMultipliers, ResBlocks, GroupNormGroups, AttentionHeads, AttentionHeadSize, AttentionResolutions));
 
     /// <summary>The optimizer fields, as <see cref="AdamOptimizer"/> takes them.</summary>
-    public AdamOptions ToAdamOptions() => new(LearningRate, AdamBeta1, AdamBeta2, AdamEpsilon, WeightDecay, GradClip, WarmupSteps);
+    public AdamOptions ToAdamOptions() => new(LearningRate, AdamBeta1, AdamBeta2, AdamEpsilon, WeightDecay, GradClip, WarmupSteps,
+        LearningRateDecay, MinLearningRate, Steps);
 
     private static object? ParseValue(Type type, string value)
     {
