@@ -125,9 +125,9 @@ public class SyntheticAndSplitTests
     public void LoaderDrawsIndependentSyntheticTrainAndHeldOutSets()
     {
         var recipe = new Recipe { Dataset = DatasetKind.TwoMoons, SyntheticSize = 300, Seed = 11 };
-        var (train, held) = DatasetLoader.Load(recipe);
-        var (train2, _) = DatasetLoader.Load(recipe);
-        var (train3, _) = DatasetLoader.Load(recipe with { Seed = 12 });
+        var (train, held) = DatasetLoader.Load(recipe.ToDataOptions());
+        var (train2, _) = DatasetLoader.Load(recipe.ToDataOptions());
+        var (train3, _) = DatasetLoader.Load((recipe with { Seed = 12 }).ToDataOptions());
         using (train) using (held) using (train2) using (train3)
         {
             Assert.Equal(300, train.Count);
@@ -144,7 +144,7 @@ public class SyntheticAndSplitTests
     public void LoaderSplitsMnistByRecipe()
     {
         var recipe = new Recipe { Dataset = DatasetKind.Mnist, DataPath = TestFiles.MnistFolder, Network = NetworkKind.UNet, HeldOutFraction = 0.2, Seed = 3 };
-        var (train, held) = DatasetLoader.Load(recipe);
+        var (train, held) = DatasetLoader.Load(recipe.ToDataOptions());
         using (train) using (held)
         {
             Assert.Equal(8000, train.Count);

@@ -213,7 +213,7 @@ internal static class Cluster
     /// <summary>The one-process reference: `coordinator train`'s trainer for <paramref name="steps"/> steps; its final checkpoint.</summary>
     public static CheckpointData LocalReference(Recipe recipe, string dir)
     {
-        var (train, heldOut) = DatasetLoader.Load(recipe);
+        var (train, heldOut) = DatasetLoader.Load(recipe.ToDataOptions());
         using (train)
         using (heldOut)
         {

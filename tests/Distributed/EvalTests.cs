@@ -47,7 +47,7 @@ public sealed class EvalTests() : TempFolderTest("dd-eval")
         try
         {
             using var model = DiffusionModel.FromCheckpoint(data, useEma: true, CPU);
-            var (train, heldOut) = DatasetLoader.Load(data.Recipe);
+            var (train, heldOut) = DatasetLoader.Load(data.Recipe.ToDataOptions());
             using (train)
             using (heldOut)
             {
@@ -125,7 +125,7 @@ public sealed class EvalTests() : TempFolderTest("dd-eval")
         try
         {
             using var model = DiffusionModel.FromCheckpoint(data, useEma: true, CPU);
-            var (train, heldOut) = DatasetLoader.Load(data.Recipe);
+            var (train, heldOut) = DatasetLoader.Load(data.Recipe.ToDataOptions());
             using (train)
             using (heldOut)
             {

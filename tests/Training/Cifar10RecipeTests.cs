@@ -23,7 +23,7 @@ public class Cifar10RecipeTests
                 ImageGrid.Save(img, Path.Combine(folder, $"img-{i}.png"));
             }
             var recipe = Recipes.Cifar10Ddpm with { DataPath = folder, BatchSize = 2, HeldOutFraction = 0.25 };
-            var (train, heldOut) = DatasetLoader.Load(recipe);
+            var (train, heldOut) = DatasetLoader.Load(recipe.ToDataOptions());
             using (train)
             using (heldOut)
             {

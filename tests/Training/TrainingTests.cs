@@ -128,7 +128,7 @@ public class TrainingTests
     public void ShortSwissRollTrainingBringsSamplesCloseToTheData()
     {
         var recipe = Recipes.SwissRoll with { Steps = 1500, SyntheticSize = 4000, Seed = 11 };
-        var (train, heldOut) = DatasetLoader.Load(recipe);
+        var (train, heldOut) = DatasetLoader.Load(recipe.ToDataOptions());
         using (train)
         using (heldOut)
         {

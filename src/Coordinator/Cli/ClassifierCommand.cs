@@ -44,7 +44,7 @@ internal static class ClassifierCommand
             throw new UsageException($"--data {folder}: folder does not exist; expected a folder of IDX files (coordinator download --dataset {datasetName} --out {folder})");
         CliSupport.ResolveDevice("cpu", threads);
         var recipe = new Recipe { Dataset = kind, DataPath = folder, Seed = splitSeed, HeldOutFraction = heldOutFraction };
-        var (train, heldOut) = DatasetLoader.Load(recipe);
+        var (train, heldOut) = DatasetLoader.Load(recipe.ToDataOptions());
         using (train)
         using (heldOut)
         using (var classifier = Obtain(recipe, train, heldOut, retrain, announce: false))

@@ -4,6 +4,7 @@ using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Metrics;
 using DistDiffusion.Model.Sampling;
+using DistDiffusion.Model.Training;
 
 namespace DistDiffusion.Coordinator.Cli;
 
@@ -88,11 +89,11 @@ internal static class EvalCommand
         if (bpdImages < 1) throw new UsageException($"--bpd-images {bpdImages}: expected at least 1");
         CheckBpdBatch(bpdBatch);
         var device = CliSupport.ResolveDevice(deviceSpec, threads);
-        var (model, data) = CliSupport.LoadModel(checkpointPath, rawWeights, device, DatasetLoader.ResolveDataPath);
+        var (model, data) = CliSupport.LoadModel(checkpointPath, rawWeights, device, Recipe.ResolveDataPath);
         using var modelScope = model;
         CliSupport.UserInput(() => { new SamplingRequest(1, sampler, steps, eta, 0).Validate(model.Diffusion.T); return true; });
         var recipe = data.Recipe;
-        var (train, heldOut) = DatasetLoader.Load(recipe);
+        var (train, heldOut) = DatasetLoader.Load(recipe.ToDataOptions());
         using (train)
         using (heldOut)
         {

@@ -240,6 +240,25 @@ public sealed record Recipe
         new MlpOptions(HiddenSize, HiddenLayers, TimeEmbeddingSize, Timesteps),
         new UNetOptions(UNetLayout, BaseChannels, ChannelMultipliers, ResBlocks, GroupNormGroups, AttentionHeads, AttentionHeadSize, AttentionResolutions));
 
+    /// <summary>The data fields, as <see cref="DatasetLoader.Load"/> takes them.</summary>
+    public DataOptions ToDataOptions() => new(Dataset, DataPath, SyntheticSize, HeldOutFraction, ImageSize, Seed);
+
+    /// <summary>
+    /// A copy whose relative data path is resolved against the working directory, then against the folders above
+    /// the executable (so `data/mnist` is found from any folder of a source checkout); unchanged for 2-D data,
+    /// an unset or rooted path, or a path found nowhere.
+    /// </summary>
+    public static Recipe ResolveDataPath(Recipe recipe)
+    {
+        if (!recipe.IsImageData || string.IsNullOrWhiteSpace(recipe.DataPath) || Path.IsPathRooted(recipe.DataPath))
+            return recipe;
+        var candidates = new List<string> { Path.GetFullPath(recipe.DataPath) };
+        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
+            candidates.Add(Path.Combine(dir.FullName, recipe.DataPath));
+        var found = candidates.FirstOrDefault(Directory.Exists);
+        return found is null ? recipe : recipe with { DataPath = found };
+    }
+
     /// <summary>The optimizer fields, as <see cref="AdamOptimizer"/> takes them.</summary>
     public AdamOptions ToAdamOptions() => new(LearningRate, AdamBeta1, AdamBeta2, AdamEpsilon, WeightDecay, GradClip, WarmupSteps,
         LearningRateDecay, MinLearningRate, Steps);
@@ -277,18 +296,7 @@ public sealed record Recipe
 
     internal static string Normalize(string s) => s.Replace("-", "", StringComparison.Ordinal).Replace("_", "", StringComparison.Ordinal).ToLowerInvariant();
 
-    internal static string Kebab(string pascal)
-    {
-        var sb = new System.Text.StringBuilder();
-        for (var i = 0; i < pascal.Length; i++)
-        {
-            var c = pascal[i];
-            if (char.IsUpper(c) && i > 0 && !char.IsUpper(pascal[i - 1])) sb.Append('-');
-            else if (char.IsUpper(c) && i > 0 && i + 1 < pascal.Length && char.IsLower(pascal[i + 1])) sb.Append('-');
-            sb.Append(char.ToLowerInvariant(c));
-        }
-        return sb.ToString();
-    }
+    internal static string Kebab(string pascal) => Naming.Kebab(pascal);
 
     public bool Equals(Recipe? other) => other is not null && ToJson() == other.ToJson();
     public override int GetHashCode() => ToJson().GetHashCode(StringComparison.Ordinal);
