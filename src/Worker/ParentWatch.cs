@@ -34,6 +34,7 @@ internal sealed class ParentWatch : IDisposable
     private readonly CancellationTokenSource _gone = new();
     private readonly ManualResetEventSlim _disposed = new();
     private readonly Thread _thread;
+    private int _disposeCalled;
 
     private ParentWatch(int parent)
     {
@@ -95,9 +96,16 @@ internal sealed class ParentWatch : IDisposable
 
     public void Dispose()
     {
+        // Once only: a second call would Set an event the first one disposed.
+        if (Interlocked.Exchange(ref _disposeCalled, 1) != 0) return;
         _disposed.Set();
-        // Should the thread still be busy (it never blocks for long), it keeps what it uses.
-        if (_thread.Join(TimeSpan.FromSeconds(1))) _gone.Dispose();
+        // Should the thread still be busy (it never blocks for long), it keeps what it uses: it may yet wait on
+        // _disposed and cancel _gone, so both are disposed only once it has ended.
+        if (_thread.Join(TimeSpan.FromSeconds(1)))
+        {
+            _gone.Dispose();
+            _disposed.Dispose();
+        }
     }
 
     // "libc" is mapped by the runtime to the platform's C library (libc.so.6 on glibc, libSystem on macOS).

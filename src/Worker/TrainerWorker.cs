@@ -108,8 +108,25 @@ internal sealed class TrainerWorker : BackgroundService
         finally
         {
             _model?.Dispose();
+            _model = null;
             _lifetime.StopApplication();
         }
+    }
+
+    /// <summary>
+    /// The model is the loop's: <see cref="ExecuteAsync"/> disposes it as it ends, so here it is normally gone already.
+    /// It is disposed here only when the loop never ran or has ended; should the host dispose this service while the
+    /// loop still runs (its shutdown timeout passed during a long torch call), freeing the model's native memory
+    /// under that call would crash the process, so the loop's own finally is left to do it.
+    /// </summary>
+    public override void Dispose()
+    {
+        if (ExecuteTask is null || ExecuteTask.IsCompleted)
+        {
+            _model?.Dispose();
+            _model = null;
+        }
+        base.Dispose();
     }
 
     private WorkerModel ModelFor(string recipeJson)

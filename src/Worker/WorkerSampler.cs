@@ -180,7 +180,11 @@ internal sealed class WorkerSampler : IDisposable
         _stop.Cancel();
         _queue.Writer.TryComplete();
         foreach (var cts in _jobs.Values) cts.Cancel();
-        try { _runner.Wait(TimeSpan.FromSeconds(10)); } catch (AggregateException) { /* cancelled */ }
+        bool ended;
+        try { ended = _runner.Wait(TimeSpan.FromSeconds(10)); } catch (AggregateException) { ended = true; /* cancelled or failed: over either way */ }
         _loaded?.Model.Dispose();
+        // Only once the runner has ended: a runner not yet started still reads _stop.Token, which throws once the
+        // source is disposed. A runner still busy after ten seconds keeps the (cancelled, timer-less) source.
+        if (ended) _stop.Dispose();
     }
 }
