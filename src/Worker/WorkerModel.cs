@@ -72,7 +72,7 @@ internal sealed class WorkerModel : IDisposable
         lock (_loading)
         {
             if (_train is not null) return;
-            var (train, heldOut) = DatasetLoader.Load(Recipe.ResolveDataPath(Recipe).ToDataOptions());
+            var (train, heldOut) = DatasetLoader.Load(Recipe.WithResolvedDataPath().ToDataOptions());
             (_train, _heldOut) = (train, heldOut);
         }
     }

@@ -190,7 +190,7 @@ internal static class CodeCrossChecks
     }
 
     /// <summary>
-    /// Where a container finds the recipe's relative data path, as Recipe.ResolveDataPath searches: the working
+    /// Where a container finds the recipe's relative data path, as Recipe.WithResolvedDataPath searches: the working
     /// directory, then each folder from the executable's folder up to the root. The coordinator and every worker must
     /// find it on the same read-many dataset claim, and the download Job must write that very folder.
     /// </summary>

@@ -51,7 +51,7 @@ internal static class BenchmarkEvalCommand
 
     private static string UntrainedMnistSmall(string dir)
     {
-        var recipe = Recipe.ResolveDataPath(Recipes.MnistSmall);
+        var recipe = Recipes.MnistSmall.WithResolvedDataPath();
         using var state = TrainingState.Create(recipe, recipe.SampleShape, 1, Model.TorchRuntime.ResolveDevice("cpu", 1));
         CheckpointStore.Save(dir, state.ToCheckpoint());
         return dir;
@@ -63,7 +63,7 @@ internal static class BenchmarkEvalCommand
         var device = CliSupport.ResolveDevice("cpu", threads);
         var clock = Stopwatch.StartNew();
         EvalReport local;
-        var (model, data) = CliSupport.LoadModel(checkpoint, false, device, Recipe.ResolveDataPath);
+        var (model, data) = CliSupport.LoadModel(checkpoint, false, device, r => r.WithResolvedDataPath());
         using (model)
         {
             if (!model.Recipe.IsImageData) throw new UsageException($"--checkpoint {checkpoint}: recipe {model.Recipe.Name} has 2-D data; benchmark-eval times bits/dim of an image recipe");

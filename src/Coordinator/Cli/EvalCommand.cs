@@ -89,7 +89,7 @@ internal static class EvalCommand
         if (bpdImages < 1) throw new UsageException($"--bpd-images {bpdImages}: expected at least 1");
         CheckBpdBatch(bpdBatch);
         var device = CliSupport.ResolveDevice(deviceSpec, threads);
-        var (model, data) = CliSupport.LoadModel(checkpointPath, rawWeights, device, Recipe.ResolveDataPath);
+        var (model, data) = CliSupport.LoadModel(checkpointPath, rawWeights, device, r => r.WithResolvedDataPath());
         using var modelScope = model;
         CliSupport.UserInput(() => { new SamplingRequest(1, sampler, steps, eta, 0).Validate(model.Diffusion.T); return true; });
         var recipe = data.Recipe;

@@ -104,7 +104,7 @@ internal static class RemoteEval
         var status = new Coordination.CoordinationClient(channel).GetStatus(new GetStatusRequest(), Token.Headers(token), DateTime.UtcNow.AddSeconds(StatusSeconds), ct);
         if (status.RecipeJson.Length == 0)
             throw new InvalidOperationException($"the coordinator did not send its recipe (recipe {status.Recipe}): it is older than this client; evaluate a checkpoint with --checkpoint");
-        var recipe = Recipe.ResolveDataPath(Recipe.FromJson(status.RecipeJson));
+        var recipe = Recipe.FromJson(status.RecipeJson).WithResolvedDataPath();
         var (train, heldOut) = DatasetLoader.Load(recipe.ToDataOptions());
         using (train)
         using (heldOut)

@@ -49,7 +49,7 @@ internal static class TrainCommand
         var runDir = run.RunDir;
         // The recipe keeps the data path as given (relative paths stay relative, so a moved checkout still resumes);
         // only loading uses the resolved folder.
-        var (train, heldOut) = DatasetLoader.Load(Recipe.ResolveDataPath(recipe).ToDataOptions());
+        var (train, heldOut) = DatasetLoader.Load(recipe.WithResolvedDataPath().ToDataOptions());
         using (train)
         using (heldOut)
         {

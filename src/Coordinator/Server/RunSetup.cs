@@ -45,7 +45,7 @@ public sealed class RunSetup : IDisposable
             log.LogInformation("Resuming {Folder} (step {Step})", from, run.Checkpoint!.Step);
         var recipe = run.Recipe;
         var device = DistDiffusion.Model.TorchRuntime.ResolveDevice(o.Device, o.Threads);
-        var (train, heldOut) = DatasetLoader.Load(Recipe.ResolveDataPath(recipe).ToDataOptions());
+        var (train, heldOut) = DatasetLoader.Load(recipe.WithResolvedDataPath().ToDataOptions());
         using (train)
         using (heldOut)
         {

@@ -248,15 +248,15 @@ public sealed record Recipe
     /// the executable (so `data/mnist` is found from any folder of a source checkout); unchanged for 2-D data,
     /// an unset or rooted path, or a path found nowhere.
     /// </summary>
-    public static Recipe ResolveDataPath(Recipe recipe)
+    public Recipe WithResolvedDataPath()
     {
-        if (!recipe.IsImageData || string.IsNullOrWhiteSpace(recipe.DataPath) || Path.IsPathRooted(recipe.DataPath))
-            return recipe;
-        var candidates = new List<string> { Path.GetFullPath(recipe.DataPath) };
+        if (!IsImageData || string.IsNullOrWhiteSpace(DataPath) || Path.IsPathRooted(DataPath))
+            return this;
+        var candidates = new List<string> { Path.GetFullPath(DataPath) };
         for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
-            candidates.Add(Path.Combine(dir.FullName, recipe.DataPath));
+            candidates.Add(Path.Combine(dir.FullName, DataPath));
         var found = candidates.FirstOrDefault(Directory.Exists);
-        return found is null ? recipe : recipe with { DataPath = found };
+        return found is null ? this : this with { DataPath = found };
     }
 
     /// <summary>The optimizer fields, as <see cref="AdamOptimizer"/> takes them.</summary>
