@@ -47,16 +47,10 @@ internal static class RemoteEval
         SamplingMethod sampler, int steps, double eta, long seed, int classifierSamples = 0)
     {
         if (timeoutSeconds < 0 || !double.IsFinite(timeoutSeconds)) throw new UsageException($"--timeout {timeoutSeconds}: expected seconds >= 0");
-        var address = CliSupport.UserInput(() => ClientChannel.ParseAddress(addressText, "--address"));
-        var token = CliSupport.UserInput(() => Token.ResolveClient(tokenFile));
-        using var channel = CliSupport.UserInput(() => ClientChannel.Create(address, tlsCa));
-        using var cts = new CancellationTokenSource();
-        ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
-        Console.CancelKeyPress += onCancel;
-        try
+        return RemoteCall.Run(addressText, tokenFile, tlsCa, (endpoint, ct) =>
         {
             var clock = Stopwatch.StartNew();
-            var (report, fetched) = Evaluate(channel, token, timeoutSeconds, samples, bpdImages, bpdBatch, rawWeights, sampler, steps, eta, seed, showProgress: !json, cts.Token, classifierSamples);
+            var (report, fetched) = Evaluate(endpoint.Channel, endpoint.Token, timeoutSeconds, samples, bpdImages, bpdBatch, rawWeights, sampler, steps, eta, seed, showProgress: !json, ct, classifierSamples);
             using (fetched)
             {
                 if (json)
@@ -67,24 +61,11 @@ internal static class RemoteEval
                 {
                     foreach (var line in report.Lines()) Console.WriteLine(line);
                     Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                        $"evaluated on {fetched.Workers} workers of {address} ({fetched.Progress.Weights.ToString().ToUpperInvariant()} weights of step {fetched.Progress.Step}, parameter version {fetched.Progress.ParameterVersion}) in {clock.Elapsed.TotalSeconds:F1} s"));
+                        $"evaluated on {fetched.Workers} workers of {endpoint.Address} ({fetched.Progress.Weights.ToString().ToUpperInvariant()} weights of step {fetched.Progress.Step}, parameter version {fetched.Progress.ParameterVersion}) in {clock.Elapsed.TotalSeconds:F1} s"));
                 }
             }
             return CliSupport.ExitOk;
-        }
-        catch (RpcException e) when (e.StatusCode is StatusCode.InvalidArgument or StatusCode.ResourceExhausted)
-        {
-            throw new UsageException(e.Status.Detail);
-        }
-        catch (RpcException e)
-        {
-            Console.Error.WriteLine(CliSupport.DescribeRpcFailure(e, address));
-            return CliSupport.ExitFailure;
-        }
-        finally
-        {
-            Console.CancelKeyPress -= onCancel;
-        }
+        });
     }
 
     /// <summary>

@@ -21,9 +21,6 @@ internal static class RemoteSampler
         if (steps < 0) throw new UsageException($"--steps {steps}: expected >= 0");
         if (trajectoryEvery < 0) throw new UsageException($"--trajectory-every {trajectoryEvery}: expected >= 0");
         if (timeoutSeconds < 0 || !double.IsFinite(timeoutSeconds)) throw new UsageException($"--timeout {timeoutSeconds}: expected seconds >= 0");
-        var address = CliSupport.UserInput(() => ClientChannel.ParseAddress(addressText, "--address"));
-        var token = CliSupport.UserInput(() => Token.ResolveClient(tokenFile));
-        using var channel = CliSupport.UserInput(() => ClientChannel.Create(address, tlsCa));
         var request = new SampleRequest
         {
             Count = (uint)n,
@@ -35,13 +32,10 @@ internal static class RemoteSampler
             Tensor = true,
             TrajectoryEvery = (uint)trajectoryEvery,
         };
-        using var cts = new CancellationTokenSource();
-        ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
-        Console.CancelKeyPress += onCancel;
-        try
+        return RemoteCall.Run(addressText, tokenFile, tlsCa, (endpoint, ct) =>
         {
             var deadline = timeoutSeconds > 0 ? DateTime.UtcNow.AddSeconds(timeoutSeconds) : (DateTime?)null;
-            using var call = new Sampler.SamplerClient(channel).Sample(request, Token.Headers(token), deadline, cts.Token);
+            using var call = new Sampler.SamplerClient(endpoint.Channel).Sample(request, Token.Headers(endpoint.Token), deadline, ct);
             var samples = new float[n][];
             var frames = new List<float[]>[n];
             long[] shape = [];
@@ -49,7 +43,7 @@ internal static class RemoteSampler
             SampleProgress? first = null;
             var clock = System.Diagnostics.Stopwatch.StartNew();
             double? firstResult = null;
-            while (call.ResponseStream.MoveNext(cts.Token).GetAwaiter().GetResult())
+            while (call.ResponseStream.MoveNext(ct).GetAwaiter().GetResult())
             {
                 var m = call.ResponseStream.Current;
                 if (m.KindCase == SampleResponse.KindOneofCase.Progress)
@@ -89,20 +83,7 @@ internal static class RemoteSampler
                 Console.WriteLine($"wrote the trajectory to {RunPictures.WriteTrajectory(output, strip)}");
             }
             return CliSupport.ExitOk;
-        }
-        catch (RpcException e) when (e.StatusCode is StatusCode.InvalidArgument or StatusCode.ResourceExhausted)
-        {
-            throw new UsageException(e.Status.Detail);
-        }
-        catch (RpcException e)
-        {
-            Console.Error.WriteLine(CliSupport.DescribeRpcFailure(e, address));
-            return CliSupport.ExitFailure;
-        }
-        finally
-        {
-            Console.CancelKeyPress -= onCancel;
-        }
+        });
     }
 
     /// <summary>The named recipe when it is a built-in one (its data are the reference points of a 2-D scatter plot).</summary>
