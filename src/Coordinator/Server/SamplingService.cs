@@ -24,16 +24,47 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
         var T = recipe.Timesteps;
         var shape = recipe.SampleShape;
         Validate(request, T, recipe.IsImageData, shape.Aggregate(1L, (a, b) => a * b));
+        await AdmittedAsync(() => SampleAsync(request, responseStream, context, recipe, shape));
+    }
+
+    /// <summary>Runs <paramref name="body"/> as one of the at most MaxConcurrentSampleRequests requests (sample or eval) served at once.</summary>
+    private async Task AdmittedAsync(Func<Task> body)
+    {
         if (!sampling.TryBeginRequest())
             throw new RpcException(new Status(StatusCode.ResourceExhausted,
                 $"{options.MaxConcurrentSampleRequests} sampling requests are already in progress, the most this coordinator serves at once (MaxConcurrentSampleRequests, --max-sample-requests); retry later"));
         try
         {
-            await SampleAsync(request, responseStream, context, recipe, shape);
+            await body();
         }
         finally
         {
             sampling.EndRequest();
+        }
+    }
+
+    /// <summary>
+    /// The sample chains' work order: the sampler and its step count (DDPM: all T, sent as 0; DDIM: the strided count,
+    /// <see cref="SamplerSteps"/> the one rule for both), eta and seed.
+    /// </summary>
+    private static (SampleWork Template, uint Steps) ChainWork(SamplerKind sampler, uint requestedSteps, int timesteps, uint count, double eta, long seed)
+    {
+        var ddim = sampler == SamplerKind.Ddim;
+        var steps = (uint)SamplerSteps.Count(ddim ? SamplingMethod.Ddim : SamplingMethod.Ddpm, requestedSteps, timesteps);
+        return (new SampleWork { Count = count, Sampler = ddim ? SamplerKind.Ddim : SamplerKind.Ddpm, Steps = ddim ? steps : 0, Eta = eta, Seed = seed }, steps);
+    }
+
+    /// <summary>Fails the call with Unavailable once no worker has been connected for SampleWaitSeconds.</summary>
+    private sealed class NoWorkerWatch(SamplingCoordinator sampling, CoordinatorOptions options, string what)
+    {
+        private Stopwatch? _since = sampling.WorkerCount == 0 ? Stopwatch.StartNew() : null;
+
+        public void Check()
+        {
+            if (sampling.WorkerCount > 0) _since = null;
+            else if ((_since ??= Stopwatch.StartNew()).Elapsed.TotalSeconds > options.SampleWaitSeconds)
+                throw new RpcException(new Status(StatusCode.Unavailable,
+                    $"no worker is connected to {what} (waited {options.SampleWaitSeconds:F0} s); start workers with `worker --coordinator URL`"));
         }
     }
 
@@ -43,18 +74,9 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
         var ct = context.CancellationToken;
         var clock = Stopwatch.StartNew();
         var snapshot = await loop.SnapshotAsync(request.Weights != Weights.Raw, ct).WaitAsync(TimeSpan.FromSeconds(options.CallTimeoutSeconds), ct);
-        var ddim = request.Sampler == SamplerKind.Ddim;
-        var steps = (uint)SamplerSteps.Count(ddim ? SamplingMethod.Ddim : SamplingMethod.Ddpm, request.Steps, T);
+        var (template, steps) = ChainWork(request.Sampler, request.Steps, T, request.Count, request.Eta, request.Seed);
         var frames = Frames(steps, request.TrajectoryEvery);
-        var template = new SampleWork
-        {
-            Count = request.Count,
-            Sampler = ddim ? SamplerKind.Ddim : SamplerKind.Ddpm,
-            Steps = ddim ? steps : 0,
-            Eta = request.Eta,
-            Seed = request.Seed,
-            TrajectoryEvery = request.TrajectoryEvery,
-        };
+        template.TrajectoryEvery = request.TrajectoryEvery;
         var job = sampling.Start(template, snapshot, shape, frames, recipe.IsImageData ? 64 : 2000);
         var wantTensor = request.Tensor || !request.Png;
         var resolved = snapshot.Ema ? Weights.Ema : Weights.Raw;
@@ -67,7 +89,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
             await writer.WriteAsync(new SampleResponse { Progress = Progress(0) });
             var next = 0;            // next batch to forward, in order
             uint done = 0;
-            var noWorkerSince = sampling.WorkerCount == 0 ? Stopwatch.StartNew() : null;
+            var noWorker = new NoWorkerWatch(sampling, options, "compute samples");
             while (next < job.Batches.Length)
             {
                 using var wait = CancellationTokenSource.CreateLinkedTokenSource(ct);
@@ -81,10 +103,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
                 {
                     // poll: check for workers below
                 }
-                if (sampling.WorkerCount > 0) noWorkerSince = null;
-                else if ((noWorkerSince ??= Stopwatch.StartNew()).Elapsed.TotalSeconds > options.SampleWaitSeconds)
-                    throw new RpcException(new Status(StatusCode.Unavailable,
-                        $"no worker is connected to compute samples (waited {options.SampleWaitSeconds:F0} s); start workers with `worker --coordinator URL`"));
+                noWorker.Check();
                 while (next < job.Batches.Length && job.Results[next] is { } output)
                 {
                     await WriteBatchAsync(writer, output, shape, frames, wantTensor, request.Png);
@@ -124,17 +143,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
     {
         var recipe = loop.Recipe;
         ValidateEval(request, recipe);
-        if (!sampling.TryBeginRequest())
-            throw new RpcException(new Status(StatusCode.ResourceExhausted,
-                $"{options.MaxConcurrentSampleRequests} sampling requests are already in progress, the most this coordinator serves at once (MaxConcurrentSampleRequests, --max-sample-requests); retry later"));
-        try
-        {
-            await EvaluateAsync(request, responseStream, context, recipe);
-        }
-        finally
-        {
-            sampling.EndRequest();
-        }
+        await AdmittedAsync(() => EvaluateAsync(request, responseStream, context, recipe));
     }
 
     private async Task EvaluateAsync(EvalRequest request, IServerStreamWriter<EvalResponse> responseStream, ServerCallContext context, Model.Training.Recipe recipe)
@@ -143,15 +152,10 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
         var clock = Stopwatch.StartNew();
         var shape = recipe.SampleShape;
         var snapshot = await loop.SnapshotAsync(request.Weights != Weights.Raw, ct).WaitAsync(TimeSpan.FromSeconds(options.CallTimeoutSeconds), ct);
-        var ddim = request.Sampler == SamplerKind.Ddim;
-        var steps = (uint)SamplerSteps.Count(ddim ? SamplingMethod.Ddim : SamplingMethod.Ddpm, request.Steps, recipe.Timesteps);
         var jobs = new List<(SamplingCoordinator.Job Job, bool Bpd)>();
         if (request.Samples > 0)
         {
-            var template = new SampleWork
-            {
-                Count = request.Samples, Sampler = ddim ? SamplerKind.Ddim : SamplerKind.Ddpm, Steps = ddim ? steps : 0, Eta = request.Eta, Seed = request.Seed,
-            };
+            var (template, _) = ChainWork(request.Sampler, request.Steps, recipe.Timesteps, request.Samples, request.Eta, request.Seed);
             // One batch per worker: the client waits for all of them anyway, and fewer, larger batches cost fewer network calls.
             jobs.Add((sampling.Start(template, snapshot, shape, 0, recipe.IsImageData ? 64 : 2000, batchesPerWorker: 1), false));
         }
@@ -177,7 +181,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
                 Workers = (uint)sampling.WorkerCount, Step = step, ParameterVersion = snapshot.Version, Weights = resolved, Recipe = recipe.Name,
             };
             await writer.WriteAsync(new EvalResponse { Progress = Progress() });
-            var noWorkerSince = sampling.WorkerCount == 0 ? Stopwatch.StartNew() : null;
+            var noWorker = new NoWorkerWatch(sampling, options, "evaluate on");
             while (Enumerable.Range(0, jobs.Count).Any(j => next[j] < jobs[j].Job.Batches.Length))
             {
                 var sent = false;
@@ -201,10 +205,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
                     await writer.WriteAsync(new EvalResponse { Progress = Progress() });
                     continue;
                 }
-                if (sampling.WorkerCount > 0) noWorkerSince = null;
-                else if ((noWorkerSince ??= Stopwatch.StartNew()).Elapsed.TotalSeconds > options.SampleWaitSeconds)
-                    throw new RpcException(new Status(StatusCode.Unavailable,
-                        $"no worker is connected to evaluate on (waited {options.SampleWaitSeconds:F0} s); start workers with `worker --coordinator URL`"));
+                noWorker.Check();
                 // Wait for a change of any job (a result or a failure), polling for lost workers twice a second.
                 using var wait = CancellationTokenSource.CreateLinkedTokenSource(ct);
                 wait.CancelAfter(TimeSpan.FromMilliseconds(500));
