@@ -67,7 +67,7 @@ public enum LossReduction
 {
     /// <summary>Mean over the elements of a sample, then mean over the global batch.</summary>
     Mean,
-    /// <summary>Sum over every element of the global batch (the seed recipes' "summed squared error").</summary>
+    /// <summary>Sum over every element of the global batch (the reference recipes' "summed squared error").</summary>
     Sum,
 }
 

@@ -5,7 +5,7 @@ using DistDiffusion.Model.Networks;
 namespace DistDiffusion.Model.Training;
 
 /// <summary>
-/// Named recipes. The seed recipes reproduce the systems of the documents the project started from with
+/// Named recipes. The reference recipes reproduce the systems of the documents the project started from with
 /// their values, even where those are unsound (see README); <c>swissroll</c> and <c>mnist-small</c> are
 /// the project's own.
 /// </summary>
