@@ -4,17 +4,24 @@
 # 1,000 samples with DDPM (all T = 100 steps) and with DDIM (50 steps): the data-set classifier's confident
 # share, classes and classifier FID next to 1,000 held-out digits, bits/dim and the nearest-training-image
 # distance. Writes the 64-sample grid and its denoising strip to OUT, and copies them to docs/ with --docs.
-# Usage: scripts/mnist-quality.sh [OUT_DIR] [--docs]   (default OUT_DIR: runs/mnist-cpu; replaced if it holds a run)
+# Usage: scripts/mnist-quality.sh [OUT_DIR] [--docs] [--steps N] [--set key=value]...
+#   (default OUT_DIR: runs/mnist-cpu; replaced if it holds a run; --steps and --set go to `coordinator run`, e.g.
+#   --set learning-rate-decay=cosine --set loss-weighting=min-snr --steps 2400 for the README's ablation)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="$here/runs/mnist-cpu"
 docs=false
-for a in "$@"; do
-  case "$a" in
+extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
     --docs) docs=true ;;
-    -*) echo "mnist-quality: unknown option $a (expected --docs)" >&2; exit 2 ;;
-    *) out="$a" ;;
+    --steps|--set)
+      [ $# -ge 2 ] || { echo "mnist-quality: $1 needs a value" >&2; exit 2; }
+      extra+=("$1" "$2"); shift ;;
+    -*) echo "mnist-quality: unknown option $1 (expected --docs, --steps N or --set key=value)" >&2; exit 2 ;;
+    *) out="$1" ;;
   esac
+  shift
 done
 if [ -d "$out" ] && [ -n "$(ls -A "$out")" ] && [ ! -f "$out/recipe.json" ]; then
   echo "mnist-quality: $out is not empty and holds no earlier run (no recipe.json): choose another folder" >&2
@@ -25,7 +32,7 @@ coord="$here/src/Coordinator/bin/Release/net10.0/coordinator"
 rm -rf "$out"
 mkdir -p "$out"
 start=$(date +%s)
-"$coord" run --workers 2 --recipe mnist-cpu --out "$out"
+"$coord" run --workers 2 --recipe mnist-cpu --out "$out" ${extra[@]+"${extra[@]}"}
 echo "training wall time: $(( $(date +%s) - start )) s" | tee "$out/wall-time.txt"
 "$coord" classifier --data "$here/data/mnist"
 "$coord" eval --checkpoint "$out" --classifier-samples 1000 > "$out/eval-ddpm.txt"
