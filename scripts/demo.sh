@@ -7,13 +7,10 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:-$here/runs/demo}"
-if [ -d "$out" ] && [ -n "$(ls -A "$out")" ] && [ ! -f "$out/recipe.json" ]; then
-  echo "demo: $out is not empty and holds no earlier run (no recipe.json): choose another folder" >&2
-  exit 2
-fi
+. "$here/scripts/run-folder.sh"
+fresh_run_folder demo "$out"
 "$here/scripts/setup.sh"
 coord="$here/src/Coordinator/bin/Release/net10.0/coordinator"
-rm -rf "$out"
 "$coord" run --workers 2 --recipe swissroll --out "$out"
 "$coord" sample --checkpoint "$out" --n 2000 --out "$out/samples.png"
 "$coord" eval --checkpoint "$out"

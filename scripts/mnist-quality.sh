@@ -23,13 +23,10 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-if [ -d "$out" ] && [ -n "$(ls -A "$out")" ] && [ ! -f "$out/recipe.json" ]; then
-  echo "mnist-quality: $out is not empty and holds no earlier run (no recipe.json): choose another folder" >&2
-  exit 2
-fi
+. "$here/scripts/run-folder.sh"
+fresh_run_folder mnist-quality "$out"
 "$here/scripts/setup.sh"
 coord="$here/src/Coordinator/bin/Release/net10.0/coordinator"
-rm -rf "$out"
 mkdir -p "$out"
 start=$(date +%s)
 "$coord" run --workers 2 --recipe mnist-cpu --out "$out" ${extra[@]+"${extra[@]}"}
