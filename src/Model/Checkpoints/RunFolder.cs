@@ -213,7 +213,7 @@ public sealed class RunFolder : IDisposable
             var before = JsonSerializer.Serialize(p.Value);
             var after = right.RootElement.TryGetProperty(p.Name, out var v) ? JsonSerializer.Serialize(v) : "null";
             if (before != after)
-                changes.Add($"{Recipe.Kebab(p.Name)} from {before} to {after}");
+                changes.Add($"{Naming.Kebab(p.Name)} from {before} to {after}");
         }
         return changes;
     }

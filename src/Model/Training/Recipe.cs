@@ -131,7 +131,7 @@ public sealed record Recipe
     public static IReadOnlyList<string> FieldNames { get; } =
         typeof(Recipe).GetProperties(BindingFlags.Public | BindingFlags.Instance)
             .Where(p => p.CanWrite && p.GetCustomAttribute<JsonIgnoreAttribute>() is null)
-            .Select(p => Kebab(p.Name)).ToArray();
+            .Select(p => Naming.Kebab(p.Name)).ToArray();
 
     /// <summary>A copy with one field set from text, e.g. <c>With("learning-rate", "2e-4")</c>. Not validated: fields that
     /// depend on each other (loss and variance, channels and groups) may be set in any order; call <see cref="Validate"/> after.</summary>
@@ -149,7 +149,7 @@ public sealed record Recipe
         }
         catch (Exception e) when (e is FormatException or OverflowException or ArgumentException)
         {
-            throw new ArgumentException($"recipe field '{Kebab(prop.Name)}': cannot use '{value}': expected {Describe(prop.PropertyType)}", e);
+            throw new ArgumentException($"recipe field '{Naming.Kebab(prop.Name)}': cannot use '{value}': expected {Describe(prop.PropertyType)}", e);
         }
         var copy = this with { };
         prop.SetValue(copy, parsed);
@@ -279,7 +279,7 @@ public sealed record Recipe
             var wanted = Normalize(value);
             foreach (var name in Enum.GetNames(type))
                 if (Normalize(name) == wanted) return Enum.Parse(type, name);
-            throw new FormatException($"'{value}' is not one of {string.Join(", ", Enum.GetNames(type).Select(Kebab))}");
+            throw new FormatException($"'{value}' is not one of {string.Join(", ", Enum.GetNames(type).Select(Naming.Kebab))}");
         }
         if (Nullable.GetUnderlyingType(type) is { } inner)
             return value.Length == 0 ? null : ParseValue(inner, value);
@@ -291,12 +291,10 @@ public sealed record Recipe
         : type == typeof(double) ? "a number"
         : type == typeof(bool) ? "true or false"
         : type == typeof(int[]) ? "a comma-separated list of integers"
-        : type.IsEnum ? "one of " + string.Join(", ", Enum.GetNames(type).Select(Kebab))
+        : type.IsEnum ? "one of " + string.Join(", ", Enum.GetNames(type).Select(Naming.Kebab))
         : "text";
 
     internal static string Normalize(string s) => s.Replace("-", "", StringComparison.Ordinal).Replace("_", "", StringComparison.Ordinal).ToLowerInvariant();
-
-    internal static string Kebab(string pascal) => Naming.Kebab(pascal);
 
     public bool Equals(Recipe? other) => other is not null && ToJson() == other.ToJson();
     public override int GetHashCode() => ToJson().GetHashCode(StringComparison.Ordinal);
