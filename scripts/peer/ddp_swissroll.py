@@ -10,8 +10,8 @@ Run with the system Python that Debian's python3-torch is built for (not a pyenv
     /usr/bin/python3 scripts/peer/ddp_swissroll.py --mode allreduce --allreduce-mib 64
     (add --json for one JSON object instead of the text line; --steps S, default 1500)
 
-What is mirrored from the C# code (src/Model/Training/Recipes.cs `SwissRoll`, Recipe.cs defaults,
-Networks/Mlp.cs, Networks/SinusoidalEmbedding.cs, Training/ExponentialMovingAverage.cs, Data/Synthetic2D.cs):
+What is mirrored from the C# code (src/Model/Configuration/Recipes.cs `SwissRoll`, Recipe.cs defaults,
+Networks/Mlp.cs, Networks/SinusoidalEmbedding.cs, Optimization/ExponentialMovingAverage.cs, Data/Synthetic2D.cs):
   data     swiss roll, 10,000 points: t = 1.5 pi (1 + 2u), (t cos t, t sin t) + N(0, 0.5^2), all / 10
            (coordinates within about [-1.4, 1.5]); each epoch a fresh permutation, global batch 256.
   process  T = 200, linear betas 1e-4..0.05; t ~ Uniform{0..T-1}; L_simple = MSE(eps_theta(x_t, t), eps).
@@ -76,7 +76,7 @@ except ImportError as e:  # pragma: no cover - the point is the message
         "script with /usr/bin/python3: Debian's torch is built for the system Python, not a pyenv one.\n")
     sys.exit(3)
 
-# ---- the swissroll recipe (src/Model/Training/Recipes.cs) ----
+# ---- the swissroll recipe (src/Model/Configuration/Recipes.cs) ----
 SYNTHETIC_SIZE = 10_000
 SWISS_ROLL_NOISE = 0.5
 TIMESTEPS = 200
@@ -167,7 +167,7 @@ class BatchOrder:
 
 
 class Ema:
-    """Training/ExponentialMovingAverage.cs: ema = d ema + (1 - d) theta, d_k = min(decay, (1 + k) / (10 + k))."""
+    """Optimization/ExponentialMovingAverage.cs: ema = d ema + (1 - d) theta, d_k = min(decay, (1 + k) / (10 + k))."""
 
     def __init__(self, params, decay):
         self.params = list(params)

@@ -1,8 +1,8 @@
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Networks;
 using DistDiffusion.Model.Training;
 using DistDiffusion.Protocol;
-using TorchSharp;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Worker;

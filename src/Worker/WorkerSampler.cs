@@ -1,11 +1,9 @@
 using System.Collections.Concurrent;
-using System.Runtime.InteropServices;
 using System.Threading.Channels;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Sampling;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
-using Google.Protobuf;
 using Grpc.Core;
 using Microsoft.Extensions.Logging;
 using static TorchSharp.torch;

@@ -2,7 +2,7 @@ using System.Security.Cryptography;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using DistDiffusion.Model.Checkpoints;
-using DistDiffusion.Model.Training;
+using DistDiffusion.Model.Configuration;
 using TorchSharp;
 using static TorchSharp.torch;
 

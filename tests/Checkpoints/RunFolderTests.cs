@@ -1,5 +1,5 @@
 using DistDiffusion.Model.Checkpoints;
-using DistDiffusion.Model.Training;
+using DistDiffusion.Model.Configuration;
 using TorchSharp;
 using static TorchSharp.torch;
 

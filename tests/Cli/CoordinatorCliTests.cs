@@ -1,4 +1,3 @@
-using DistDiffusion.Coordinator.Cli;
 using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Imaging;
 

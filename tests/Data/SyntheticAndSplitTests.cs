@@ -1,7 +1,7 @@
 using DistDiffusion.Model;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Networks;
-using DistDiffusion.Model.Training;
 using TorchSharp;
 
 namespace DistDiffusion.Tests.Data;

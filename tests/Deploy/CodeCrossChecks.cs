@@ -1,5 +1,5 @@
 using DistDiffusion.Coordinator.Cli;
-using DistDiffusion.Model.Training;
+using DistDiffusion.Model.Configuration;
 using k8s.Models;
 
 namespace DistDiffusion.Tests.Deploy;

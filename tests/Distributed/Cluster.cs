@@ -5,6 +5,7 @@ using System.Net.Sockets;
 using DistDiffusion.Coordinator.Cli;
 using DistDiffusion.Coordinator.Server;
 using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Training;
 using DistDiffusion.Protocol;

@@ -1,5 +1,4 @@
 using System.Text.Json;
-using DistDiffusion.Coordinator.Cli;
 using DistDiffusion.Model.Checkpoints;
 
 namespace DistDiffusion.Tests.Distributed;

@@ -1,5 +1,4 @@
 using System.Diagnostics;
-using DistDiffusion.Coordinator.Server;
 using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;

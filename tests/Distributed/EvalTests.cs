@@ -1,6 +1,7 @@
 using DistDiffusion.Coordinator.Cli;
 using DistDiffusion.Coordinator.Server;
 using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Metrics;

@@ -1,4 +1,3 @@
-using DistDiffusion.Coordinator.Server;
 using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Protocol.V1;
 using Grpc.Core;

@@ -1,4 +1,4 @@
-using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
 using Google.Protobuf;

@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Runtime.InteropServices;
 using DistDiffusion.Coordinator.Server;
 using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Sampling;
 using DistDiffusion.Protocol;
@@ -20,7 +21,7 @@ public sealed class SamplingTests() : TempFolderTest("dd-sampling")
 {
 
     /// <summary>A small trained model on disk (20 local steps of the cluster recipe).</summary>
-    private string TrainedRun(string name = "trained", Func<DistDiffusion.Model.Training.Recipe, DistDiffusion.Model.Training.Recipe>? adjust = null)
+    private string TrainedRun(string name = "trained", Func<Recipe, Recipe>? adjust = null)
     {
         var run = Path.Combine(Dir, name);
         var recipe = Cluster.Recipe(20);
@@ -122,7 +123,7 @@ public sealed class SamplingTests() : TempFolderTest("dd-sampling")
     /// <summary>An untrained image model (a small U-Net on 3 x size x size images) with T steps, as a checkpoint.</summary>
     private string ImageRun(string name, int timesteps, int size)
     {
-        var recipe = DistDiffusion.Model.Training.Recipes.MnistSmall with
+        var recipe = Recipes.MnistSmall with
         {
             Dataset = DistDiffusion.Model.Data.DatasetKind.ImageFolder, ImageSize = size,
             BaseChannels = 8, GroupNormGroups = 4, ChannelMultipliers = [1, 2], AttentionHeads = 1, AttentionHeadSize = 8, BatchSize = 4,

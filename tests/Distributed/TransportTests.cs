@@ -1,10 +1,8 @@
 using System.Runtime.InteropServices;
-using DistDiffusion.Coordinator.Server;
 using DistDiffusion.Model.Training;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
 using Grpc.Core;
-using TorchSharp;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Tests.Distributed;

@@ -1,5 +1,4 @@
 using DistDiffusion.Model.Imaging;
-using DistDiffusion.Tests.Data;
 
 namespace DistDiffusion.Tests.Imaging;
 

@@ -1,6 +1,5 @@
 using System.Text;
 using DistDiffusion.Model.Imaging;
-using DistDiffusion.Tests.Data;
 using TorchSharp;
 
 namespace DistDiffusion.Tests.Imaging;

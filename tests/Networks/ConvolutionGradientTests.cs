@@ -1,5 +1,4 @@
 using DistDiffusion.Model;
-using TorchSharp;
 using static TorchSharp.torch;
 using TorchSharp.Modules;
 

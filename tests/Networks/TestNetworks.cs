@@ -1,6 +1,6 @@
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Networks;
-using DistDiffusion.Model.Training;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Tests.Networks;

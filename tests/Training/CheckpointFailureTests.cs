@@ -1,4 +1,5 @@
 using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Training;
 using static TorchSharp.torch;

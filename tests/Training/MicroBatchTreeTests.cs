@@ -1,3 +1,4 @@
+using DistDiffusion.Model.Optimization;
 using DistDiffusion.Model.Training;
 
 namespace DistDiffusion.Tests.Training;

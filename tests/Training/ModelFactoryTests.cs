@@ -1,3 +1,4 @@
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Sampling;
 using DistDiffusion.Model.Training;

@@ -1,7 +1,8 @@
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Diffusion;
+using DistDiffusion.Model.Optimization;
 using DistDiffusion.Model.Sampling;
 using DistDiffusion.Model.Training;
-using TorchSharp;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Tests.Training;

@@ -1,6 +1,7 @@
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Diffusion;
-using DistDiffusion.Model.Training;
+using DistDiffusion.Model.Optimization;
 
 namespace DistDiffusion.Tests.Training;
 

@@ -1,4 +1,5 @@
 using System.Runtime.InteropServices;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Training;

@@ -1,3 +1,4 @@
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Training;
 using DistDiffusion.Tests.Checkpoints;

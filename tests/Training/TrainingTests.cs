@@ -1,11 +1,11 @@
 using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Metrics;
 using DistDiffusion.Model.Networks;
 using DistDiffusion.Model.Sampling;
 using DistDiffusion.Model.Training;
-using TorchSharp;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Tests.Training;

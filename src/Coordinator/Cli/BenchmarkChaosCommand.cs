@@ -7,7 +7,6 @@ using DistDiffusion.Model.Training;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
 using Grpc.Core;
-using static TorchSharp.torch;
 
 namespace DistDiffusion.Coordinator.Cli;
 

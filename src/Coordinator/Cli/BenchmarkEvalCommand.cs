@@ -3,10 +3,10 @@ using System.Diagnostics;
 using System.Globalization;
 using DistDiffusion.Coordinator.Server;
 using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Metrics;
-using DistDiffusion.Model.Sampling;
 using DistDiffusion.Model.Training;
 using DistDiffusion.Protocol;
 

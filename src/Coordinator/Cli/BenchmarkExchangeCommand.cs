@@ -6,7 +6,6 @@ using System.Net.Sockets;
 using DistDiffusion.Coordinator.Server;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
-using Grpc.Core;
 
 namespace DistDiffusion.Coordinator.Cli;
 

@@ -1,9 +1,9 @@
 using System.CommandLine;
 using System.Globalization;
 using System.Text.Json;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Metrics;
-using DistDiffusion.Model.Training;
 
 namespace DistDiffusion.Coordinator.Cli;
 

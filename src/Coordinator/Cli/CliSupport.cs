@@ -1,8 +1,8 @@
 using System.CommandLine;
 using System.Globalization;
 using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Sampling;
-using DistDiffusion.Model.Training;
 using TorchSharp;
 using static TorchSharp.torch;
 

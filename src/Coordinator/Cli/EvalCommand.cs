@@ -1,10 +1,10 @@
 using System.CommandLine;
 using System.Text.Json;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Metrics;
 using DistDiffusion.Model.Sampling;
-using DistDiffusion.Model.Training;
 
 namespace DistDiffusion.Coordinator.Cli;
 
@@ -22,7 +22,7 @@ internal static class EvalCommand
     internal const int MaxBpdBatch = Server.SamplingService.MaxBpdBatch;
 
     /// <summary>The data set's classifier for labelled MNIST-style data and a non-zero --classifier-samples (null otherwise).</summary>
-    internal static CachedClassifier? ObtainClassifier(Model.Training.Recipe recipe, Dataset train, Dataset heldOut, int classifierSamples)
+    internal static CachedClassifier? ObtainClassifier(Recipe recipe, Dataset train, Dataset heldOut, int classifierSamples)
     {
         var labelled = recipe.Dataset is DatasetKind.Mnist or DatasetKind.FashionMnist && train.Labels is not null && heldOut.Labels is not null;
         return labelled && classifierSamples > 0 ? ClassifierCommand.Obtain(recipe, train, heldOut) : null;
@@ -102,7 +102,7 @@ internal static class EvalCommand
             var report = Evaluator.Evaluate(new LocalEvalSource(model) { BpdBatch = bpdBatch }, model.Recipe, data.Step, train, heldOut, samples, bpdImages, sampler: sampler, samplerSteps: steps, eta: eta,
                 classifier: classifier?.Network, classifierAccuracy: classifier?.Info.HeldOutAccuracy, classifierSamples: classifierSamples);
             if (json)
-                Console.WriteLine(JsonSerializer.Serialize(report, Model.Training.Recipe.JsonOptions));
+                Console.WriteLine(JsonSerializer.Serialize(report, Recipe.JsonOptions));
             else
                 foreach (var line in report.Lines()) Console.WriteLine(line);
         }

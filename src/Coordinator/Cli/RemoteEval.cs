@@ -1,11 +1,11 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Runtime.InteropServices;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Metrics;
 using DistDiffusion.Model.Sampling;
-using DistDiffusion.Model.Training;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
 using Grpc.Core;

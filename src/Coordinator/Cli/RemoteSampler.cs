@@ -1,10 +1,9 @@
 using System.Globalization;
 using System.Runtime.InteropServices;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Diffusion;
-using DistDiffusion.Model.Training;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
-using Grpc.Core;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Coordinator.Cli;

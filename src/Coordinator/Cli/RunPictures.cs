@@ -1,3 +1,4 @@
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Imaging;

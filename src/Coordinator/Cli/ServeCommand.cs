@@ -1,7 +1,6 @@
 using System.CommandLine;
 using DistDiffusion.Coordinator.Server;
 using DistDiffusion.Protocol;
-using Microsoft.Extensions.Configuration;
 using Serilog.Events;
 
 namespace DistDiffusion.Coordinator.Cli;

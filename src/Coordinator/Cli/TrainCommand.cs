@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Globalization;
 using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Training;
 

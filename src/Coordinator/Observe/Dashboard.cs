@@ -3,9 +3,7 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using DistDiffusion.Coordinator.Server;
 using DistDiffusion.Model.Checkpoints;
-using DistDiffusion.Protocol.V1;
 using Google.Protobuf;
-using Microsoft.AspNetCore.Http;
 
 namespace DistDiffusion.Coordinator.Observe;
 

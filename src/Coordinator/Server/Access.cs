@@ -3,7 +3,6 @@ using System.Text;
 using DistDiffusion.Protocol;
 using Grpc.Core;
 using Microsoft.AspNetCore.Connections.Features;
-using Microsoft.AspNetCore.Http;
 using Microsoft.Extensions.Logging;
 
 namespace DistDiffusion.Coordinator.Server;

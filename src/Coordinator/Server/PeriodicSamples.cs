@@ -1,7 +1,6 @@
 using System.Diagnostics;
 using System.Globalization;
 using DistDiffusion.Protocol.V1;
-using Microsoft.Extensions.Logging;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Coordinator.Server;

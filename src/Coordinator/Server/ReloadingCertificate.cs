@@ -1,5 +1,4 @@
 using System.Security.Cryptography.X509Certificates;
-using Microsoft.Extensions.Logging;
 
 namespace DistDiffusion.Coordinator.Server;
 

@@ -1,7 +1,6 @@
 using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Training;
-using Microsoft.Extensions.Logging;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Coordinator.Server;

@@ -5,7 +5,6 @@ using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
 using Google.Protobuf;
 using Grpc.Core;
-using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 
 namespace DistDiffusion.Coordinator.Server;

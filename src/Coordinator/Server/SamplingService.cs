@@ -1,10 +1,10 @@
 using System.Diagnostics;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Imaging;
 using DistDiffusion.Protocol.V1;
 using Google.Protobuf;
 using Grpc.Core;
-using Microsoft.Extensions.Logging;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Coordinator.Server;
@@ -68,7 +68,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
         }
     }
 
-    private async Task SampleAsync(SampleRequest request, IServerStreamWriter<SampleResponse> responseStream, ServerCallContext context, Model.Training.Recipe recipe, long[] shape)
+    private async Task SampleAsync(SampleRequest request, IServerStreamWriter<SampleResponse> responseStream, ServerCallContext context, Recipe recipe, long[] shape)
     {
         var T = recipe.Timesteps;
         var ct = context.CancellationToken;
@@ -146,7 +146,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
         await AdmittedAsync(() => EvaluateAsync(request, responseStream, context, recipe));
     }
 
-    private async Task EvaluateAsync(EvalRequest request, IServerStreamWriter<EvalResponse> responseStream, ServerCallContext context, Model.Training.Recipe recipe)
+    private async Task EvaluateAsync(EvalRequest request, IServerStreamWriter<EvalResponse> responseStream, ServerCallContext context, Recipe recipe)
     {
         var ct = context.CancellationToken;
         var clock = Stopwatch.StartNew();
@@ -258,7 +258,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
         };
     }
 
-    private void ValidateEval(EvalRequest r, Model.Training.Recipe recipe)
+    private void ValidateEval(EvalRequest r, Recipe recipe)
     {
         static RpcException Bad(StatusCode code, string message) => new(new Status(code, message));
         var T = recipe.Timesteps;

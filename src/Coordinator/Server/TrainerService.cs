@@ -1,9 +1,9 @@
+using DistDiffusion.Model.Optimization;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
 using Google.Protobuf.WellKnownTypes;
 using Google.Rpc;
 using Grpc.Core;
-using Microsoft.Extensions.Logging;
 using StatusCode = Grpc.Core.StatusCode;
 
 namespace DistDiffusion.Coordinator.Server;
@@ -265,7 +265,7 @@ public sealed class TrainerService : Trainer.TrainerBase
     /// </summary>
     private void Deliver(WorkerConnection worker, GradientHeader h, float[] values) =>
         _loop.Post(new GradientArrived(new SliceGradient(worker, h.Step, h.Slice, values, h.Present.ToByteArray(), h.Loss, h.ComputeSeconds,
-            Model.Training.VectorMath.SumOfSquares(values), h.Tensor.Checksum)));
+            VectorMath.SumOfSquares(values), h.Tensor.Checksum)));
 
     private void Ignore(WorkerConnection worker, GradientHeader h, string note)
     {

@@ -2,11 +2,12 @@ using System.Diagnostics;
 using System.Threading.Channels;
 using DistDiffusion.Model;
 using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Configuration;
+using DistDiffusion.Model.Optimization;
 using DistDiffusion.Model.Training;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
 using Grpc.Core;
-using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 
 namespace DistDiffusion.Coordinator.Server;
@@ -153,7 +154,7 @@ public sealed class TrainingLoop : BackgroundService
         return reply.Task.WaitAsync(ct);
     }
 
-    public Model.Training.Recipe Recipe => _run.State.Recipe;
+    public Recipe Recipe => _run.State.Recipe;
 
     private void Serve(WeightsRequested request)
     {

@@ -1,5 +1,4 @@
 using DistDiffusion.Protocol.V1;
-using Microsoft.Extensions.Logging;
 
 namespace DistDiffusion.Coordinator.Server;
 

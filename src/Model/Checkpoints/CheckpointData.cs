@@ -1,4 +1,4 @@
-using DistDiffusion.Model.Training;
+using DistDiffusion.Model.Configuration;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Model.Checkpoints;

@@ -1,7 +1,7 @@
 using System.Globalization;
 using System.Security.Cryptography;
 using System.Text.Json;
-using DistDiffusion.Model.Training;
+using DistDiffusion.Model.Configuration;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Model.Checkpoints;

@@ -1,6 +1,6 @@
 using System.Globalization;
 using System.Text.Json;
-using DistDiffusion.Model.Training;
+using DistDiffusion.Model.Configuration;
 
 namespace DistDiffusion.Model.Checkpoints;
 

@@ -2,8 +2,8 @@ using System.Diagnostics;
 using System.Security.Cryptography;
 using System.Text.Json;
 using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
-using DistDiffusion.Model.Training;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Model.Metrics;

@@ -1,6 +1,5 @@
 using System.Diagnostics;
 using DistDiffusion.Model.Data;
-using DistDiffusion.Model.Training;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;

@@ -1,7 +1,7 @@
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Sampling;
-using DistDiffusion.Model.Training;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Model.Metrics;

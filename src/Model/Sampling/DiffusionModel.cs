@@ -1,8 +1,8 @@
 using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Networks;
 using DistDiffusion.Model.Training;
-using TorchSharp;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Model.Sampling;

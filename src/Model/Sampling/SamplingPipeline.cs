@@ -1,5 +1,4 @@
 using DistDiffusion.Model.Diffusion;
-using DistDiffusion.Model.Training;
 using TorchSharp;
 using static TorchSharp.torch;
 

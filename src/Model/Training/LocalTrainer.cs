@@ -1,6 +1,5 @@
 using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Data;
-using static TorchSharp.torch;
 
 namespace DistDiffusion.Model.Training;
 

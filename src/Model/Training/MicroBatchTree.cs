@@ -1,3 +1,5 @@
+using DistDiffusion.Model.Configuration;
+using DistDiffusion.Model.Optimization;
 namespace DistDiffusion.Model.Training;
 
 /// <summary>A node of a <see cref="MicroBatchTree"/>: the micro-batches [First, End) under it.</summary>

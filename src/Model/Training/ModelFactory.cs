@@ -1,3 +1,4 @@
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Networks;
 using TorchSharp;

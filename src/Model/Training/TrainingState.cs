@@ -1,7 +1,9 @@
 using System.Globalization;
 using DistDiffusion.Model.Checkpoints;
+using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Networks;
+using DistDiffusion.Model.Optimization;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Model.Training;

@@ -1,7 +1,7 @@
 using System.Numerics;
 using System.Runtime.InteropServices;
 
-namespace DistDiffusion.Model.Training;
+namespace DistDiffusion.Model.Optimization;
 
 /// <summary>Element-wise float32 arithmetic on flat gradient vectors, in a fixed order so results repeat bit for bit.</summary>
 public static class VectorMath

@@ -2,7 +2,7 @@ using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
 
-namespace DistDiffusion.Model.Training;
+namespace DistDiffusion.Model.Optimization;
 
 /// <summary>
 /// EMA of the weights: ema = d ema + (1 - d) theta after each optimizer step, with the warm-up

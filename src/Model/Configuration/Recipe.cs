@@ -5,8 +5,9 @@ using System.Text.Json.Serialization;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Networks;
+using DistDiffusion.Model.Optimization;
 
-namespace DistDiffusion.Model.Training;
+namespace DistDiffusion.Model.Configuration;
 
 /// <summary>
 /// Everything that defines a training run: data, forward process, network, loss, optimizer, batch.

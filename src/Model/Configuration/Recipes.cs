@@ -2,7 +2,7 @@ using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Networks;
 
-namespace DistDiffusion.Model.Training;
+namespace DistDiffusion.Model.Configuration;
 
 /// <summary>
 /// Named recipes. The reference recipes reproduce the systems of the documents the project started from with

@@ -2,7 +2,7 @@ using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
 
-namespace DistDiffusion.Model.Training;
+namespace DistDiffusion.Model.Optimization;
 
 /// <summary>How the learning rate moves after the warm-up.</summary>
 public enum LearningRateDecay
