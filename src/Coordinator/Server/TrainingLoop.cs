@@ -61,7 +61,7 @@ public sealed class TrainingLoop : BackgroundService
     private readonly Channel<LoopEvent> _events = Channel.CreateUnbounded<LoopEvent>();
     private readonly ParameterVector _vector;
     private readonly WorkerRoster _workers;
-    private readonly object _statusLock = new();
+    private readonly RunStatus _status;
     private readonly ParameterBroadcast _parameters;
     private readonly SliceGuard _guard;
     private readonly MicroBatchTree _tree;
@@ -69,13 +69,6 @@ public sealed class TrainingLoop : BackgroundService
     /// <summary>False only while an update is being applied: a checkpoint taken then would mix two steps.</summary>
     private bool _stateConsistent = true;
     private volatile StepSnapshot? _current;
-    private RunState _state = RunState.WaitingForWorkers;
-    private double _loss = double.NaN, _samplesPerSecond;
-    private string _lastCheckpoint = "";
-    private long _lastCheckpointStep = -1;
-    private long _lastCheckpointAt;
-    private double _gradNorm = double.NaN;
-    private StepSplit _lastSplit = new(0, 0, 0);
     private double _stepCompute;
     private readonly Observe.MetricsJournal _journal;
     private readonly Observe.StepInterval _interval = new();
@@ -89,7 +82,9 @@ public sealed class TrainingLoop : BackgroundService
         _options = options;
         _log = log;
         _lifetime = lifetime;
-        _workers = new WorkerRoster(_statusLock, log);
+        // The checkpoint this state came from (not merely the highest step folder, which may be the damaged one skipped).
+        _status = new RunStatus(run.LastCheckpoint);
+        _workers = new WorkerRoster(_status.Gate, log);
         _vector = ParameterVector.Of(run.State.Network);
         run.State.Optimizer.UpdateThreads = Math.Clamp(Environment.ProcessorCount, 1, 4);
         GradientBuffers = new TensorBufferPool(_vector.Elements);
@@ -101,19 +96,13 @@ public sealed class TrainingLoop : BackgroundService
         GradientDtype = options.ParseGradientDtype();
         RecipeJson = run.State.Recipe.ToJson();
         _parameters.Publish((ulong)run.State.StepsDone, (ulong)run.State.StepsDone);
-        // The checkpoint this state came from (not merely the highest step folder, which may be the damaged one skipped).
-        if (run.LastCheckpoint is { } last) (_lastCheckpoint, _lastCheckpointStep) = (last.Folder, last.Step);
         _journal = new Observe.MetricsJournal(run.RunDir);
     }
 
     /// <summary>OUT/metrics.jsonl and OUT/loss.png.</summary>
     public Observe.MetricsJournal Journal => _journal;
 
-    public Telemetry ReadTelemetry()
-    {
-        lock (_statusLock)
-            return new Telemetry(_gradNorm, _lastSplit, _lastCheckpointAt == 0 ? null : Stopwatch.GetElapsedTime(_lastCheckpointAt).TotalSeconds);
-    }
+    public Telemetry ReadTelemetry() => _status.ReadTelemetry();
 
     public string RunId { get; }
     /// <summary>Where the stream handlers receive gradients; the loop returns each buffer once summed.</summary>
@@ -186,16 +175,12 @@ public sealed class TrainingLoop : BackgroundService
             TargetStep = (ulong)_run.TargetStep,
             RunId = RunId,
         };
-        lock (_statusLock)
+        lock (_status.Gate)
         {
             reply.Step = (ulong)s.StepsDone;
             reply.Epoch = s.Cursor.Epoch;
             reply.ParameterVersion = _parameters.Version;
-            reply.State = _state;
-            reply.Loss = _loss;
-            reply.SamplesPerSecond = _samplesPerSecond;
-            reply.LastCheckpoint = _lastCheckpoint;
-            reply.LastCheckpointStep = _lastCheckpointStep < 0 ? 0 : (ulong)_lastCheckpointStep;
+            _status.FillUnderGate(reply);
             reply.Workers.AddRange(_workers.Statuses());
         }
         return reply;
@@ -228,7 +213,7 @@ public sealed class TrainingLoop : BackgroundService
                 var needed = started ? 1 : _options.MinWorkers;
                 if (_workers.Live.Count < needed)
                 {
-                    SetState(RunState.WaitingForWorkers);
+                    _status.SetState(RunState.WaitingForWorkers);
                     if (!waitingLogged) _log.LogWarning("Waiting for workers: {Live} of {Needed} live (step {Step} of {Target})", _workers.Live.Count, needed, s.StepsDone, _run.TargetStep);
                     waitingLogged = true;
                     await HandleNextAsync(TimeSpan.FromSeconds(1), stoppingToken);
@@ -236,7 +221,7 @@ public sealed class TrainingLoop : BackgroundService
                 }
                 waitingLogged = false;
                 started = true;
-                SetState(RunState.Training);
+                _status.SetState(RunState.Training);
                 clock.Restart();
                 var busyBefore = _busySeconds;
                 var (loss, norm) = await RunStepAsync(stoppingToken);
@@ -244,14 +229,7 @@ public sealed class TrainingLoop : BackgroundService
                 var update = Math.Min(seconds, _busySeconds - busyBefore);
                 var compute = Math.Clamp(_stepCompute, 0, seconds - update);
                 var split = new StepSplit(compute, Math.Max(0, seconds - update - compute), update);
-                lock (_statusLock)
-                {
-                    _gradNorm = norm;
-                    _lastSplit = split;
-                    _loss = double.IsNaN(_loss) ? loss : 0.9 * _loss + 0.1 * loss;
-                    var rate = s.Recipe.BatchSize / Math.Max(seconds, 1e-9);
-                    _samplesPerSecond = _samplesPerSecond == 0 ? rate : 0.9 * _samplesPerSecond + 0.1 * rate;
-                }
+                _status.StepDone(loss, norm, split, s.Recipe.BatchSize, seconds);
                 _log.LogDebug("Step {Step}: loss {Loss:G4}, gradient norm {Norm:G4}, {Seconds:F3} s over {Workers} workers", s.StepsDone, loss, norm, seconds, _workers.Live.Count);
                 _interval.Add(loss, s.Recipe.BatchSize);
                 if (s.StepsDone % _options.LogEvery == 0 || s.StepsDone == _run.TargetStep) Record(split, norm);
@@ -262,12 +240,12 @@ public sealed class TrainingLoop : BackgroundService
             }
             if (_options.SampleOnly)
             {
-                SetState(RunState.Serving);
+                _status.SetState(RunState.Serving);
                 _log.LogInformation("Serving samples from the weights of step {Step} (no training)", s.StepsDone);
             }
             else
             {
-                if (_lastCheckpointStep != s.StepsDone) await SaveFinalCheckpointAsync(stoppingToken);
+                if (_status.LastCheckpoint.Step != s.StepsDone) await SaveFinalCheckpointAsync(stoppingToken);
                 // The final picture, as `coordinator train` writes one, before the workers are let go.
                 if (_samples is not null && s.Recipe.SampleEvery > 0)
                 {
@@ -275,7 +253,7 @@ public sealed class TrainingLoop : BackgroundService
                     if (!File.Exists(PeriodicSamples.PathFor(_run.RunDir, s.StepsDone))) SampleNow(stoppingToken);
                     await _samples.Running;
                 }
-                SetState(RunState.Complete);
+                _status.SetState(RunState.Complete);
                 _log.LogInformation("Training complete at step {Step}", s.StepsDone);
             }
             _completion.TrySetResult();
@@ -298,7 +276,7 @@ public sealed class TrainingLoop : BackgroundService
         catch (OperationCanceledException) when (stoppingToken.IsCancellationRequested)
         {
             // Shutdown (Ctrl+C, SIGTERM): keep the last completed step.
-            if (_lastCheckpointStep != s.StepsDone && !_options.SampleOnly) SaveCheckpoint();
+            if (_status.LastCheckpoint.Step != s.StepsDone && !_options.SampleOnly) SaveCheckpoint();
             foreach (var w in _workers.Connected) w.Send(new CoordinatorMessage { Finish = new Finish { Reason = "coordinator shutting down", Reconnect = true } });
             _completion.TrySetCanceled(stoppingToken);
         }
@@ -322,11 +300,11 @@ public sealed class TrainingLoop : BackgroundService
     private void Stop(Exception e)
     {
         var s = _run.State;
-        SetState(RunState.Failed);
-        if (!_options.SampleOnly && _lastCheckpointStep != s.StepsDone)
+        _status.SetState(RunState.Failed);
+        if (!_options.SampleOnly && _status.LastCheckpoint.Step != s.StepsDone)
         {
             if (!_stateConsistent)
-                _log.LogError("No checkpoint of step {Step}: the failure interrupted its update; the last checkpoint is {Folder}", s.StepsDone, _lastCheckpoint);
+                _log.LogError("No checkpoint of step {Step}: the failure interrupted its update; the last checkpoint is {LastCheckpoint}", s.StepsDone, _status.DescribeLastCheckpoint());
             else
             {
                 try
@@ -337,7 +315,7 @@ public sealed class TrainingLoop : BackgroundService
                 catch (Exception saveError)
 #pragma warning restore CA1031
                 {
-                    _log.LogError(saveError, "Could not checkpoint step {Step} while stopping; the last checkpoint is {Folder}", s.StepsDone, _lastCheckpoint);
+                    _log.LogError(saveError, "Could not checkpoint step {Step} while stopping; the last checkpoint is {LastCheckpoint}", s.StepsDone, _status.DescribeLastCheckpoint());
                 }
             }
         }
@@ -376,11 +354,6 @@ public sealed class TrainingLoop : BackgroundService
         {
             _log.LogWarning(e, "Could not append to {Path}", _journal.Path);
         }
-    }
-
-    private void SetState(RunState state)
-    {
-        lock (_statusLock) _state = state;
     }
 
     /// <summary>
@@ -503,12 +476,12 @@ public sealed class TrainingLoop : BackgroundService
             BackUpStragglers();
             if (_workers.Live.Count == 0 && !round.IsComplete)
             {
-                SetState(RunState.WaitingForWorkers);
+                _status.SetState(RunState.WaitingForWorkers);
                 if (_workers.AnyJoining)
                 {
                     _workers.Admit(_run.State.StepsDone);
                     foreach (var orphan in round.Orphans(_workers.Live)) Assign(orphan, round.LeastLoaded(_workers.Live));
-                    SetState(RunState.Training);
+                    _status.SetState(RunState.Training);
                 }
             }
         }
@@ -531,7 +504,7 @@ public sealed class TrainingLoop : BackgroundService
                 throw new TrainingDivergedException($"training diverged at step {plan.Step}: the summed gradient of every slice is not finite ({e.Message})");
             }
             _stateConsistent = true;
-            lock (_statusLock) _parameters.Publish(_parameters.Version + 1, (ulong)s.StepsDone);
+            lock (_status.Gate) _parameters.Publish(_parameters.Version + 1, (ulong)s.StepsDone);
         }
         if (_options.SampleLedger is { } ledger)
             File.AppendAllText(ledger, System.Text.Json.JsonSerializer.Serialize(new { step = plan.Step, indices = plan.Indices, epochs = plan.Epochs }) + "\n");
@@ -699,14 +672,12 @@ public sealed class TrainingLoop : BackgroundService
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
-            string last;
-            long lastStep;
-            lock (_statusLock) (last, lastStep) = (_lastCheckpoint, _lastCheckpointStep);
+            var (last, lastStep) = _status.LastCheckpoint;
             _log.LogError(e, "Checkpoint of step {Step} not written; training goes on and the next checkpoint tries again (last checkpoint {LastCheckpoint}, step {LastStep})",
                 step, last.Length > 0 ? last : "none", lastStep);
             return false;
         }
-        lock (_statusLock) (_lastCheckpoint, _lastCheckpointStep, _lastCheckpointAt) = (saved.Folder, saved.Step, Stopwatch.GetTimestamp());
+        _status.CheckpointSaved(saved.Folder, saved.Step);
         try
         {
             _journal.WriteLossPlot(_run.State.Recipe.Name);
@@ -737,8 +708,7 @@ public sealed class TrainingLoop : BackgroundService
             await Task.Delay(pause, ct);
             pause *= 2;
         }
-        throw new IOException($"the final checkpoint of step {_run.State.StepsDone} could not be written in {attempts} attempts; the last checkpoint is "
-            + (_lastCheckpointStep < 0 ? "none" : $"{_lastCheckpoint} (step {_lastCheckpointStep})"));
+        throw new IOException($"the final checkpoint of step {_run.State.StepsDone} could not be written in {attempts} attempts; the last checkpoint is {_status.DescribeLastCheckpoint()}");
     }
 
     public override void Dispose()
