@@ -42,7 +42,20 @@ public sealed class EvalTests() : TempFolderTest("dd-eval")
     }
 
     /// <summary>One-process per-image bits/dim of held-out images [0, m) at one intra-op thread (the workers' count here).</summary>
-    private static (float[] Totals, float[] Priors) LocalBitsPerDim(string run, int m, int bpdBatch)
+    private static (float[] Totals, float[] Priors) LocalBitsPerDim(string run, int m, int bpdBatch) =>
+        WithLocalModel(run, (model, _, _, heldOut) =>
+        {
+            var (total, prior) = new LocalEvalSource(model) { BpdBatch = bpdBatch }.BitsPerDim(heldOut, m, Seed);
+            using (total)
+            using (prior)
+                return (total.data<float>().ToArray(), prior.data<float>().ToArray());
+        });
+
+    /// <summary>
+    /// Runs <paramref name="body"/> on the checkpoint's EMA model and its data (step, training and held-out sets) at one
+    /// intra-op thread, the workers' count here, and releases all of it afterwards.
+    /// </summary>
+    private static T WithLocalModel<T>(string run, Func<DiffusionModel, long, Dataset, Dataset, T> body)
     {
         var data = CheckpointStore.Load(CheckpointStore.ResolveCheckpointFolder(run));
         try
@@ -56,10 +69,7 @@ public sealed class EvalTests() : TempFolderTest("dd-eval")
                 DistDiffusion.Model.TorchRuntime.UseIntraOpThreads(1);
                 try
                 {
-                    var (total, prior) = new LocalEvalSource(model) { BpdBatch = bpdBatch }.BitsPerDim(heldOut, m, Seed);
-                    using (total)
-                    using (prior)
-                        return (total.data<float>().ToArray(), prior.data<float>().ToArray());
+                    return body(model, data.Step, train, heldOut);
                 }
                 finally
                 {
@@ -121,31 +131,8 @@ public sealed class EvalTests() : TempFolderTest("dd-eval")
         }
 
         // The one-process figures: the bits/dim line identical, the sample figures at the printed precision.
-        var data = CheckpointStore.Load(CheckpointStore.ResolveCheckpointFolder(run));
-        EvalReport local;
-        try
-        {
-            using var model = DiffusionModel.FromCheckpoint(data, useEma: true, CPU);
-            var (train, heldOut) = DatasetLoader.Load(data.Recipe.ToDataOptions());
-            using (train)
-            using (heldOut)
-            {
-                var before = get_num_threads();
-                DistDiffusion.Model.TorchRuntime.UseIntraOpThreads(1);
-                try
-                {
-                    local = Evaluator.Evaluate(new LocalEvalSource(model) { BpdBatch = batch }, model.Recipe, data.Step, train, heldOut, 2000, m, Seed);
-                }
-                finally
-                {
-                    DistDiffusion.Model.TorchRuntime.UseIntraOpThreads(before);
-                }
-            }
-        }
-        finally
-        {
-            data.DisposeTensors();
-        }
+        var local = WithLocalModel(run, (model, step, train, heldOut) =>
+            Evaluator.Evaluate(new LocalEvalSource(model) { BpdBatch = batch }, model.Recipe, step, train, heldOut, 2000, m, Seed));
         Assert.Equal(local.Lines().ToList(), report.Lines().ToList());
 
         // The verb, by address and by run folder.
