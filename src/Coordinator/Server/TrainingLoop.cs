@@ -65,7 +65,8 @@ public sealed class TrainingLoop : BackgroundService
     private readonly ParameterBroadcast _parameters;
     private readonly SliceGuard _guard;
     private readonly MicroBatchTree _tree;
-    private readonly RecentResults _results = new();
+    private readonly StepCounters _counters = new();
+    private readonly StepServices _stepServices;
     /// <summary>False only while an update is being applied: a checkpoint taken then would mix two steps.</summary>
     private bool _stateConsistent = true;
     private volatile StepSnapshot? _current;
@@ -97,6 +98,8 @@ public sealed class TrainingLoop : BackgroundService
         RecipeJson = run.State.Recipe.ToJson();
         _parameters.Publish((ulong)run.State.StepsDone, (ulong)run.State.StepsDone);
         _journal = new Observe.MetricsJournal(run.RunDir);
+        _stepServices = new StepServices(_workers, _parameters, options, _guard, _tree, new RecentResults(), GradientBuffers, _status, _counters, log,
+            NextEventAsync, Serve, Gone, snapshot => _current = snapshot);
     }
 
     /// <summary>OUT/metrics.jsonl and OUT/loss.png.</summary>
@@ -124,11 +127,9 @@ public sealed class TrainingLoop : BackgroundService
     public double BusySeconds => Volatile.Read(ref _busySeconds);
     private double _busySeconds;
     /// <summary>Slow slices given a copy (or their halves) on idle workers so far.</summary>
-    public long BackupsIssued => Interlocked.Read(ref _backups);
-    private long _backups;
+    public long BackupsIssued => _counters.BackupsIssued;
     /// <summary>Second results (straggler copies, verifications) whose bits were compared with the first.</summary>
-    public long ResultsCompared => Interlocked.Read(ref _compared);
-    private long _compared;
+    public long ResultsCompared => _counters.ResultsCompared;
     /// <summary>Completes when training reached its target step and the final checkpoint is written.</summary>
     public Task Completion => _completion.Task;
     private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -377,12 +378,12 @@ public sealed class TrainingLoop : BackgroundService
             case WorkerJoined j: _workers.Register(j.Worker); break;
             case WorkerGone g: Gone(g); break;
             case GradientArrived a:
-                Answered(a.Gradient.Worker, a.Gradient.Step, a.Gradient.Slice);
-                Ack(a.Gradient, applied: false, "no step in progress");
+                StepDriver.Answered(a.Gradient.Worker, a.Gradient.Step, a.Gradient.Slice);
+                StepDriver.Ack(a.Gradient, applied: false, "no step in progress");
                 GradientBuffers.Return(a.Gradient.Values);
                 break;
             case DuplicateSeen d:
-                Answered(d.Worker, d.Step, d.Slice);
+                StepDriver.Answered(d.Worker, d.Step, d.Slice);
                 break;
             case WeightsRequested w: Serve(w); break;
         }
@@ -402,91 +403,23 @@ public sealed class TrainingLoop : BackgroundService
         }
     }
 
+    /// <summary>
+    /// One step: plan its batch, let a <see cref="StepDriver"/> hand out the slices and gather them (the previous step's
+    /// EMA update runs meanwhile), then apply the summed gradient and publish the new parameters.
+    /// </summary>
     private async Task<(double Loss, double Norm)> RunStepAsync(CancellationToken ct)
     {
         var planning = Stopwatch.GetTimestamp();
         _stepCompute = 0;
         var s = _run.State;
         var plan = s.PlanStep();
-        var keys = s.Step.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
-        // A worker still busy with a slice a backup took from it sits this step out (while others can do the work).
-        // ... and a worker that straggled sits out 2, 4, 8, ... steps (up to 256) before it is tried again, so a worker
-        // that stays slow costs a wait ever more rarely; one that answers a slice on time starts over.
-        var eligible = _workers.Live.Where(w => !w.Straggling && (ulong)plan.Step >= w.SitOutUntilStep).ToList();
-        if (eligible.Count == 0) eligible = _workers.Live.ToList();
-        var round = new StepRound((ulong)plan.Step, _parameters.Version, _tree, Math.Min(eligible.Count, _tree.Leaves), TimeSpan.FromSeconds(_options.StepDeadlineSeconds), TimeProvider.System);
-        for (var i = 0; i < round.Parts.Length; i++)
-            foreach (var k in round.Parts[i]) Assign(k, eligible[i]);
-        Verify();
+        var driver = new StepDriver(_stepServices, s, plan);
         // The previous step's EMA update, while the workers compute this one.
         using (Model.TorchRuntime.Compute()) s.FlushEma();
         _busySeconds += Stopwatch.GetElapsedTime(planning).TotalSeconds;
 
-        while (!round.IsComplete)
-        {
-            // Short waits once a slice is in: the stragglers' check below needs a clock, not an event.
-            var e = await NextEventAsync(TimeSpan.FromMilliseconds(round.Snapshot().Done.Any(d => d) ? 10 : 500), ct);
-            switch (e)
-            {
-                case WorkerJoined j:
-                    _workers.Register(j.Worker);
-                    break;
-                case WorkerGone g:
-                    Gone(g);
-                    Reassign(g.Worker);
-                    break;
-                case WeightsRequested w:
-                    Serve(w);
-                    break;
-                case DuplicateSeen d:
-                    Answered(d.Worker, d.Step, d.Slice);
-                    if (d.Checksum is { } sum) Compare(d.Worker, d.Step, d.Slice, sum);
-                    break;
-                case GradientArrived { Gradient: var gr }:
-                    Answered(gr.Worker, gr.Step, gr.Slice);
-                    if (round.Validate(gr) is not SliceRejection.None and var why)
-                    {
-                        if (why == SliceRejection.Duplicate) Compare(gr.Worker, gr.Step, gr.Slice, gr.Checksum);
-                        Ack(gr, applied: false, why == SliceRejection.Duplicate ? "duplicate" : "stale");
-                        GradientBuffers.Return(gr.Values);
-                        break;
-                    }
-                    if (!Judge(gr)) break;
-                    round.Accept(gr);
-                    _stepCompute = Math.Max(_stepCompute, gr.ComputeSeconds);
-                    _results.Record(gr.Step, gr.Slice, gr.Checksum, gr.Worker.Id);
-                    gr.Worker.CompletedSlice(gr.Step, gr.ComputeSeconds);
-                    if (!round.HadBackup((int)gr.Slice)) gr.Worker.Straggles = 0;   // on time: no more sitting out
-                    if (round.Unfinished(gr.Worker).Count == 0) gr.Worker.State = WorkerState.Idle;
-                    Ack(gr, applied: true, "");
-                    _current = round.Snapshot();
-                    break;
-            }
-            foreach (var w in _workers.Live.ToList())
-            {
-                var late = round.IsLate(w);
-                if (late || w.SecondsSinceSeen > _options.HeartbeatTimeoutSeconds)
-                {
-                    var why = late ? $"missed the step deadline ({round.Deadline.TotalSeconds:F0} s) of step {round.Step}" : $"silent for {w.SecondsSinceSeen:F0} s (heartbeat every {_options.HeartbeatSeconds} s)";
-                    w.Abort(StatusCode.DeadlineExceeded, why);
-                    _workers.Remove(w, why);
-                    Reassign(w);
-                }
-            }
-            BackUpStragglers();
-            if (_workers.Live.Count == 0 && !round.IsComplete)
-            {
-                _status.SetState(RunState.WaitingForWorkers);
-                if (_workers.AnyJoining)
-                {
-                    _workers.Admit(_run.State.StepsDone);
-                    foreach (var orphan in round.Orphans(_workers.Live)) Assign(orphan, round.LeastLoaded(_workers.Live));
-                    _status.SetState(RunState.Training);
-                }
-            }
-        }
-
-        var (total, present, loss) = round.Sum(GradientBuffers.Return);
+        var (total, present, loss) = await driver.RunAsync(ct);
+        _stepCompute = driver.SlowestCompute;
         var gathered = Stopwatch.GetTimestamp();
         double norm;
         using (Model.TorchRuntime.Compute())   // other threads allocate: torch temporaries must outlive their native calls
@@ -513,151 +446,7 @@ public sealed class TrainingLoop : BackgroundService
         _log.LogDebug("Step {Step} applied in {Ms:F1} ms after the last gradient", plan.Step, applying.TotalMilliseconds);
         _current = null;
         return (loss, norm);
-
-        void Assign(int slice, WorkerConnection w)
-        {
-            round.Assign(slice, w);
-            w.State = WorkerState.Busy;
-            w.Outstanding.Add((round.Step, (uint)slice));
-            if (w.ParameterVersion != _parameters.Version) _parameters.SendTo(w);
-            var (start, end) = round.Bounds(slice);
-            var node = round.NodeOf(slice);
-            var assignment = new StepAssignment
-            {
-                Step = round.Step,
-                ParameterVersion = _parameters.Version,
-                Slice = (uint)slice,
-                GlobalBatchSize = (uint)s.Recipe.BatchSize,
-                FirstMicroBatch = (uint)node.First,
-                EndMicroBatch = (uint)node.End,
-            };
-            assignment.Indices.Add(plan.Indices[start..end]);
-            assignment.SampleSeeds.Add(keys[start..end]);
-            // Published before the assignment goes out: a worker that answers at once (nothing to compute, a fast link)
-            // has its gradient header checked against this snapshot, and would otherwise be refused as "not in progress".
-            _current = round.Snapshot();
-            w.Send(new CoordinatorMessage { Assignment = assignment });
-        }
-
-        // A slow slice (next to this step's others) gets a copy on an idle worker, or its two halves on two.
-        void BackUpStragglers()
-        {
-            foreach (var k in round.Straggling(_options.StragglerFactor, TimeSpan.FromSeconds(_options.StragglerMinimumSeconds)))
-            {
-                var holders = round.HoldersOf(k).ToList();
-                var idle = _workers.Live.Where(w => !w.Straggling && !holders.Contains(w) && round.Unfinished(w).Count == 0 && w.Outstanding.Count == 0).ToList();
-                if (idle.Count == 0) return;
-                foreach (var h in holders)
-                {
-                    h.Straggling = true;
-                    h.Straggles = Math.Min(h.Straggles + 1, 8);
-                    h.SitOutUntilStep = round.Step + (1ul << h.Straggles);
-                }
-                Interlocked.Increment(ref _backups);
-                var node = round.NodeOf(k);
-                if (idle.Count >= 2 && !node.IsLeaf)
-                {
-                    var (l, r) = round.Split(k);
-                    Assign(l, idle[0]);
-                    Assign(r, idle[1]);
-                    _log.LogInformation("Step {Step} slice {Slice} ({Node}) is slow on {Holder}: its halves go to {Left} and {Right}", round.Step, k, node, holders[0].Id, idle[0].Id, idle[1].Id);
-                }
-                else
-                {
-                    Assign(k, idle[0]);
-                    _log.LogInformation("Step {Step} slice {Slice} ({Node}) is slow on {Holder}: a copy goes to {Backup}", round.Step, k, node, holders[0].Id, idle[0].Id);
-                }
-            }
-        }
-
-        // --verify-fraction: a random share of the slices is also computed by a second worker; the bits must agree.
-        void Verify()
-        {
-            if (_options.VerifyFraction <= 0 || eligible.Count < 2) return;
-            var random = new Random(unchecked((int)SeedMix.Mix(s.Recipe.Seed, plan.Step, 0x5EF1)));
-            for (var i = 0; i < round.Parts.Length; i++)
-                foreach (var k in round.Parts[i])
-                    if (random.NextDouble() < _options.VerifyFraction)
-                        Assign(k, eligible[(i + 1 + random.Next(eligible.Count - 1)) % eligible.Count]);
-        }
-
-        // The slice guard's verdict on a valid push: true to take it into the step. A refused slice drops its worker (the
-        // slice is recomputed elsewhere); a second, independent refusal of the same slice means the values are real.
-        bool Judge(SliceGradient gr)
-        {
-            var (start, end) = round.Bounds((int)gr.Slice);
-            var fault = _guard.Check(gr.SumOfSquares, end - start, s.Recipe.BatchSize, out var reason);
-            if (fault == SliceFault.None)
-            {
-                _guard.Accepted(gr.SumOfSquares, end - start, s.Recipe.BatchSize);
-                return true;
-            }
-            var agreeing = round.Refuse((int)gr.Slice, gr.Worker, fault);
-            if (agreeing >= 2 && fault == SliceFault.NonFinite)
-            {
-                GradientBuffers.Return(gr.Values);
-                throw new TrainingDivergedException($"training diverged at step {round.Step}: {agreeing} workers computed a non-finite gradient for slice {gr.Slice}");
-            }
-            if (agreeing >= 2)
-            {
-                _log.LogWarning("Step {Step} slice {Slice}: {Reason}, and {Count} workers agree: taken as a real gradient spike", round.Step, gr.Slice, reason, agreeing);
-                return true;
-            }
-            GradientBuffers.Return(gr.Values);
-            var detail = $"gradient of step {round.Step} slice {gr.Slice} refused: {reason}; the slice is recomputed on another worker";
-            _log.LogWarning("Worker {Worker} dropped: {Detail}", gr.Worker.Id, detail);
-            Ack(gr, applied: false, detail);
-            Drop(gr.Worker, StatusCode.InvalidArgument, detail);
-            return false;
-        }
-
-        void Drop(WorkerConnection w, StatusCode code, string detail)
-        {
-            w.Abort(code, detail);
-            _workers.Remove(w, detail);
-            Reassign(w);
-        }
-
-        // The bits of two computations of one slice must agree; a worker whose bits differ is counted (and dropped after
-        // --max-disagreements): a silent-data-corruption signal.
-        void Compare(WorkerConnection w, ulong step, uint slice, ulong checksum)
-        {
-            if (_results.Lookup(step, slice) is not { } first) return;
-            Interlocked.Increment(ref _compared);
-            if (first.Checksum == checksum) return;
-            var count = w.Disagree();
-            _log.LogWarning("Worker {Worker} computed step {Step} slice {Slice} with other bits than {First} (checksum {Theirs:x16} vs {Ours:x16}); {Count} disagreements",
-                w.Id, step, slice, first.Worker, checksum, first.Checksum, count);
-            if (count >= _options.MaxDisagreements && _workers.Live.Contains(w))
-                Drop(w, StatusCode.DataLoss, $"computed {count} slices with other bits than other workers (last: step {step} slice {slice})");
-        }
-
-        void Reassign(WorkerConnection gone)
-        {
-            foreach (var k in round.Drop(gone))
-            {
-                if (_workers.Live.Count == 0)
-                {
-                    _log.LogWarning("Step {Step} slice {Slice} waits for a worker", round.Step, k);
-                    continue;
-                }
-                var to = round.LeastLoaded(_workers.Live);
-                _log.LogInformation("Step {Step} slice {Slice} ({Samples} samples) of {Gone} goes to {Worker}", round.Step, k, round.Bounds(k).End - round.Bounds(k).Start, gone.Id, to.Id);
-                Assign(k, to);
-            }
-            _current = round.Snapshot();
-        }
     }
-
-    /// <summary>A push (taken, refused or ignored) answers an assignment: the worker is no longer behind on it.</summary>
-    private static void Answered(WorkerConnection w, ulong step, uint slice)
-    {
-        w.Outstanding.Remove((step, slice));
-        if (w.Outstanding.Count == 0) w.Straggling = false;
-    }
-
-    private static void Ack(SliceGradient g, bool applied, string note) =>
-        g.Worker.Send(new CoordinatorMessage { Ack = new Ack { Step = g.Step, Slice = g.Slice, Applied = applied, Note = note } });
 
     /// <summary>
     /// Writes and verifies a checkpoint of the current step, then applies the retention. A checkpoint the disk refuses
