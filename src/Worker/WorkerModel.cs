@@ -32,7 +32,7 @@ internal sealed class WorkerModel : IDisposable
     public string RecipeJson { get; }
     public Recipe Recipe { get; }
     public DenoiserNetwork Network => _parts.Network;
-    public TrainingStep Step => _parts.Step;
+    public TrainingStep TrainingStep => _parts.TrainingStep;
     public Device Device { get; }
     public ParameterVector Vector { get; }
     /// <summary>Version of the parameters now in <see cref="Network"/> (null: none received yet).</summary>
@@ -89,7 +89,7 @@ internal sealed class WorkerModel : IDisposable
     public (byte[] Present, double Loss) Gradient(Dataset train, TreeNode node, ReadOnlySpan<long> indices, ReadOnlySpan<ulong> seeds, Span<byte> values)
     {
         using var guard = Model.TorchRuntime.Compute();   // other threads allocate: temporaries must outlive their native calls
-        _gradients ??= new MicroBatchGradients(Recipe, Network, Step, Device, Model.TorchRuntime.ConfiguredThreads);
+        _gradients ??= new MicroBatchGradients(Recipe, Network, TrainingStep, Device, Model.TorchRuntime.ConfiguredThreads);
         if (!_gradients.Tree.Contains(node))
             throw new ProtocolException(Grpc.Core.StatusCode.InvalidArgument, $"micro-batches {node} are not a node of this recipe's {_gradients.Tree.Leaves}-leaf tree");
         var g = _gradients.Compute(node, train, indices, seeds, (long)(ParameterVersion ?? 0), System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(values));

@@ -16,9 +16,9 @@ public class ModelFactoryTests
         using var a = ModelFactory.Create(Small, CPU, training: true, initSeed: 7);
         using var b = ModelFactory.Create(Small, CPU, training: false, initSeed: 7);
         Assert.Equal(20, a.Diffusion.T);
-        Assert.Same(a.Diffusion, a.Step.Diffusion);
+        Assert.Same(a.Diffusion, a.TrainingStep.Diffusion);
         Assert.Same(a.Schedule, a.Diffusion.Schedule);
-        Assert.Equal(Small.Seed, a.Step.RunSeed);
+        Assert.Equal(Small.Seed, a.TrainingStep.RunSeed);
         Assert.True(a.Network.training);
         Assert.False(b.Network.training);
         var va = ParameterVector.Of(a.Network).ReadValues();

@@ -31,7 +31,7 @@ public sealed class ThreadInvarianceTests
         using var state = TrainingState.Create(recipe, shape, data.Count, CPU);
         state.Network.train();
         var plan = state.PlanStep();
-        var keys = state.Step.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
+        var keys = state.TrainingStep.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
         var bits = new List<byte[]>();
         var previous = get_num_threads();
         try
@@ -39,7 +39,7 @@ public sealed class ThreadInvarianceTests
             foreach (var threads in new[] { 1, 2, 1 })
             {
                 set_num_threads(threads);
-                using var gradients = new MicroBatchGradients(recipe, state.Network, state.Step, CPU, threads);
+                using var gradients = new MicroBatchGradients(recipe, state.Network, state.TrainingStep, CPU, threads);
                 Assert.Equal(threads, gradients.Replicas);
                 var values = new float[gradients.Elements];
                 gradients.Compute(gradients.Tree.Root, data, plan.Indices, keys, plan.Step, values);

@@ -44,7 +44,7 @@ public sealed class TrainingLeakTests
             var values = coordinatorVector.ReadValues();
             worker.Vector.WriteValues(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(values));
             var plan = state.PlanStep();
-            var keys = state.Step.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
+            var keys = state.TrainingStep.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
             var (present, _) = worker.Gradient(train, MicroBatchTree.For(recipe).Root, plan.Indices, keys, gradient);
             coordinatorVector.WriteGradients(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(gradient), present);
             state.ApplyGradients(plan);

@@ -39,12 +39,12 @@ public class TrainingTests
         var ep = plan.Epochs;
         Tensor X(long[] ix) => data.index_select(0, tensor(ix));
 
-        state.Step.Loss(state.Network, X(idx), plan.Step, idx, ep, recipe.BatchSize).backward();
+        state.TrainingStep.Loss(state.Network, X(idx), plan.Step, idx, ep, recipe.BatchSize).backward();
         var whole = Grads(state.Network);
         state.Optimizer.ZeroGrad();
         var cut = idx.Length / 3;
         foreach (var (part, partEpochs) in new[] { (idx[..cut], ep[..cut]), (idx[cut..], ep[cut..]) })
-            state.Step.Loss(state.Network, X(part), plan.Step, part, partEpochs, recipe.BatchSize).backward();
+            state.TrainingStep.Loss(state.Network, X(part), plan.Step, part, partEpochs, recipe.BatchSize).backward();
         var parts = Grads(state.Network);
         Assert.Equal(whole.Keys.Order(), parts.Keys.Order());
         foreach (var (name, g) in whole)

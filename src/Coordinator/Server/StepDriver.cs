@@ -56,7 +56,7 @@ internal sealed class StepDriver
         _loop = loop;
         _state = state;
         _plan = plan;
-        _keys = state.Step.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
+        _keys = state.TrainingStep.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
         // A worker still busy with a slice a backup took from it sits this step out (while others can do the work).
         // ... and a worker that straggled sits out 2, 4, 8, ... steps (up to 256) before it is tried again, so a worker
         // that stays slow costs a wait ever more rarely; one that answers a slice on time starts over.

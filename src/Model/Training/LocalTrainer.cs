@@ -28,7 +28,7 @@ public sealed class LocalTrainer : IDisposable
         _state = state;
         _train = train;
         _runDir = runDir;
-        _gradients = new MicroBatchGradients(state.Recipe, state.Network, state.Step, state.Device, TorchRuntime.ConfiguredThreads);
+        _gradients = new MicroBatchGradients(state.Recipe, state.Network, state.TrainingStep, state.Device, TorchRuntime.ConfiguredThreads);
         state.Optimizer.UpdateThreads = Math.Max(1, TorchRuntime.ConfiguredThreads);   // parameters in parallel; each one's bits are fixed
         _vector = ParameterVector.Of(state.Network);
         _total = new float[_vector.Elements];
@@ -60,7 +60,7 @@ public sealed class LocalTrainer : IDisposable
     public (double Loss, double GradNorm) TrainStep()
     {
         var plan = _state.PlanStep();
-        var keys = _state.Step.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
+        var keys = _state.TrainingStep.SampleKeys(plan.Step, plan.Indices, plan.Epochs);
         var gradient = _gradients.Compute(_gradients.Tree.Root, _train, plan.Indices, keys, plan.Step, _total);
         _vector.WriteGradients(_total, gradient.Present);
         var norm = _state.ApplyGradients(plan);

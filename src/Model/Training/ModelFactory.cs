@@ -17,13 +17,13 @@ public sealed class RecipeModel : IDisposable
         Network = network;
         Schedule = schedule;
         Diffusion = diffusion;
-        Step = step;
+        TrainingStep = step;
     }
 
     public DenoiserNetwork Network { get; }
     public NoiseSchedule Schedule { get; }
     public GaussianDiffusion Diffusion { get; }
-    public TrainingStep Step { get; }
+    public TrainingStep TrainingStep { get; }
 
     public void Dispose()
     {

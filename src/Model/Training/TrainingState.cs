@@ -27,7 +27,7 @@ public sealed class TrainingState : IDisposable
         Device = device;
         Schedule = model.Schedule;
         Diffusion = model.Diffusion;
-        Step = model.Step;
+        TrainingStep = model.TrainingStep;
         var named = Network.named_parameters().Select(p => (p.name, p.parameter)).ToList();
         Optimizer = new AdamOptimizer(named, recipe.ToAdamOptions());
         Ema = recipe.EmaDecay > 0 ? new ExponentialMovingAverage(named, recipe.EmaDecay) : null;
@@ -40,7 +40,7 @@ public sealed class TrainingState : IDisposable
     public Device Device { get; }
     public NoiseSchedule Schedule { get; }
     public GaussianDiffusion Diffusion { get; }
-    public TrainingStep Step { get; }
+    public TrainingStep TrainingStep { get; }
     public AdamOptimizer Optimizer { get; }
     public ExponentialMovingAverage? Ema { get; }
     public DataOrder Order { get; }
