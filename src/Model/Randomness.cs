@@ -155,7 +155,7 @@ public static class Randomness
             "DigitClassifier: the evaluation classifier's initial weights"),
         new("classifier batch order", RandomConsumer.SplitMixState, "classifier seed", [KeyPart.Tag(ClassifierTag), KeyPart.Var("epoch + 1", int.MaxValue, 1)],
             "DigitClassifier.Train: an epoch's permutation"),
-        new("verify draw", RandomConsumer.SystemRandom, "run seed", [AnyStep, KeyPart.Tag(VerifyTag)], "TrainingLoop: --verify-fraction (coordinator)"),
+        new("verify draw", RandomConsumer.SystemRandom, "run seed", [AnyStep, KeyPart.Tag(VerifyTag)], "StepDriver: --verify-fraction (coordinator)"),
     ];
 
     /// <summary>

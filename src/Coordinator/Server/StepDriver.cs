@@ -218,7 +218,7 @@ internal sealed class StepDriver
     private void Verify(List<WorkerConnection> eligible)
     {
         if (_loop.Options.VerifyFraction <= 0 || eligible.Count < 2) return;
-        var random = new Random(unchecked((int)SeedMix.Mix(_state.Recipe.Seed, _plan.Step, 0x5EF1)));
+        var random = new Random(Randomness.VerifyDraw(_state.Recipe.Seed, _plan.Step));
         for (var i = 0; i < _round.Parts.Length; i++)
             foreach (var k in _round.Parts[i])
                 if (random.NextDouble() < _loop.Options.VerifyFraction)
