@@ -559,8 +559,10 @@ public sealed class TrainingLoop : BackgroundService
             };
             assignment.Indices.Add(plan.Indices[start..end]);
             assignment.SampleSeeds.Add(keys[start..end]);
-            w.Send(new CoordinatorMessage { Assignment = assignment });
+            // Published before the assignment goes out: a worker that answers at once (nothing to compute, a fast link)
+            // has its gradient header checked against this snapshot, and would otherwise be refused as "not in progress".
             _current = round.Snapshot();
+            w.Send(new CoordinatorMessage { Assignment = assignment });
         }
 
         // A slow slice (next to this step's others) gets a copy on an idle worker, or its two halves on two.
