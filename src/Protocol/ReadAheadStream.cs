@@ -71,10 +71,4 @@ public sealed class ReadAheadStream : Stream
         if (disposing) _inner.Dispose();
         base.Dispose(disposing);
     }
-
-    public override async ValueTask DisposeAsync()
-    {
-        await _inner.DisposeAsync().ConfigureAwait(false);
-        await base.DisposeAsync().ConfigureAwait(false);
-    }
 }
