@@ -66,7 +66,7 @@ internal sealed class WorkerSession
     /// <summary>Set once the coordinator welcomed this worker (the caller resets its retry back-off then).</summary>
     public bool Joined { get; private set; }
 
-    public async Task<SessionOutcome> RunAsync(Trainer.TrainerClient client, CancellationToken ct)
+    public async Task<SessionOutcome> RunAsync(PooledTrainerClient client, CancellationToken ct)
     {
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
         using var call = client.ConnectPooled(Token.Headers(_options.Token), cancellationToken: cts.Token);

@@ -75,7 +75,7 @@ internal static class BenchmarkExchangeCommand
     {
         await using var server = started;
         using var channel = ClientChannel.Create(server.Address);
-        using var call = new Trainer.TrainerClient(channel).ConnectPooled(Token.Headers(token));
+        using var call = new PooledTrainerClient(channel).ConnectPooled(Token.Headers(token));
         await call.RequestStream.WriteAsync(new WorkerMessage
         {
             Join = new Join { Host = "benchmark", Device = "none", Threads = 1, ProtocolVersion = Names.ProtocolVersion, SharedMemory = shared, BootId = SharedTensorSegment.BootId },
