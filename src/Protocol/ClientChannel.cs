@@ -1,4 +1,5 @@
 using System.Net.Security;
+using System.Net.Sockets;
 using System.Security.Cryptography.X509Certificates;
 using Grpc.Net.Client;
 
@@ -29,6 +30,9 @@ public static class ClientChannel
             EnableMultipleHttp2Connections = true,
             // Megabytes of parameters arrive per step: do not let a 64 KiB window make them wait for round trips.
             InitialHttp2StreamWindowSize = 16 << 20,
+            // The HTTP/2 client reads one 16 KiB frame per socket call, each after a zero-byte wait of its own: a tensor
+            // chunk took ~130 receive calls per MiB. Read-ahead makes that a handful (benchmark-exchange, issue 9).
+            ConnectCallback = ConnectAsync,
         };
         if (caFile is not null)
         {
@@ -61,6 +65,27 @@ public static class ClientChannel
             MaxReceiveMessageSize = MaxReceiveMessageBytes,
             MaxSendMessageSize = MaxReceiveMessageBytes,
         });
+    }
+
+    /// <summary>Bytes a connection receives per socket call at most (its read-ahead buffer).</summary>
+    public const int ReadAheadBytes = 256 << 10;
+
+    /// <summary>What SocketsHttpHandler does by default (dual-mode socket, Nagle off), with the stream reading ahead.</summary>
+    private static async ValueTask<Stream> ConnectAsync(SocketsHttpConnectionContext context, CancellationToken ct)
+    {
+        Socket? socket = new(SocketType.Stream, ProtocolType.Tcp);
+        try
+        {
+            socket.NoDelay = true;
+            await socket.ConnectAsync(context.DnsEndPoint, ct).ConfigureAwait(false);
+            var stream = new ReadAheadStream(new NetworkStream(socket, ownsSocket: true), ReadAheadBytes);
+            socket = null;   // the stream owns it now
+            return stream;
+        }
+        finally
+        {
+            socket?.Dispose();
+        }
     }
 
     /// <summary>Every certificate in a PEM file (a CA bundle may hold several), naming --tls-ca on error.</summary>

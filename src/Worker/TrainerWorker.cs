@@ -37,7 +37,7 @@ internal sealed class TrainerWorker : BackgroundService
         // Torch work runs on this loop: leave the host's start-up path at once.
         await Task.Yield();
         using var channel = ClientChannel.Create(_options.Coordinator, _options.TlsCaFile);
-        var client = new Trainer.TrainerClient(channel);
+        var client = new PooledTrainerClient(channel);
         var delay = TimeSpan.FromMilliseconds(250);
         var lastJoin = DateTime.UtcNow;
         try

@@ -66,10 +66,10 @@ internal sealed class WorkerSession
     /// <summary>Set once the coordinator welcomed this worker (the caller resets its retry back-off then).</summary>
     public bool Joined { get; private set; }
 
-    public async Task<SessionOutcome> RunAsync(Trainer.TrainerClient client, CancellationToken ct)
+    public async Task<SessionOutcome> RunAsync(PooledTrainerClient client, CancellationToken ct)
     {
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
-        using var call = client.Connect(Token.Headers(_options.Token), cancellationToken: cts.Token);
+        using var call = client.ConnectPooled(Token.Headers(_options.Token), cancellationToken: cts.Token);
         var writer = Task.Run(() => WriteLoopAsync(call.RequestStream, cts.Token), CancellationToken.None);
         try
         {
@@ -120,7 +120,14 @@ internal sealed class WorkerSession
                             _parameterBuffer ??= new float[model.Vector.Elements]);
                         break;
                     case CoordinatorMessage.KindOneofCase.ParametersChunk:
-                        ReceiveParameterChunk(model, message.ParametersChunk);
+                        try
+                        {
+                            ReceiveParameterChunk(model, message.ParametersChunk);
+                        }
+                        finally
+                        {
+                            TensorMessages.Release(message);   // copied into the parameter buffer (or refused)
+                        }
                         break;
                     case CoordinatorMessage.KindOneofCase.Assignment:
                         Compute(model, message.Assignment, welcome.GradientDtype, segment);

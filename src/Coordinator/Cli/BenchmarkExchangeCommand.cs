@@ -74,7 +74,7 @@ internal static class BenchmarkExchangeCommand
     {
         await using var server = started;
         using var channel = ClientChannel.Create(server.Address);
-        using var call = new Trainer.TrainerClient(channel).Connect(Token.Headers(token));
+        using var call = new PooledTrainerClient(channel).ConnectPooled(Token.Headers(token));
         await call.RequestStream.WriteAsync(new WorkerMessage
         {
             Join = new Join { Host = "benchmark", Device = "none", Threads = 1, ProtocolVersion = Names.ProtocolVersion, SharedMemory = shared, BootId = SharedTensorSegment.BootId },
@@ -114,6 +114,7 @@ internal static class BenchmarkExchangeCommand
                         break;
                     case CoordinatorMessage.KindOneofCase.ParametersChunk:
                         parameters!.Add(m.ParametersChunk);
+                        TensorMessages.Release(m);   // as a worker does once the bytes are in its buffer
                         if (parameters.IsComplete)
                         {
                             parameters.ToFloat32();   // checksum and decode, as a worker does

@@ -13,8 +13,17 @@ namespace DistDiffusion.Coordinator.Server;
 /// a bad message ends this worker's stream with a specific status (and a google.rpc.Status BadRequest detail
 /// naming the field) and the training state never sees it; the worker's unfinished slices go to others.
 /// </summary>
+[BindServiceMethod(typeof(TrainerService), nameof(BindService))]
 public sealed class TrainerService : Trainer.TrainerBase
 {
+    /// <summary>
+    /// Registers Connect as the generated binding does, but with <see cref="TensorMessages"/>' marshallers: gradient
+    /// chunks arrive in pooled arrays (same wire format). gRPC finds this through the attribute above, which takes
+    /// precedence over the generated base class's. The parameter is the base type, as gRPC looks the handler up as an override of it.
+    /// </summary>
+    public static void BindService(ServiceBinderBase binder, Trainer.TrainerBase service) =>
+        binder.AddMethod(TensorMessages.Connect, service is null ? null : new DuplexStreamingServerMethod<WorkerMessage, CoordinatorMessage>(service.Connect));
+
     private readonly TrainingLoop _loop;
     private readonly SamplingCoordinator _sampling;
     private readonly CoordinatorOptions _options;
@@ -77,11 +86,19 @@ public sealed class TrainerService : Trainer.TrainerBase
             while (await requestStream.MoveNext(linked.Token))
             {
                 var message = requestStream.Current;
-                worker.Seen(message.CalculateSize());
-                if (Handle(worker, message) is { } left)
+                try
                 {
-                    reason = left;
-                    break;
+                    worker.Seen(message.CalculateSize());
+                    if (Handle(worker, message) is { } left)
+                    {
+                        reason = left;
+                        break;
+                    }
+                }
+                finally
+                {
+                    // A gradient chunk's bytes are in the tensor by now (or refused): its pooled array goes back.
+                    TensorMessages.Release(message);
                 }
             }
         }
