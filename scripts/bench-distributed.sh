@@ -5,7 +5,8 @@
 #      Debian's python3-torch is installed (scripts/peer/setup-peer.sh installs it);
 #   2. parameter + gradient exchange vs raw loopback TCP (`coordinator benchmark-exchange`), through the gRPC stream
 #      (remote workers) and through shared memory (workers under the coordinator's kernel, what `run` uses);
-#   3. mnist-small: `run --workers 1` step time vs `train`, and 2 workers x 1 thread vs 1 worker x 1 thread;
+#   3. mnist-small: `run --workers 1` step time vs `train`, and 2 workers x 1 thread vs 1 worker x 1 thread, next to
+#      the machine's ceiling for that ratio (two independent one-thread `train` processes at once vs one alone);
 #   4. memory: `coordinator benchmark-soak` (RSS of the coordinator and each worker at the reference step and at the end);
 #   5. what the bitwise guarantee costs: `train` with the recipe's micro-batches vs one backward over the whole batch;
 #   6. stragglers: `coordinator benchmark-straggler` (2 healthy workers vs the same plus one slowed tenfold);
@@ -64,6 +65,14 @@ say "   train: $mt steps/s; run --workers 1 ($(nproc) threads): $m1 steps/s; ste
 w1=$("$coord" run --workers 1 --worker-threads 1 "${mn[@]}" --out "$out/m-w1" 2>/dev/null | rate)
 w2=$("$coord" run --workers 2 --worker-threads 1 "${mn[@]}" --out "$out/m-w2" 2>/dev/null | rate)
 say "   1 worker x 1 thread: $w1 steps/s; 2 workers x 1 thread: $w2 steps/s; speed-up $(ratio "$w2" "$w1")x (goal >= 1.8x)"
+# The machine's own ceiling for that speed-up: two independent one-thread trainings at once, no exchange at all.
+rm -rf "$out/m-solo" "$out/m-pair-a" "$out/m-pair-b"
+solo=$("$coord" train "${mn[@]}" --threads 1 --out "$out/m-solo" 2>/dev/null | rate)
+("$coord" train "${mn[@]}" --threads 1 --out "$out/m-pair-a" 2>/dev/null | rate > "$out/m-pair-a.rate") &
+pb=$("$coord" train "${mn[@]}" --threads 1 --out "$out/m-pair-b" 2>/dev/null | rate)
+wait
+pa=$(cat "$out/m-pair-a.rate")
+say "   ceiling on this machine: train --threads 1 alone $solo steps/s; two at once $pa + $pb steps/s = $(awk "BEGIN{printf \"%.2f\", ($pa + $pb) / $solo}")x one alone"
 
 say "4. memory over a long run (RSS at the reference step and at the end, every process):"
 "$coord" benchmark-soak --recipe swissroll --steps "$soak" --reference-step "$soakref" 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
