@@ -43,12 +43,15 @@ internal sealed class ParameterBroadcast
 
     /// <summary>
     /// The current parameters to one worker: into its shared-memory region (one memcpy; the header with the checksum on
-    /// the stream) or as header + chunks on the stream. The region is free: a worker reads it before computing the slice
-    /// whose gradient the step waits for, and parameters change only between steps.
+    /// the stream) or as header + chunks on the stream. The region is written only when the worker has read the last
+    /// parameters written there, which <paramref name="regionRead"/> says: a worker reads its region when it takes the
+    /// header from its stream, in order, so one still busy with an assignment of an earlier step (a verification copy, a
+    /// slice a backup took over) may not have taken that step's header yet; overwriting the region under it would make
+    /// that header's checksum fail and drop the worker. Such a worker gets these parameters on the stream instead.
     /// </summary>
-    public void SendTo(WorkerConnection worker)
+    public void SendTo(WorkerConnection worker, bool regionRead)
     {
-        if (worker.SharedMemory is { } segment)
+        if (worker.SharedMemory is { } segment && regionRead)
         {
             _bytes.CopyTo(segment.Parameters);
             var header = Header.Clone();

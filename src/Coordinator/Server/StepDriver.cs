@@ -162,7 +162,8 @@ internal sealed class StepDriver
         round.Assign(slice, w);
         w.State = WorkerState.Busy;
         w.Outstanding.Add((round.Step, (uint)slice));
-        if (w.ParameterVersion != _loop.Parameters.Version) _loop.Parameters.SendTo(w);
+        if (w.ParameterVersion != _loop.Parameters.Version)
+            _loop.Parameters.SendTo(w, regionRead: !w.Outstanding.Any(o => o.Step < round.Step));
         var (start, end) = round.Bounds(slice);
         var node = round.NodeOf(slice);
         var assignment = new StepAssignment

@@ -1,0 +1,51 @@
+using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Model.Training;
+using DistDiffusion.Protocol;
+using DistDiffusion.Protocol.V1;
+using static TorchSharp.torch;
+
+namespace DistDiffusion.Tests.Distributed;
+
+/// <summary>How the parameters reach a worker with a shared-memory region, without processes.</summary>
+public sealed class ParameterBroadcastTests
+{
+    private static List<CoordinatorMessage> Drain(WorkerConnection w)
+    {
+        var sent = new List<CoordinatorMessage>();
+        while (w.Outbox.TryRead(out var m)) sent.Add(m);
+        return sent;
+    }
+
+    [Fact]
+    public void ARegionTheWorkerMayNotHaveReadIsLeftAloneAndTheParametersGoOnTheStream()
+    {
+        if (!SharedTensorSegment.Supported || !OperatingSystem.IsLinux()) return;   // no /dev/shm: the stream is the only path
+        using var weights = arange(0, 1000, dtype: ScalarType.Float32).reshape(10, 100);
+        var vector = new ParameterVector([("w", weights)]);
+        var broadcast = new ParameterBroadcast(vector, ema: null);
+        using var segment = SharedTensorSegment.TryCreate(vector.Elements * 4, out var reason) ?? throw new InvalidOperationException(reason);
+        var worker = new WorkerConnection(new Join { Host = "h", Device = "cpu", Threads = 1, ProtocolVersion = 1 }, "test") { SharedMemory = segment };
+
+        // Version 1 through the region: header with SharedMemory set, no chunks, the bytes in the region.
+        broadcast.Publish(1, 1);
+        broadcast.SendTo(worker, regionRead: true);
+        var first = Drain(worker);
+        Assert.Single(first);
+        Assert.True(first[0].Parameters.SharedMemory);
+        Assert.Equal(broadcast.Header.Checksum, TensorTransport.Checksum(segment.Parameters[..(int)(vector.Elements * 4)]));
+        var regionAtVersion1 = segment.Parameters[..(int)(vector.Elements * 4)].ToArray();
+
+        // Version 2 while the worker may still be before version 1's header: the region keeps version 1's bytes (what that
+        // header's checksum describes) and version 2 arrives as header + chunks.
+        using (no_grad()) weights.add_(1);
+        broadcast.Publish(2, 2);
+        broadcast.SendTo(worker, regionRead: false);
+        var second = Drain(worker);
+        Assert.False(second[0].Parameters.SharedMemory);
+        Assert.Equal(2UL, second[0].Parameters.ParameterVersion);
+        Assert.True(second[0].Parameters.ChunkCount >= 1);
+        Assert.Equal((int)second[0].Parameters.ChunkCount, second.Count(m => m.KindCase == CoordinatorMessage.KindOneofCase.ParametersChunk));
+        Assert.Equal(regionAtVersion1, segment.Parameters[..(int)(vector.Elements * 4)].ToArray());
+        Assert.Equal(2UL, worker.ParameterVersion);
+    }
+}
