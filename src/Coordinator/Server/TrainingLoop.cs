@@ -70,7 +70,6 @@ public sealed class TrainingLoop : BackgroundService
     /// <summary>False only while an update is being applied: a checkpoint taken then would mix two steps.</summary>
     private bool _stateConsistent = true;
     private volatile StepSnapshot? _current;
-    private double _stepCompute;
     private readonly Observe.MetricsJournal _journal;
     private readonly Observe.StepInterval _interval = new();
 
@@ -225,10 +224,10 @@ public sealed class TrainingLoop : BackgroundService
                 _status.SetState(RunState.Training);
                 clock.Restart();
                 var busyBefore = _busySeconds;
-                var (loss, norm) = await RunStepAsync(stoppingToken);
+                var (loss, norm, slowestCompute) = await RunStepAsync(stoppingToken);
                 var seconds = clock.Elapsed.TotalSeconds;
                 var update = Math.Min(seconds, _busySeconds - busyBefore);
-                var compute = Math.Clamp(_stepCompute, 0, seconds - update);
+                var compute = Math.Clamp(slowestCompute, 0, seconds - update);
                 var split = new StepSplit(compute, Math.Max(0, seconds - update - compute), update);
                 _status.StepDone(loss, norm, split, s.Recipe.BatchSize, seconds);
                 _log.LogDebug("Step {Step}: loss {Loss:G4}, gradient norm {Norm:G4}, {Seconds:F3} s over {Workers} workers", s.StepsDone, loss, norm, seconds, _workers.Live.Count);
@@ -407,10 +406,9 @@ public sealed class TrainingLoop : BackgroundService
     /// One step: plan its batch, let a <see cref="StepDriver"/> hand out the slices and gather them (the previous step's
     /// EMA update runs meanwhile), then apply the summed gradient and publish the new parameters.
     /// </summary>
-    private async Task<(double Loss, double Norm)> RunStepAsync(CancellationToken ct)
+    private async Task<(double Loss, double Norm, double SlowestCompute)> RunStepAsync(CancellationToken ct)
     {
         var planning = Stopwatch.GetTimestamp();
-        _stepCompute = 0;
         var s = _run.State;
         var plan = s.PlanStep();
         var driver = new StepDriver(_stepServices, s, plan);
@@ -419,7 +417,6 @@ public sealed class TrainingLoop : BackgroundService
         _busySeconds += Stopwatch.GetElapsedTime(planning).TotalSeconds;
 
         var (total, present, loss) = await driver.RunAsync(ct);
-        _stepCompute = driver.SlowestCompute;
         var gathered = Stopwatch.GetTimestamp();
         double norm;
         using (Model.TorchRuntime.Compute())   // other threads allocate: torch temporaries must outlive their native calls
@@ -445,7 +442,7 @@ public sealed class TrainingLoop : BackgroundService
         _busySeconds += applying.TotalSeconds;
         _log.LogDebug("Step {Step} applied in {Ms:F1} ms after the last gradient", plan.Step, applying.TotalMilliseconds);
         _current = null;
-        return (loss, norm);
+        return (loss, norm, driver.SlowestCompute);
     }
 
     /// <summary>
