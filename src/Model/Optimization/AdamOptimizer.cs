@@ -1,3 +1,4 @@
+using System.Numerics;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -35,6 +36,7 @@ public sealed class AdamOptimizer : IDisposable
     private readonly List<(string Name, Parameter Param)> _params;
     private readonly Dictionary<string, Tensor> _expAvg = new();
     private readonly Dictionary<string, Tensor> _expAvgSq = new();
+    private readonly long _elements;
 
     public double LearningRate { get; }
     public double Beta1 { get; }
@@ -64,6 +66,7 @@ public sealed class AdamOptimizer : IDisposable
         Decay = options.Decay;
         MinLearningRate = options.MinLearningRate;
         TotalSteps = options.TotalSteps;
+        _elements = _params.Sum(p => p.Param.numel());
         foreach (var (name, p) in _params)
         {
             _expAvg[name] = zeros_like(p).DetachFromDisposeScope();
@@ -133,10 +136,13 @@ public sealed class AdamOptimizer : IDisposable
         var bias2 = 1.0 - Math.Pow(Beta2, StepCount);
         var stepSize = lr / bias1;
         var sqrtBias2 = Math.Sqrt(bias2);
-        // Every scalar operand is created here and held by `using` until the loop is done. TorchSharp 0.107's Scalar has a
-        // finalizer and is not kept alive across the native call it is passed to: an implicit double -> Scalar temporary can
-        // be finalized (freed) by a GC on another thread while libtorch still reads it ("Unknown scalar type"), which the
-        // coordinator, whose gRPC threads allocate constantly, hit within a few hundred steps under load.
+        var c = new ElementUpdate((float)clipScale, (float)Beta1, (float)(1 - Beta1), (float)Beta2, (float)(1 - Beta2),
+            (float)(1 - lr * WeightDecay), (float)sqrtBias2, (float)Epsilon, (float)-stepSize, WeightDecay > 0);
+        // Every scalar operand of the tensor-op path is created here and held by `using` until the loop is done.
+        // TorchSharp 0.107's Scalar has a finalizer and is not kept alive across the native call it is passed to: an
+        // implicit double -> Scalar temporary can be finalized (freed) by a GC on another thread while libtorch still reads
+        // it ("Unknown scalar type"), which the coordinator, whose gRPC threads allocate constantly, hit within a few
+        // hundred steps under load. The element loop needs none.
         using var beta1 = Beta1.ToScalar();
         using var oneMinusBeta1 = (1 - Beta1).ToScalar();
         using var beta2 = Beta2.ToScalar();
@@ -150,22 +156,90 @@ public sealed class AdamOptimizer : IDisposable
         {
             using var inner = NewDisposeScope();
             using var noGrad2 = no_grad();
-            TorchRuntime.UseIntraOpThreads(1);   // the same bits on any thread, in any process
             var (name, p) = _params[i];
             if (p.grad is not { } grad) return;
-            var g = clipScale != 1.0 ? grad.mul(clip) : grad;
             var m = _expAvg[name];
             var v = _expAvgSq[name];
+            if (!UseTensorOps && InPlaceFloats(p) && InPlaceFloats(grad) && InPlaceFloats(m) && InPlaceFloats(v))
+            {
+                UpdateElements(Floats(p), Floats(grad), Floats(m), Floats(v), c);
+                return;
+            }
+            TorchRuntime.UseIntraOpThreads(1);   // the same bits on any thread, in any process
+            var g = clipScale != 1.0 ? grad.mul(clip) : grad;
             m.mul_(beta1).add_(g, alpha: oneMinusBeta1);
             v.mul_(beta2).addcmul_(g, g, value: oneMinusBeta2);
             if (WeightDecay > 0) p.mul_(decay);
             var denom = v.sqrt().div_(sqrtBias2Scalar).add_(epsilon);
             p.addcdiv_(m, denom, value: negativeStep);
         }
-        // Each parameter's update is the same sequence of single-threaded ops whichever thread runs it: the same bits.
-        if (UpdateThreads > 1) Parallel.For(0, _params.Count, new ParallelOptions { MaxDegreeOfParallelism = UpdateThreads }, Update);
+        // Each parameter's update is the same sequence of element-wise float32 operations whichever thread runs it: the
+        // same bits. The element loop takes ~0.2 ms for the swiss roll's 477,442 parameters, so it runs in order below
+        // a million elements (waking threads would cost more than it saves).
+        if (UpdateThreads > 1 && (UseTensorOps || _elements >= 1 << 20))
+            Parallel.For(0, _params.Count, new ParallelOptions { MaxDegreeOfParallelism = UpdateThreads }, Update);
         else for (var i = 0; i < _params.Count; i++) Update(i);
         return norm;
+    }
+
+    /// <summary>
+    /// Updates through libtorch's ops even where the element loop applies (tests compare the two paths; tensors on an
+    /// accelerator always take this path).
+    /// </summary>
+    public bool UseTensorOps { get; init; }
+
+    /// <summary>The per-step constants of <see cref="UpdateElements"/>, rounded to float32 as libtorch rounds its scalars for float tensors.</summary>
+    private readonly record struct ElementUpdate(float Clip, float Beta1, float OneMinusBeta1, float Beta2, float OneMinusBeta2,
+        float Decay, float SqrtBias2, float Epsilon, float NegativeStep, bool Decays);
+
+    private static bool InPlaceFloats(Tensor t) => t.device_type == DeviceType.CPU && t.dtype == ScalarType.Float32 && t.is_contiguous();
+
+    private static Span<float> Floats(Tensor t) => System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(t.bytes);
+
+    /// <summary>
+    /// One Adam update of one parameter in a single pass over its memory, element by element in float32 and in the
+    /// order of the tensor-op path (Kingma &amp; Ba 2015, Algorithm 1, with torch.optim.Adam's bias correction and AdamW's
+    /// decoupled decay): g <- g c; m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2; p <- decay p;
+    /// p <- p - (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps). Spans: p, g, m, v [n]. No fused multiply-add:
+    /// every operation rounds once, so the bits do not depend on the vector width or on which elements the tail handles.
+    /// </summary>
+    private static void UpdateElements(Span<float> p, ReadOnlySpan<float> g, Span<float> m, Span<float> v, in ElementUpdate c)
+    {
+        var n = p.Length;
+        if (g.Length != n || m.Length != n || v.Length != n)
+            throw new ArgumentException($"Adam update over {n} parameters with {g.Length} gradients, {m.Length} and {v.Length} moments");
+        var i = 0;
+        if (Vector.IsHardwareAccelerated && n >= Vector<float>.Count)
+        {
+            var pv = System.Runtime.InteropServices.MemoryMarshal.Cast<float, Vector<float>>(p);
+            var gv = System.Runtime.InteropServices.MemoryMarshal.Cast<float, Vector<float>>(g);
+            var mv = System.Runtime.InteropServices.MemoryMarshal.Cast<float, Vector<float>>(m);
+            var vv = System.Runtime.InteropServices.MemoryMarshal.Cast<float, Vector<float>>(v);
+            Vector<float> clip = new(c.Clip), b1 = new(c.Beta1), a1 = new(c.OneMinusBeta1), b2 = new(c.Beta2), a2 = new(c.OneMinusBeta2),
+                decay = new(c.Decay), sqrtBias2 = new(c.SqrtBias2), eps = new(c.Epsilon), step = new(c.NegativeStep);
+            var clipped = c.Clip != 1f;
+            for (var k = 0; k < pv.Length; k++)
+            {
+                var gk = clipped ? gv[k] * clip : gv[k];
+                var mk = mv[k] * b1 + gk * a1;
+                var vk = vv[k] * b2 + gk * gk * a2;
+                mv[k] = mk;
+                vv[k] = vk;
+                var pk = c.Decays ? pv[k] * decay : pv[k];
+                pv[k] = pk + step * (mk / (Vector.SquareRoot(vk) / sqrtBias2 + eps));
+            }
+            i = pv.Length * Vector<float>.Count;
+        }
+        for (; i < n; i++)
+        {
+            var gi = c.Clip != 1f ? g[i] * c.Clip : g[i];
+            var mi = m[i] * c.Beta1 + gi * c.OneMinusBeta1;
+            var vi = v[i] * c.Beta2 + gi * gi * c.OneMinusBeta2;
+            m[i] = mi;
+            v[i] = vi;
+            var pi = c.Decays ? p[i] * c.Decay : p[i];
+            p[i] = pi + c.NegativeStep * (mi / (MathF.Sqrt(vi) / c.SqrtBias2 + c.Epsilon));
+        }
     }
 
     /// <summary>Clears every parameter's gradient.</summary>
