@@ -28,6 +28,9 @@ public static class Recipes
         Loss = LossType.Kl,
         Reduction = LossReduction.Mean,
         BatchSize = 128,
+        // Two micro-batches of 64, as for `swissroll`: split 8 ways, this small MLP ran at half the speed (221 vs 446 steps/s
+        // for swissroll-ddpm with 8 and 1). The split changes the summation order, not the gradient's mathematics.
+        MicroBatches = 2,
         LearningRate = 1e-3,
         Steps = 6000,
         EmaDecay = 0.995,
@@ -48,6 +51,7 @@ public static class Recipes
         HiddenSize = 128,
         HiddenLayers = 4,
         BatchSize = 128,
+        MicroBatches = 2,   // as swissroll-sohl2015
         LearningRate = 1e-3,
         Steps = 6000,
         EmaDecay = 0.995,
