@@ -79,6 +79,8 @@ public static class Randomness
     public const ulong FlipPosition = 1;
     /// <summary>The sample's dropout seed (64 bits), mixed with each dropout layer's index.</summary>
     public const ulong DropoutPosition = 2;
+    /// <summary>Whether a class-conditional sample's label is dropped (uniform &lt; label-dropout).</summary>
+    public const ulong LabelDropoutPosition = 3;
 
     // ---- derivations ----
     /// <summary>The key of one training sample of one step; the epoch tells apart two copies of an index in a batch spanning epochs.</summary>
@@ -134,7 +136,7 @@ public static class Randomness
     public static IReadOnlyList<RandomStream> Streams { get; } =
     [
         new("training sample", RandomConsumer.CounterRng, "run seed", [AnyStep, KeyPart.Var("epoch"), KeyPart.Var("dataset index")],
-            $"TrainingStep.Draw: t at position {TimestepPosition}, flip at {FlipPosition}, dropout seed at {DropoutPosition}"),
+            $"TrainingStep.Draw: t at position {TimestepPosition}, flip at {FlipPosition}, dropout seed at {DropoutPosition}, label dropout at {LabelDropoutPosition}"),
         new("training noise", RandomConsumer.CounterRng, "run seed", [AnyStep, KeyPart.Var("epoch"), KeyPart.Var("dataset index"), KeyPart.Tag(TrainingNoiseTag)],
             "TrainingStep.Loss: epsilon"),
         new("dropout layer", RandomConsumer.TorchGenerator, "sample dropout seed", [KeyPart.Var("layer index")],

@@ -74,6 +74,17 @@ public sealed record Recipe
     public int GroupNormGroups { get; init; } = 8;
     public double Dropout { get; init; }
 
+    // ---- class conditioning (classifier-free guidance, Ho & Salimans 2022) ----
+    /// <summary>U-Net: 0 for an unconditional model, else the data set's number of classes; the network then adds a
+    /// learned embedding of the label (or of the "no label" token, index = Classes) to its time embedding.</summary>
+    public int Classes { get; init; }
+    /// <summary>The share of training samples whose label is replaced by the "no label" token, so one network also learns
+    /// the unconditional model that guidance extrapolates from (drawn per sample from its key, like t).</summary>
+    public double LabelDropout { get; init; } = 0.1;
+    /// <summary>The guidance scale s sampling uses unless told otherwise: output = out(no label) + s (out(label) - out(no label)),
+    /// diffusers' guidance_scale. 1 samples the conditional model alone (one network pass), 0 the unconditional one.</summary>
+    public double Guidance { get; init; } = 1;
+
     // ---- optimization ----
     public int BatchSize { get; init; } = 128;
     /// <summary>
@@ -204,6 +215,14 @@ public sealed record Recipe
             "uniform unless the loss regresses an epsilon, x0 or v target (min-snr weights that target's error)");
         Check(EmaDecay >= 0 && EmaDecay < 1, "ema-decay", EmaDecay, "a value in [0, 1) (0 disables EMA)");
         Check(Dropout >= 0 && Dropout < 1, "dropout", Dropout, "a value in [0, 1)");
+        Check(Classes >= 0, "classes", Classes, "an integer >= 0 (0: unconditional)");
+        Check(Classes == 0 || Dataset is DatasetKind.Mnist or DatasetKind.FashionMnist, "classes", Classes,
+            "0 for this data set (class conditioning needs labelled images: mnist or fashion-mnist)");
+        Check(LabelDropout >= 0 && LabelDropout < 1, "label-dropout", LabelDropout, "a value in [0, 1)");
+        Check(Classes == 0 || LabelDropout > 0 || Guidance == 1, "label-dropout", LabelDropout,
+            $"a value > 0 when guidance is {Guidance.ToString(CultureInfo.InvariantCulture)} (guidance needs the unconditional model that label dropout trains)");
+        Check(double.IsFinite(Guidance) && Guidance >= 0, "guidance", Guidance, "a finite value >= 0 (1: no guidance)");
+        Check(Classes > 0 || Guidance == 1, "guidance", Guidance, "1 for an unconditional model (classes = 0)");
         Check(HiddenSize >= 1, "hidden-size", HiddenSize, "an integer >= 1");
         Check(HiddenLayers >= 1, "hidden-layers", HiddenLayers, "an integer >= 1");
         Check(TimeEmbeddingSize >= 2 && TimeEmbeddingSize % 2 == 0, "time-embedding-size", TimeEmbeddingSize, "an even integer >= 2");
@@ -237,7 +256,7 @@ public sealed record Recipe
 
     /// <summary>The network fields, as <see cref="NetworkFactory.Create"/> takes them (a method, not a property, so it stays out of the recipe's JSON).</summary>
     public NetworkOptions ToNetworkOptions() => new(
-        Network, Dropout, LearnedVariance: Variance == VarianceType.LearnedRange,
+        Network, Dropout, LearnedVariance: Variance == VarianceType.LearnedRange, Classes,
         new MlpOptions(HiddenSize, HiddenLayers, TimeEmbeddingSize, Timesteps),
         new UNetOptions(UNetLayout, BaseChannels, ChannelMultipliers, ResBlocks, GroupNormGroups, AttentionHeads, AttentionHeadSize, AttentionResolutions));
 

@@ -90,6 +90,24 @@ public sealed class Dataset : IDisposable
         return Data.index_select(0, idx);
     }
 
+    /// <summary>The labels of the given rows; throws if the data set has none.</summary>
+    public long[] GatherLabels(ReadOnlySpan<long> indices)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (Labels is null) throw new InvalidOperationException($"dataset '{Description}' has no labels (a class-conditional recipe needs labelled images)");
+        var n = Count;
+        var result = new long[indices.Length];
+        var all = Labels.data<long>();
+        for (var k = 0; k < indices.Length; k++)
+        {
+            var i = indices[k];
+            if (i < 0 || i >= n)
+                throw new ArgumentOutOfRangeException(nameof(indices), i, $"index outside [0, {n}) of dataset '{Description}'");
+            result[k] = all[i];
+        }
+        return result;
+    }
+
     private Dataset Subset(long[] indices, string description)
     {
         using var idx = torch.tensor(indices, dtype: ScalarType.Int64);

@@ -35,7 +35,7 @@ public sealed class Mlp : DenoiserNetwork
         RegisterComponents();
     }
 
-    private protected override Tensor Denoise(Tensor x, Tensor t)
+    private protected override Tensor Denoise(Tensor x, Tensor t, Tensor? labels)
     {
         var temb = time_proj.forward(SinusoidalEmbedding.Embed(t, timeEmbeddingSize)).relu(); // [B, H]
         var h = x;                                                                          // [B, D]

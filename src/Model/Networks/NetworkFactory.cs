@@ -16,7 +16,7 @@ public static class NetworkFactory
             {
                 NetworkKind.Mlp => new Mlp(options.Mlp, options.Dropout, dataShape, options.LearnedVariance),
                 NetworkKind.Sohl2015Mlp => new Sohl2015Mlp(options.Mlp, options.Dropout, dataShape, options.LearnedVariance),
-                _ => new UNet(options.UNet, options.Dropout, dataShape, options.LearnedVariance),
+                _ => new UNet(options.UNet, options.Dropout, dataShape, options.LearnedVariance, options.Classes),
             };
     }
 }

@@ -16,7 +16,8 @@ public sealed record UNetOptions(
 /// variance, and the options of each kind. Built from a recipe by <c>Recipe.ToNetworkOptions</c> (the one place), so the
 /// networks do not depend on the training recipe; error messages still name the recipe's fields.
 /// </summary>
-public sealed record NetworkOptions(NetworkKind Network, double Dropout, bool LearnedVariance, MlpOptions Mlp, UNetOptions UNet)
+/// <param name="Classes">0 for an unconditional network, else the number of class labels (U-Net only).</param>
+public sealed record NetworkOptions(NetworkKind Network, double Dropout, bool LearnedVariance, int Classes, MlpOptions Mlp, UNetOptions UNet)
 {
     /// <summary>
     /// Can these options build a network for data of per-sample shape <paramref name="dataShape"/> ([D] points,
@@ -29,6 +30,8 @@ public sealed record NetworkOptions(NetworkKind Network, double Dropout, bool Le
         if (dataShape.Length == 0 || dataShape.Any(d => d < 1))
             throw new ArgumentException($"data shape [{string.Join(", ", dataShape)}]: expected positive sizes, [D] or [C, H, W]", nameof(dataShape));
         Check(Dropout >= 0 && Dropout < 1, "dropout", Dropout, "a value in [0, 1)");
+        Check(Classes >= 0, "classes", Classes, "an integer >= 0 (0: unconditional)");
+        Check(Classes == 0 || Network == NetworkKind.UNet, "classes", Classes, "0 for the MLPs (class conditioning is a U-Net option)");
         switch (Network)
         {
             case NetworkKind.Mlp:

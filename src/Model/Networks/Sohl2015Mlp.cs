@@ -43,7 +43,7 @@ public sealed class Sohl2015Mlp : DenoiserNetwork
     /// <summary>Number of per-timestep readouts (the recipe's T).</summary>
     public long Timesteps => head_weight.shape[0];
 
-    private protected override Tensor Denoise(Tensor x, Tensor t)
+    private protected override Tensor Denoise(Tensor x, Tensor t, Tensor? labels)
     {
         var h = x;                                                           // [B, D]
         for (var l = 0; l < trunk.Count; l++)

@@ -11,10 +11,11 @@ namespace DistDiffusion.Model.Networks;
 /// </summary>
 public sealed class UNet : DenoiserNetwork
 {
-    private readonly nn.Module<Tensor, Tensor, Tensor> body;
+    private readonly nn.Module<Tensor, Tensor, Tensor?, Tensor> body;
+    private readonly Embedding? class_emb;
 
-    internal UNet(UNetOptions options, double dropoutRate, long[] dataShape, bool learnedVariance)
-        : base(nameof(UNet), dataShape, learnedVariance, dropoutRate)
+    internal UNet(UNetOptions options, double dropoutRate, long[] dataShape, bool learnedVariance, int classes)
+        : base(nameof(UNet), dataShape, learnedVariance, dropoutRate, classes)
     {
         Layout = options.UNetLayout;
         var outChannels = learnedVariance ? 2 * dataShape[0] : dataShape[0];
@@ -24,12 +25,17 @@ public sealed class UNet : DenoiserNetwork
             UNetLayout.Ho2020 => new Ho2020UNet(options, dataShape[0], dataShape[1], outChannels, NewDropout),
             _ => throw new ArgumentException($"recipe field 'u-net-layout' = {Layout}: expected annotated or ho2020"),
         };
+        // Created after the body, so an unconditional network's initial weights are the same as before conditioning existed.
+        // Row Classes is the "no label" token (classifier-free guidance's unconditional model); both layouts' time embedding is 4 x base-channels.
+        if (classes > 0) class_emb = nn.Embedding(classes + 1, 4L * options.BaseChannels);
         RegisterComponents();
     }
 
     public UNetLayout Layout { get; }
 
-    private protected override Tensor Denoise(Tensor x, Tensor t) => body.forward(x, t);
+    /// <summary>labels [B] -> an embedding [B, 4 base-channels] added to the time embedding (as diffusers' class_embedding).</summary>
+    private protected override Tensor Denoise(Tensor x, Tensor t, Tensor? labels) =>
+        body.forward(x, t, labels is null ? null : class_emb!.forward(labels));
 }
 
 /// <summary>One resolution stage of the annotated U-Net: ResBlocks ResNet blocks, Residual(PreNorm(LinearAttention)), a resampler.</summary>
@@ -55,7 +61,7 @@ internal sealed class AnnotatedStage : nn.Module
 /// The blog has two ResNet blocks per stage; here there are ResBlocks, each leaving a skip connection
 /// (the last one after the stage's linear attention) that the mirrored up block concatenates.
 /// </summary>
-internal sealed class AnnotatedUNet : nn.Module<Tensor, Tensor, Tensor>
+internal sealed class AnnotatedUNet : nn.Module<Tensor, Tensor, Tensor?, Tensor>
 {
     private readonly long dim;
     private readonly Conv2d init_conv;
@@ -113,11 +119,13 @@ internal sealed class AnnotatedUNet : nn.Module<Tensor, Tensor, Tensor>
         RegisterComponents();
     }
 
-    public override Tensor forward(Tensor x, Tensor t)
+    /// <param name="classEmbedding">[B, 4 dim] added to the time embedding, or null (unconditional).</param>
+    public override Tensor forward(Tensor x, Tensor t, Tensor? classEmbedding)
     {
         x = init_conv.forward(x);                                                        // [B, dim, H, W]
         var r = x;
         var temb = time_mlp2.forward(F.gelu(time_mlp1.forward(SinusoidalEmbedding.Embed(t, dim)))); // [B, 4 dim]
+        if (classEmbedding is not null) temb = temb + classEmbedding;
         var skips = new Stack<Tensor>();
         foreach (var stage in downs)
         {
@@ -168,7 +176,7 @@ internal sealed class HoLevel : nn.Module
 /// single-head attention at feature-map sides in AttentionResolutions, temb 4 ch, conv resampling.
 /// 35,746,307 parameters for ch 128, ch_mult 1,2,2,2, 2 blocks, attention at 16, 3x32x32.
 /// </summary>
-internal sealed class Ho2020UNet : nn.Module<Tensor, Tensor, Tensor>
+internal sealed class Ho2020UNet : nn.Module<Tensor, Tensor, Tensor?, Tensor>
 {
     private readonly long ch;
     private readonly Linear temb_dense0;
@@ -255,10 +263,12 @@ internal sealed class Ho2020UNet : nn.Module<Tensor, Tensor, Tensor>
         RegisterComponents();
     }
 
-    public override Tensor forward(Tensor x, Tensor t)
+    /// <param name="classEmbedding">[B, 4 ch] added to the time embedding, or null (unconditional).</param>
+    public override Tensor forward(Tensor x, Tensor t, Tensor? classEmbedding)
     {
         var temb = SinusoidalEmbedding.Embed(t, ch);                                     // [B, ch]
         temb = temb_dense1.forward(F.silu(temb_dense0.forward(temb)));                   // [B, 4 ch]
+        if (classEmbedding is not null) temb = temb + classEmbedding;
         var hs = new Stack<Tensor>();
         hs.Push(conv_in.forward(x));                                                     // [B, ch, H, W]
         foreach (var level in down)

@@ -124,7 +124,7 @@ public sealed class MicroBatchGradients : IDisposable
         using (var scope = NewDisposeScope())
         {
             var x0 = data.Gather(indices).to(_device);
-            var l = _step.Loss(network, x0, keys, Tree.BatchSize);
+            var l = _step.Loss(network, x0, keys, Tree.BatchSize, network.Classes > 0 ? data.GatherLabels(indices) : null);
             l.backward();
             loss = l.to_type(ScalarType.Float64).item<double>();
         }

@@ -56,7 +56,7 @@ public static class ModelFactory
         {
             schedule = Schedule(recipe);
             var diffusion = Diffusion(recipe, schedule);
-            return new RecipeModel(network, schedule, diffusion, new TrainingStep(diffusion, recipe.Seed, recipe.RandomFlip));
+            return new RecipeModel(network, schedule, diffusion, new TrainingStep(diffusion, recipe.Seed, recipe.RandomFlip, recipe.Classes > 0 ? recipe.LabelDropout : 0));
         }
         catch
         {
