@@ -155,6 +155,23 @@ public static class Recipes
         Steps = 2300,
     };
 
+    /// <summary>
+    /// mnist-cpu conditioned on the digit's class, sampled with classifier-free guidance (Ho &amp; Salimans 2022): the same
+    /// network, schedule, optimizer and steps, plus a learned 10-class label embedding added to the time embedding, with
+    /// 10% of the training samples' labels dropped so the same network is also the unconditional model guidance needs.
+    /// Samples are drawn with guidance scale 1.25 (diffusers' convention: out(no label) + 1.25 (out(label) - out(no label)))
+    /// and the classes in turn (sample i is digit i mod 10) unless told otherwise. The scale is measured, on a 2,300-step run
+    /// with 300 samples each (README: image quality): 1 (no guidance) gave 92.7% confident digits and classifier FID 41.6,
+    /// 1.25 98.3% and 50.2, 1.5 99.7% and 63.0, 2 100% and 92.4; 1.25 is the smallest with a wide margin over 90%.
+    /// </summary>
+    public static Recipe MnistCpuGuided { get; } = MnistCpu with
+    {
+        Name = "mnist-cpu-guided",
+        Classes = 10,
+        LabelDropout = 0.1,
+        Guidance = 1.25,
+    };
+
     /// <summary>The annotated diffusion model's Fashion-MNIST run: T = 300 linear, U-Net width 28 (1,2,4), Huber, Adam 1e-3, batch 128, flips.</summary>
     public static Recipe FashionMnistAnnotated { get; } = new()
     {
@@ -214,7 +231,7 @@ public static class Recipes
     };
 
     public static IReadOnlyList<Recipe> All { get; } =
-        [SwissRoll, SwissRollDdpm, SwissRollSohl2015, MnistDdpm, MnistSmall, MnistCpu, FashionMnistAnnotated, Cifar10Ddpm];
+        [SwissRoll, SwissRollDdpm, SwissRollSohl2015, MnistDdpm, MnistSmall, MnistCpu, MnistCpuGuided, FashionMnistAnnotated, Cifar10Ddpm];
 
     /// <summary>The recipe named <paramref name="name"/>; <see cref="ArgumentException"/> listing the names otherwise.</summary>
     public static Recipe Get(string name) =>
