@@ -105,7 +105,8 @@ internal sealed class WorkerSampler : IDisposable
         }
         var model = ModelFor(work.WeightsId);
         var kind = work.Sampler == SamplerKind.Ddim ? SamplingMethod.Ddim : SamplingMethod.Ddpm;
-        var request = new SamplingRequest((int)work.Count, kind, (int)work.Steps, work.Eta, work.Seed, work.FirstIndex, (int)work.TrajectoryEvery);
+        var request = new SamplingRequest((int)work.Count, kind, (int)work.Steps, work.Eta, work.Seed, work.FirstIndex, (int)work.TrajectoryEvery,
+            new ClassGuidance(work.HasClassLabel ? work.ClassLabel : null, work.HasGuidance ? work.Guidance : null));
         var clock = System.Diagnostics.Stopwatch.StartNew();
         using var result = model.Sample(request, batchSize: (int)work.Count, ct: ct);
         var head = new SampleOutput { JobId = work.JobId, Batch = work.Batch, FirstIndex = work.FirstIndex, Count = work.Count };

@@ -229,6 +229,8 @@ public sealed class SamplingTests() : TempFolderTest("dd-sampling")
         { "unknown sampler", StatusCode.InvalidArgument },
         { "eta out of range", StatusCode.InvalidArgument },
         { "png of 2-D points", StatusCode.InvalidArgument },
+        { "class of an unconditional model", StatusCode.InvalidArgument },
+        { "guidance of an unconditional model", StatusCode.InvalidArgument },
         { "no token", StatusCode.Unauthenticated },
         { "no worker", StatusCode.Unavailable },
     };
@@ -252,6 +254,8 @@ public sealed class SamplingTests() : TempFolderTest("dd-sampling")
             "unknown sampler" => new SampleRequest { Count = 4, Sampler = (SamplerKind)9 },
             "eta out of range" => new SampleRequest { Count = 4, Sampler = SamplerKind.Ddim, Steps = 10, Eta = 1.5 },
             "png of 2-D points" => new SampleRequest { Count = 4, Png = true },
+            "class of an unconditional model" => new SampleRequest { Count = 4, ClassLabel = 1 },
+            "guidance of an unconditional model" => new SampleRequest { Count = 4, Guidance = 2 },
             _ => new SampleRequest { Count = 4 },
         };
         using var channel = ClientChannel.Create(server.Address);

@@ -24,6 +24,29 @@ internal static class CliSupport
         DefaultValueFactory = _ => "auto",
     };
 
+    /// <summary>Class-conditional models: `--class N` samples only digit/class N (default: the classes in turn).</summary>
+    public static Option<int?> ClassOption() => new("--class")
+    {
+        Description = "Class-conditional recipes: draw every sample of this class (0..classes-1); default: sample i is class i mod classes",
+    };
+
+    /// <summary>Class-conditional models: `--guidance S`, the classifier-free guidance scale (default: the recipe's).</summary>
+    public static Option<double?> GuidanceOption() => new("--guidance")
+    {
+        Description = "Class-conditional recipes: classifier-free guidance scale s >= 0 (1: the conditional model alone, 0: the unconditional one); default: the recipe's guidance",
+    };
+
+    /// <summary>The request's class and guidance from <see cref="ClassOption"/> and <see cref="GuidanceOption"/>.</summary>
+    public static Model.Sampling.ClassGuidance Conditioning(System.CommandLine.ParseResult p, Option<int?> classOption, Option<double?> guidance) =>
+        new(p.GetValue(classOption), p.GetValue(guidance));
+
+    /// <summary>Copies a conditioning into a request's optional class_label and guidance fields.</summary>
+    public static void Apply(Model.Sampling.ClassGuidance c, Action<int> setClass, Action<double> setGuidance)
+    {
+        if (c.Class is { } k) setClass(k);
+        if (c.Guidance is { } g) setGuidance(g);
+    }
+
     public static Option<int> ThreadsOption() => new("--threads")
     {
         Description = "CPU threads for torch (0: all cores)",

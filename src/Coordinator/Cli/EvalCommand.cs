@@ -63,11 +63,13 @@ internal static class EvalCommand
             Description = "Labelled images (MNIST, Fashion-MNIST): samples labelled by the data set's classifier and compared with as many held-out images (classifier FID); 0 skips. The classifier is trained and cached on first use (see the classifier verb)",
             DefaultValueFactory = _ => 1000,
         };
+        var classOption = CliSupport.ClassOption();
+        var guidance = CliSupport.GuidanceOption();
         var device = CliSupport.DeviceOption();
         var threads = CliSupport.ThreadsOption();
         var cmd = new Command("eval", "Print quality figures: sliced Wasserstein distance vs its noise floor (2-D), bits/dim and nearest-neighbour distances (images), and for labelled images (MNIST, Fashion-MNIST) the data-set classifier's confident-class shares, class histograms and classifier FID")
         {
-            checkpoint, address, run, tokenFile, timeout, tlsCa, samples, images, bpdBatch, raw, json, sampler, steps, eta, classifierSamples, device, threads,
+            checkpoint, address, run, tokenFile, timeout, tlsCa, samples, images, bpdBatch, raw, json, sampler, steps, eta, classifierSamples, classOption, guidance, device, threads,
         };
         cmd.SetAction(p =>
         {
@@ -75,14 +77,17 @@ internal static class EvalCommand
                 "evaluate here", "evaluate on a coordinator's workers");
             if (url is not null)
                 return RemoteEval.Run(url, tokenPath, p.GetValue(timeout), p.GetValue(tlsCa), p.GetValue(samples), p.GetValue(images), p.GetValue(bpdBatch), p.GetValue(raw), p.GetValue(json),
-                    SampleCommand.ParseSampler(p.GetValue(sampler)!), p.GetValue(steps), p.GetValue(eta), Seed, p.GetValue(classifierSamples));
+                    SampleCommand.ParseSampler(p.GetValue(sampler)!), p.GetValue(steps), p.GetValue(eta), Seed, p.GetValue(classifierSamples),
+                    CliSupport.Conditioning(p, classOption, guidance));
             return Run(p.GetValue(checkpoint)!, p.GetValue(samples), p.GetValue(images), p.GetValue(bpdBatch), p.GetValue(raw), p.GetValue(json),
-                SampleCommand.ParseSampler(p.GetValue(sampler)!), p.GetValue(steps), p.GetValue(eta), p.GetValue(device)!, p.GetValue(threads), p.GetValue(classifierSamples));
+                SampleCommand.ParseSampler(p.GetValue(sampler)!), p.GetValue(steps), p.GetValue(eta), p.GetValue(device)!, p.GetValue(threads), p.GetValue(classifierSamples),
+                CliSupport.Conditioning(p, classOption, guidance));
         });
         return cmd;
     }
 
-    private static int Run(string checkpointPath, int samples, int bpdImages, int bpdBatch, bool rawWeights, bool json, SamplingMethod sampler, int steps, double eta, string deviceSpec, int threads, int classifierSamples)
+    private static int Run(string checkpointPath, int samples, int bpdImages, int bpdBatch, bool rawWeights, bool json, SamplingMethod sampler, int steps, double eta, string deviceSpec, int threads, int classifierSamples,
+        ClassGuidance conditioning)
     {
         CheckClassifierSamples(classifierSamples);
         if (samples < 2) throw new UsageException($"--samples {samples}: expected at least 2");
@@ -91,7 +96,7 @@ internal static class EvalCommand
         var device = CliSupport.ResolveDevice(deviceSpec, threads);
         var (model, data) = CliSupport.LoadModel(checkpointPath, rawWeights, device, r => r.WithResolvedDataPath());
         using var modelScope = model;
-        CliSupport.UserInput(() => { new SamplingRequest(1, sampler, steps, eta, 0).Validate(model.Diffusion.T); return true; });
+        CliSupport.UserInput(() => { new SamplingRequest(1, sampler, steps, eta, 0, Conditioning: conditioning).Validate(model.Diffusion.T, model.Network.Classes); return true; });
         var recipe = data.Recipe;
         var (train, heldOut) = DatasetLoader.Load(recipe.ToDataOptions());
         using (train)
@@ -100,7 +105,7 @@ internal static class EvalCommand
             // Labelled MNIST-style data: the data set's classifier (cached next to the data; trained here on first use).
             using var classifier = ObtainClassifier(recipe, train, heldOut, classifierSamples);
             var report = Evaluator.Evaluate(new LocalEvalSource(model) { BpdBatch = bpdBatch }, model.Recipe, data.Step, train, heldOut, samples, bpdImages, sampler: sampler, samplerSteps: steps, eta: eta,
-                classifier: classifier?.Network, classifierAccuracy: classifier?.Info.HeldOutAccuracy, classifierSamples: classifierSamples);
+                classifier: classifier?.Network, classifierAccuracy: classifier?.Info.HeldOutAccuracy, classifierSamples: classifierSamples, conditioning: conditioning);
             if (json)
                 Console.WriteLine(JsonSerializer.Serialize(report, Recipe.JsonOptions));
             else

@@ -44,13 +44,13 @@ internal static class RemoteEval
     }
 
     public static int Run(string addressText, string? tokenFile, double timeoutSeconds, string? tlsCa, int samples, int bpdImages, int bpdBatch, bool rawWeights, bool json,
-        SamplingMethod sampler, int steps, double eta, long seed, int classifierSamples = 0)
+        SamplingMethod sampler, int steps, double eta, long seed, int classifierSamples = 0, ClassGuidance? conditioning = null)
     {
         if (timeoutSeconds < 0 || !double.IsFinite(timeoutSeconds)) throw new UsageException($"--timeout {timeoutSeconds}: expected seconds >= 0");
         return RemoteCall.Run(addressText, tokenFile, tlsCa, (endpoint, ct) =>
         {
             var clock = Stopwatch.StartNew();
-            var (report, fetched) = Evaluate(endpoint.Channel, endpoint.Token, timeoutSeconds, samples, bpdImages, bpdBatch, rawWeights, sampler, steps, eta, seed, showProgress: !json, ct, classifierSamples);
+            var (report, fetched) = Evaluate(endpoint.Channel, endpoint.Token, timeoutSeconds, samples, bpdImages, bpdBatch, rawWeights, sampler, steps, eta, seed, showProgress: !json, ct, classifierSamples, conditioning);
             using (fetched)
             {
                 if (json)
@@ -75,8 +75,9 @@ internal static class RemoteEval
     /// when no worker remains).
     /// </summary>
     internal static (EvalReport Report, Fetched Fetched) Evaluate(ChannelBase channel, string? token, double timeoutSeconds, int samples, int bpdImages, int bpdBatch, bool rawWeights,
-        SamplingMethod sampler, int steps, double eta, long seed, bool showProgress, CancellationToken ct, int classifierSamples = 0)
+        SamplingMethod sampler, int steps, double eta, long seed, bool showProgress, CancellationToken ct, int classifierSamples = 0, ClassGuidance? conditioning = null)
     {
+        conditioning ??= ClassGuidance.Default;
         EvalCommand.CheckClassifierSamples(classifierSamples);
         if (samples < 2) throw new UsageException($"--samples {samples}: expected at least 2");
         if (bpdImages < 1) throw new UsageException($"--bpd-images {bpdImages}: expected at least 1");
@@ -94,11 +95,12 @@ internal static class RemoteEval
             using var classifier = EvalCommand.ObtainClassifier(recipe, train, heldOut, classifierSamples);
             var used = classifier is null ? 0 : classifierSamples;
             var plan = Evaluator.Plan(recipe, heldOut.Count, samples, bpdImages, used);
-            var fetched = Fetch(channel, token, timeoutSeconds, recipe, plan, (ulong)heldOut.Count, bpdBatch, rawWeights, sampler, steps, eta, seed, showProgress, ct);
+            if (conditioning.Problem(recipe.Classes) is { } problem) throw new UsageException(problem);
+            var fetched = Fetch(channel, token, timeoutSeconds, recipe, plan, (ulong)heldOut.Count, bpdBatch, rawWeights, sampler, steps, eta, seed, showProgress, conditioning, ct);
             try
             {
                 var report = Evaluator.Evaluate(fetched, recipe, (long)fetched.Progress.Step, train, heldOut, samples, bpdImages, seed, sampler, steps, eta,
-                    classifier?.Network, classifier?.Info.HeldOutAccuracy, used);
+                    classifier?.Network, classifier?.Info.HeldOutAccuracy, used, conditioning);
                 return (report, fetched);
             }
             catch
@@ -113,7 +115,7 @@ internal static class RemoteEval
     internal const double StatusSeconds = 30;
 
     private static Fetched Fetch(ChannelBase channel, string? token, double timeoutSeconds, Recipe recipe, (int Samples, int BpdImages) plan, ulong heldOutSize, int bpdBatch,
-        bool rawWeights, SamplingMethod sampler, int steps, double eta, long seed, bool showProgress, CancellationToken ct)
+        bool rawWeights, SamplingMethod sampler, int steps, double eta, long seed, bool showProgress, ClassGuidance conditioning, CancellationToken ct)
     {
         var request = new EvalRequest
         {
@@ -127,6 +129,7 @@ internal static class RemoteEval
             HeldOutSize = heldOutSize,
             BpdBatch = (uint)bpdBatch,
         };
+        CliSupport.Apply(conditioning, k => request.ClassLabel = k, g => request.Guidance = g);
         var deadline = timeoutSeconds > 0 ? DateTime.UtcNow.AddSeconds(timeoutSeconds) : (DateTime?)null;
         using var call = new Sampler.SamplerClient(channel).Evaluate(request, Token.Headers(token), deadline, ct);
         var elements = (int)recipe.SampleShape.Aggregate(1L, (a, b) => a * b);

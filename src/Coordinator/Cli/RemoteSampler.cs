@@ -12,7 +12,7 @@ namespace DistDiffusion.Coordinator.Cli;
 internal static class RemoteSampler
 {
     public static int Run(string addressText, string? tokenFile, double timeoutSeconds, string? tlsCa, int n, SamplingMethod kind, int steps, double eta,
-        long seed, bool rawWeights, int trajectoryEvery, string output)
+        long seed, bool rawWeights, int trajectoryEvery, string output, Model.Sampling.ClassGuidance conditioning)
     {
         var ext = Path.GetExtension(output).ToLowerInvariant();
         if (ext is not ".png" and not ".npy") throw new UsageException($"--out {output}: expected a .png or .npy file");
@@ -31,6 +31,7 @@ internal static class RemoteSampler
             Tensor = true,
             TrajectoryEvery = (uint)trajectoryEvery,
         };
+        CliSupport.Apply(conditioning, k => request.ClassLabel = k, g => request.Guidance = g);
         return RemoteCall.Run(addressText, tokenFile, tlsCa, (endpoint, ct) =>
         {
             var deadline = timeoutSeconds > 0 ? DateTime.UtcNow.AddSeconds(timeoutSeconds) : (DateTime?)null;

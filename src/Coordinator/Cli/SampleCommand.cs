@@ -28,11 +28,13 @@ internal static class SampleCommand
         var trajectory = new Option<int>("--trajectory-every") { Description = "Also write a strip of every k-th step of the chain (0: none)", DefaultValueFactory = _ => 0 };
         var output = new Option<string>("--out") { Description = "Output file: .png (grid or scatter plot) or .npy (float32 [N, ...])", Required = true };
         var batch = new Option<int>("--batch") { Description = "Chains computed at once", DefaultValueFactory = _ => 256 };
+        var classOption = CliSupport.ClassOption();
+        var guidance = CliSupport.GuidanceOption();
         var device = CliSupport.DeviceOption();
         var threads = CliSupport.ThreadsOption();
         var cmd = new Command("sample", "Draw samples from a trained model")
         {
-            checkpoint, address, run, tokenFile, timeout, tlsCa, n, sampler, steps, eta, seed, raw, trajectory, output, batch, device, threads,
+            checkpoint, address, run, tokenFile, timeout, tlsCa, n, sampler, steps, eta, seed, raw, trajectory, output, batch, classOption, guidance, device, threads,
         };
         cmd.SetAction(p =>
         {
@@ -40,9 +42,11 @@ internal static class SampleCommand
                 "sample here", "ask a coordinator");
             if (url is not null)
                 return RemoteSampler.Run(url, tokenPath, p.GetValue(timeout), p.GetValue(tlsCa), p.GetValue(n), ParseSampler(p.GetValue(sampler)!),
-                    p.GetValue(steps), p.GetValue(eta), p.GetValue(seed), p.GetValue(raw), p.GetValue(trajectory), p.GetValue(output)!);
+                    p.GetValue(steps), p.GetValue(eta), p.GetValue(seed), p.GetValue(raw), p.GetValue(trajectory), p.GetValue(output)!,
+                    CliSupport.Conditioning(p, classOption, guidance));
             return Run(p.GetValue(checkpoint)!, p.GetValue(n), p.GetValue(sampler)!, p.GetValue(steps), p.GetValue(eta),
-                p.GetValue(seed), p.GetValue(raw), p.GetValue(trajectory), p.GetValue(output)!, p.GetValue(batch), p.GetValue(device)!, p.GetValue(threads));
+                p.GetValue(seed), p.GetValue(raw), p.GetValue(trajectory), p.GetValue(output)!, p.GetValue(batch), p.GetValue(device)!, p.GetValue(threads),
+                CliSupport.Conditioning(p, classOption, guidance));
         });
         return cmd;
     }
@@ -55,7 +59,7 @@ internal static class SampleCommand
     };
 
     private static int Run(string checkpointPath, int n, string samplerName, int steps, double eta, long seed, bool rawWeights,
-        int trajectoryEvery, string output, int batch, string deviceSpec, int threads)
+        int trajectoryEvery, string output, int batch, string deviceSpec, int threads, ClassGuidance conditioning)
     {
         var kind = ParseSampler(samplerName);
         var ext = Path.GetExtension(output).ToLowerInvariant();
@@ -64,14 +68,14 @@ internal static class SampleCommand
         var device = CliSupport.ResolveDevice(deviceSpec, threads);
         var (model, data) = CliSupport.LoadModel(checkpointPath, rawWeights, device);
         using var modelScope = model;
-        var request = new SamplingRequest(n, kind, steps, eta, seed, 0, trajectoryEvery);
-        CliSupport.UserInput(() => { request.Validate(model.Diffusion.T); return true; });
+        var request = new SamplingRequest(n, kind, steps, eta, seed, 0, trajectoryEvery, conditioning);
+        CliSupport.UserInput(() => { request.Validate(model.Diffusion.T, model.Network.Classes); return true; });
         var bar = new ProgressBar("sample", 0, n, "samples");
         var started = System.Diagnostics.Stopwatch.StartNew();
         using var result = model.Sample(request, batch, done => bar.Update(done));
         using var reference = RunPictures.Reference(model.Recipe, Math.Max(n, 1000));
         RunPictures.Write(output, result.Samples, model.Recipe, reference,
-            $"{model.Recipe.Name} step {data.Step} {samplerName}");
+            $"{model.Recipe.Name} step {data.Step} {samplerName}{(model.Recipe.Classes > 0 ? ", " + conditioning.Describe(model.Recipe.Classes, model.Recipe.Guidance) : "")}");
         Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
             $"wrote {n} samples ({samplerName}, {(kind == SamplingMethod.Ddpm ? model.Diffusion.T : steps == 0 ? model.Diffusion.T : steps)} steps, {(rawWeights || data.Ema.Count == 0 ? "raw" : "EMA")} weights of step {data.Step}) to {output} in {started.Elapsed.TotalSeconds:F1} s"));
         if (trajectoryEvery > 0)

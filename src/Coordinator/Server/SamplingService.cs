@@ -2,6 +2,7 @@ using System.Diagnostics;
 using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Imaging;
+using DistDiffusion.Model.Sampling;
 using DistDiffusion.Protocol.V1;
 using Google.Protobuf;
 using Grpc.Core;
@@ -24,6 +25,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
         var T = recipe.Timesteps;
         var shape = recipe.SampleShape;
         Validate(request, T, recipe.IsImageData, shape.Aggregate(1L, (a, b) => a * b));
+        CheckConditioning(request.HasClassLabel ? request.ClassLabel : null, request.HasGuidance ? request.Guidance : null, recipe);
         await AdmittedAsync(() => SampleAsync(request, responseStream, context, recipe, shape));
     }
 
@@ -77,6 +79,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
         var (template, steps) = ChainWork(request.Sampler, request.Steps, T, request.Count, request.Eta, request.Seed);
         var frames = Frames(steps, request.TrajectoryEvery);
         template.TrajectoryEvery = request.TrajectoryEvery;
+        Condition(template, request.HasClassLabel, request.ClassLabel, request.HasGuidance, request.Guidance);
         var job = sampling.Start(template, snapshot, shape, frames, recipe.IsImageData ? 64 : 2000);
         var wantTensor = request.Tensor || !request.Png;
         var resolved = snapshot.Ema ? Weights.Ema : Weights.Raw;
@@ -143,6 +146,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
     {
         var recipe = loop.Recipe;
         ValidateEval(request, recipe);
+        CheckConditioning(request.HasClassLabel ? request.ClassLabel : null, request.HasGuidance ? request.Guidance : null, recipe);
         await AdmittedAsync(() => EvaluateAsync(request, responseStream, context, recipe));
     }
 
@@ -156,6 +160,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
         if (request.Samples > 0)
         {
             var (template, _) = ChainWork(request.Sampler, request.Steps, recipe.Timesteps, request.Samples, request.Eta, request.Seed);
+            Condition(template, request.HasClassLabel, request.ClassLabel, request.HasGuidance, request.Guidance);
             // One batch per worker: the client waits for all of them anyway, and fewer, larger batches cost fewer network calls.
             jobs.Add((sampling.Start(template, snapshot, shape, 0, recipe.IsImageData ? 64 : 2000, batchesPerWorker: 1), false));
         }
@@ -284,6 +289,20 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
             if (!(r.Eta >= 0 && r.Eta <= 1)) throw Bad(StatusCode.InvalidArgument, $"eta {r.Eta}: expected 0..1");
         }
         else if (r.Eta != 0) throw Bad(StatusCode.InvalidArgument, $"eta {r.Eta}: only DDIM takes eta");
+    }
+
+    /// <summary>A class and guidance scale the recipe's model can take (<see cref="ClassGuidance.Problem"/>), else InvalidArgument naming them.</summary>
+    private static void CheckConditioning(int? classLabel, double? guidance, Recipe recipe)
+    {
+        if (new ClassGuidance(classLabel, guidance).Problem(recipe.Classes) is { } problem)
+            throw new RpcException(new Status(StatusCode.InvalidArgument, problem.Replace("class =", "class_label =", StringComparison.Ordinal)));
+    }
+
+    /// <summary>Copies a request's optional class and guidance into a chains work order.</summary>
+    private static void Condition(SampleWork work, bool hasClass, int classLabel, bool hasGuidance, double guidance)
+    {
+        if (hasClass) work.ClassLabel = classLabel;
+        if (hasGuidance) work.Guidance = guidance;
     }
 
     /// <summary>Trajectory frames per sample: x_T, then every k-th step, and x_0 (0 when no trajectory is asked).</summary>

@@ -11,6 +11,8 @@ public sealed record EvalReport
 {
     public required string Recipe { get; init; }
     public required long Step { get; init; }
+    /// <summary>Class-conditional image models: the samples' classes and guidance scale (e.g. "classes 0..9 in turn, guidance 2").</summary>
+    public string? Conditioning { get; init; }
     /// <summary>2-D: sliced Wasserstein distance of the samples to held-out data, and its noise floor: the same distance for fresh draws of the data (averaged over several draws).</summary>
     public double? SlicedWasserstein { get; init; }
     public double? SlicedWassersteinFloor { get; init; }
@@ -37,7 +39,7 @@ public sealed record EvalReport
     public IEnumerable<string> Lines()
     {
         var inv = System.Globalization.CultureInfo.InvariantCulture;
-        yield return string.Create(inv, $"recipe {Recipe}, step {Step}");
+        yield return string.Create(inv, $"recipe {Recipe}, step {Step}{(Conditioning is null or "unconditional" ? "" : "; samples: " + Conditioning)}");
         if (SlicedWasserstein is { } swd)
             yield return string.Create(inv, $"sliced Wasserstein distance ({SampleCount} samples vs held-out data): {swd:F4}; noise floor {SlicedWassersteinFloor:F4}; ratio {SlicedWassersteinRatio:F2}");
         if (BitsPerDim is { } bpd)
@@ -113,6 +115,8 @@ public static class Evaluator
             var n = Math.Min(batchSize, images.shape[0] - start);
             var x0 = images.narrow(0, start, n).to(model.Device);
             var vb = zeros(n, device: model.Device);
+            // A class-conditional model's bound is that of its unconditional model (the "no label" token): p(x), as for the others.
+            var nullLabels = model.Network.Classes > 0 ? Enumerable.Repeat(model.Network.NullLabel, (int)n).ToArray() : null;
             for (var t = d.T - 1; t >= 0; t--)
             {
                 ct.ThrowIfCancellationRequested();
@@ -121,7 +125,7 @@ public static class Evaluator
                 var eps = CounterRng.NormalRows(keys, model.SampleShape, model.Device);
                 var tt = full(new[] { n }, (long)t, ScalarType.Int64, model.Device);
                 var xt = d.QSample(x0, tt, eps);
-                vb.add_(d.VbTerms(model.Network.forward(xt, tt), x0, xt, tt, clipDenoised: model.Recipe.ClipDenoised));
+                vb.add_(d.VbTerms(ClassifierFreeGuidance.Output(model.Network, xt, tt, nullLabels, 1), x0, xt, tt, clipDenoised: model.Recipe.ClipDenoised));
             }
             var prior = d.PriorBpd(x0);
             totals.Add((vb + prior).cpu().DetachFromDisposeScope());
@@ -133,14 +137,14 @@ public static class Evaluator
     /// <summary>The figures that apply to the model's data.</summary>
     public static EvalReport Evaluate(DiffusionModel model, long step, Dataset train, Dataset heldOut, int samples = 2000, int bpdImages = 256, long seed = 1234,
         SamplingMethod sampler = SamplingMethod.Ddpm, int samplerSteps = 0, double eta = 0,
-        DigitClassifier? classifier = null, double? classifierAccuracy = null, int classifierSamples = 1000) =>
-        Evaluate(new LocalEvalSource(model), model.Recipe, step, train, heldOut, samples, bpdImages, seed, sampler, samplerSteps, eta, classifier, classifierAccuracy, classifierSamples);
+        DigitClassifier? classifier = null, double? classifierAccuracy = null, int classifierSamples = 1000, ClassGuidance? conditioning = null) =>
+        Evaluate(new LocalEvalSource(model), model.Recipe, step, train, heldOut, samples, bpdImages, seed, sampler, samplerSteps, eta, classifier, classifierAccuracy, classifierSamples, conditioning);
 
     /// <summary>
     /// What an evaluation asks its source for: the samples drawn (the first 64 for the nearest-neighbour figure and, with a
     /// classifier, <paramref name="classifierSamples"/> for its figures: one sampling run serves both) and the held-out
     /// images of bits/dim (0 for 2-D data). A remote source fetches exactly these, at one weights snapshot, before
-    /// <see cref="Evaluate(IEvalSource, Recipe, long, Dataset, Dataset, int, int, long, SamplingMethod, int, double, DigitClassifier?, double?, int)"/> runs.
+    /// <see cref="Evaluate(IEvalSource, Recipe, long, Dataset, Dataset, int, int, long, SamplingMethod, int, double, DigitClassifier?, double?, int, ClassGuidance?)"/> runs.
     /// </summary>
     public static (int Samples, int BpdImages) Plan(Recipe recipe, long heldOutCount, int samples = 2000, int bpdImages = 256, int classifierSamples = 0)
     {
@@ -153,8 +157,9 @@ public static class Evaluator
     /// <summary>The figures that apply to the recipe's data, with samples and bits/dim terms from <paramref name="source"/>.</summary>
     public static EvalReport Evaluate(IEvalSource source, Recipe recipe, long step, Dataset train, Dataset heldOut, int samples = 2000, int bpdImages = 256, long seed = 1234,
         SamplingMethod sampler = SamplingMethod.Ddpm, int samplerSteps = 0, double eta = 0,
-        DigitClassifier? classifier = null, double? classifierAccuracy = null, int classifierSamples = 1000)
+        DigitClassifier? classifier = null, double? classifierAccuracy = null, int classifierSamples = 1000, ClassGuidance? conditioning = null)
     {
+        conditioning ??= ClassGuidance.Default;
         var withClassifier = classifier is not null && classifierSamples > 0;
         if (withClassifier && classifierSamples < 2)
             throw new ArgumentException($"classifier samples = {classifierSamples}: expected 0 (skip the classifier figures) or at least 2");
@@ -164,7 +169,7 @@ public static class Evaluator
             // n samples and n-point fresh draws of the data are each compared with the whole held-out set;
             // the floor averages several fresh draws, so both figures carry the same finite-sample noise.
             var n = plan.Samples;
-            using var drawn = source.Sample(new SamplingRequest(n, sampler, samplerSteps, eta, seed));
+            using var drawn = source.Sample(new SamplingRequest(n, sampler, samplerSteps, eta, seed, Conditioning: conditioning));
             var swd = SlicedWasserstein.Distance(drawn, heldOut.Data);
             var floors = new List<double>();
             for (var k = 0; k < FloorDraws; k++)
@@ -188,7 +193,7 @@ public static class Evaluator
         {
             var k = Math.Min(64, m);
             // One sampling run serves both: the first k samples for the nearest-neighbour figure, all for the classifier's.
-            using var sampled = source.Sample(new SamplingRequest(plan.Samples, sampler, samplerSteps, eta, seed));
+            using var sampled = source.Sample(new SamplingRequest(plan.Samples, sampler, samplerSteps, eta, seed, Conditioning: conditioning));
             var figures = withClassifier ? ClassifierFigures.Compute(classifier!, sampled.narrow(0, 0, classifierSamples), train, heldOut) : null;
             using var nnSamples = sampled.narrow(0, 0, k);
             using var sampleNn = NearestNeighbour.Distances(nnSamples, train.Data);
@@ -197,6 +202,7 @@ public static class Evaluator
             {
                 Recipe = recipe.Name,
                 Step = step,
+                Conditioning = conditioning.Describe(recipe.Classes, recipe.Guidance),
                 BitsPerDim = total.mean().item<float>(),
                 PriorBitsPerDim = prior.mean().item<float>(),
                 BpdImages = m,

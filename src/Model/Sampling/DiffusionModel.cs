@@ -61,7 +61,7 @@ public sealed class DiffusionModel : IDisposable
         FromWeights(state.Recipe, state.SamplingWeights(useEma), state.Device);
 
     public SamplingResult Sample(SamplingRequest request, int batchSize = 256, Action<int>? onSamplesDone = null, CancellationToken ct = default) =>
-        SamplingPipeline.Run(Network, Diffusion, Recipe.ClipDenoised, request, SampleShape, Device, batchSize, onSamplesDone, ct);
+        SamplingPipeline.Run(Network, Diffusion, Recipe.ClipDenoised, request, SampleShape, Device, batchSize, onSamplesDone, Recipe.Guidance, ct);
 
     public void Dispose() => _parts.Dispose();
 }

@@ -1,4 +1,5 @@
 using DistDiffusion.Model.Diffusion;
+using DistDiffusion.Model.Networks;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -6,10 +7,14 @@ namespace DistDiffusion.Model.Sampling;
 
 /// <summary>What to sample: samples FirstIndex .. FirstIndex + Count - 1 of the stream named by Seed.</summary>
 /// <param name="TrajectoryEvery">Keep x every k-th visited step (0: no trajectory); x_T and x_0 are always kept when k &gt; 0.</param>
-public sealed record SamplingRequest(int Count, SamplingMethod Sampler, int Steps, double Eta, long Seed, long FirstIndex = 0, int TrajectoryEvery = 0)
+/// <param name="Conditioning">Class-conditional models: the classes and guidance scale (null: the classes in turn, the recipe's scale).</param>
+public sealed record SamplingRequest(int Count, SamplingMethod Sampler, int Steps, double Eta, long Seed, long FirstIndex = 0, int TrajectoryEvery = 0,
+    ClassGuidance? Conditioning = null)
 {
-    public void Validate(int timesteps)
+    /// <param name="classes">the model's class count (0: unconditional).</param>
+    public void Validate(int timesteps, int classes = 0)
     {
+        if ((Conditioning ?? ClassGuidance.Default).Problem(classes) is { } conditioning) throw new ArgumentException(conditioning);
         if (Count < 1) throw new ArgumentException($"n = {Count}: expected at least 1 sample");
         if (FirstIndex < 0) throw new ArgumentException($"first index = {FirstIndex}: expected >= 0");
         if (TrajectoryEvery < 0) throw new ArgumentException($"trajectory-every = {TrajectoryEvery}: expected >= 0");
@@ -47,11 +52,14 @@ public static class SamplingPipeline
     /// <summary>The noise key of sample <paramref name="index"/> of stream <paramref name="seed"/>.</summary>
     public static ulong SampleKey(long seed, long index) => Randomness.SamplingChain(seed, index);
 
-    public static SamplingResult Run(nn.Module<Tensor, Tensor, Tensor> network, GaussianDiffusion diffusion, bool clipDenoised,
+    /// <param name="defaultGuidance">the guidance scale when the request names none (the recipe's).</param>
+    public static SamplingResult Run(DenoiserNetwork network, GaussianDiffusion diffusion, bool clipDenoised,
         SamplingRequest request, long[] sampleShape, Device device, int batchSize = 256,
-        Action<int>? onSamplesDone = null, CancellationToken cancellationToken = default)
+        Action<int>? onSamplesDone = null, double defaultGuidance = 1, CancellationToken cancellationToken = default)
     {
-        request.Validate(diffusion.T);
+        request.Validate(diffusion.T, network.Classes);
+        var conditioning = request.Conditioning ?? ClassGuidance.Default;
+        var scale = conditioning.Guidance ?? defaultGuidance;
         if (batchSize < 1) throw new ArgumentException($"batch size = {batchSize}: expected >= 1");
         var sampler = ReverseSampler.Create(diffusion, request.Sampler, request.Steps, request.Eta, clipDenoised);
         TorchRuntime.UseIntraOpThreads(TorchRuntime.ConfiguredThreads);   // training work leaves its thread at one
@@ -69,7 +77,8 @@ public static class SamplingPipeline
                 for (var j = 0; j < n; j++) keys[j] = SampleKey(request.Seed, request.FirstIndex + start + j);
                 var frames = new List<Tensor>();
                 trajectories.Add(frames);   // before the run, so frames of a cancelled batch are disposed too
-                outputs.Add(RunBatch(network, sampler, keys, sampleShape, device, request.TrajectoryEvery, frames, cancellationToken));
+                var labels = network.Classes > 0 ? ClassifierFreeGuidance.Labels(conditioning, network.Classes, request.FirstIndex + start, n) : null;
+                outputs.Add(RunBatch(network, sampler, keys, labels, scale, sampleShape, device, request.TrajectoryEvery, frames, cancellationToken));
                 onSamplesDone?.Invoke(start + n);
             }
             var samples = outputs.Count == 1 ? outputs[0].alias() : cat(outputs, 0);
@@ -91,8 +100,8 @@ public static class SamplingPipeline
     private static Tensor CpuCopy(Tensor x) =>
         (x.device_type == DeviceType.CPU ? x.clone() : x.cpu()).DetachFromDisposeScope();
 
-    /// <summary>Runs the whole reverse chain for one batch of sample keys; returns x_0 [n, ...] on the CPU.</summary>
-    private static Tensor RunBatch(nn.Module<Tensor, Tensor, Tensor> network, ReverseSampler sampler, ulong[] keys,
+    /// <summary>Runs the whole reverse chain for one batch of sample keys (and labels, class-conditional networks); returns x_0 [n, ...] on the CPU.</summary>
+    private static Tensor RunBatch(DenoiserNetwork network, ReverseSampler sampler, ulong[] keys, long[]? labels, double guidance,
         long[] sampleShape, Device device, int trajectoryEvery, List<Tensor> frames, CancellationToken ct)
     {
         // x_T ~ N(0, I) from position 0 of each sample's stream; step k's noise from the stream keyed (key, k + 1).
@@ -107,7 +116,7 @@ public static class SamplingPipeline
                 using var guard = TorchRuntime.Compute();   // temporaries outlive their native calls (see TorchRuntime)
                 using var scope = NewDisposeScope();
                 var t = full(new[] { (long)keys.Length }, (long)sampler.Timesteps[pos], ScalarType.Int64, device);
-                var output = network.forward(x, t);
+                var output = ClassifierFreeGuidance.Output(network, x, t, labels, guidance);
                 Tensor? noise = null;
                 if (sampler.UsesNoise(pos))
                 {
