@@ -3,8 +3,9 @@
 #   1. swissroll: `coordinator train` (all cores, and 1 thread) vs `coordinator run --workers 2`, next to PyTorch 1.13
 #      on the same model and batch (one process; DistributedDataParallel/gloo with 2 processes x 1 thread), when
 #      Debian's python3-torch is installed (scripts/peer/setup-peer.sh installs it);
-#   2. parameter + gradient exchange vs raw loopback TCP (`coordinator benchmark-exchange`), through the gRPC stream
-#      (remote workers) and through shared memory (workers under the coordinator's kernel, what `run` uses);
+#   2. parameter + gradient exchange vs raw loopback TCP (`coordinator benchmark-exchange`), through the worker socket
+#      (remote workers' default), the gRPC stream (their --transport grpc) and shared memory (workers under the
+#      coordinator's kernel, what `run` uses);
 #   3. mnist-small: `run --workers 1` step time vs `train`, and 2 workers x 1 thread vs 1 worker x 1 thread, next to
 #      the machine's ceiling for that ratio (two independent one-thread `train` processes at once vs one alone);
 #   4. memory: `coordinator benchmark-soak` (RSS of the coordinator and each worker at the reference step and at the end);
@@ -50,7 +51,7 @@ fi
 
 say "2. exchange vs raw loopback TCP (a zero-compute worker; the coordinator's own Adam/EMA time subtracted):"
 for r in swissroll mnist-small; do
-  for tr in stream shared-memory; do
+  for tr in socket grpc shared-memory; do
     "$coord" benchmark-exchange --recipe "$r" --steps 200 --transport "$tr" 2>/dev/null | sed -n '2,4p' | tr '\n' ' ' \
       | sed "s/^/   $r: /; s/\$/\n/" | tee -a "$report"
   done

@@ -35,36 +35,41 @@ public static class ClientChannel
             ConnectCallback = ConnectAsync,
         };
         if (caFile is not null)
-        {
-            var cas = LoadCertificates(caFile);
-            handler.SslOptions = new SslClientAuthenticationOptions
-            {
-                RemoteCertificateValidationCallback = (_, cert, presented, errors) =>
-                {
-                    if (cert is null) return false;
-                    if (errors == SslPolicyErrors.None) return true;
-                    // The certificate must name the host dialled, whoever signed it.
-                    if ((errors & (SslPolicyErrors.RemoteCertificateNameMismatch | SslPolicyErrors.RemoteCertificateNotAvailable)) != 0) return false;
-                    using var chain = new X509Chain();
-                    chain.ChainPolicy.TrustMode = X509ChainTrustMode.CustomRootTrust;
-                    chain.ChainPolicy.CustomTrustStore.AddRange(cas);
-                    chain.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
-                    // Intermediates the server sent with its certificate (a tls.crt holding the chain).
-                    if (presented is not null)
-                        foreach (var element in presented.ChainElements)
-                            chain.ChainPolicy.ExtraStore.Add(element.Certificate);
-                    chain.ChainPolicy.ApplicationPolicy.Add(new System.Security.Cryptography.Oid("1.3.6.1.5.5.7.3.1"));   // TLS server authentication
-                    using var leaf = X509CertificateLoader.LoadCertificate(cert.GetRawCertData());
-                    return chain.Build(leaf);
-                },
-            };
-        }
+            handler.SslOptions = new SslClientAuthenticationOptions { RemoteCertificateValidationCallback = CertificateValidator(caFile) };
         return GrpcChannel.ForAddress(address, new GrpcChannelOptions
         {
             HttpHandler = handler,
             MaxReceiveMessageSize = MaxReceiveMessageBytes,
             MaxSendMessageSize = MaxReceiveMessageBytes,
         });
+    }
+
+    /// <summary>
+    /// With a private CA file: the server certificate must chain to one of its certificates and name the host dialled
+    /// (null without one: the system's trust store decides). Used by the gRPC channel and the worker socket alike.
+    /// </summary>
+    public static RemoteCertificateValidationCallback? CertificateValidator(string? caFile)
+    {
+        if (caFile is null) return null;
+        var cas = LoadCertificates(caFile);
+        return (_, cert, presented, errors) =>
+        {
+            if (cert is null) return false;
+            if (errors == SslPolicyErrors.None) return true;
+            // The certificate must name the host dialled, whoever signed it.
+            if ((errors & (SslPolicyErrors.RemoteCertificateNameMismatch | SslPolicyErrors.RemoteCertificateNotAvailable)) != 0) return false;
+            using var chain = new X509Chain();
+            chain.ChainPolicy.TrustMode = X509ChainTrustMode.CustomRootTrust;
+            chain.ChainPolicy.CustomTrustStore.AddRange(cas);
+            chain.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
+            // Intermediates the server sent with its certificate (a tls.crt holding the chain).
+            if (presented is not null)
+                foreach (var element in presented.ChainElements)
+                    chain.ChainPolicy.ExtraStore.Add(element.Certificate);
+            chain.ChainPolicy.ApplicationPolicy.Add(new System.Security.Cryptography.Oid("1.3.6.1.5.5.7.3.1"));   // TLS server authentication
+            using var leaf = X509CertificateLoader.LoadCertificate(cert.GetRawCertData());
+            return chain.Build(leaf);
+        };
     }
 
     /// <summary>Bytes a connection receives per socket call at most (its read-ahead buffer).</summary>

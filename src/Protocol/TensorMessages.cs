@@ -61,17 +61,15 @@ public static class TensorMessages
         context.Complete();
     }
 
-    private static WorkerMessage DeserializeWorkerMessage(DeserializationContext context)
-    {
-        var payload = context.PayloadAsReadOnlySequence();
-        return TryGradientChunk(payload) ?? WorkerMessage.Parser.ParseFrom(payload);
-    }
+    private static WorkerMessage DeserializeWorkerMessage(DeserializationContext context) => ParseWorkerMessage(context.PayloadAsReadOnlySequence());
 
-    private static CoordinatorMessage DeserializeCoordinatorMessage(DeserializationContext context)
-    {
-        var payload = context.PayloadAsReadOnlySequence();
-        return TryParametersChunk(payload) ?? CoordinatorMessage.Parser.ParseFrom(payload);
-    }
+    private static CoordinatorMessage DeserializeCoordinatorMessage(DeserializationContext context) => ParseCoordinatorMessage(context.PayloadAsReadOnlySequence());
+
+    /// <summary>A WorkerMessage as the gRPC marshaller reads it (a gradient chunk's data into a pooled array); also the worker socket's.</summary>
+    public static WorkerMessage ParseWorkerMessage(ReadOnlySequence<byte> payload) => TryGradientChunk(payload) ?? WorkerMessage.Parser.ParseFrom(payload);
+
+    /// <summary>A CoordinatorMessage as the gRPC marshaller reads it (a parameter chunk's data into a pooled array); also the worker socket's.</summary>
+    public static CoordinatorMessage ParseCoordinatorMessage(ReadOnlySequence<byte> payload) => TryParametersChunk(payload) ?? CoordinatorMessage.Parser.ParseFrom(payload);
 
     /// <summary>WorkerMessage { gradient_chunk (3) = GradientChunk { ..., chunk (3) = TensorChunk { ..., data (4) } } }.</summary>
     private static WorkerMessage? TryGradientChunk(ReadOnlySequence<byte> payload)

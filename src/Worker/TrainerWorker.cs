@@ -38,6 +38,9 @@ internal sealed class TrainerWorker : BackgroundService
         await Task.Yield();
         using var channel = ClientChannel.Create(_options.Coordinator, _options.TlsCaFile);
         var client = new PooledTrainerClient(channel);
+        TrainerConnect grpc = (headers, ct) => Task.FromResult(client.ConnectPooled(headers, cancellationToken: ct));
+        var transport = _options.Transport;
+        var socket = SocketTrainerCall.Connector(_options.Coordinator, _options.TlsCaFile, _options.CallTimeout);
         var delay = TimeSpan.FromMilliseconds(250);
         var lastJoin = DateTime.UtcNow;
         try
@@ -47,10 +50,16 @@ internal sealed class TrainerWorker : BackgroundService
                 var session = new WorkerSession(_options, _device, ModelFor, _log);
                 try
                 {
-                    _log.LogInformation("Connecting to {Coordinator}", _options.Coordinator);
-                    var outcome = await session.RunAsync(client, stoppingToken);
+                    _log.LogInformation("Connecting to {Coordinator} ({Transport})", _options.Coordinator, transport == TrainerTransport.Socket ? "worker socket" : "gRPC stream");
+                    var outcome = await session.RunAsync(transport == TrainerTransport.Socket ? socket : grpc, stoppingToken);
                     if (outcome == SessionOutcome.Finished)
                         return;
+                }
+                catch (SocketMismatchException e)
+                {
+                    _log.LogWarning("No worker socket at {Coordinator} ({Reason}): using the gRPC stream", _options.Coordinator, e.Message);
+                    transport = TrainerTransport.Grpc;
+                    continue;
                 }
                 catch (RpcException e) when (e.StatusCode is StatusCode.Unauthenticated or StatusCode.PermissionDenied)
                 {

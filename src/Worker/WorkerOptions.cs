@@ -19,6 +19,8 @@ public sealed record WorkerOptions
     public TimeSpan CallTimeout { get; init; } = TimeSpan.FromSeconds(30);
     /// <summary>Accept a coordinator's shared-memory offer (only made under the same kernel).</summary>
     public bool SharedMemory { get; init; } = true;
+    /// <summary>How the Trainer stream travels: the worker socket (falling back to gRPC when the address does not speak it) or gRPC.</summary>
+    public DistDiffusion.Protocol.TrainerTransport Transport { get; init; } = DistDiffusion.Protocol.TrainerTransport.Socket;
     /// <summary>Give up after this long without a successful join (zero: never).</summary>
     public TimeSpan GiveUpAfter { get; init; } = TimeSpan.Zero;
 }

@@ -66,10 +66,10 @@ internal sealed class WorkerSession
     /// <summary>Set once the coordinator welcomed this worker (the caller resets its retry back-off then).</summary>
     public bool Joined { get; private set; }
 
-    public async Task<SessionOutcome> RunAsync(PooledTrainerClient client, CancellationToken ct)
+    public async Task<SessionOutcome> RunAsync(TrainerConnect connect, CancellationToken ct)
     {
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
-        using var call = client.ConnectPooled(Token.Headers(_options.Token), cancellationToken: cts.Token);
+        using var call = await connect(Token.Headers(_options.Token), cts.Token);
         var writer = Task.Run(() => WriteLoopAsync(call.RequestStream, cts.Token), CancellationToken.None);
         try
         {

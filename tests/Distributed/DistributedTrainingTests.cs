@@ -18,11 +18,12 @@ public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
         string.Join("\n", workers.Select((w, i) => $"--- worker {i + 1} (exit {(w.Process.HasExited ? w.Process.ExitCode.ToString(System.Globalization.CultureInfo.InvariantCulture) : "running")})\n{w.Output}"));
 
     [Theory(Timeout = 180_000)]
-    [InlineData(1, true)]
-    [InlineData(2, true)]
-    [InlineData(3, true)]
-    [InlineData(2, false)]   // tensors on the gRPC stream, as for workers on other machines
-    public async Task AnyNumberOfWorkersReachesTheOneProcessParameters(int workerCount, bool sharedMemory)
+    [InlineData(1, true, "socket")]
+    [InlineData(2, true, "socket")]
+    [InlineData(3, true, "socket")]
+    [InlineData(2, false, "socket")]   // tensors on the worker socket, as for workers on other machines
+    [InlineData(2, false, "grpc")]     // ... and on the gRPC stream (a worker's --transport grpc)
+    public async Task AnyNumberOfWorkersReachesTheOneProcessParameters(int workerCount, bool sharedMemory, string transport)
     {
         const int steps = 12;
         var reference = Cluster.LocalReference(Cluster.Recipe(steps), Path.Combine(Dir, "local"));
@@ -30,11 +31,12 @@ public sealed class DistributedTrainingTests() : TempFolderTest("dd-dist")
         var options = Cluster.Options(runDir, steps, minWorkers: workerCount);
         options.SharedMemory = sharedMemory;
         await using var server = await Cluster.Start(options);
-        var workers = Enumerable.Range(0, workerCount).Select(_ => new WorkerProcess(server.Address, Cluster.Token)).ToList();
+        var workers = Enumerable.Range(0, workerCount).Select(_ => new WorkerProcess(server.Address, Cluster.Token, 1, "--transport", transport)).ToList();
         try
         {
             await server.Loop.Completion.WaitAsync(TimeSpan.FromSeconds(150));
             var status = server.Loop.Status();
+            Assert.All(status.Workers, w => Assert.Equal(transport == "socket", w.Socket));
             // Every worker took part (admitted before step 0, none dropped): it finished slices, or still holds one. On a
             // loaded machine a worker whose first slice is slow (start-up) can have every slice it got taken over by
             // straggler backups and sit out the rest of this 12-step run, finishing none (seen in CI).

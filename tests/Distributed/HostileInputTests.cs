@@ -16,28 +16,40 @@ namespace DistDiffusion.Tests.Distributed;
 public sealed class HostileInputTests() : TempFolderTest("dd-hostile")
 {
 
-    public static TheoryData<string, StatusCode> Cases => new()
+    private static readonly (string Kind, StatusCode Expected)[] Kinds =
+    [
+        ("wrong tensor length", StatusCode.InvalidArgument),
+        ("NaN gradient", StatusCode.InvalidArgument),
+        ("Inf gradient", StatusCode.InvalidArgument),
+        ("unknown worker id", StatusCode.InvalidArgument),
+        ("future step", StatusCode.FailedPrecondition),
+        ("wrong parameter version", StatusCode.FailedPrecondition),
+        ("oversized message", StatusCode.ResourceExhausted),
+        ("chunk without header", StatusCode.FailedPrecondition),
+        ("checksum mismatch", StatusCode.InvalidArgument),
+        ("wrong sample count", StatusCode.InvalidArgument),
+        ("second join", StatusCode.FailedPrecondition),
+        ("unknown dtype", StatusCode.InvalidArgument),
+    ];
+
+    /// <summary>Every kind on both ways a worker's stream travels: the gRPC call and the worker socket.</summary>
+    public static TheoryData<string, StatusCode, TrainerTransport> Cases
     {
-        { "wrong tensor length", StatusCode.InvalidArgument },
-        { "NaN gradient", StatusCode.InvalidArgument },
-        { "Inf gradient", StatusCode.InvalidArgument },
-        { "unknown worker id", StatusCode.InvalidArgument },
-        { "future step", StatusCode.FailedPrecondition },
-        { "wrong parameter version", StatusCode.FailedPrecondition },
-        { "oversized message", StatusCode.ResourceExhausted },
-        { "chunk without header", StatusCode.FailedPrecondition },
-        { "checksum mismatch", StatusCode.InvalidArgument },
-        { "wrong sample count", StatusCode.InvalidArgument },
-        { "second join", StatusCode.FailedPrecondition },
-        { "unknown dtype", StatusCode.InvalidArgument },
-    };
+        get
+        {
+            var data = new TheoryData<string, StatusCode, TrainerTransport>();
+            foreach (var transport in (TrainerTransport[])[TrainerTransport.Grpc, TrainerTransport.Socket])
+                foreach (var (kind, expected) in Kinds) data.Add(kind, expected, transport);
+            return data;
+        }
+    }
 
     [Theory(Timeout = 60_000)]
     [MemberData(nameof(Cases))]
-    public async Task ABadPushGetsItsStatusAndChangesNothing(string kind, StatusCode expected)
+    public async Task ABadPushGetsItsStatusAndChangesNothing(string kind, StatusCode expected, TrainerTransport transport)
     {
         await using var server = await Cluster.Start(Cluster.Options(Path.Combine(Dir, "run"), steps: 5));
-        await using var w = await RawWorker.JoinAsync(server.Address);
+        await using var w = await RawWorker.JoinAsync(server.Address, transport: transport);
         var a = await w.NextAssignmentAsync();
         var before = (server.Loop.StepsDone, server.Loop.ParameterChecksum);
         var good = new float[w.Elements];

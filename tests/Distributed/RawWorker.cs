@@ -8,13 +8,13 @@ namespace DistDiffusion.Tests.Distributed;
 /// <summary>A hand-driven worker stream, to send exactly the (good or hostile) messages a test wants.</summary>
 internal sealed class RawWorker : IAsyncDisposable
 {
-    private readonly GrpcChannel _channel;
+    private readonly GrpcChannel? _channel;
     private readonly AsyncDuplexStreamingCall<WorkerMessage, CoordinatorMessage> _call;
     private readonly SemaphoreSlim _writing = new(1, 1);   // one write at a time (heartbeats run beside the test's writes)
     private CancellationTokenSource? _heartbeats;
     private Task _heartbeating = Task.CompletedTask;
 
-    private RawWorker(GrpcChannel channel, AsyncDuplexStreamingCall<WorkerMessage, CoordinatorMessage> call)
+    private RawWorker(GrpcChannel? channel, AsyncDuplexStreamingCall<WorkerMessage, CoordinatorMessage> call)
     {
         _channel = channel;
         _call = call;
@@ -29,9 +29,41 @@ internal sealed class RawWorker : IAsyncDisposable
         return new RawWorker(channel, call);
     }
 
-    public static async Task<RawWorker> JoinAsync(Uri address, string? token = Cluster.Token)
+    /// <summary>
+    /// A worker stream over <paramref name="transport"/>. On the worker socket the token is checked at the handshake: a
+    /// refusal there becomes a call whose reads fail with that status, as a refused gRPC call's do.
+    /// </summary>
+    public static async Task<RawWorker> OpenAsync(Uri address, string? token, TrainerTransport transport)
     {
-        var w = Open(address, token);
+        if (transport == TrainerTransport.Grpc) return Open(address, token);
+        try
+        {
+            var call = await SocketTrainerCall.ConnectAsync(address, null, Token.Headers(token), TimeSpan.FromSeconds(30), CancellationToken.None);
+            return new RawWorker(null, call.AsCall());
+        }
+        catch (RpcException e)
+        {
+            return new RawWorker(null, new AsyncDuplexStreamingCall<WorkerMessage, CoordinatorMessage>(
+                new RefusedWriter(e), new RefusedReader(e), Task.FromResult(new Metadata()), () => e.Status, () => e.Trailers, () => { }));
+        }
+    }
+
+    private sealed class RefusedWriter(RpcException e) : IClientStreamWriter<WorkerMessage>
+    {
+        public WriteOptions? WriteOptions { get; set; }
+        public Task WriteAsync(WorkerMessage message) => Task.FromException(e);
+        public Task CompleteAsync() => Task.CompletedTask;
+    }
+
+    private sealed class RefusedReader(RpcException e) : IAsyncStreamReader<CoordinatorMessage>
+    {
+        public CoordinatorMessage Current => throw new InvalidOperationException("refused");
+        public Task<bool> MoveNext(CancellationToken cancellationToken) => Task.FromException<bool>(e);
+    }
+
+    public static async Task<RawWorker> JoinAsync(Uri address, string? token = Cluster.Token, TrainerTransport transport = TrainerTransport.Grpc)
+    {
+        var w = await OpenAsync(address, token, transport);
         await w.SendAsync(new WorkerMessage { Join = new Join { Host = "raw", Device = "cpu", Threads = 1, ProtocolVersion = Names.ProtocolVersion } });
         var first = await w.ReadAsync();
         Assert.Equal(CoordinatorMessage.KindOneofCase.Welcome, first.KindCase);
@@ -179,7 +211,7 @@ internal sealed class RawWorker : IAsyncDisposable
         await StopHeartbeatsAsync();
         try { await _call.RequestStream.CompleteAsync(); } catch (Exception e) when (e is RpcException or InvalidOperationException) { /* already failed */ }
         _call.Dispose();
-        _channel.Dispose();
+        _channel?.Dispose();
         _writing.Dispose();
     }
 }

@@ -56,9 +56,17 @@ public sealed class TlsAndConfigurationTests() : TempFolderTest("dd-tls")
             Assert.Contains(e.StatusCode, new[] { StatusCode.Unavailable, StatusCode.Internal });
             Assert.Contains("SSL", e.Status.DebugException?.ToString() ?? e.Status.Detail, StringComparison.OrdinalIgnoreCase);
         }
+        // The worker socket speaks the same TLS on the same port: refused without the CA, admitted with it.
+        var tlsRefused = await Assert.ThrowsAsync<RpcException>(() => SocketTrainerCall.ConnectAsync(server.Address, null, Token.Headers(Cluster.Token), TimeSpan.FromSeconds(30), CancellationToken.None));
+        Assert.Equal(StatusCode.Unavailable, tlsRefused.StatusCode);
+        using (var call = await SocketTrainerCall.ConnectAsync(server.Address, cert, Token.Headers(Cluster.Token), TimeSpan.FromSeconds(30), CancellationToken.None))
+            Assert.Equal(SocketCallState.Streaming, call.State);
         using var worker = new WorkerProcess(server.Address, Cluster.Token, 1, "--tls-ca", cert);
         await server.Loop.Completion.WaitAsync(TimeSpan.FromSeconds(90));
         Assert.Equal(3, server.Loop.StepsDone);
+        await Cluster.WaitUntil(() => worker.Process.HasExited, TimeSpan.FromSeconds(30), "the worker to exit");
+        Assert.Contains("(worker socket)", worker.Output, StringComparison.Ordinal);
+        Assert.DoesNotContain("using the gRPC stream", worker.Output, StringComparison.Ordinal);
     }
 
     /// <summary>

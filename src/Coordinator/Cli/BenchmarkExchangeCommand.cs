@@ -20,7 +20,7 @@ internal static class BenchmarkExchangeCommand
     {
         var recipe = new Option<string>("--recipe") { Description = "Recipe whose network sets the message sizes", DefaultValueFactory = _ => "mnist-small" };
         var steps = new Option<int>("--steps") { Description = "Steps to exchange", DefaultValueFactory = _ => 30 };
-        var transport = new Option<string>("--transport") { Description = "stream (gRPC messages, as remote workers use) or shared-memory (as workers under the coordinator's kernel use)", DefaultValueFactory = _ => "stream" };
+        var transport = new Option<string>("--transport") { Description = "socket (the worker socket, as remote workers use by default), grpc (the gRPC stream, a worker's --transport grpc) or shared-memory (payloads in /dev/shm, messages on the worker socket, as workers under the coordinator's kernel use)", DefaultValueFactory = _ => "socket" };
         var cmd = new Command("benchmark-exchange", "Measure the parameter + gradient exchange rate against raw loopback TCP") { recipe, steps, transport };
         cmd.SetAction(p => Run(p.GetValue(recipe)!, p.GetValue(steps), p.GetValue(transport)!));
         return cmd;
@@ -29,11 +29,12 @@ internal static class BenchmarkExchangeCommand
     private static int Run(string recipe, int steps, string transport)
     {
         if (steps < 2) throw new UsageException($"--steps {steps}: expected at least 2");
-        var shared = transport switch
+        var (shared, messages) = transport switch
         {
-            "stream" => false,
-            "shared-memory" => true,
-            _ => throw new UsageException($"--transport {transport}: expected stream or shared-memory"),
+            "socket" => (false, TrainerTransport.Socket),
+            "grpc" => (false, TrainerTransport.Grpc),
+            "shared-memory" => (true, TrainerTransport.Socket),
+            _ => throw new UsageException($"--transport {transport}: expected socket, grpc or shared-memory"),
         };
         if (shared && !SharedTensorSegment.Supported) throw new UsageException("--transport shared-memory: this machine has no /dev/shm");
         var dir = Path.Combine(Path.GetTempPath(), "dd-bench-exchange-" + Guid.NewGuid().ToString("N"));
@@ -49,7 +50,7 @@ internal static class BenchmarkExchangeCommand
                 Set = ["checkpoint-every=0", "sample-every=0"],
             };
             var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, token, Serilog.Events.LogEventLevel.Warning).GetAwaiter().GetResult());
-            var (bytes, seconds, busy) = ExchangeAsync(server, token, steps, shared).GetAwaiter().GetResult();
+            var (bytes, seconds, busy) = ExchangeAsync(server, token, steps, shared, messages).GetAwaiter().GetResult();
             var tcp = RawTcpAsync(bytes).GetAwaiter().GetResult();
             var exchange = seconds - busy;
             var rate = bytes / exchange;
@@ -70,11 +71,14 @@ internal static class BenchmarkExchangeCommand
     /// A worker that returns a zero gradient at once, through the stream or its shared-memory segment, verifying each
     /// parameter set's checksum as a worker does; bytes moved and time from the end of step 1 (warm-up) to the last step.
     /// </summary>
-    private static async Task<(long Bytes, double Seconds, double Busy)> ExchangeAsync(CoordinatorServer started, string token, int steps, bool shared)
+    private static async Task<(long Bytes, double Seconds, double Busy)> ExchangeAsync(CoordinatorServer started, string token, int steps, bool shared, TrainerTransport messages)
     {
         await using var server = started;
         using var channel = ClientChannel.Create(server.Address);
-        using var call = new PooledTrainerClient(channel).ConnectPooled(Token.Headers(token));
+        TrainerConnect connect = messages == TrainerTransport.Socket
+            ? SocketTrainerCall.Connector(server.Address, null, TimeSpan.FromSeconds(30))
+            : (headers, ct) => Task.FromResult(new PooledTrainerClient(channel).ConnectPooled(headers, cancellationToken: ct));
+        using var call = await connect(Token.Headers(token), CancellationToken.None);
         await call.RequestStream.WriteAsync(new WorkerMessage
         {
             Join = new Join { Host = "benchmark", Device = "none", Threads = 1, ProtocolVersion = Names.ProtocolVersion, SharedMemory = shared, BootId = SharedTensorSegment.BootId },

@@ -85,7 +85,7 @@ internal static class StatusCommand
         Console.WriteLine($"{"worker",-12} {"host",-16} {"device",-8} {"threads",7} {"state",-8} {"steps",7} {"s/step",8} {"seen",7} {"in",10} {"out",10} {"tensors",-7}");
         foreach (var w in reply.Workers)
             Console.WriteLine(string.Create(inv,
-                $"{w.Id,-12} {Truncate(w.Host, 16),-16} {Truncate(w.Device, 8),-8} {w.Threads,7} {Describe(w.State),-8} {w.StepsDone,7} {w.MeanStepSeconds,8:F3} {w.LastSeenSecondsAgo,6:F1}s {Bytes(w.BytesIn),10} {Bytes(w.BytesOut),10} {(w.SharedMemory ? "shm" : "stream"),-7}"));
+                $"{w.Id,-12} {Truncate(w.Host, 16),-16} {Truncate(w.Device, 8),-8} {w.Threads,7} {Describe(w.State),-8} {w.StepsDone,7} {w.MeanStepSeconds,8:F3} {w.LastSeenSecondsAgo,6:F1}s {Bytes(w.BytesIn),10} {Bytes(w.BytesOut),10} {(w.SharedMemory ? "shm" : w.Socket ? "socket" : "grpc"),-7}"));
         if (reply.Workers.Count == 0 && reply.WorkersOmitted == 0) Console.WriteLine("(no workers)");
         if (reply.WorkersOmitted > 0) Console.WriteLine(string.Create(inv, $"({reply.WorkersOmitted} more workers not listed: the reply would exceed its size limit)"));
         return CliSupport.ExitOk;

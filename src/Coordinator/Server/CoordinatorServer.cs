@@ -92,6 +92,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
             builder.Services.AddSingleton<TrainingLoop>();
             builder.Services.AddSingleton<SamplingCoordinator>();
             builder.Services.AddSingleton<PeriodicSamples>();
+            builder.Services.AddSingleton<TrainerSocketEndpoint>();
             builder.Services.AddHostedService(s => s.GetRequiredService<TrainingLoop>());
             builder.Services.AddHostedService(s => s.GetRequiredService<SamplingCoordinator>());
             builder.Services.AddGrpc(o =>
@@ -125,6 +126,8 @@ public sealed class CoordinatorServer : IAsyncDisposable
                 // Parameters and gradients are megabytes per step: windows that small round trips do not throttle.
                 k.Limits.Http2.InitialStreamWindowSize = 16 << 20;
                 k.Limits.Http2.InitialConnectionWindowSize = 32 << 20;
+                k.Limits.MaxResponseBufferSize = 4 << 20;
+                k.Limits.MaxRequestBufferSize = 4 << 20;
                 k.Limits.Http2.KeepAlivePingDelay = TimeSpan.FromSeconds(20);
                 k.Limits.Http2.KeepAlivePingTimeout = TimeSpan.FromSeconds(20);
                 void Configure(ListenOptions l)
@@ -132,6 +135,8 @@ public sealed class CoordinatorServer : IAsyncDisposable
                     l.Protocols = HttpProtocols.Http2;
                     if (certificate is not null)
                         l.UseHttps(new HttpsConnectionAdapterOptions { ServerCertificateSelector = (_, _) => certificate.Current });
+                    // After TLS: a connection that opens with the worker socket's preface is a worker's Trainer stream.
+                    l.Use(TrainerSocketEndpoint.Middleware(() => k.ApplicationServices));
                 }
                 Listen(k, listen, Configure);
                 if (healthListen is not null)

@@ -56,7 +56,7 @@ public sealed class TrainerService : Trainer.TrainerBase
             throw Reject(e.Code, e.Message, e.Field, context.Peer);
         }
 
-        var worker = new WorkerConnection(first.Join, context.Peer);
+        var worker = new WorkerConnection(first.Join, context.Peer, context is TrainerSocketEndpoint.SocketCallContext);
         worker.Seen(first.CalculateSize());
         using var linked = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken, worker.Aborted);
         var writer = WriteLoopAsync(worker, responseStream, timeout, linked, context.CancellationToken);
@@ -77,7 +77,7 @@ public sealed class TrainerService : Trainer.TrainerBase
                 RunId = _loop.RunId,
             },
         });
-        _log.LogInformation("Worker {Worker} joined from {Peer}: host {Host}, device {Device}, {Threads} threads", worker.Id, context.Peer, worker.Host, worker.Device, worker.Threads);
+        _log.LogInformation("Worker {Worker} joined from {Peer} ({Transport}): host {Host}, device {Device}, {Threads} threads", worker.Id, context.Peer, worker.Socket ? "worker socket" : "gRPC stream", worker.Host, worker.Device, worker.Threads);
         _loop.Post(new WorkerJoined(worker));
         _sampling.AddWorker(worker);
         var reason = "stream closed";

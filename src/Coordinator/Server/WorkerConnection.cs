@@ -20,8 +20,9 @@ public sealed class WorkerConnection
     private long _bytesIn, _bytesOut, _stepsDone;
     private double _computeSeconds;
 
-    public WorkerConnection(Join join, string peer)
+    public WorkerConnection(Join join, string peer, bool socket = false)
     {
+        Socket = socket;
         Id = $"w{Interlocked.Increment(ref _counter)}-{Guid.NewGuid().ToString("N")[..6]}";
         Host = join.Host;
         Device = join.Device;
@@ -34,6 +35,8 @@ public sealed class WorkerConnection
     public string Device { get; }
     public int Threads { get; }
     public string Peer { get; }
+    /// <summary>Its Trainer stream is on the worker socket, not a gRPC call.</summary>
+    public bool Socket { get; }
     public WorkerState State { get; set; } = WorkerState.Joining;
     /// <summary>Parameter version this worker was last sent (null: none).</summary>
     public ulong? ParameterVersion { get; set; }
@@ -119,6 +122,7 @@ public sealed class WorkerConnection
             BytesIn = (ulong)Interlocked.Read(ref _bytesIn),
             BytesOut = (ulong)Interlocked.Read(ref _bytesOut),
             SharedMemory = SharedMemory is not null,
+            Socket = Socket,
             Disagreements = (uint)Disagreements,
         };
     }

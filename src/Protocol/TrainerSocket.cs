@@ -1,0 +1,249 @@
+using System.Buffers;
+using System.Buffers.Binary;
+using System.Text;
+using DistDiffusion.Protocol.V1;
+using Google.Protobuf;
+using Grpc.Core;
+
+namespace DistDiffusion.Protocol;
+
+/// <summary>Kinds of frame on the worker socket (<see cref="TrainerSocket"/>).</summary>
+public enum SocketFrameKind : byte
+{
+    /// <summary>Worker -> coordinator, once, right after the preface: the `authorization` value (UTF-8, may be empty).</summary>
+    Hello = 1,
+    /// <summary>Coordinator -> worker, once: the token was accepted and the Trainer stream begins.</summary>
+    Accepted = 2,
+    /// <summary>Either way: one WorkerMessage or CoordinatorMessage, protobuf-encoded exactly as on the gRPC stream.</summary>
+    Message = 3,
+    /// <summary>Worker -> coordinator: no more messages (the gRPC request stream's end).</summary>
+    HalfClose = 4,
+    /// <summary>Coordinator -> worker, last: the call's status and trailers, as gRPC would end it.</summary>
+    Status = 5,
+}
+
+/// <summary>Where a worker socket is in its protocol (each side keeps one).</summary>
+public enum SocketCallState
+{
+    /// <summary>Connecting, TLS, preface and Hello sent or awaited.</summary>
+    Handshake,
+    /// <summary>Accepted: messages flow both ways.</summary>
+    Streaming,
+    /// <summary>The worker half-closed; the coordinator may still write.</summary>
+    HalfClosed,
+    /// <summary>A status was sent or received, or the connection broke.</summary>
+    Closed,
+}
+
+/// <summary>
+/// The Trainer stream on a plain TCP (or TLS) connection to the coordinator's own port, next to gRPC. .NET's HTTP/2
+/// client moves a tensor as 16 KiB DATA frames, each handed between two threads and sent by its own system call, and
+/// announces no larger frame size, so a step's megabytes took ~120 such round trips each way (issue 9). Here the same
+/// protobuf messages go as length-prefixed frames, one write per message, so a 1 MiB chunk is one system call.
+/// <para>Wire format: the worker opens with the 8-byte <see cref="Preface"/>, then every frame in both directions is a
+/// 4-byte little-endian body length, a <see cref="SocketFrameKind"/> byte and the body. The coordinator's Kestrel tells
+/// this preface from HTTP/2's ("PRI * HTTP/2.0...") by its first bytes, so it shares the gRPC port, its TLS and the
+/// manifests' Service; the token is checked before anything else is read, with the same roles as the gRPC call.</para>
+/// </summary>
+public static class TrainerSocket
+{
+    /// <summary>The worker's first bytes: "DDTRAIN1".</summary>
+    public static ReadOnlySpan<byte> Preface => "DDTRAIN1"u8;
+    public const int PrefaceBytes = 8;
+    public const int FrameHeaderBytes = 5;
+    /// <summary>Largest Hello body (an authorization header value).</summary>
+    public const int MaxHelloBytes = 4096;
+    /// <summary>Largest Status body.</summary>
+    public const int MaxStatusBytes = 64 << 10;
+
+    /// <summary>The frame header for a body of <paramref name="length"/> bytes.</summary>
+    public static void WriteHeader(Span<byte> destination, SocketFrameKind kind, int length)
+    {
+        BinaryPrimitives.WriteUInt32LittleEndian(destination, (uint)length);
+        destination[4] = (byte)kind;
+    }
+
+    /// <summary>A status body: code, detail and trailers (binary ones, such as grpc-status-details-bin, included).</summary>
+    public static byte[] EncodeStatus(Status status, Metadata? trailers)
+    {
+        using var ms = new MemoryStream();
+        using (var w = new BinaryWriter(ms, Encoding.UTF8, leaveOpen: true))
+        {
+            w.Write((int)status.StatusCode);
+            w.Write(Truncate(status.Detail ?? "", 16 << 10));
+            var entries = trailers?.Where(e => e.Key.Length <= 256).ToList() ?? [];
+            w.Write(entries.Count);
+            foreach (var e in entries)
+            {
+                w.Write(e.Key);
+                var value = e.IsBinary ? e.ValueBytes : Encoding.UTF8.GetBytes(e.Value);
+                w.Write(value.Length);
+                w.Write(value);
+            }
+        }
+        var bytes = ms.ToArray();
+        return bytes.Length <= MaxStatusBytes ? bytes : EncodeStatus(status, null);
+    }
+
+    /// <summary>Reads a status body; a malformed one is a <see cref="ProtocolException"/>.</summary>
+    public static (Status Status, Metadata Trailers) DecodeStatus(ReadOnlySpan<byte> body)
+    {
+        try
+        {
+            using var ms = new MemoryStream(body.ToArray());
+            using var r = new BinaryReader(ms, Encoding.UTF8);
+            var code = (StatusCode)r.ReadInt32();
+            var detail = r.ReadString();
+            var count = r.ReadInt32();
+            if (count is < 0 or > 64) throw new InvalidDataException($"{count} trailers");
+            var trailers = new Metadata();
+            for (var i = 0; i < count; i++)
+            {
+                var key = r.ReadString();
+                var length = r.ReadInt32();
+                if (length < 0 || length > ms.Length - ms.Position) throw new InvalidDataException($"trailer {key} of {length} bytes");
+                var value = r.ReadBytes(length);
+                if (key.EndsWith(Metadata.BinaryHeaderSuffix, StringComparison.Ordinal)) trailers.Add(key, value);
+                else trailers.Add(key, Encoding.UTF8.GetString(value));
+            }
+            return (new Status(code, detail), trailers);
+        }
+        catch (Exception e) when (e is EndOfStreamException or InvalidDataException or ArgumentException or FormatException)
+        {
+            throw new ProtocolException(StatusCode.Internal, $"the coordinator's status frame is malformed: {e.Message}");
+        }
+    }
+
+    private static string Truncate(string text, int max) => text.Length <= max ? text : text[..max];
+}
+
+/// <summary>One received frame: its kind and a pooled body that <see cref="Dispose"/> gives back.</summary>
+public sealed class SocketFrame : IDisposable
+{
+    private byte[] _array;
+
+    public SocketFrame(SocketFrameKind kind, byte[] array, int length)
+    {
+        Kind = kind;
+        _array = array;
+        Length = length;
+    }
+
+    public SocketFrameKind Kind { get; }
+    public int Length { get; }
+    public ReadOnlySpan<byte> Body => _array.AsSpan(0, Length);
+    public ReadOnlySequence<byte> Sequence => new(_array, 0, Length);
+
+    public void Dispose()
+    {
+        if (_array.Length > 0) ArrayPool<byte>.Shared.Return(_array);
+        _array = [];
+    }
+}
+
+/// <summary>
+/// Reads frames from a stream through a 64 KiB buffer (a small message and the next frame's header usually arrive in
+/// one read); a large body beyond what is buffered is read straight into its pooled array.
+/// </summary>
+public sealed class SocketFrameReader
+{
+    private readonly Stream _stream;
+    private readonly byte[] _buffer = new byte[64 << 10];
+    private int _start, _end;
+
+    public SocketFrameReader(Stream stream) => _stream = stream;
+
+    /// <summary>The next frame, or null when the stream ended cleanly between frames.</summary>
+    /// <param name="maxBody">A larger announced body is refused with ResourceExhausted before any of it is read.</param>
+    public async ValueTask<SocketFrame?> ReadAsync(int maxBody, CancellationToken ct)
+    {
+        if (!await FillAsync(TrainerSocket.FrameHeaderBytes, ct).ConfigureAwait(false))
+        {
+            if (_end == _start) return null;
+            throw new EndOfStreamException($"the connection closed inside a frame header ({_end - _start} of {TrainerSocket.FrameHeaderBytes} bytes)");
+        }
+        var length = BinaryPrimitives.ReadUInt32LittleEndian(_buffer.AsSpan(_start));
+        var kindByte = _buffer[_start + 4];
+        if (kindByte is < (byte)SocketFrameKind.Hello or > (byte)SocketFrameKind.Status)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"frame kind {kindByte}: expected 1..5 (not a DistDiffusion worker socket?)", "frame.kind");
+        if (length > (uint)maxBody)
+            throw new RpcException(new Status(StatusCode.ResourceExhausted, $"frame of {length} bytes: at most {maxBody} allowed"));
+        _start += TrainerSocket.FrameHeaderBytes;
+        var size = (int)length;
+        var array = size == 0 ? [] : ArrayPool<byte>.Shared.Rent(size);
+        try
+        {
+            var have = Math.Min(size, _end - _start);
+            _buffer.AsSpan(_start, have).CopyTo(array);
+            _start += have;
+            if (have < size) await _stream.ReadExactlyAsync(array.AsMemory(have, size - have), ct).ConfigureAwait(false);
+            return new SocketFrame((SocketFrameKind)kindByte, array, size);
+        }
+        catch
+        {
+            if (size > 0) ArrayPool<byte>.Shared.Return(array);
+            throw;
+        }
+    }
+
+    private async ValueTask<bool> FillAsync(int count, CancellationToken ct)
+    {
+        if (_end - _start >= count) return true;
+        if (_start > 0)
+        {
+            _buffer.AsSpan(_start, _end - _start).CopyTo(_buffer);
+            _end -= _start;
+            _start = 0;
+        }
+        while (_end < count)
+        {
+            var read = await _stream.ReadAsync(_buffer.AsMemory(_end), ct).ConfigureAwait(false);
+            if (read == 0) return false;
+            _end += read;
+        }
+        return true;
+    }
+}
+
+/// <summary>Writes frames to a stream, one write call per frame. Like a gRPC stream, it takes one write at a time: callers wait for each.</summary>
+public sealed class SocketFrameWriter
+{
+    private readonly Stream _stream;
+
+    public SocketFrameWriter(Stream stream) => _stream = stream;
+
+    /// <summary>A message frame: serialized straight into a pooled buffer behind its header.</summary>
+    public async ValueTask WriteMessageAsync(IMessage message, int maxBody, CancellationToken ct)
+    {
+        var size = message.CalculateSize();
+        if (size > maxBody)
+            throw new RpcException(new Status(StatusCode.ResourceExhausted, $"message of {size} bytes: at most {maxBody} allowed"));
+        var array = ArrayPool<byte>.Shared.Rent(TrainerSocket.FrameHeaderBytes + size);
+        try
+        {
+            TrainerSocket.WriteHeader(array, SocketFrameKind.Message, size);
+            message.WriteTo(array.AsSpan(TrainerSocket.FrameHeaderBytes, size));
+            await WriteAsync(array.AsMemory(0, TrainerSocket.FrameHeaderBytes + size), ct).ConfigureAwait(false);
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(array);
+        }
+    }
+
+    /// <summary>A frame with the given body (control frames: Hello, Accepted, HalfClose, Status), preceded by <paramref name="prefix"/>.</summary>
+    public ValueTask WriteFrameAsync(SocketFrameKind kind, ReadOnlySpan<byte> body, CancellationToken ct, ReadOnlySpan<byte> prefix = default)
+    {
+        var bytes = new byte[prefix.Length + TrainerSocket.FrameHeaderBytes + body.Length];
+        prefix.CopyTo(bytes);
+        TrainerSocket.WriteHeader(bytes.AsSpan(prefix.Length), kind, body.Length);
+        body.CopyTo(bytes.AsSpan(prefix.Length + TrainerSocket.FrameHeaderBytes));
+        return WriteAsync(bytes, ct);
+    }
+
+    private async ValueTask WriteAsync(ReadOnlyMemory<byte> bytes, CancellationToken ct)
+    {
+        await _stream.WriteAsync(bytes, ct).ConfigureAwait(false);
+        await _stream.FlushAsync(ct).ConfigureAwait(false);
+    }
+}

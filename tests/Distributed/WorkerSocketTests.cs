@@ -1,0 +1,188 @@
+using System.Net;
+using System.Net.Sockets;
+using System.Text;
+using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Protocol;
+using DistDiffusion.Protocol.V1;
+using Google.Protobuf;
+using Grpc.Core;
+
+namespace DistDiffusion.Tests.Distributed;
+
+/// <summary>
+/// The worker socket: its frames, its token check (the gRPC call's roles, before anything else is read), sharing the
+/// gRPC port with HTTP/2, and what a peer that breaks the framing gets. Training over it, and hostile pushes over it,
+/// are in <see cref="DistributedTrainingTests"/> and <see cref="HostileInputTests"/> (each run on both transports).
+/// </summary>
+[Collection(ClusterCollection.Name)]
+public sealed class WorkerSocketTests() : TempFolderTest("dd-socket")
+{
+    private static readonly ServerCredentials Roles = new(null, Cluster.WorkerToken, Cluster.ClientToken);
+
+    [Fact]
+    public async Task FramesRoundTripAndAStatusKeepsItsBinaryTrailers()
+    {
+        using var wire = new MemoryStream();
+        var writer = new SocketFrameWriter(wire);
+        var message = new WorkerMessage { Heartbeat = new Heartbeat { WorkerId = "w1-abc" } };
+        var chunk = new WorkerMessage { GradientChunk = new GradientChunk { WorkerId = "w1-abc", Slice = 2, Chunk = new TensorChunk { Step = 5, Index = 1, Data = ByteString.CopyFrom(Enumerable.Range(0, 100_000).Select(i => (byte)i).ToArray()) } } };
+        await writer.WriteMessageAsync(message, 1 << 20, CancellationToken.None);
+        await writer.WriteMessageAsync(chunk, 1 << 20, CancellationToken.None);
+        await writer.WriteFrameAsync(SocketFrameKind.HalfClose, [], CancellationToken.None);
+        var trailers = new Metadata { { "grpc-status-details-bin", new byte[] { 0, 1, 2, 255 } }, { "note", "é ok" } };
+        await writer.WriteFrameAsync(SocketFrameKind.Status, TrainerSocket.EncodeStatus(new Status(StatusCode.InvalidArgument, "slice 3: bad"), trailers), CancellationToken.None);
+
+        wire.Position = 0;
+        var reader = new SocketFrameReader(wire);
+        using (var f = await reader.ReadAsync(1 << 20, CancellationToken.None))
+        {
+            Assert.Equal(SocketFrameKind.Message, f!.Kind);
+            Assert.Equal(message, TensorMessages.ParseWorkerMessage(f.Sequence));
+        }
+        using (var f = await reader.ReadAsync(1 << 20, CancellationToken.None))
+        {
+            var parsed = TensorMessages.ParseWorkerMessage(f!.Sequence);
+            Assert.Equal(chunk.GradientChunk.Chunk.Data, parsed.GradientChunk.Chunk.Data);   // a large chunk: the pooled path
+            Assert.Equal(2u, parsed.GradientChunk.Slice);
+            TensorMessages.Release(parsed);
+        }
+        using (var f = await reader.ReadAsync(1 << 20, CancellationToken.None)) Assert.Equal(SocketFrameKind.HalfClose, f!.Kind);
+        using (var f = await reader.ReadAsync(1 << 20, CancellationToken.None))
+        {
+            var (status, back) = TrainerSocket.DecodeStatus(f!.Body);
+            Assert.Equal(StatusCode.InvalidArgument, status.StatusCode);
+            Assert.Equal("slice 3: bad", status.Detail);
+            Assert.Equal(new byte[] { 0, 1, 2, 255 }, back.GetValueBytes("grpc-status-details-bin"));
+            Assert.Equal("é ok", back.GetValue("note"));
+        }
+        Assert.Null(await reader.ReadAsync(1 << 20, CancellationToken.None));   // a clean end between frames
+    }
+
+    [Fact]
+    public async Task ABrokenFrameIsRefusedBeforeItsBodyIsRead()
+    {
+        // Too large: refused on its header, nothing of the announced 64 MiB body read or allocated.
+        var big = new byte[TrainerSocket.FrameHeaderBytes];
+        TrainerSocket.WriteHeader(big, SocketFrameKind.Message, 64 << 20);
+        var e = await Assert.ThrowsAsync<RpcException>(async () => await new SocketFrameReader(new MemoryStream(big)).ReadAsync(1 << 20, CancellationToken.None));
+        Assert.Equal(StatusCode.ResourceExhausted, e.StatusCode);
+        Assert.Contains("67108864 bytes", e.Status.Detail, StringComparison.Ordinal);
+        // An unknown kind.
+        byte[] odd = [0, 0, 0, 0, 9];
+        var k = await Assert.ThrowsAsync<ProtocolException>(async () => await new SocketFrameReader(new MemoryStream(odd)).ReadAsync(1 << 20, CancellationToken.None));
+        Assert.Contains("frame kind 9", k.Message, StringComparison.Ordinal);
+        // Cut inside a header, and inside a body.
+        await Assert.ThrowsAsync<EndOfStreamException>(async () => await new SocketFrameReader(new MemoryStream([7, 0, 0])).ReadAsync(1 << 20, CancellationToken.None));
+        var cut = new byte[TrainerSocket.FrameHeaderBytes + 3];
+        TrainerSocket.WriteHeader(cut, SocketFrameKind.Message, 10);
+        await Assert.ThrowsAsync<EndOfStreamException>(async () => await new SocketFrameReader(new MemoryStream(cut)).ReadAsync(1 << 20, CancellationToken.None));
+        // A status body that is not one.
+        Assert.Throws<ProtocolException>(() => TrainerSocket.DecodeStatus([1, 2]));
+    }
+
+    [Fact(Timeout = 60_000)]
+    public async Task TheSocketAsksForTheWorkerRoleLikeTheGrpcCall()
+    {
+        await using var server = await Cluster.Start(Cluster.Options(Path.Combine(Dir, "run"), steps: 5), Roles);
+        foreach (var (token, code, text) in new (string?, StatusCode, string)[]
+        {
+            (null, StatusCode.Unauthenticated, "no token"),
+            ("not-a-token", StatusCode.Unauthenticated, "a wrong token"),
+            (Cluster.ClientToken, StatusCode.PermissionDenied, "needs the worker role; this token has the client role"),
+        })
+        {
+            var refused = await Assert.ThrowsAsync<RpcException>(() => SocketTrainerCall.ConnectAsync(server.Address, null, Token.Headers(token), TimeSpan.FromSeconds(30), CancellationToken.None));
+            Assert.Equal(code, refused.StatusCode);
+            Assert.Contains(text, refused.Status.Detail, StringComparison.Ordinal);
+        }
+        Assert.Empty(server.Loop.Status().Workers);
+
+        // The worker token joins; a gRPC worker joins the same port beside it, and status tells them apart.
+        await using var socketWorker = await RawWorker.JoinAsync(server.Address, Cluster.WorkerToken, TrainerTransport.Socket);
+        await using var grpcWorker = await RawWorker.JoinAsync(server.Address, Cluster.WorkerToken, TrainerTransport.Grpc);
+        await Cluster.WaitUntil(() => server.Loop.Status().Workers.Count == 2, TimeSpan.FromSeconds(10), "both workers to be listed");
+        var workers = server.Loop.Status().Workers.ToDictionary(w => w.Id);
+        Assert.True(workers[socketWorker.Welcome.WorkerId].Socket);
+        Assert.False(workers[grpcWorker.Welcome.WorkerId].Socket);
+    }
+
+    [Fact(Timeout = 60_000)]
+    public async Task ABrokenFrameOrAMissingHelloEndsTheConnectionWithAStatusAndNoWorker()
+    {
+        await using var server = await Cluster.Start(Cluster.Options(Path.Combine(Dir, "run"), steps: 5));
+        var endpoint = new IPEndPoint(IPAddress.Loopback, server.Address.Port);
+
+        // The preface, then a Message where the Hello belongs.
+        var (code, detail) = await RawExchangeAsync(endpoint, [.. TrainerSocket.Preface, .. Frame(SocketFrameKind.Message, [8, 1])]);
+        Assert.Equal(StatusCode.InvalidArgument, code);
+        Assert.Contains("first frame is Message, expected Hello", detail, StringComparison.Ordinal);
+
+        // Accepted, then a frame of an unknown kind instead of the Join.
+        (code, detail) = await RawExchangeAsync(endpoint, [.. TrainerSocket.Preface, .. Frame(SocketFrameKind.Hello, Encoding.UTF8.GetBytes("Bearer " + Cluster.Token)), 0, 0, 0, 0, 42], accepted: true);
+        Assert.Equal(StatusCode.InvalidArgument, code);
+        Assert.Contains("frame kind 42", detail, StringComparison.Ordinal);
+
+        // Accepted, then a message that is not protobuf.
+        (code, detail) = await RawExchangeAsync(endpoint, [.. TrainerSocket.Preface, .. Frame(SocketFrameKind.Hello, Encoding.UTF8.GetBytes("Bearer " + Cluster.Token)), .. Frame(SocketFrameKind.Message, [0xFF, 0xFF, 0xFF])], accepted: true);
+        Assert.Equal(StatusCode.InvalidArgument, code);
+        Assert.Contains("undecodable WorkerMessage", detail, StringComparison.Ordinal);
+
+        Assert.Empty(server.Loop.Status().Workers);
+        Assert.Equal(0, server.Loop.StepsDone);
+    }
+
+    [Fact(Timeout = 30_000)]
+    public async Task AnAddressThatAnswersWithSomethingElseIsAMismatchNotARetry()
+    {
+        // An HTTP/2 server (a gRPC-only proxy, say) answers any preface with its SETTINGS frame and GOAWAY.
+        using var listener = new TcpListener(IPAddress.Loopback, 0);
+        listener.Start();
+        var port = ((IPEndPoint)listener.LocalEndpoint).Port;
+        var answer = Task.Run(async () =>
+        {
+            using var client = await listener.AcceptTcpClientAsync();
+            var stream = client.GetStream();
+            await stream.WriteAsync(new byte[] { 0, 0, 0x12, 0x04, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0x64, 0, 4, 0, 1, 0, 0, 0, 5, 0, 0x40, 0, 0 });
+            await stream.FlushAsync();
+            var sink = new byte[1024];
+            while (await stream.ReadAsync(sink) > 0) { }
+        });
+        var e = await Assert.ThrowsAsync<SocketMismatchException>(() =>
+            SocketTrainerCall.ConnectAsync(new Uri($"http://127.0.0.1:{port}"), null, Token.Headers("t"), TimeSpan.FromSeconds(10), CancellationToken.None));
+        Assert.Contains("no frame of ours", e.Message, StringComparison.Ordinal);
+        listener.Stop();
+        await answer.WaitAsync(TimeSpan.FromSeconds(10));
+    }
+
+    private static byte[] Frame(SocketFrameKind kind, byte[] body)
+    {
+        var bytes = new byte[TrainerSocket.FrameHeaderBytes + body.Length];
+        TrainerSocket.WriteHeader(bytes, kind, body.Length);
+        body.CopyTo(bytes, TrainerSocket.FrameHeaderBytes);
+        return bytes;
+    }
+
+    /// <summary>Sends raw bytes on a fresh connection; the status the coordinator ends it with (after Accepted, when expected).</summary>
+    private static async Task<(StatusCode, string)> RawExchangeAsync(IPEndPoint endpoint, byte[] bytes, bool accepted = false)
+    {
+        using var client = new TcpClient();
+        await client.ConnectAsync(endpoint);
+        var stream = client.GetStream();
+        await stream.WriteAsync(bytes);
+        var reader = new SocketFrameReader(stream);
+        using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+        var first = await reader.ReadAsync(1 << 20, timeout.Token);
+        Assert.NotNull(first);
+        if (accepted)
+        {
+            Assert.Equal(SocketFrameKind.Accepted, first.Kind);
+            first.Dispose();
+            first = await reader.ReadAsync(1 << 20, timeout.Token);
+            Assert.NotNull(first);
+        }
+        using var frame = first;
+        Assert.Equal(SocketFrameKind.Status, frame.Kind);
+        var (status, _) = TrainerSocket.DecodeStatus(frame.Body);
+        return (status.StatusCode, status.Detail);
+    }
+}
