@@ -69,6 +69,8 @@ public sealed class SocketTrainerCall : IClientStreamWriter<WorkerMessage>, IAsy
             socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveTime, 20);
             socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveInterval, 5);
             socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveRetryCount, 4);
+            socket.SendBufferSize = 4 << 20;
+            socket.ReceiveBufferSize = 4 << 20;
             await socket.ConnectAsync(address.IdnHost, address.Port, limit.Token).ConfigureAwait(false);
             stream = new NetworkStream(socket, ownsSocket: false);
             if (address.Scheme == Uri.UriSchemeHttps)

@@ -71,6 +71,8 @@ public sealed class TrainerSocketEndpoint(IServiceProvider services, ServerCrede
             socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveTime, 20);
             socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveInterval, 5);
             socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveRetryCount, 4);
+            socket.SendBufferSize = 4 << 20;
+            socket.ReceiveBufferSize = 4 << 20;
         }
         await using var inputStream = connection.Transport.Input.AsStream(leaveOpen: true);
         await using var outputStream = connection.Transport.Output.AsStream(leaveOpen: true);
