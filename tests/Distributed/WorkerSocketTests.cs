@@ -154,6 +154,99 @@ public sealed class WorkerSocketTests() : TempFolderTest("dd-socket")
         await answer.WaitAsync(TimeSpan.FromSeconds(10));
     }
 
+    [Fact(Timeout = 120_000)]
+    public async Task AWorkerBehindAnHttp2OnlyProxyFallsBackToGrpcAndTrains()
+    {
+        await using var server = await Cluster.Start(Cluster.Options(Path.Combine(Dir, "run"), steps: 3));
+        await using var proxy = Http2OnlyProxy.Start(new IPEndPoint(IPAddress.Loopback, server.Address.Port));
+        using var worker = new WorkerProcess(new Uri($"http://127.0.0.1:{proxy.Port}"), Cluster.Token, 1);
+        await server.Loop.Completion.WaitAsync(TimeSpan.FromSeconds(90));
+        Assert.Equal(3, server.Loop.StepsDone);
+        await Cluster.WaitUntil(() => worker.Process.HasExited, TimeSpan.FromSeconds(30), "the worker to exit", () => worker.Output);
+        Assert.Equal(0, worker.Process.ExitCode);
+        Assert.Contains("using the gRPC stream", worker.Output, StringComparison.Ordinal);
+        Assert.Equal(1, proxy.Refused);   // one attempt at the socket, then gRPC for good
+    }
+
+    /// <summary>
+    /// A TCP proxy in front of the coordinator that, like an HTTP/2-only one, forwards HTTP/2 and answers the worker
+    /// socket's preface with an HTTP/2 SETTINGS frame and a close.
+    /// </summary>
+    [System.Diagnostics.CodeAnalysis.SuppressMessage("Usage", "CA2213", Justification = "DisposeAsync disposes the listener (the analyzer looks for Dispose only).")]
+    private sealed class Http2OnlyProxy : IAsyncDisposable
+    {
+        private readonly TcpListener _listener = new(IPAddress.Loopback, 0);
+        private readonly IPEndPoint _upstream;
+        private readonly CancellationTokenSource _stop = new();
+        private readonly List<Task> _tasks = [];
+        private int _refused;
+
+        private Http2OnlyProxy(IPEndPoint upstream) => _upstream = upstream;
+
+        public int Port => ((IPEndPoint)_listener.LocalEndpoint).Port;
+        public int Refused => Volatile.Read(ref _refused);
+
+        public static Http2OnlyProxy Start(IPEndPoint upstream)
+        {
+            var proxy = new Http2OnlyProxy(upstream);
+            proxy._listener.Start();
+            proxy._tasks.Add(Task.Run(proxy.AcceptLoopAsync));
+            return proxy;
+        }
+
+        private async Task AcceptLoopAsync()
+        {
+            try
+            {
+                while (true)
+                {
+                    var client = await _listener.AcceptTcpClientAsync(_stop.Token);
+                    lock (_tasks) _tasks.Add(Task.Run(() => ServeAsync(client)));
+                }
+            }
+            catch (Exception e) when (e is OperationCanceledException or SocketException or ObjectDisposedException)
+            {
+                // stopped
+            }
+        }
+
+        private async Task ServeAsync(TcpClient client)
+        {
+            using var _ = client;
+            var down = client.GetStream();
+            var first = new byte[TrainerSocket.PrefaceBytes];
+            try
+            {
+                await down.ReadExactlyAsync(first, _stop.Token);
+                if (first.AsSpan().SequenceEqual(TrainerSocket.Preface))
+                {
+                    Interlocked.Increment(ref _refused);
+                    await down.WriteAsync(new byte[] { 0, 0, 0, 0x04, 0, 0, 0, 0, 0 }, _stop.Token);
+                    return;
+                }
+                using var upstream = new TcpClient();
+                await upstream.ConnectAsync(_upstream, _stop.Token);
+                var up = upstream.GetStream();
+                await up.WriteAsync(first, _stop.Token);
+                await Task.WhenAny(down.CopyToAsync(up, _stop.Token), up.CopyToAsync(down, _stop.Token));
+            }
+            catch (Exception e) when (e is IOException or OperationCanceledException or SocketException or ObjectDisposedException)
+            {
+                // either side went away
+            }
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            await _stop.CancelAsync();
+            _listener.Dispose();
+            Task[] tasks;
+            lock (_tasks) tasks = [.. _tasks];
+            await Task.WhenAll(tasks).WaitAsync(TimeSpan.FromSeconds(10));
+            _stop.Dispose();
+        }
+    }
+
     private static byte[] Frame(SocketFrameKind kind, byte[] body)
     {
         var bytes = new byte[TrainerSocket.FrameHeaderBytes + body.Length];
