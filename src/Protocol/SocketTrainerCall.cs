@@ -162,7 +162,7 @@ public sealed class SocketTrainerCall : IClientStreamWriter<WorkerMessage>, IAsy
             case SocketFrameKind.Message:
                 try
                 {
-                    Current = TensorMessages.ParseCoordinatorMessage(frame.Sequence);
+                    Current = TensorMessages.ParseCoordinatorMessage(frame);
                 }
                 catch (InvalidProtocolBufferException e)
                 {

@@ -66,39 +66,54 @@ public static class TensorMessages
     private static CoordinatorMessage DeserializeCoordinatorMessage(DeserializationContext context) => ParseCoordinatorMessage(context.PayloadAsReadOnlySequence());
 
     /// <summary>A WorkerMessage as the gRPC marshaller reads it (a gradient chunk's data into a pooled array); also the worker socket's.</summary>
-    public static WorkerMessage ParseWorkerMessage(ReadOnlySequence<byte> payload) => TryGradientChunk(payload) ?? WorkerMessage.Parser.ParseFrom(payload);
+    public static WorkerMessage ParseWorkerMessage(ReadOnlySequence<byte> payload) => TryGradientChunk(payload, null) ?? WorkerMessage.Parser.ParseFrom(payload);
+
+    /// <summary>A WorkerMessage in a worker-socket frame: a large gradient chunk's data stays in the frame's pooled array, which becomes the chunk's (no copy).</summary>
+    public static WorkerMessage ParseWorkerMessage(SocketFrame frame) => TryGradientChunk(frame.Sequence, frame) ?? WorkerMessage.Parser.ParseFrom(frame.Sequence);
+
+    /// <summary>A CoordinatorMessage in a worker-socket frame: a large parameter chunk's data stays in the frame's pooled array, which becomes the chunk's (no copy).</summary>
+    public static CoordinatorMessage ParseCoordinatorMessage(SocketFrame frame) => TryParametersChunk(frame.Sequence, frame) ?? CoordinatorMessage.Parser.ParseFrom(frame.Sequence);
 
     /// <summary>A CoordinatorMessage as the gRPC marshaller reads it (a parameter chunk's data into a pooled array); also the worker socket's.</summary>
-    public static CoordinatorMessage ParseCoordinatorMessage(ReadOnlySequence<byte> payload) => TryParametersChunk(payload) ?? CoordinatorMessage.Parser.ParseFrom(payload);
+    public static CoordinatorMessage ParseCoordinatorMessage(ReadOnlySequence<byte> payload) => TryParametersChunk(payload, null) ?? CoordinatorMessage.Parser.ParseFrom(payload);
 
     /// <summary>WorkerMessage { gradient_chunk (3) = GradientChunk { ..., chunk (3) = TensorChunk { ..., data (4) } } }.</summary>
-    private static WorkerMessage? TryGradientChunk(ReadOnlySequence<byte> payload)
+    private static WorkerMessage? TryGradientChunk(ReadOnlySequence<byte> payload, SocketFrame? frame)
     {
         if (!OnlyField(payload, WorkerMessage.GradientChunkFieldNumber, out var body)) return null;
         if (!SplitField(body, GradientChunk.ChunkFieldNumber, out var before, out var inner, out var after)) return null;
-        if (TryTensorChunk(inner) is not { } chunk) return null;
+        if (TryTensorChunk(inner, frame) is not { } chunk) return null;
         var gradientChunk = GradientChunk.Parser.ParseFrom(Concat(before, after));
         gradientChunk.Chunk = chunk;
         return new WorkerMessage { GradientChunk = gradientChunk };
     }
 
     /// <summary>CoordinatorMessage { parameters_chunk (3) = TensorChunk { ..., data (4) } }.</summary>
-    private static CoordinatorMessage? TryParametersChunk(ReadOnlySequence<byte> payload)
+    private static CoordinatorMessage? TryParametersChunk(ReadOnlySequence<byte> payload, SocketFrame? frame)
     {
         if (!OnlyField(payload, CoordinatorMessage.ParametersChunkFieldNumber, out var body)) return null;
-        return TryTensorChunk(body) is { } chunk ? new CoordinatorMessage { ParametersChunk = chunk } : null;
+        return TryTensorChunk(body, frame) is { } chunk ? new CoordinatorMessage { ParametersChunk = chunk } : null;
     }
 
     /// <summary>
     /// A TensorChunk whose data field occurs exactly once and is large: the other fields through the generated parser
     /// (the data field taken out changes nothing else, as it occurs once), the data copied into a pooled array.
     /// </summary>
-    private static TensorChunk? TryTensorChunk(ReadOnlySequence<byte> body)
+    private static TensorChunk? TryTensorChunk(ReadOnlySequence<byte> body, SocketFrame? frame)
     {
         if (!SplitField(body, TensorChunk.DataFieldNumber, out var before, out var data, out var after)) return null;
         if (data.Length < PooledMinimumBytes) return null;
         var chunk = TensorChunk.Parser.ParseFrom(Concat(before, after));
         var length = (int)data.Length;
+        if (frame is not null)
+        {
+            // The frame's sequence is its one array: the data is already there, at this index.
+            var offset = data.Start.GetInteger();
+            var owned = frame.Detach();
+            chunk.Data = UnsafeByteOperations.UnsafeWrap(owned.AsMemory(offset, length));
+            Pooled.AddOrUpdate(chunk, owned);
+            return chunk;
+        }
         var array = ArrayPool<byte>.Shared.Rent(length);
         data.CopyTo(array);
         chunk.Data = UnsafeByteOperations.UnsafeWrap(array.AsMemory(0, length));

@@ -130,9 +130,18 @@ public sealed class SocketFrame : IDisposable
     }
 
     public SocketFrameKind Kind { get; }
-    public int Length { get; }
+    public int Length { get; private set; }
     public ReadOnlySpan<byte> Body => _array.AsSpan(0, Length);
     public ReadOnlySequence<byte> Sequence => new(_array, 0, Length);
+
+    /// <summary>Hands the pooled array to the caller (who returns it to <see cref="ArrayPool{T}.Shared"/>); the frame is empty afterwards.</summary>
+    internal byte[] Detach()
+    {
+        var array = _array;
+        _array = [];
+        Length = 0;
+        return array;
+    }
 
     public void Dispose()
     {

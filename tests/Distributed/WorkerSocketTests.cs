@@ -41,8 +41,9 @@ public sealed class WorkerSocketTests() : TempFolderTest("dd-socket")
         }
         using (var f = await reader.ReadAsync(1 << 20, CancellationToken.None))
         {
-            var parsed = TensorMessages.ParseWorkerMessage(f!.Sequence);
-            Assert.Equal(chunk.GradientChunk.Chunk.Data, parsed.GradientChunk.Chunk.Data);   // a large chunk: the pooled path
+            var parsed = TensorMessages.ParseWorkerMessage(f!);
+            Assert.Equal(chunk.GradientChunk.Chunk.Data, parsed.GradientChunk.Chunk.Data);   // a large chunk: its data left in the frame's array
+            Assert.Equal(0, f!.Length);                                                        // ... which is the chunk's now
             Assert.Equal(2u, parsed.GradientChunk.Slice);
             TensorMessages.Release(parsed);
         }

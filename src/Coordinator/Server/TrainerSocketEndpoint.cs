@@ -229,7 +229,7 @@ public sealed class TrainerSocketEndpoint(IServiceProvider services, ServerCrede
                 case SocketFrameKind.Message:
                     try
                     {
-                        Current = TensorMessages.ParseWorkerMessage(frame.Sequence);
+                        Current = TensorMessages.ParseWorkerMessage(frame);
                     }
                     catch (InvalidProtocolBufferException e)
                     {
