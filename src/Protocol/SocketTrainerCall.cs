@@ -59,19 +59,13 @@ public sealed class SocketTrainerCall : IClientStreamWriter<WorkerMessage>, IAsy
     {
         using var limit = CancellationTokenSource.CreateLinkedTokenSource(ct);
         limit.CancelAfter(handshakeTimeout);
-        Socket? socket = new(SocketType.Stream, ProtocolType.Tcp) { NoDelay = true };
+        Socket? socket = new(SocketType.Stream, ProtocolType.Tcp);
         Stream? stream = null;
         SocketTrainerCall? call = null;
         try
         {
-            // A coordinator that vanished without a FIN (node lost) is noticed within ~40 s even while idle.
-            socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.KeepAlive, true);
-            socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveTime, 20);
-            socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveInterval, 5);
-            socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveRetryCount, 4);
-            socket.SendBufferSize = 4 << 20;
-            socket.ReceiveBufferSize = 4 << 20;
             await socket.ConnectAsync(address.IdnHost, address.Port, limit.Token).ConfigureAwait(false);
+            TrainerSocket.Configure(socket, socket.RemoteEndPoint is System.Net.IPEndPoint { Address: var ip } && System.Net.IPAddress.IsLoopback(ip));
             stream = new NetworkStream(socket, ownsSocket: false);
             if (address.Scheme == Uri.UriSchemeHttps)
             {
@@ -80,6 +74,9 @@ public sealed class SocketTrainerCall : IClientStreamWriter<WorkerMessage>, IAsy
                 await tls.AuthenticateAsClientAsync(new SslClientAuthenticationOptions
                 {
                     TargetHost = address.IdnHost,
+                    // As gRPC's client: a TLS proxy that requires h2 completes the handshake, then answers the preface
+                    // with HTTP/2 (a mismatch, so the worker falls back) instead of refusing the handshake.
+                    ApplicationProtocols = [SslApplicationProtocol.Http2],
                     RemoteCertificateValidationCallback = ClientChannel.CertificateValidator(caFile),
                 }, limit.Token).ConfigureAwait(false);
             }
@@ -94,9 +91,14 @@ public sealed class SocketTrainerCall : IClientStreamWriter<WorkerMessage>, IAsy
             call = null;
             return accepted;
         }
+        catch (OperationCanceledException) when (!ct.IsCancellationRequested && call is not null)
+        {
+            // Connected and sent the preface, but nothing came back: whatever listens there does not speak the socket.
+            throw new SocketMismatchException($"{address} did not answer the worker socket's preface within {handshakeTimeout.TotalSeconds:F0} s");
+        }
         catch (OperationCanceledException) when (!ct.IsCancellationRequested)
         {
-            throw new RpcException(new Status(StatusCode.DeadlineExceeded, $"worker socket to {address}: no answer within {handshakeTimeout.TotalSeconds:F0} s"));
+            throw new RpcException(new Status(StatusCode.DeadlineExceeded, $"worker socket to {address}: no connection within {handshakeTimeout.TotalSeconds:F0} s"));
         }
         catch (Exception e) when (e is SocketException or IOException or System.Security.Authentication.AuthenticationException)
         {
@@ -198,17 +200,35 @@ public sealed class SocketTrainerCall : IClientStreamWriter<WorkerMessage>, IAsy
 
     public async Task WriteAsync(WorkerMessage message, CancellationToken cancellationToken)
     {
-        if (_state is SocketCallState.Closed or SocketCallState.HalfClosed)
-            throw new InvalidOperationException($"cannot write on a worker socket that is {_state}");
-        // The gRPC channel's send limit: what the coordinator accepts is its to say (it ends the call with ResourceExhausted).
-        await _writer.WriteMessageAsync(message, ClientChannel.MaxReceiveMessageBytes, cancellationToken).ConfigureAwait(false);
+        if (_state == SocketCallState.Closed) throw new RpcException(_status, _trailers);
+        if (_state == SocketCallState.HalfClosed) throw new InvalidOperationException("cannot write on a worker socket after CompleteAsync");
+        try
+        {
+            // The gRPC channel's send limit: what the coordinator accepts is its to say (it ends the call with ResourceExhausted).
+            await _writer.WriteMessageAsync(message, ClientChannel.MaxReceiveMessageBytes, cancellationToken).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException)
+        {
+            // As a broken gRPC call: the write fails with Unavailable, and so does every read after it.
+            if (_state != SocketCallState.Closed) End(new Status(StatusCode.Unavailable, "connection lost: " + e.Message), []);
+            _stream.Dispose();
+            throw new RpcException(_status);
+        }
     }
 
     public async Task CompleteAsync()
     {
         if (_state != SocketCallState.Streaming) return;
         _state = SocketCallState.HalfClosed;
-        await _writer.WriteFrameAsync(SocketFrameKind.HalfClose, [], CancellationToken.None).ConfigureAwait(false);
+        try
+        {
+            await _writer.WriteFrameAsync(SocketFrameKind.HalfClose, [], CancellationToken.None).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException)
+        {
+            End(new Status(StatusCode.Unavailable, "connection lost: " + e.Message), []);
+            throw new RpcException(_status);
+        }
     }
 
     public void Dispose()

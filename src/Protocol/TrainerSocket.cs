@@ -47,12 +47,42 @@ public enum SocketCallState
 /// </summary>
 public static class TrainerSocket
 {
-    /// <summary>The worker's first bytes: "DDTRAIN1".</summary>
-    public static ReadOnlySpan<byte> Preface => "DDTRAIN1"u8;
-    public const int PrefaceBytes = 8;
+    /// <summary>
+    /// The worker's first bytes, as long as HTTP/2's client preface ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 24 bytes): an
+    /// HTTP/2 server or proxy waits for that many before it answers, and then answers something that is no frame of ours.
+    /// </summary>
+    public static ReadOnlySpan<byte> Preface => "DDTRAIN1 worker-socket\r\n"u8;
+    public const int PrefaceBytes = 24;
     public const int FrameHeaderBytes = 5;
-    /// <summary>Largest Hello body (an authorization header value).</summary>
-    public const int MaxHelloBytes = 4096;
+
+    /// <summary>
+    /// Socket options for a worker socket. Loopback gets 4 MiB buffers, so a 1 MiB frame is one copy rather than waits for
+    /// the reader to drain 64-128 KiB at a time; elsewhere the kernel's own sizing stays (fixing a size would turn it
+    /// off and cap the window at net.core.rmem_max). On Linux, data unacknowledged for 40 s ends the connection: with
+    /// heartbeats in flight keep-alive probes never go out, and a vanished peer would otherwise take ~15 minutes of
+    /// retransmissions to notice (gRPC's HTTP/2 pings notice in ~40 s).
+    /// </summary>
+    public static void Configure(System.Net.Sockets.Socket socket, bool loopback)
+    {
+        socket.NoDelay = true;
+        socket.SetSocketOption(System.Net.Sockets.SocketOptionLevel.Socket, System.Net.Sockets.SocketOptionName.KeepAlive, true);
+        socket.SetSocketOption(System.Net.Sockets.SocketOptionLevel.Tcp, System.Net.Sockets.SocketOptionName.TcpKeepAliveTime, 20);
+        socket.SetSocketOption(System.Net.Sockets.SocketOptionLevel.Tcp, System.Net.Sockets.SocketOptionName.TcpKeepAliveInterval, 5);
+        socket.SetSocketOption(System.Net.Sockets.SocketOptionLevel.Tcp, System.Net.Sockets.SocketOptionName.TcpKeepAliveRetryCount, 4);
+        if (OperatingSystem.IsLinux())
+            socket.SetRawSocketOption(IpProtoTcp, TcpUserTimeout, BitConverter.GetBytes(UserTimeoutMilliseconds));
+        if (loopback)
+        {
+            socket.SendBufferSize = 4 << 20;
+            socket.ReceiveBufferSize = 4 << 20;
+        }
+    }
+
+    private const int IpProtoTcp = 6;
+    private const int TcpUserTimeout = 18;   // TCP_USER_TIMEOUT, linux/tcp.h
+    public const int UserTimeoutMilliseconds = 40_000;
+    /// <summary>Largest Hello body (an authorization header value; Kestrel allows 32 KiB for all of a call's headers).</summary>
+    public const int MaxHelloBytes = 16 << 10;
     /// <summary>Largest Status body.</summary>
     public const int MaxStatusBytes = 64 << 10;
 

@@ -39,7 +39,9 @@ internal sealed class TrainerWorker : BackgroundService
         using var channel = ClientChannel.Create(_options.Coordinator, _options.TlsCaFile);
         var client = new PooledTrainerClient(channel);
         TrainerConnect grpc = (headers, ct) => Task.FromResult(client.ConnectPooled(headers, cancellationToken: ct));
-        var transport = _options.Transport;
+        // After the socket met something else at the address (a proxy passing only HTTP/2), that one connection uses gRPC;
+        // the next one tries the socket again (a coordinator answering slowly once should not cost the fast path for good).
+        var fallback = false;
         var socket = SocketTrainerCall.Connector(_options.Coordinator, _options.TlsCaFile, _options.CallTimeout);
         var delay = TimeSpan.FromMilliseconds(250);
         var lastJoin = DateTime.UtcNow;
@@ -50,15 +52,17 @@ internal sealed class TrainerWorker : BackgroundService
                 var session = new WorkerSession(_options, _device, ModelFor, _log);
                 try
                 {
-                    _log.LogInformation("Connecting to {Coordinator} ({Transport})", _options.Coordinator, transport == TrainerTransport.Socket ? "worker socket" : "gRPC stream");
-                    var outcome = await session.RunAsync(transport == TrainerTransport.Socket ? socket : grpc, stoppingToken);
+                    var useSocket = _options.Transport == TrainerTransport.Socket && !fallback;
+                    fallback = false;
+                    _log.LogInformation("Connecting to {Coordinator} ({Transport})", _options.Coordinator, useSocket ? "worker socket" : "gRPC stream");
+                    var outcome = await session.RunAsync(useSocket ? socket : grpc, stoppingToken);
                     if (outcome == SessionOutcome.Finished)
                         return;
                 }
                 catch (SocketMismatchException e)
                 {
                     _log.LogWarning("No worker socket at {Coordinator} ({Reason}): using the gRPC stream", _options.Coordinator, e.Message);
-                    transport = TrainerTransport.Grpc;
+                    fallback = true;
                     continue;
                 }
                 catch (RpcException e) when (e.StatusCode is StatusCode.Unauthenticated or StatusCode.PermissionDenied)

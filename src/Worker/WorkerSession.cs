@@ -71,6 +71,12 @@ internal sealed class WorkerSession
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
         using var call = await connect(Token.Headers(_options.Token), cts.Token);
         var writer = Task.Run(() => WriteLoopAsync(call.RequestStream, cts.Token), CancellationToken.None);
+        // A write that failed or timed out ends the session: waiting on for messages from a peer we cannot answer would
+        // hang until the transport itself gave up (minutes, for a peer that vanished without closing).
+        _ = writer.ContinueWith(_ =>
+        {
+            try { cts.Cancel(); } catch (ObjectDisposedException) { /* the session ended first */ }
+        }, CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted, TaskScheduler.Default);
         try
         {
             State = SessionState.Joining;

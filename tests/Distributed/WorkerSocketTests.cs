@@ -62,7 +62,7 @@ public sealed class WorkerSocketTests() : TempFolderTest("dd-socket")
     [Fact]
     public async Task ABrokenFrameIsRefusedBeforeItsBodyIsRead()
     {
-        // Too large: refused on its header, nothing of the announced 64 MiB body read or allocated.
+        // Too large: refused on its header, before any of the announced 64 MiB body is read (the stream holds none).
         var big = new byte[TrainerSocket.FrameHeaderBytes];
         TrainerSocket.WriteHeader(big, SocketFrameKind.Message, 64 << 20);
         var e = await Assert.ThrowsAsync<RpcException>(async () => await new SocketFrameReader(new MemoryStream(big)).ReadAsync(1 << 20, CancellationToken.None));
@@ -153,6 +153,16 @@ public sealed class WorkerSocketTests() : TempFolderTest("dd-socket")
         Assert.Contains("no frame of ours", e.Message, StringComparison.Ordinal);
         listener.Stop();
         await answer.WaitAsync(TimeSpan.FromSeconds(10));
+
+        // A server that accepts the connection and never answers (one waiting for more of its own protocol).
+        using var silent = new TcpListener(IPAddress.Loopback, 0);
+        silent.Start();
+        var silentPort = ((IPEndPoint)silent.LocalEndpoint).Port;
+        var accepted = silent.AcceptTcpClientAsync();
+        var quiet = await Assert.ThrowsAsync<SocketMismatchException>(() =>
+            SocketTrainerCall.ConnectAsync(new Uri($"http://127.0.0.1:{silentPort}"), null, Token.Headers("t"), TimeSpan.FromSeconds(1), CancellationToken.None));
+        Assert.Contains("did not answer", quiet.Message, StringComparison.Ordinal);
+        (await accepted).Dispose();
     }
 
     [Fact(Timeout = 120_000)]
@@ -166,12 +176,13 @@ public sealed class WorkerSocketTests() : TempFolderTest("dd-socket")
         await Cluster.WaitUntil(() => worker.Process.HasExited, TimeSpan.FromSeconds(30), "the worker to exit", () => worker.Output);
         Assert.Equal(0, worker.Process.ExitCode);
         Assert.Contains("using the gRPC stream", worker.Output, StringComparison.Ordinal);
-        Assert.Equal(1, proxy.Refused);   // one attempt at the socket, then gRPC for good
+        Assert.Equal(1, proxy.Refused);   // one attempt at the socket, then gRPC (one connection: the run never broke)
     }
 
     /// <summary>
-    /// A TCP proxy in front of the coordinator that, like an HTTP/2-only one, forwards HTTP/2 and answers the worker
-    /// socket's preface with an HTTP/2 SETTINGS frame and a close.
+    /// A TCP proxy in front of the coordinator that behaves as an HTTP/2-only one: it waits for the 24 bytes of HTTP/2's
+    /// client preface, forwards the connection when they are that, and otherwise answers as an HTTP/2 server does
+    /// (its SETTINGS frame and a GOAWAY) and closes.
     /// </summary>
     [System.Diagnostics.CodeAnalysis.SuppressMessage("Usage", "CA2213", Justification = "DisposeAsync disposes the listener (the analyzer looks for Dispose only).")]
     private sealed class Http2OnlyProxy : IAsyncDisposable
@@ -181,6 +192,7 @@ public sealed class WorkerSocketTests() : TempFolderTest("dd-socket")
         private readonly CancellationTokenSource _stop = new();
         private readonly List<Task> _tasks = [];
         private int _refused;
+        private static readonly byte[] Http2Preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"u8.ToArray();
 
         private Http2OnlyProxy(IPEndPoint upstream) => _upstream = upstream;
 
@@ -215,14 +227,15 @@ public sealed class WorkerSocketTests() : TempFolderTest("dd-socket")
         {
             using var _ = client;
             var down = client.GetStream();
-            var first = new byte[TrainerSocket.PrefaceBytes];
+            var first = new byte[Http2Preface.Length];
             try
             {
                 await down.ReadExactlyAsync(first, _stop.Token);
-                if (first.AsSpan().SequenceEqual(TrainerSocket.Preface))
+                if (!first.AsSpan().SequenceEqual(Http2Preface))
                 {
                     Interlocked.Increment(ref _refused);
-                    await down.WriteAsync(new byte[] { 0, 0, 0, 0x04, 0, 0, 0, 0, 0 }, _stop.Token);
+                    // SETTINGS (empty), then GOAWAY (last stream 0, PROTOCOL_ERROR).
+                    await down.WriteAsync(new byte[] { 0, 0, 0, 0x04, 0, 0, 0, 0, 0, 0, 0, 8, 0x07, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1 }, _stop.Token);
                     return;
                 }
                 using var upstream = new TcpClient();

@@ -37,10 +37,14 @@ public sealed class TrainerSocketEndpoint(IServiceProvider services, ServerCrede
                 // Both HTTP/2 and the worker socket begin with the client's bytes: this waits for no one who is speaking.
                 read = await input.ReadAtLeastAsync(TrainerSocket.PrefaceBytes, limit.Token);
             }
-            catch (OperationCanceledException)
+            catch (OperationCanceledException) when (limit.IsCancellationRequested)
             {
-                connection.Abort(new ConnectionAbortedException($"nothing sent within {AccessMiddleware.OpenCallLimit.TotalSeconds:F0} s"));
+                connection.Abort(new ConnectionAbortedException($"fewer than {TrainerSocket.PrefaceBytes} bytes sent within {AccessMiddleware.OpenCallLimit.TotalSeconds:F0} s"));
                 return;
+            }
+            catch (Exception e) when (e is IOException or OperationCanceledException)
+            {
+                return;   // reset or aborted before saying anything: nothing to serve, nothing worth an error in the log
             }
         }
         var buffer = read.Buffer;
@@ -64,15 +68,14 @@ public sealed class TrainerSocketEndpoint(IServiceProvider services, ServerCrede
     private async Task ServeAsync(ConnectionContext connection)
     {
         var peer = connection.RemoteEndPoint?.ToString() ?? "unknown";
-        if (connection.Features.Get<IConnectionSocketFeature>()?.Socket is { } socket)
+        try
         {
-            // A worker that vanished without a FIN is noticed by the heartbeat check; keep-alive also frees the socket.
-            socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.KeepAlive, true);
-            socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveTime, 20);
-            socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveInterval, 5);
-            socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveRetryCount, 4);
-            socket.SendBufferSize = 4 << 20;
-            socket.ReceiveBufferSize = 4 << 20;
+            if (connection.Features.Get<IConnectionSocketFeature>()?.Socket is { } socket)
+                TrainerSocket.Configure(socket, connection.RemoteEndPoint is System.Net.IPEndPoint { Address: var ip } && System.Net.IPAddress.IsLoopback(ip));
+        }
+        catch (SocketException e)
+        {
+            log.LogDebug("Worker socket from {Peer}: socket options not set ({Error})", peer, e.Message);
         }
         await using var inputStream = connection.Transport.Input.AsStream(leaveOpen: true);
         await using var outputStream = connection.Transport.Output.AsStream(leaveOpen: true);
@@ -86,12 +89,21 @@ public sealed class TrainerSocketEndpoint(IServiceProvider services, ServerCrede
                 return;
             }
             await writer.WriteFrameAsync(SocketFrameKind.Accepted, [], connection.ConnectionClosed);
-            var (status, trailers) = await RunAsync(connection, reader, writer, peer);
+            var requests = new RequestStream(reader);
+            var responses = new ResponseStream(writer);
+            var (status, trailers) = await RunAsync(connection, requests, responses, peer);
+            // The handler may have given up on a write or a read (a worker that stopped reading, a Join that never came)
+            // without ending it: the pipe takes one of each at a time, so wait for them briefly, else cut the connection.
+            if (!await responses.IdleAsync(TimeSpan.FromSeconds(5)))
+            {
+                connection.Abort(new ConnectionAbortedException("the worker stopped reading"));
+                return;
+            }
             await EndAsync(writer, status, trailers);
             // A worker may still be writing what we stopped reading (a refused push): closing now would reset the
-            // connection and could destroy the status in flight. Read and drop its bytes until it closes, briefly.
-            await connection.Transport.Output.CompleteAsync();
-            await DrainAsync(inputStream);
+            // connection and could destroy the status in flight. With the output still open (completing it closes the
+            // socket), read and drop its bytes until it closes, briefly.
+            if (requests.Idle) await DrainAsync(inputStream);
         }
         catch (Exception e) when (e is IOException or OperationCanceledException or ObjectDisposedException or InvalidOperationException)
         {
@@ -150,13 +162,13 @@ public sealed class TrainerSocketEndpoint(IServiceProvider services, ServerCrede
     }
 
     /// <summary>The Trainer stream itself: <see cref="TrainerService.Connect"/> on frames; its outcome as gRPC would report it.</summary>
-    private async Task<(Status, Metadata?)> RunAsync(ConnectionContext connection, SocketFrameReader reader, SocketFrameWriter writer, string peer)
+    private async Task<(Status, Metadata?)> RunAsync(ConnectionContext connection, RequestStream requests, ResponseStream responses, string peer)
     {
         var service = ActivatorUtilities.CreateInstance<TrainerService>(services);
         var context = new SocketCallContext(Method, peer, connection.ConnectionClosed);
         try
         {
-            await service.Connect(new RequestStream(reader), new ResponseStream(writer), context);
+            await service.Connect(requests, responses, context);
             return (Status.DefaultSuccess, context.ResponseTrailers);
         }
         catch (RpcException e)
@@ -206,10 +218,21 @@ public sealed class TrainerSocketEndpoint(IServiceProvider services, ServerCrede
     private sealed class RequestStream(SocketFrameReader reader) : IAsyncStreamReader<WorkerMessage>
     {
         private bool _ended;
+        private Task _last = Task.CompletedTask;
 
         public WorkerMessage Current { get; private set; } = null!;
 
-        public async Task<bool> MoveNext(CancellationToken cancellationToken)
+        /// <summary>No read is in progress (one the handler stopped waiting for may still be).</summary>
+        public bool Idle => _last.IsCompleted;
+
+        public Task<bool> MoveNext(CancellationToken cancellationToken)
+        {
+            var next = ReadAsync(cancellationToken);
+            _last = next;
+            return next;
+        }
+
+        private async Task<bool> ReadAsync(CancellationToken cancellationToken)
         {
             if (_ended) return false;
             SocketFrame? next;
@@ -247,12 +270,36 @@ public sealed class TrainerSocketEndpoint(IServiceProvider services, ServerCrede
 
     private sealed class ResponseStream(SocketFrameWriter writer) : IServerStreamWriter<CoordinatorMessage>
     {
+        private Task _last = Task.CompletedTask;
+
         public WriteOptions? WriteOptions { get; set; }
 
         public Task WriteAsync(CoordinatorMessage message) => WriteAsync(message, CancellationToken.None);
 
-        public Task WriteAsync(CoordinatorMessage message, CancellationToken cancellationToken) =>
-            writer.WriteMessageAsync(message, ClientChannel.MaxReceiveMessageBytes, cancellationToken).AsTask();
+        public Task WriteAsync(CoordinatorMessage message, CancellationToken cancellationToken)
+        {
+            var write = writer.WriteMessageAsync(message, ClientChannel.MaxReceiveMessageBytes, cancellationToken).AsTask();
+            _last = write;
+            return write;
+        }
+
+        /// <summary>Whether the last write (one the handler may have stopped waiting for) has ended, waiting up to <paramref name="limit"/>.</summary>
+        public async Task<bool> IdleAsync(TimeSpan limit)
+        {
+            try
+            {
+                await _last.WaitAsync(limit);
+            }
+            catch (TimeoutException)
+            {
+                return false;
+            }
+            catch (Exception e) when (e is IOException or OperationCanceledException or InvalidOperationException or RpcException)
+            {
+                // it ended, badly: the pipe is free
+            }
+            return true;
+        }
     }
 
     /// <summary>What <see cref="TrainerService.Connect"/> reads of its context: the peer and the connection's end.</summary>
