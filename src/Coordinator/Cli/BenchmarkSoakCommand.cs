@@ -20,19 +20,22 @@ internal static class BenchmarkSoakCommand
         var reference = new Option<long>("--reference-step") { Description = "Step whose RSS the end is compared with", DefaultValueFactory = _ => 300 };
         var output = new Option<string?>("--out") { Description = "Run folder (default: a temporary folder, deleted afterwards)" };
         var set = new Option<string[]>("--set") { Description = "Override a recipe field, key=value (repeatable)" };
-        var cmd = new Command("benchmark-soak", "Train with `coordinator run` and watch every process's memory against the step") { recipe, workers, steps, reference, output, set, ServeCommand.SharedMemory };
+        var transport = new Option<string>("--worker-transport") { Description = "How the workers' Trainer streams travel: socket (default) or grpc", DefaultValueFactory = _ => "socket" };
+        var cmd = new Command("benchmark-soak", "Train with `coordinator run` and watch every process's memory against the step") { recipe, workers, steps, reference, output, set, ServeCommand.SharedMemory, transport };
         cmd.SetAction(p =>
         {
             var w = p.GetValue(workers);
             var n = p.GetValue(steps);
             var r = p.GetValue(reference);
             if (w < 1) throw new UsageException($"--workers {w}: expected at least 1");
+            var t = p.GetValue(transport)!;
+            if (t is not ("socket" or "grpc")) throw new UsageException($"--worker-transport {t}: expected socket or grpc");
             if (r < 1 || r >= n) throw new UsageException($"--reference-step {r}: expected 1..{n - 1} (below --steps {n})");
             if (!OperatingSystem.IsLinux()) throw new UsageException("benchmark-soak reads /proc: it runs on Linux only");
             var dir = p.GetValue(output) ?? Path.Combine(Path.GetTempPath(), "dd-soak-" + Guid.NewGuid().ToString("N"));
             try
             {
-                var result = SoakMonitor.RunAsync(p.GetValue(recipe)!, w, n, r, dir, p.GetValue(set) ?? [], CancellationToken.None, p.GetValue(ServeCommand.SharedMemory) ?? true).GetAwaiter().GetResult();
+                var result = SoakMonitor.RunAsync(p.GetValue(recipe)!, w, n, r, dir, p.GetValue(set) ?? [], CancellationToken.None, p.GetValue(ServeCommand.SharedMemory) ?? true, t).GetAwaiter().GetResult();
                 return Report(result);
             }
             finally

@@ -26,6 +26,7 @@ internal static class RunCommand
         var output = new Option<string?>("--out") { Description = "Run folder" };
         var resume = new Option<string?>("--resume") { Description = "Continue the run in this folder from its latest checkpoint" };
         var workerThreads = new Option<int>("--worker-threads") { Description = "CPU threads per worker (0: the machine's cores divided among the workers)", DefaultValueFactory = _ => 0 };
+        var workerTransport = new Option<string>("--worker-transport") { Description = "How the workers' Trainer streams travel: socket (default) or grpc", DefaultValueFactory = _ => "socket" };
         var gradientDtype = new Option<string>("--gradient-dtype") { Description = "float32 (exact) or bfloat16", DefaultValueFactory = _ => "float32" };
         var keepCheckpoints = CliSupport.KeepCheckpointsOption();
         var keepEvery = CliSupport.KeepEveryOption();
@@ -35,7 +36,7 @@ internal static class RunCommand
         var devices = new Option<string?>("--devices") { Description = "Devices for the workers, round robin: GPU indices and/or cpu, e.g. 0,1 (default: every visible GPU, else the CPU)" };
         var cmd = new Command("run", "Train with a coordinator and N worker processes on this machine")
         {
-            logEvery, logFormat, devices, workers, recipe, set, steps, seed, output, resume, workerThreads, gradientDtype, ServeCommand.SharedMemory, keepCheckpoints, keepEvery, logLevel,
+            logEvery, logFormat, devices, workers, recipe, set, steps, seed, output, resume, workerThreads, workerTransport, gradientDtype, ServeCommand.SharedMemory, keepCheckpoints, keepEvery, logLevel,
         };
         cmd.SetAction(p =>
         {
@@ -43,6 +44,8 @@ internal static class RunCommand
             if (n < 1) throw new UsageException($"--workers {n}: expected at least 1");
             var threads = p.GetValue(workerThreads);
             if (threads < 0) throw new UsageException($"--worker-threads {threads}: expected 0 (divide the cores) or a positive count");
+            var transport = p.GetValue(workerTransport)!;
+            if (transport is not ("socket" or "grpc")) throw new UsageException($"--worker-transport {transport}: expected socket or grpc");
             if (p.GetValue(resume) is null && p.GetValue(output) is null) throw new UsageException("--out DIR is required (or --resume DIR)");
             if (p.GetValue(resume) is null && p.GetValue(recipe) is null) throw new UsageException("--recipe is required (or --resume DIR)");
             var options = new CoordinatorOptions
@@ -88,7 +91,7 @@ internal static class RunCommand
                 options.Listen = "http://127.0.0.1:0";
                 server = Start();
             }
-            return RunAsync(server, credentials, n, threads > 0 ? threads : Math.Max(1, Environment.ProcessorCount / n), level, options.LogFormat, deviceList).GetAwaiter().GetResult();
+            return RunAsync(server, credentials, n, threads > 0 ? threads : Math.Max(1, Environment.ProcessorCount / n), level, options.LogFormat, deviceList, transport).GetAwaiter().GetResult();
         });
         return cmd;
     }
@@ -100,10 +103,10 @@ internal static class RunCommand
     /// runs out. Its output lines go to <paramref name="output"/> with <paramref name="prefix"/>.
     /// </summary>
     internal static Process StartWorker(Uri address, string workerToken, int threads, string logLevel, string prefix, Action<string> output, double giveUpAfterSeconds = 60,
-        string device = "cpu", string logFormat = "text")
+        string device = "cpu", string logFormat = "text", string transport = "socket")
     {
         var psi = WorkerStartInfo(["--coordinator", address.ToString(), "--threads", threads.ToString(CultureInfo.InvariantCulture), "--log-level", logLevel,
-            "--log-format", logFormat, "--device", device, "--give-up-after", giveUpAfterSeconds.ToString(CultureInfo.InvariantCulture), "--exit-with-parent", Environment.ProcessId.ToString(CultureInfo.InvariantCulture)]);
+            "--log-format", logFormat, "--device", device, "--transport", transport, "--give-up-after", giveUpAfterSeconds.ToString(CultureInfo.InvariantCulture), "--exit-with-parent", Environment.ProcessId.ToString(CultureInfo.InvariantCulture)]);
         psi.Environment.Remove(Names.TokenEnvironmentVariable);
         psi.Environment.Remove(Names.ClientTokenEnvironmentVariable);
         psi.Environment[Names.WorkerTokenEnvironmentVariable] = workerToken;
@@ -156,7 +159,7 @@ internal static class RunCommand
         return psi;
     }
 
-    private static async Task<int> RunAsync(CoordinatorServer started, ServerCredentials credentials, int workerCount, int threads, string logLevel, string logFormat, string[] devices)
+    private static async Task<int> RunAsync(CoordinatorServer started, ServerCredentials credentials, int workerCount, int threads, string logLevel, string logFormat, string[] devices, string transport)
     {
         using var cts = new CancellationTokenSource();
         using var signals = StopSignals.Register(cts);
@@ -172,7 +175,7 @@ internal static class RunCommand
             for (var i = 0; i < workerCount; i++)
                 // JSON lines stay JSON: no prefix (each worker's events carry its id once it has joined).
                 processes.Add(StartWorker(server.Address, credentials.Worker!, threads, logLevel, logFormat == "json" ? "" : $"[worker {i + 1}] ", Console.Error.WriteLine,
-                    device: devices[i % devices.Length], logFormat: logFormat));
+                    device: devices[i % devices.Length], logFormat: logFormat, transport: transport));
 
             var bar = new ProgressBar("train", (long)status.Step, (long)status.TargetStep);
             // The rate excludes the first step (joining, loading, one-time set-up), as `coordinator train`'s does.
