@@ -55,7 +55,8 @@ public class DownloaderTests
 
         public void Dispose()
         {
-            _listener.Stop();
+            // Close alone: after Stop, .NET's managed HttpListener looks the port up again while closing and binds it
+            // anew, which throws "Address already in use" when another test has taken the freed port meanwhile (seen in CI).
             _listener.Close();
             _loop.Wait(TimeSpan.FromSeconds(5));
         }
