@@ -155,8 +155,7 @@ public sealed class SocketTrainerCall : IClientStreamWriter<WorkerMessage>, IAsy
         }
         catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException && !cancellationToken.IsCancellationRequested)
         {
-            End(new Status(StatusCode.Unavailable, "connection lost: " + e.Message), []);
-            throw new RpcException(_status);
+            throw Broken(e);
         }
         using var frame = next ?? throw Lost("the coordinator closed the connection without a status");
         switch (frame.Kind)
@@ -209,10 +208,7 @@ public sealed class SocketTrainerCall : IClientStreamWriter<WorkerMessage>, IAsy
         }
         catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException)
         {
-            // As a broken gRPC call: the write fails with Unavailable, and so does every read after it.
-            if (_state != SocketCallState.Closed) End(new Status(StatusCode.Unavailable, "connection lost: " + e.Message), []);
-            _stream.Dispose();
-            throw new RpcException(_status);
+            throw Broken(e);
         }
     }
 
@@ -226,9 +222,19 @@ public sealed class SocketTrainerCall : IClientStreamWriter<WorkerMessage>, IAsy
         }
         catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException)
         {
-            End(new Status(StatusCode.Unavailable, "connection lost: " + e.Message), []);
-            throw new RpcException(_status);
+            throw Broken(e);
         }
+    }
+
+    /// <summary>
+    /// As a broken gRPC call: the failed read or write, and every one after it, ends with Unavailable (or the status the
+    /// call had already ended with); the connection is closed so the other direction fails at once too.
+    /// </summary>
+    private RpcException Broken(Exception e)
+    {
+        if (_state != SocketCallState.Closed) End(new Status(StatusCode.Unavailable, "connection lost: " + e.Message), []);
+        _stream.Dispose();
+        return new RpcException(_status, _trailers);
     }
 
     public void Dispose()
