@@ -19,6 +19,19 @@ public enum TrainerTransport
     Grpc,
 }
 
+/// <summary>The names of <see cref="TrainerTransport"/> on command lines (`worker --transport`, `run --worker-transport`).</summary>
+public static class TrainerTransports
+{
+    public static TrainerTransport Parse(string text, string flag) => text.Trim().ToLowerInvariant() switch
+    {
+        "socket" => TrainerTransport.Socket,
+        "grpc" => TrainerTransport.Grpc,
+        _ => throw new ArgumentException($"{flag} {text}: expected socket or grpc"),
+    };
+
+    public static string Name(TrainerTransport transport) => transport == TrainerTransport.Socket ? "socket" : "grpc";
+}
+
 /// <summary>The server at the address answered the worker socket's preface with something else (an HTTP/2-only proxy, another program).</summary>
 public sealed class SocketMismatchException(string message) : Exception(message);
 
@@ -65,7 +78,7 @@ public sealed class SocketTrainerCall : IClientStreamWriter<WorkerMessage>, IAsy
         try
         {
             await socket.ConnectAsync(address.IdnHost, address.Port, limit.Token).ConfigureAwait(false);
-            TrainerSocket.Configure(socket, socket.RemoteEndPoint is System.Net.IPEndPoint { Address: var ip } && System.Net.IPAddress.IsLoopback(ip));
+            TrainerSocket.Configure(socket);
             stream = new NetworkStream(socket, ownsSocket: false);
             if (address.Scheme == Uri.UriSchemeHttps)
             {
@@ -155,7 +168,7 @@ public sealed class SocketTrainerCall : IClientStreamWriter<WorkerMessage>, IAsy
         }
         catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException && !cancellationToken.IsCancellationRequested)
         {
-            throw Broken(e);
+            throw Lost("connection lost: " + e.Message);
         }
         using var frame = next ?? throw Lost("the coordinator closed the connection without a status");
         switch (frame.Kind)
@@ -179,11 +192,15 @@ public sealed class SocketTrainerCall : IClientStreamWriter<WorkerMessage>, IAsy
         }
     }
 
+    /// <summary>
+    /// As a broken gRPC call: this read or write, and every one after it, fails with this status (or the one the call had
+    /// already ended with); the connection is closed so the other direction fails at once too.
+    /// </summary>
     private RpcException Lost(string detail, StatusCode code = StatusCode.Unavailable)
     {
-        End(new Status(code, detail), []);
+        if (_state != SocketCallState.Closed) End(new Status(code, detail), []);
         Dispose();
-        return new RpcException(_status);
+        return new RpcException(_status, _trailers);
     }
 
     private void End(Status status, Metadata trailers)
@@ -208,7 +225,7 @@ public sealed class SocketTrainerCall : IClientStreamWriter<WorkerMessage>, IAsy
         }
         catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException)
         {
-            throw Broken(e);
+            throw Lost("connection lost: " + e.Message);
         }
     }
 
@@ -222,19 +239,8 @@ public sealed class SocketTrainerCall : IClientStreamWriter<WorkerMessage>, IAsy
         }
         catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException)
         {
-            throw Broken(e);
+            throw Lost("connection lost: " + e.Message);
         }
-    }
-
-    /// <summary>
-    /// As a broken gRPC call: the failed read or write, and every one after it, ends with Unavailable (or the status the
-    /// call had already ended with); the connection is closed so the other direction fails at once too.
-    /// </summary>
-    private RpcException Broken(Exception e)
-    {
-        if (_state != SocketCallState.Closed) End(new Status(StatusCode.Unavailable, "connection lost: " + e.Message), []);
-        _stream.Dispose();
-        return new RpcException(_status, _trailers);
     }
 
     public void Dispose()

@@ -62,8 +62,9 @@ public static class TrainerSocket
     /// heartbeats in flight keep-alive probes never go out, and a vanished peer would otherwise take ~15 minutes of
     /// retransmissions to notice (gRPC's HTTP/2 pings notice in ~40 s).
     /// </summary>
-    public static void Configure(System.Net.Sockets.Socket socket, bool loopback)
+    public static void Configure(System.Net.Sockets.Socket socket)
     {
+        var loopback = socket.RemoteEndPoint is System.Net.IPEndPoint { Address: var ip } && System.Net.IPAddress.IsLoopback(ip);
         socket.NoDelay = true;
         socket.SetSocketOption(System.Net.Sockets.SocketOptionLevel.Socket, System.Net.Sockets.SocketOptionName.KeepAlive, true);
         socket.SetSocketOption(System.Net.Sockets.SocketOptionLevel.Tcp, System.Net.Sockets.SocketOptionName.TcpKeepAliveTime, 20);

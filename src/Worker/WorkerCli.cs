@@ -118,12 +118,7 @@ public static class WorkerCli
             "error" => LogEventLevel.Error,
             var other => throw new ArgumentException($"--log-level {other}: expected debug, information, warning or error"),
         };
-        var transport = p.GetValue(TransportOption)!.Trim().ToLowerInvariant() switch
-        {
-            "socket" => TrainerTransport.Socket,
-            "grpc" => TrainerTransport.Grpc,
-            var other => throw new ArgumentException($"--transport {other}: expected socket or grpc"),
-        };
+        var transport = TrainerTransports.Parse(p.GetValue(TransportOption)!, "--transport");
         var format = p.GetValue(LogFormatOption)!;
         if (format.Trim().ToLowerInvariant() is not ("text" or "json")) throw new ArgumentException($"--log-format {format}: expected text or json");
         var options = new WorkerOptions

@@ -1,4 +1,5 @@
 using DistDiffusion.Coordinator.Cli;
+using DistDiffusion.Protocol;
 
 namespace DistDiffusion.Tests.Distributed;
 
@@ -15,16 +16,16 @@ public sealed class MemoryGrowthTests() : TempFolderTest("dd-soak")
     private const long BoundBytes = 40L << 20;
 
     [Theory(Timeout = 300_000)]
-    [InlineData(true, "socket")]    // tensors through /dev/shm, messages on the worker socket (what `run` uses)
-    [InlineData(false, "socket")]   // tensors on the worker socket (what remote workers use)
-    [InlineData(false, "grpc")]     // tensors on the gRPC stream (a worker's --transport grpc, and the fallback)
-    public async Task RunWithTwoWorkersKeepsEveryProcessFlat(bool sharedMemory, string transport)
+    [InlineData(true, TrainerTransport.Socket)]    // tensors through /dev/shm, messages on the worker socket (what `run` uses)
+    [InlineData(false, TrainerTransport.Socket)]   // tensors on the worker socket (what remote workers use)
+    [InlineData(false, TrainerTransport.Grpc)]     // tensors on the gRPC stream (a worker's --transport grpc, and the fallback)
+    public async Task RunWithTwoWorkersKeepsEveryProcessFlat(bool sharedMemory, TrainerTransport transport)
     {
         if (!OperatingSystem.IsLinux()) return;   // /proc
         var result = await SoakMonitor.RunAsync("swissroll", workers: 2, steps: 600, referenceStep: 150, Path.Combine(Dir, "run"), ["seed=5"], CancellationToken.None, sharedMemory, transport);
         Assert.True(result.ExitCode == 0, result.Log);
         Assert.Contains("to step 600", result.Log, StringComparison.Ordinal);
-        Assert.Contains(transport == "socket" ? "(worker socket)" : "(gRPC stream)", result.Log, StringComparison.Ordinal);
+        Assert.Contains(transport == TrainerTransport.Socket ? "(worker socket)" : "(gRPC stream)", result.Log, StringComparison.Ordinal);
         Assert.True(result.EndStep >= 450, $"the last memory sample was taken at step {result.EndStep}");
         Assert.Equal(3, result.Processes.Count);   // the coordinator and both workers were seen at the reference step
         foreach (var p in result.Processes)

@@ -1,5 +1,6 @@
 using System.CommandLine;
 using System.Globalization;
+using DistDiffusion.Protocol;
 
 namespace DistDiffusion.Coordinator.Cli;
 
@@ -28,8 +29,7 @@ internal static class BenchmarkSoakCommand
             var n = p.GetValue(steps);
             var r = p.GetValue(reference);
             if (w < 1) throw new UsageException($"--workers {w}: expected at least 1");
-            var t = p.GetValue(transport)!;
-            if (t is not ("socket" or "grpc")) throw new UsageException($"--worker-transport {t}: expected socket or grpc");
+            var t = CliSupport.UserInput(() => TrainerTransports.Parse(p.GetValue(transport)!, "--worker-transport"));
             if (r < 1 || r >= n) throw new UsageException($"--reference-step {r}: expected 1..{n - 1} (below --steps {n})");
             if (!OperatingSystem.IsLinux()) throw new UsageException("benchmark-soak reads /proc: it runs on Linux only");
             var dir = p.GetValue(output) ?? Path.Combine(Path.GetTempPath(), "dd-soak-" + Guid.NewGuid().ToString("N"));

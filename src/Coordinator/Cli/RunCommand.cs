@@ -44,8 +44,7 @@ internal static class RunCommand
             if (n < 1) throw new UsageException($"--workers {n}: expected at least 1");
             var threads = p.GetValue(workerThreads);
             if (threads < 0) throw new UsageException($"--worker-threads {threads}: expected 0 (divide the cores) or a positive count");
-            var transport = p.GetValue(workerTransport)!;
-            if (transport is not ("socket" or "grpc")) throw new UsageException($"--worker-transport {transport}: expected socket or grpc");
+            var transport = CliSupport.UserInput(() => TrainerTransports.Parse(p.GetValue(workerTransport)!, "--worker-transport"));
             if (p.GetValue(resume) is null && p.GetValue(output) is null) throw new UsageException("--out DIR is required (or --resume DIR)");
             if (p.GetValue(resume) is null && p.GetValue(recipe) is null) throw new UsageException("--recipe is required (or --resume DIR)");
             var options = new CoordinatorOptions
@@ -103,10 +102,10 @@ internal static class RunCommand
     /// runs out. Its output lines go to <paramref name="output"/> with <paramref name="prefix"/>.
     /// </summary>
     internal static Process StartWorker(Uri address, string workerToken, int threads, string logLevel, string prefix, Action<string> output, double giveUpAfterSeconds = 60,
-        string device = "cpu", string logFormat = "text", string transport = "socket")
+        string device = "cpu", string logFormat = "text", TrainerTransport transport = TrainerTransport.Socket)
     {
         var psi = WorkerStartInfo(["--coordinator", address.ToString(), "--threads", threads.ToString(CultureInfo.InvariantCulture), "--log-level", logLevel,
-            "--log-format", logFormat, "--device", device, "--transport", transport, "--give-up-after", giveUpAfterSeconds.ToString(CultureInfo.InvariantCulture), "--exit-with-parent", Environment.ProcessId.ToString(CultureInfo.InvariantCulture)]);
+            "--log-format", logFormat, "--device", device, "--transport", TrainerTransports.Name(transport), "--give-up-after", giveUpAfterSeconds.ToString(CultureInfo.InvariantCulture), "--exit-with-parent", Environment.ProcessId.ToString(CultureInfo.InvariantCulture)]);
         psi.Environment.Remove(Names.TokenEnvironmentVariable);
         psi.Environment.Remove(Names.ClientTokenEnvironmentVariable);
         psi.Environment[Names.WorkerTokenEnvironmentVariable] = workerToken;
@@ -159,7 +158,7 @@ internal static class RunCommand
         return psi;
     }
 
-    private static async Task<int> RunAsync(CoordinatorServer started, ServerCredentials credentials, int workerCount, int threads, string logLevel, string logFormat, string[] devices, string transport)
+    private static async Task<int> RunAsync(CoordinatorServer started, ServerCredentials credentials, int workerCount, int threads, string logLevel, string logFormat, string[] devices, TrainerTransport transport)
     {
         using var cts = new CancellationTokenSource();
         using var signals = StopSignals.Register(cts);

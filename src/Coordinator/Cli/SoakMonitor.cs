@@ -28,12 +28,12 @@ public sealed record SoakResult(string Recipe, int Workers, long ReferenceStep, 
 /// </summary>
 public static partial class SoakMonitor
 {
-    public static async Task<SoakResult> RunAsync(string recipe, int workers, long steps, long referenceStep, string outDir, IEnumerable<string> sets, CancellationToken ct, bool sharedMemory = true, string transport = "socket")
+    public static async Task<SoakResult> RunAsync(string recipe, int workers, long steps, long referenceStep, string outDir, IEnumerable<string> sets, CancellationToken ct, bool sharedMemory = true, TrainerTransport transport = TrainerTransport.Socket)
     {
         if (!OperatingSystem.IsLinux()) throw new PlatformNotSupportedException("the soak reads /proc: Linux only");
         if (referenceStep < 1 || referenceStep >= steps) throw new ArgumentException($"reference step {referenceStep}: expected 1..{steps - 1}");
         string[] args = ["run", "--workers", workers.ToString(CultureInfo.InvariantCulture), "--recipe", recipe, "--steps", steps.ToString(CultureInfo.InvariantCulture),
-            "--out", outDir, "--shared-memory", sharedMemory ? "true" : "false", "--worker-transport", transport, "--log-level", "information", "--set", "checkpoint-every=0", "--set", "sample-every=0", .. sets.SelectMany(s => new[] { "--set", s })];
+            "--out", outDir, "--shared-memory", sharedMemory ? "true" : "false", "--worker-transport", TrainerTransports.Name(transport), "--log-level", "information", "--set", "checkpoint-every=0", "--set", "sample-every=0", .. sets.SelectMany(s => new[] { "--set", s })];
         using var process = Process.Start(RunCommand.StartInfo("coordinator", args)) ?? throw new InvalidOperationException("could not start coordinator run");
         var log = new System.Text.StringBuilder();
         var address = new TaskCompletionSource<Uri>(TaskCreationOptions.RunContinuationsAsynchronously);

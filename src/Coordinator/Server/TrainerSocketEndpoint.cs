@@ -71,7 +71,7 @@ public sealed class TrainerSocketEndpoint(IServiceProvider services, ServerCrede
         try
         {
             if (connection.Features.Get<IConnectionSocketFeature>()?.Socket is { } socket)
-                TrainerSocket.Configure(socket, connection.RemoteEndPoint is System.Net.IPEndPoint { Address: var ip } && System.Net.IPAddress.IsLoopback(ip));
+                TrainerSocket.Configure(socket);
         }
         catch (SocketException e)
         {
