@@ -27,6 +27,9 @@ public static class Names
     public const int DefaultHealthPort = 50054;
     /// <summary>The HTTP/1.1 port of `serve --http` (GET /metrics, the dashboard); also what the manifests use.</summary>
     public const int DefaultHttpPort = 50052;
-    /// <summary>Version of the Trainer stream protocol a worker must speak.</summary>
-    public const uint ProtocolVersion = 1;
+    /// <summary>
+    /// Version of the Trainer stream protocol a worker must speak. 2: a shared-memory payload is checked by its region's
+    /// write sequence (TensorHeader.shared_sequence), not by a checksum.
+    /// </summary>
+    public const uint ProtocolVersion = 2;
 }

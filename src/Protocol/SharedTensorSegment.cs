@@ -1,17 +1,34 @@
 using System.Buffers.Binary;
 using System.IO.MemoryMappedFiles;
 using System.Security.Cryptography;
+using Grpc.Core;
 
 namespace DistDiffusion.Protocol;
+
+/// <summary>The two regions of a <see cref="SharedTensorSegment"/>.</summary>
+public enum SharedRegion
+{
+    /// <summary>Region 0: parameters, written by the coordinator.</summary>
+    Parameters = 0,
+    /// <summary>Region 1: gradients, written by the worker.</summary>
+    Gradients = 1,
+}
 
 /// <summary>
 /// The shared-memory fast path for a worker on the coordinator's machine (`coordinator run`, or any worker under the
 /// same kernel): one file in /dev/shm per connection, created by the coordinator (owner-only, space reserved up front
 /// so a full tmpfs is an error at creation, not a SIGBUS later), mapped by both processes. Layout: a 64-byte header
-/// (magic, nonce), then region 0 (parameters, coordinator -> worker) and region 1 (gradients, worker -> coordinator),
-/// <see cref="RegionBytes"/> each. Tensor headers with their checksums still travel on the gRPC stream; only the
+/// (magic, nonce, one write sequence per region), then region 0 (parameters, coordinator -> worker) and region 1
+/// (gradients, worker -> coordinator), <see cref="RegionBytes"/> each. Tensor headers still travel on the stream; only the
 /// payload bytes skip it. The worker accepts a segment only under /dev/shm, named by us, of the announced size and with
 /// the nonce the authenticated stream carried, so a coordinator cannot point it at any other file.
+/// <para>Integrity without hashing: the payload never leaves this kernel's memory, so what can go wrong is a region
+/// read while it is written, or holding another write than the header describes. Each region has a write sequence (a
+/// sequence lock): the writer makes it odd before writing and even after (<see cref="BeginWrite"/>,
+/// <see cref="EndWrite"/>), and the header carries the even value. The reader checks the value before and after its
+/// copy (<see cref="ExpectSequence"/>): equal to the header's both times means the copy is exactly that write. This
+/// replaced an XxHash64 of every payload on both sides: four passes over the parameters' size per step, each about as
+/// long as the memcpy it checked was short (0.19 ms against 0.04 ms for the swiss roll's 1.9 MB here).</para>
 /// </summary>
 public sealed unsafe class SharedTensorSegment : IDisposable
 {
@@ -54,6 +71,62 @@ public sealed unsafe class SharedTensorSegment : IDisposable
 
     /// <summary>Region 1: gradients.</summary>
     public Span<byte> Gradients => Region(1);
+
+    /// <summary>The region of <paramref name="region"/> (parameters or gradients).</summary>
+    public Span<byte> this[SharedRegion region] => Region((int)region);
+
+    // The sequences sit after the magic and the nonce: bytes 16 (parameters) and 24 (gradients) of the header.
+    private ulong* Sequence(SharedRegion region)
+    {
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        return (ulong*)(_base + 16 + 8 * (int)region);
+    }
+
+    /// <summary>The region's write sequence now (odd while a write is in progress).</summary>
+    public ulong SequenceOf(SharedRegion region) => Volatile.Read(ref *Sequence(region));
+
+    /// <summary>Marks <paramref name="region"/> as being written (its sequence becomes odd); the writer then fills it and calls <see cref="EndWrite"/>.</summary>
+    public void BeginWrite(SharedRegion region)
+    {
+        var sequence = Sequence(region);
+        Volatile.Write(ref *sequence, Volatile.Read(ref *sequence) | 1);
+        Interlocked.MemoryBarrier();   // the odd value is visible before any byte of the payload changes
+    }
+
+    /// <summary>Ends the write <see cref="BeginWrite"/> started: the sequence becomes the next even value, which is returned for the header.</summary>
+    public ulong EndWrite(SharedRegion region)
+    {
+        var sequence = Sequence(region);
+        Interlocked.MemoryBarrier();   // every byte of the payload is visible before the even value
+        var done = (Volatile.Read(ref *sequence) | 1) + 1;
+        Volatile.Write(ref *sequence, done);
+        return done;
+    }
+
+    /// <summary>Copies <paramref name="payload"/> into <paramref name="region"/> as one write; returns its sequence.</summary>
+    public ulong Write(SharedRegion region, ReadOnlySpan<byte> payload)
+    {
+        BeginWrite(region);
+        payload.CopyTo(this[region]);
+        return EndWrite(region);
+    }
+
+    /// <summary>
+    /// Checks that <paramref name="region"/> holds the write a header describes. Call it before reading the payload and
+    /// again after (with <paramref name="after"/>): equal both times, the bytes read are exactly that write.
+    /// </summary>
+    public void ExpectSequence(SharedRegion region, ulong expected, string what, bool after = false)
+    {
+        if (expected == 0 || (expected & 1) == 1)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"{what}: shared_sequence {expected}, expected the even, nonzero sequence of a finished write", "tensor.shared_sequence");
+        if (after) Interlocked.MemoryBarrier();   // the payload's reads complete before the sequence is read again
+        var actual = SequenceOf(region);
+        if (actual == expected) return;
+        var state = (actual & 1) == 1 ? $"is being written (sequence {actual})" : $"holds write {actual}";
+        throw new ProtocolException(StatusCode.InvalidArgument,
+            after ? $"{what}: the shared region was written while it was read: it now {state}, the header describes write {expected}"
+                  : $"{what}: the shared region {state}, the header describes write {expected}", "tensor.shared_sequence");
+    }
 
     private Span<byte> Region(int index)
     {

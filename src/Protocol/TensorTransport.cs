@@ -38,6 +38,21 @@ public static class TensorTransport
         ChunkCount = ChunkCount(payload.Length),
     };
 
+    /// <summary>
+    /// The header of a payload written to a shared-memory region as write <paramref name="sequence"/>: no checksum (the
+    /// reader checks the region's write sequence instead, see <see cref="SharedTensorSegment"/>) and no chunks.
+    /// </summary>
+    public static TensorHeader SharedHeader(long byteLength, DType dtype, long elements, ulong step, ulong version, ulong sequence) => new()
+    {
+        Step = step,
+        ParameterVersion = version,
+        Dtype = dtype,
+        Shape = { elements },
+        ByteLength = (ulong)byteLength,
+        SharedMemory = true,
+        SharedSequence = sequence,
+    };
+
     /// <summary>The payload cut into chunks that reference <paramref name="payload"/> (which must not change until they are sent).</summary>
     public static IEnumerable<TensorChunk> Chunks(ReadOnlyMemory<byte> payload, ulong step, ulong version)
     {
@@ -128,42 +143,42 @@ public sealed class TensorAssembler
     }
 
     /// <summary>
-    /// A payload announced as in shared memory: checks the header, then the checksum of the first byte_length bytes of
-    /// <paramref name="region"/>, and returns them. The caller copies first when the other side may still write the region.
+    /// A payload announced as in <paramref name="segment"/>'s <paramref name="region"/>: checks the header, and that the
+    /// region holds the write it describes; returns the payload in place. The caller reads it, then calls
+    /// <see cref="SharedTensorSegment.ExpectSequence"/> with after: true before it uses what it read.
     /// </summary>
-    public static ReadOnlySpan<byte> CheckShared(TensorHeader header, long expectedElements, string what, ReadOnlySpan<byte> region)
+    public static ReadOnlySpan<byte> CheckShared(TensorHeader header, long expectedElements, string what, SharedTensorSegment segment, SharedRegion region)
     {
         CheckHeader(header, expectedElements, what);
+        if (!header.SharedMemory)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"{what}: the header does not announce a shared-memory payload", "tensor.shared_memory");
         if (header.ChunkCount != 0)
             throw new ProtocolException(StatusCode.InvalidArgument, $"{what}: chunk_count {header.ChunkCount} for a shared-memory payload, expected 0", "tensor.chunk_count");
-        if ((long)header.ByteLength > region.Length)
-            throw new ProtocolException(StatusCode.InvalidArgument, $"{what}: byte_length {header.ByteLength} exceeds the {region.Length}-byte shared region", "tensor.byte_length");
-        var payload = region[..(int)header.ByteLength];
-        var sum = TensorTransport.Checksum(payload);
-        if (sum != header.Checksum)
-            throw new ProtocolException(StatusCode.InvalidArgument,
-                $"{what}: shared-memory payload checksum {sum:x16} does not match the header's {header.Checksum:x16}", "tensor.checksum");
-        return payload;
+        var bytes = segment[region];
+        if ((long)header.ByteLength > bytes.Length)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"{what}: byte_length {header.ByteLength} exceeds the {bytes.Length}-byte shared region", "tensor.byte_length");
+        segment.ExpectSequence(region, header.SharedSequence, what);
+        return bytes[..(int)header.ByteLength];
     }
 
-    /// <summary>A shared-memory payload copied out of the region first (the worker owns it), then checked and decoded to float32.</summary>
-    public static float[] CopyShared(TensorHeader header, long expectedElements, string what, ReadOnlySpan<byte> region, float[]? destination = null)
+    /// <summary>
+    /// A shared-memory payload copied out of the region (the other side owns it and may write it again), checked to be
+    /// exactly the write the header describes, and decoded to float32.
+    /// </summary>
+    public static float[] CopyShared(TensorHeader header, long expectedElements, string what, SharedTensorSegment segment, SharedRegion region, float[]? destination = null)
     {
-        CheckHeader(header, expectedElements, what);
-        if ((long)header.ByteLength > region.Length)
-            throw new ProtocolException(StatusCode.InvalidArgument, $"{what}: byte_length {header.ByteLength} exceeds the {region.Length}-byte shared region", "tensor.byte_length");
+        var payload = CheckShared(header, expectedElements, what, segment, region);
+        float[] result;
         if (header.Dtype == DType.Float32)
         {
-            var floats = destination ?? new float[expectedElements];
-            if (floats.Length != expectedElements) throw new ArgumentException($"destination of {floats.Length} floats for {expectedElements} elements");
-            var bytes = MemoryMarshal.AsBytes(floats.AsSpan());
-            region[..bytes.Length].CopyTo(bytes);
-            CheckShared(header, expectedElements, what, bytes);
-            return floats;
+            result = destination ?? new float[expectedElements];
+            if (result.Length != expectedElements) throw new ArgumentException($"destination of {result.Length} floats for {expectedElements} elements");
+            payload.CopyTo(MemoryMarshal.AsBytes(result.AsSpan()));
         }
-        var copy = region[..(int)header.ByteLength].ToArray();
-        CheckShared(header, expectedElements, what, copy);
-        return TensorTransport.ToFloat32(copy, header.Dtype);
+        else
+            result = TensorTransport.ToFloat32(payload, header.Dtype);
+        segment.ExpectSequence(region, header.SharedSequence, what, after: true);
+        return result;
     }
 
     private Span<byte> Payload => _floats is not null ? MemoryMarshal.AsBytes(_floats.AsSpan()) : _bytes;

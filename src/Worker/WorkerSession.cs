@@ -217,9 +217,12 @@ internal sealed class WorkerSession
             throw new ProtocolException(StatusCode.Internal, "parameters announced in shared memory, but this worker mapped no segment");
         if (header.Dtype != DType.Float32)
             throw new ProtocolException(StatusCode.Internal, $"parameters as {header.Dtype}, expected DTYPE_FLOAT32");
-        // The coordinator writes the region only between steps, never while we read it: no copy needed before the check.
-        var payload = TensorAssembler.CheckShared(header, model.Vector.Elements, "parameters", segment.Parameters);
+        // Read in place into the network, then checked to have been the header's write all along (the coordinator writes
+        // the region only between steps, never while we read it; if it did, these values are not used).
+        var payload = TensorAssembler.CheckShared(header, model.Vector.Elements, "parameters", segment, SharedRegion.Parameters);
+        model.ParameterVersion = null;
         model.Vector.WriteValues(MemoryMarshal.Cast<byte, float>(payload));
+        segment.ExpectSequence(SharedRegion.Parameters, header.SharedSequence, "parameters", after: true);
         model.ParameterVersion = header.ParameterVersion;
     }
 
@@ -254,17 +257,20 @@ internal sealed class WorkerSession
         if (a.GlobalBatchSize != model.Recipe.BatchSize)
             throw new ProtocolException(StatusCode.Internal, $"assignment for a global batch of {a.GlobalBatchSize}, the recipe's is {model.Recipe.BatchSize}");
         var node = new TreeNode((int)a.FirstMicroBatch, (int)a.EndMicroBatch);
+        if (shared) segment!.BeginWrite(SharedRegion.Gradients);
         var (present, loss) = model.Gradient(model.Train(_trainSize), node, a.Indices.ToArray(), a.SampleSeeds.ToArray(), values);
         byte[]? payload = dtype == DType.Bfloat16 ? TensorTransport.ToBFloat16(MemoryMarshal.Cast<byte, float>(values)) : gradient;
-        var header = TensorTransport.Header(payload ?? values, dtype == DType.Bfloat16 ? DType.Bfloat16 : DType.Float32, model.Vector.Elements, a.Step, a.ParameterVersion);
+        TensorHeader header;
         if (shared)
         {
-            header.SharedMemory = true;
-            header.ChunkCount = 0;
+            header = TensorTransport.SharedHeader(bytes, DType.Float32, model.Vector.Elements, a.Step, a.ParameterVersion, segment!.EndWrite(SharedRegion.Gradients));
             _sharedGradientInFlight = (a.Step, a.Slice);
         }
-        else if (reuse)
-            _streamGradientInFlight = (a.Step, a.Slice);
+        else
+        {
+            header = TensorTransport.Header(payload!, dtype == DType.Bfloat16 ? DType.Bfloat16 : DType.Float32, model.Vector.Elements, a.Step, a.ParameterVersion);
+            if (reuse) _streamGradientInFlight = (a.Step, a.Slice);
+        }
         var seconds = clock.Elapsed.TotalSeconds;
         Send(new WorkerMessage
         {

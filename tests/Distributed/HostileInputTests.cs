@@ -89,6 +89,49 @@ public sealed class HostileInputTests() : TempFolderTest("dd-hostile")
         Assert.Equal(before, (server.Loop.StepsDone, server.Loop.ParameterChecksum));
     }
 
+    /// <summary>
+    /// A gradient in shared memory is taken only as the write its header names: not an earlier write, not one in
+    /// progress, not a sequence no finished write has. A good one is taken.
+    /// </summary>
+    [Theory(Timeout = 60_000)]
+    [InlineData("good")]
+    [InlineData("earlier write")]
+    [InlineData("write in progress")]
+    [InlineData("no sequence")]
+    public async Task ASharedMemoryGradientIsTakenOnlyAsTheWriteItsHeaderNames(string kind)
+    {
+        if (!SharedTensorSegment.Supported || !OperatingSystem.IsLinux()) return;   // no /dev/shm: the stream is the only path
+        await using var server = await Cluster.Start(Cluster.Options(Path.Combine(Dir, "run"), steps: 5));
+        await using var w = await RawWorker.JoinSharedAsync(server.Address);
+        var a = await w.NextAssignmentAsync();
+        var before = (server.Loop.StepsDone, server.Loop.ParameterChecksum);
+        var push = w.PushShared(a, new float[w.Elements], kind switch
+        {
+            "good" => null,
+            "earlier write" => (_, segment) => segment.Write(SharedRegion.Gradients, new byte[16]),
+            "write in progress" => (_, segment) => segment.BeginWrite(SharedRegion.Gradients),
+            "no sequence" => (h, _) => h.Tensor.SharedSequence = 0,
+            _ => throw new ArgumentException(kind),
+        });
+        await w.SendAsync(push);
+        if (kind == "good")
+        {
+            Assert.True((await w.NextAckAsync()).Applied);
+            await Cluster.WaitUntil(() => server.Loop.StepsDone == 1, TimeSpan.FromSeconds(10), "step 1");
+            return;
+        }
+        var error = await w.FailureAsync();
+        Assert.Equal(StatusCode.InvalidArgument, error.StatusCode);
+        Assert.Contains(kind switch
+        {
+            "earlier write" => "the shared region holds write 4, the header describes write 2",
+            "write in progress" => "the shared region is being written (sequence 3), the header describes write 2",
+            _ => "shared_sequence 0, expected the even, nonzero sequence of a finished write",
+        }, error.Status.Detail, StringComparison.Ordinal);
+        await Cluster.WaitUntil(() => server.Loop.Status().Workers.All(x => x.State == WorkerState.Dropped), TimeSpan.FromSeconds(10), "the worker to be dropped");
+        Assert.Equal(before, (server.Loop.StepsDone, server.Loop.ParameterChecksum));
+    }
+
     [Fact(Timeout = 60_000)]
     public async Task DuplicateAndStalePushesAreAcknowledgedAndIgnored()
     {

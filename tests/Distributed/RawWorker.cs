@@ -71,6 +71,50 @@ internal sealed class RawWorker : IAsyncDisposable
         return w;
     }
 
+    /// <summary>The shared-memory segment this worker mapped (<see cref="JoinSharedAsync"/>), else null.</summary>
+    public SharedTensorSegment? Segment { get; private set; }
+
+    /// <summary>Joins asking for shared memory, as a worker under the coordinator's kernel does, and maps the offered segment.</summary>
+    public static async Task<RawWorker> JoinSharedAsync(Uri address, TrainerTransport transport = TrainerTransport.Socket)
+    {
+        var w = await OpenAsync(address, Cluster.Token, transport);
+        await w.SendAsync(new WorkerMessage
+        {
+            Join = new Join { Host = "raw", Device = "cpu", Threads = 1, ProtocolVersion = Names.ProtocolVersion, SharedMemory = true, BootId = SharedTensorSegment.BootId },
+        });
+        var first = await w.ReadAsync();
+        Assert.Equal(CoordinatorMessage.KindOneofCase.Welcome, first.KindCase);
+        w.Welcome = first.Welcome;
+        var offer = first.Welcome.SharedMemory ?? throw new InvalidOperationException("the coordinator offered no shared memory");
+        w.Segment = SharedTensorSegment.TryOpen(offer.Path, offer.Nonce, (long)offer.RegionBytes, out var reason) ?? throw new InvalidOperationException(reason);
+        await w.SendAsync(new WorkerMessage { SharedMemoryReply = new SharedMemoryReply { Accepted = true } });
+        return w;
+    }
+
+    /// <summary>
+    /// A gradient push for <paramref name="a"/> through the shared region: <paramref name="values"/> written as one write
+    /// of the region, and its header; <paramref name="tamper"/> may change the header, or the region after the write.
+    /// </summary>
+    public WorkerMessage PushShared(StepAssignment a, float[] values, Action<GradientHeader, SharedTensorSegment>? tamper = null)
+    {
+        var segment = Segment ?? throw new InvalidOperationException("this worker has no shared-memory segment");
+        var bytes = System.Runtime.InteropServices.MemoryMarshal.AsBytes(values.AsSpan());
+        var sequence = segment.Write(SharedRegion.Gradients, bytes);
+        var header = new GradientHeader
+        {
+            WorkerId = Welcome.WorkerId,
+            Step = a.Step,
+            ParameterVersion = a.ParameterVersion,
+            Slice = a.Slice,
+            Tensor = TensorTransport.SharedHeader(bytes.Length, DType.Float32, values.Length, a.Step, a.ParameterVersion, sequence),
+            Present = Google.Protobuf.ByteString.CopyFrom(Enumerable.Repeat((byte)0xFF, (Welcome.Parameters.Count + 7) / 8).ToArray()),
+            Loss = 0.5,
+            SampleCount = (uint)a.Indices.Count,
+        };
+        tamper?.Invoke(header, segment);
+        return new WorkerMessage { Gradient = header };
+    }
+
     public async Task SendAsync(WorkerMessage m)
     {
         await _writing.WaitAsync(TimeSpan.FromSeconds(30));
@@ -213,5 +257,6 @@ internal sealed class RawWorker : IAsyncDisposable
         _call.Dispose();
         _channel?.Dispose();
         _writing.Dispose();
+        Segment?.Dispose();
     }
 }

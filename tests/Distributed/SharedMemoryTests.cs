@@ -4,7 +4,7 @@ using Grpc.Core;
 
 namespace DistDiffusion.Tests.Distributed;
 
-/// <summary>The shared-memory segment: what a worker accepts, and what the coordinator checks on its own copy.</summary>
+/// <summary>The shared-memory segment: what a worker accepts, and how a reader knows it copied exactly the announced write.</summary>
 public sealed class SharedMemoryTests
 {
     private const long Region = 4096;
@@ -35,23 +35,53 @@ public sealed class SharedMemoryTests
     }
 
     [Fact]
-    public void TheCoordinatorChecksAGradientOnItsOwnCopy()
+    public void AReaderTakesExactlyTheWriteItsHeaderDescribes()
     {
-        var region = new byte[Region];
+        if (!SharedTensorSegment.Supported || !OperatingSystem.IsLinux()) return;   // no /dev/shm: the stream is the only path
+        using var coordinator = SharedTensorSegment.TryCreate(Region, out var reason) ?? throw new InvalidOperationException(reason);
+        using var worker = SharedTensorSegment.TryOpen(coordinator.Path, coordinator.Nonce, Region, out reason) ?? throw new InvalidOperationException(reason);
         var values = Enumerable.Range(0, 16).Select(i => i * 0.5f).ToArray();
-        System.Runtime.InteropServices.MemoryMarshal.AsBytes(values.AsSpan()).CopyTo(region);
-        var header = TensorTransport.Header(region.AsSpan(0, 64), DType.Float32, 16, 3, 3);
-        header.SharedMemory = true;
-        header.ChunkCount = 0;
-        Assert.Equal(values, TensorAssembler.CopyShared(header, 16, "gradient", region));
+        var bytes = System.Runtime.InteropServices.MemoryMarshal.AsBytes(values.AsSpan()).ToArray();
+        var sequence = worker.Write(SharedRegion.Gradients, bytes);
+        Assert.True(sequence > 0 && sequence % 2 == 0);
+        Assert.Equal(sequence, coordinator.SequenceOf(SharedRegion.Gradients));
+        Assert.Equal(0UL, coordinator.SequenceOf(SharedRegion.Parameters));   // the regions count their own writes
+        var header = TensorTransport.SharedHeader(bytes.Length, DType.Float32, 16, 3, 3, sequence);
+        Assert.Equal(values, TensorAssembler.CopyShared(header, 16, "gradient", coordinator, SharedRegion.Gradients));
 
-        region[8] ^= 1;   // the worker changed the bytes after announcing them
-        var e = Assert.Throws<ProtocolException>(() => TensorAssembler.CopyShared(header, 16, "gradient", region));
+        // The worker wrote again after announcing the first write: the header no longer describes the region.
+        var next = worker.Write(SharedRegion.Gradients, bytes);
+        Assert.Equal(sequence + 2, next);
+        var e = Assert.Throws<ProtocolException>(() => TensorAssembler.CopyShared(header, 16, "gradient", coordinator, SharedRegion.Gradients));
         Assert.Equal(StatusCode.InvalidArgument, e.Code);
-        Assert.Contains("checksum", e.Message, StringComparison.Ordinal);
+        Assert.Equal("tensor.shared_sequence", e.Field);
+        Assert.Contains($"holds write {next}, the header describes write {sequence}", e.Message, StringComparison.Ordinal);
 
+        // A write in progress is never read.
+        header.SharedSequence = next;
+        worker.BeginWrite(SharedRegion.Gradients);
+        e = Assert.Throws<ProtocolException>(() => TensorAssembler.CopyShared(header, 16, "gradient", coordinator, SharedRegion.Gradients));
+        Assert.Contains("is being written", e.Message, StringComparison.Ordinal);
+        header.SharedSequence = worker.EndWrite(SharedRegion.Gradients);
+
+        // A write that starts while the reader copies is caught by the check after the copy.
+        _ = TensorAssembler.CheckShared(header, 16, "gradient", coordinator, SharedRegion.Gradients);
+        worker.BeginWrite(SharedRegion.Gradients);
+        e = Assert.Throws<ProtocolException>(() => coordinator.ExpectSequence(SharedRegion.Gradients, header.SharedSequence, "gradient", after: true));
+        Assert.Contains("was written while it was read", e.Message, StringComparison.Ordinal);
+        worker.EndWrite(SharedRegion.Gradients);
+
+        // Sequences that no finished write has.
+        foreach (var bad in new ulong[] { 0, 7 })
+        {
+            header.SharedSequence = bad;
+            e = Assert.Throws<ProtocolException>(() => TensorAssembler.CopyShared(header, 16, "gradient", coordinator, SharedRegion.Gradients));
+            Assert.Contains($"shared_sequence {bad}, expected the even, nonzero sequence", e.Message, StringComparison.Ordinal);
+        }
+
+        header.SharedSequence = coordinator.SequenceOf(SharedRegion.Gradients);
         header.ByteLength = Region * 2;
-        e = Assert.Throws<ProtocolException>(() => TensorAssembler.CopyShared(header, 16, "gradient", region));
+        e = Assert.Throws<ProtocolException>(() => TensorAssembler.CopyShared(header, 16, "gradient", coordinator, SharedRegion.Gradients));
         Assert.Equal("tensor.byte_length", e.Field);
         // A header that says "shared memory" on a connection without a segment goes nowhere near the stream path.
         header.ByteLength = 64;

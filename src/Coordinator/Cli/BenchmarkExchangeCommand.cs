@@ -85,6 +85,7 @@ internal static class BenchmarkExchangeCommand
         });
         Welcome? welcome = null;
         SharedTensorSegment? segment = null;
+        float[]? received = null;
         TensorAssembler? parameters = null;
         long elements = 0, bytes = 0;
         var clock = new Stopwatch();
@@ -110,7 +111,8 @@ internal static class BenchmarkExchangeCommand
                         }
                         break;
                     case CoordinatorMessage.KindOneofCase.Parameters when m.Parameters.SharedMemory:
-                        TensorAssembler.CheckShared(m.Parameters, elements, "parameters", segment!.Parameters);   // checksum, as a worker does
+                        // Copied out and checked against the region's write sequence, as a worker does.
+                        TensorAssembler.CopyShared(m.Parameters, elements, "parameters", segment!, SharedRegion.Parameters, received ??= new float[elements]);
                         if (clock.IsRunning) bytes += (long)m.Parameters.ByteLength;
                         break;
                     case CoordinatorMessage.KindOneofCase.Parameters:
@@ -132,13 +134,10 @@ internal static class BenchmarkExchangeCommand
                             clock.Start();
                             busyAtStart = server.Loop.BusySeconds;
                         }
-                        var header = TensorTransport.Header(zeros, DType.Float32, elements, a.Step, a.ParameterVersion);
-                        if (segment is not null)
-                        {
-                            zeros.CopyTo(segment.Gradients);   // what a worker writes: one gradient's bytes
-                            header.SharedMemory = true;
-                            header.ChunkCount = 0;
-                        }
+                        var header = segment is not null
+                            // What a worker writes: one gradient's bytes, as one write of the region.
+                            ? TensorTransport.SharedHeader(zeros.Length, DType.Float32, elements, a.Step, a.ParameterVersion, segment.Write(SharedRegion.Gradients, zeros))
+                            : TensorTransport.Header(zeros, DType.Float32, elements, a.Step, a.ParameterVersion);
                         await call.RequestStream.WriteAsync(new WorkerMessage
                         {
                             Gradient = new GradientHeader

@@ -7,7 +7,7 @@ namespace DistDiffusion.Coordinator.Server;
 /// <summary>
 /// The coordinator's parameters as workers receive them: the current version's bytes and header (with its checksum),
 /// sent to a worker through its shared-memory region or as header + chunks on its stream, and the weights snapshots
-/// that sampling requests pin. Owned by the training loop (one thread).
+/// that sampling requests pin. Owned by the training loop (one thread); other threads may read <see cref="Header"/>.
 /// <para>Two byte buffers alternate by version: a worker may still be reading version v (its chunks queued, or its
 /// region filled from them) while v + 1 is published. Both are reused for the whole run.</para>
 /// </summary>
@@ -17,7 +17,10 @@ internal sealed class ParameterBroadcast
     private readonly ParameterVector? _ema;
     private readonly byte[][] _buffers;
     private readonly Dictionary<bool, WeightsSnapshot> _snapshots = [];
+    private readonly Lock _gate = new();
     private byte[] _bytes = [];
+    private ulong _step;
+    private TensorHeader? _header;
 
     public ParameterBroadcast(ParameterVector vector, ParameterVector? ema)
     {
@@ -29,40 +32,48 @@ internal sealed class ParameterBroadcast
     /// <summary>The version workers are sent (the number of updates applied).</summary>
     public ulong Version { get; private set; }
 
-    /// <summary>The current version's header (its checksum identifies the parameters).</summary>
-    public TensorHeader Header { get; private set; } = new();
+    /// <summary>
+    /// The current version's header for the stream, with the checksum that identifies the parameters. Hashed on first
+    /// use per version: workers on shared memory never need it, and a step should not wait for a hash nobody reads.
+    /// Safe from other threads (tests read it while the loop runs).
+    /// </summary>
+    public TensorHeader Header
+    {
+        get
+        {
+            lock (_gate) return _header ??= TensorTransport.Header(_bytes, DType.Float32, _vector.Elements, _step, Version);
+        }
+    }
 
     /// <summary>Reads the network's parameters as <paramref name="version"/> (after an update, or at start-up).</summary>
     public void Publish(ulong version, ulong step)
     {
-        Version = version;
-        _bytes = _buffers[(int)(version % 2)];
-        _vector.ReadValues(_bytes);
-        Header = TensorTransport.Header(_bytes, DType.Float32, _vector.Elements, step, version);
+        var bytes = _buffers[(int)(version % 2)];
+        _vector.ReadValues(bytes);
+        lock (_gate) (Version, _step, _bytes, _header) = (version, step, bytes, null);
     }
 
     /// <summary>
-    /// The current parameters to one worker: into its shared-memory region (one memcpy; the header with the checksum on
-    /// the stream) or as header + chunks on the stream. The region is written only when the worker has read the last
-    /// parameters written there, which <paramref name="regionRead"/> says: a worker reads its region when it takes the
-    /// header from its stream, in order, so one still busy with an assignment of an earlier step (a verification copy, a
-    /// slice a backup took over) may not have taken that step's header yet; overwriting the region under it would make
-    /// that header's checksum fail and drop the worker. Such a worker gets these parameters on the stream instead.
+    /// The current parameters to one worker: into its shared-memory region (one memcpy, as one write of the region's
+    /// sequence lock; the header with that sequence on the stream) or as header + chunks on the stream. The region is
+    /// written only when the worker has read the last parameters written there, which <paramref name="regionRead"/>
+    /// says: a worker reads its region when it takes the header from its stream, in order, so one still busy with an
+    /// assignment of an earlier step (a verification copy, a slice a backup took over) may not have taken that step's
+    /// header yet; overwriting the region under it would make that header's sequence check fail and drop the worker.
+    /// Such a worker gets these parameters on the stream instead.
     /// </summary>
     public void SendTo(WorkerConnection worker, bool regionRead)
     {
         if (worker.SharedMemory is { } segment && regionRead)
         {
-            _bytes.CopyTo(segment.Parameters);
-            var header = Header.Clone();
-            header.SharedMemory = true;
-            header.ChunkCount = 0;
-            worker.Send(new CoordinatorMessage { Parameters = header });
+            var sequence = segment.Write(SharedRegion.Parameters, _bytes);
+            worker.Send(new CoordinatorMessage { Parameters = TensorTransport.SharedHeader(_bytes.Length, DType.Float32, _vector.Elements, _step, Version, sequence) });
         }
         else
         {
-            worker.Send(new CoordinatorMessage { Parameters = Header });
-            foreach (var chunk in TensorTransport.Chunks(_bytes, Header.Step, Version))
+            var header = Header;
+            worker.Send(new CoordinatorMessage { Parameters = header });
+            foreach (var chunk in TensorTransport.Chunks(_bytes, header.Step, Version))
                 worker.Send(new CoordinatorMessage { ParametersChunk = chunk });
         }
         worker.ParameterVersion = Version;

@@ -103,7 +103,7 @@ internal sealed class StepDriver
                     Answered(gr.Worker, gr.Step, gr.Slice);
                     if (round.Validate(gr) is not SliceRejection.None and var why)
                     {
-                        if (why == SliceRejection.Duplicate) Compare(gr.Worker, gr.Step, gr.Slice, gr.Checksum);
+                        if (why == SliceRejection.Duplicate) Compare(gr.Worker, gr.Step, gr.Slice, ChecksumOf(gr));
                         Ack(gr, applied: false, why == SliceRejection.Duplicate ? "duplicate" : "stale");
                         _loop.GradientBuffers.Return(gr.Values);
                         break;
@@ -111,7 +111,8 @@ internal sealed class StepDriver
                     if (!Judge(gr)) break;
                     round.Accept(gr);
                     SlowestCompute = Math.Max(SlowestCompute, gr.ComputeSeconds);
-                    _loop.Results.Record(gr.Step, gr.Slice, gr.Checksum, gr.Worker.Id);
+                    // A slice with a second holder (a verification copy, a backup) will be compared: keep its checksum.
+                    _loop.Results.Record(gr.Step, gr.Slice, round.HadBackup((int)gr.Slice) ? ChecksumOf(gr) : gr.Checksum, gr.Worker.Id);
                     gr.Worker.CompletedSlice(gr.Step, gr.ComputeSeconds);
                     if (!round.HadBackup((int)gr.Slice)) gr.Worker.Straggles = 0;   // on time: no more sitting out
                     if (round.Unfinished(gr.Worker).Count == 0) gr.Worker.State = WorkerState.Idle;
@@ -267,9 +268,9 @@ internal sealed class StepDriver
 
     // The bits of two computations of one slice must agree; a worker whose bits differ is counted (and dropped after
     // --max-disagreements): a silent-data-corruption signal.
-    private void Compare(WorkerConnection w, ulong step, uint slice, ulong checksum)
+    private void Compare(WorkerConnection w, ulong step, uint slice, ulong? checksum)
     {
-        if (_loop.Results.Lookup(step, slice) is not { } first) return;
+        if (_loop.Results.Lookup(step, slice) is not { Checksum: not null } first || checksum is null) return;
         _loop.Counters.ResultCompared();
         if (first.Checksum == checksum) return;
         var count = w.Disagree();
@@ -278,6 +279,10 @@ internal sealed class StepDriver
         if (count >= _loop.Options.MaxDisagreements && _loop.Workers.Live.Contains(w))
             Drop(w, StatusCode.DataLoss, $"computed {count} slices with other bits than other workers (last: step {step} slice {slice})");
     }
+
+    /// <summary>The checksum of a push's bytes: the header's, or for one that came through shared memory the hash of the loop's copy.</summary>
+    private static ulong ChecksumOf(SliceGradient g) =>
+        g.Checksum ?? TensorTransport.Checksum(System.Runtime.InteropServices.MemoryMarshal.AsBytes(g.Values.AsSpan()));
 
     private void Reassign(WorkerConnection gone)
     {

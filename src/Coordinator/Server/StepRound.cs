@@ -276,14 +276,15 @@ internal sealed class StepRound
 internal sealed class RecentResults
 {
     public const int Steps = 8;
-    private readonly Dictionary<(ulong Step, uint Slice), (ulong Checksum, string Worker)> _taken = [];
+    private readonly Dictionary<(ulong Step, uint Slice), (ulong? Checksum, string Worker)> _taken = [];
 
-    public void Record(ulong step, uint slice, ulong checksum, string worker)
+    /// <summary>Records the slice taken from <paramref name="worker"/>; <paramref name="checksum"/> is null when no comparison was expected (a shared-memory push without copies).</summary>
+    public void Record(ulong step, uint slice, ulong? checksum, string worker)
     {
         _taken[(step, slice)] = (checksum, worker);
         if (step >= Steps)
             foreach (var old in _taken.Keys.Where(k => k.Step <= step - Steps).ToList()) _taken.Remove(old);
     }
 
-    public (ulong Checksum, string Worker)? Lookup(ulong step, uint slice) => _taken.TryGetValue((step, slice), out var r) ? r : null;
+    public (ulong? Checksum, string Worker)? Lookup(ulong step, uint slice) => _taken.TryGetValue((step, slice), out var r) ? r : null;
 }

@@ -268,8 +268,8 @@ public sealed class TrainerService : Trainer.TrainerBase
         {
             if (worker.SharedMemory is not { } segment)
                 throw new ProtocolException(StatusCode.FailedPrecondition, $"{what}: announced in shared memory, but this worker has no segment", "tensor.shared_memory");
-            // Copied out before anything is checked: the worker may write its region again at any time.
-            Deliver(worker, h, TensorAssembler.CopyShared(h.Tensor, _loop.ParameterElements, what, segment.Gradients, _loop.GradientBuffers.Rent()));
+            // Copied out, and checked to be the write the header describes: the worker may write its region again at any time.
+            Deliver(worker, h, TensorAssembler.CopyShared(h.Tensor, _loop.ParameterElements, what, segment, SharedRegion.Gradients, _loop.GradientBuffers.Rent()));
             return;
         }
         worker.Incoming = (h, new TensorAssembler(h.Tensor, _loop.ParameterElements, what, _loop.GradientBuffers.Rent()));
@@ -282,15 +282,30 @@ public sealed class TrainerService : Trainer.TrainerBase
     /// </summary>
     private void Deliver(WorkerConnection worker, GradientHeader h, float[] values) =>
         _loop.Post(new GradientArrived(new SliceGradient(worker, h.Step, h.Slice, values, h.Present.ToByteArray(), h.Loss, h.ComputeSeconds,
-            VectorMath.SumOfSquares(values), h.Tensor.Checksum)));
+            VectorMath.SumOfSquares(values), h.Tensor.SharedMemory ? null : h.Tensor.Checksum)));
 
     private void Ignore(WorkerConnection worker, GradientHeader h, string note)
     {
         _log.LogDebug("Ignoring push from {Worker}: {Note}", worker.Id, note);
         // The loop compares its checksum with the result it took (same slice, same bits, or a worker computes wrong).
-        _loop.Post(new DuplicateSeen(worker, h.Step, h.Slice, h.Tensor?.Checksum));
+        _loop.Post(new DuplicateSeen(worker, h.Step, h.Slice, ChecksumOf(worker, h)));
         worker.Ignoring = (h.Step, h.Slice);
         worker.Send(new CoordinatorMessage { Ack = new Ack { Step = h.Step, Slice = h.Slice, Applied = false, Note = note } });
+    }
+
+    /// <summary>
+    /// The checksum of an ignored push, to compare with the result that was taken: the header's, or for a payload in
+    /// shared memory (whose header has none) the hash of a copy, checked like any shared payload. Null without a tensor.
+    /// </summary>
+    private ulong? ChecksumOf(WorkerConnection worker, GradientHeader h)
+    {
+        if (h.Tensor is not { SharedMemory: true } tensor) return h.Tensor?.Checksum;
+        if (worker.SharedMemory is not { } segment)
+            throw new ProtocolException(StatusCode.FailedPrecondition, $"gradient of step {h.Step} slice {h.Slice}: announced in shared memory, but this worker has no segment", "tensor.shared_memory");
+        var copy = TensorAssembler.CopyShared(tensor, _loop.ParameterElements, $"gradient of step {h.Step} slice {h.Slice}", segment, SharedRegion.Gradients, _loop.GradientBuffers.Rent());
+        var sum = TensorTransport.Checksum(System.Runtime.InteropServices.MemoryMarshal.AsBytes(copy.AsSpan()));
+        _loop.GradientBuffers.Return(copy);
+        return sum;
     }
 
     private void AddChunk(WorkerConnection worker, GradientChunk c)

@@ -14,9 +14,11 @@ namespace DistDiffusion.Coordinator.Server;
 
 /// <summary>
 /// A finished slice gradient, decoded and checksum-verified by the stream handler, with its sum of squares in double
-/// (non-finite when an element is) for the loop's <see cref="SliceGuard"/>, and the checksum of its bytes as sent.
+/// (non-finite when an element is) for the loop's <see cref="SliceGuard"/>, and the checksum of its bytes as sent (null
+/// when they came through shared memory, which is checked by its write sequence: the loop hashes its copy when a
+/// comparison needs one).
 /// </summary>
-internal sealed record SliceGradient(WorkerConnection Worker, ulong Step, uint Slice, float[] Values, byte[] Present, double Loss, double ComputeSeconds, double SumOfSquares, ulong Checksum);
+internal sealed record SliceGradient(WorkerConnection Worker, ulong Step, uint Slice, float[] Values, byte[] Present, double Loss, double ComputeSeconds, double SumOfSquares, ulong? Checksum);
 
 /// <summary>What the stream handlers tell the loop.</summary>
 internal abstract record LoopEvent;
