@@ -217,8 +217,10 @@ internal sealed class WorkerSession
             throw new ProtocolException(StatusCode.Internal, "parameters announced in shared memory, but this worker mapped no segment");
         if (header.Dtype != DType.Float32)
             throw new ProtocolException(StatusCode.Internal, $"parameters as {header.Dtype}, expected DTYPE_FLOAT32");
-        // Read in place into the network, then checked to have been the header's write all along (the coordinator writes
-        // the region only between steps, never while we read it; if it did, these values are not used).
+        // Read in place into the network, then checked to have been the header's write all along. The coordinator writes
+        // the region again only once we have read its last write (we read in stream order); if it ever wrote during our
+        // read, the check throws, the session ends with ParameterVersion null (no assignment runs on these values) and
+        // the worker reconnects, receiving the parameters anew.
         var payload = TensorAssembler.CheckShared(header, model.Vector.Elements, "parameters", segment, SharedRegion.Parameters);
         model.ParameterVersion = null;
         model.Vector.WriteValues(MemoryMarshal.Cast<byte, float>(payload));

@@ -24,7 +24,7 @@ public sealed class ParameterBroadcastTests
         var vector = new ParameterVector([("w", weights)]);
         var broadcast = new ParameterBroadcast(vector, ema: null);
         using var segment = SharedTensorSegment.TryCreate(vector.Elements * 4, out var reason) ?? throw new InvalidOperationException(reason);
-        var worker = new WorkerConnection(new Join { Host = "h", Device = "cpu", Threads = 1, ProtocolVersion = 1 }, "test") { SharedMemory = segment };
+        var worker = new WorkerConnection(new Join { Host = "h", Device = "cpu", Threads = 1, ProtocolVersion = Names.ProtocolVersion }, "test") { SharedMemory = segment };
 
         // Version 1 through the region: header with SharedMemory set, no chunks, the bytes in the region.
         broadcast.Publish(1, 1);

@@ -1,5 +1,6 @@
 using DistDiffusion.Coordinator.Server;
 using DistDiffusion.Model.Training;
+using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
 
 namespace DistDiffusion.Tests.Distributed;
@@ -14,7 +15,7 @@ public sealed class StepRoundTests
         public void Advance(TimeSpan by) => _now += by;
     }
 
-    private static WorkerConnection Worker(string host) => new(new Join { Host = host, Device = "cpu", Threads = 1, ProtocolVersion = 1 }, "test");
+    private static WorkerConnection Worker(string host) => new(new Join { Host = host, Device = "cpu", Threads = 1, ProtocolVersion = Names.ProtocolVersion }, "test");
 
     private static SliceGradient Gradient(WorkerConnection w, ulong step, uint slice, params float[] values) =>
         new(w, step, slice, values, [(byte)1], values.Sum(), 0.01, values.Sum(v => (double)v * v), 0);

@@ -69,7 +69,7 @@ internal static class BenchmarkExchangeCommand
 
     /// <summary>
     /// A worker that returns a zero gradient at once, through the stream or its shared-memory segment, verifying each
-    /// parameter set's checksum as a worker does; bytes moved and time from the end of step 1 (warm-up) to the last step.
+    /// parameter set as a worker does (its checksum on the stream, its write sequence in shared memory); bytes moved and time from the end of step 1 (warm-up) to the last step.
     /// </summary>
     private static async Task<(long Bytes, double Seconds, double Busy)> ExchangeAsync(CoordinatorServer started, string token, int steps, bool shared, TrainerTransport messages)
     {

@@ -79,7 +79,7 @@ public sealed class CoordinatorOptions
     public int Threads { get; set; }
     /// <summary>
     /// Offer workers under the same kernel a /dev/shm segment, so tensors move as one memcpy each way instead of through
-    /// the stream (headers and checksums still go on the stream). Remote workers always use the stream.
+    /// the stream (headers, with the regions' write sequences, still go on the stream). Remote workers always use the stream.
     /// </summary>
     public bool SharedMemory { get; set; } = true;
     /// <summary>

@@ -103,7 +103,8 @@ internal sealed class StepDriver
                     Answered(gr.Worker, gr.Step, gr.Slice);
                     if (round.Validate(gr) is not SliceRejection.None and var why)
                     {
-                        if (why == SliceRejection.Duplicate) Compare(gr.Worker, gr.Step, gr.Slice, ChecksumOf(gr));
+                        if (why == SliceRejection.Duplicate && _loop.Results.Lookup(gr.Step, gr.Slice) is { Checksum: not null })
+                            Compare(gr.Worker, gr.Step, gr.Slice, ChecksumOf(gr));
                         Ack(gr, applied: false, why == SliceRejection.Duplicate ? "duplicate" : "stale");
                         _loop.GradientBuffers.Return(gr.Values);
                         break;

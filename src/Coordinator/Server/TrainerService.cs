@@ -269,14 +269,25 @@ public sealed class TrainerService : Trainer.TrainerBase
             if (worker.SharedMemory is not { } segment)
                 throw new ProtocolException(StatusCode.FailedPrecondition, $"{what}: announced in shared memory, but this worker has no segment", "tensor.shared_memory");
             // Copied out, and checked to be the write the header describes: the worker may write its region again at any time.
-            Deliver(worker, h, TensorAssembler.CopyShared(h.Tensor, _loop.ParameterElements, what, segment, SharedRegion.Gradients, _loop.GradientBuffers.Rent()));
+            var buffer = _loop.GradientBuffers.Rent();
+            float[] values;
+            try
+            {
+                values = TensorAssembler.CopyShared(h.Tensor, _loop.ParameterElements, what, segment, SharedRegion.Gradients, buffer);
+            }
+            catch
+            {
+                _loop.GradientBuffers.Return(buffer);   // refused: the buffer goes back to the pool, not to the collector
+                throw;
+            }
+            Deliver(worker, h, values);
             return;
         }
         worker.Incoming = (h, new TensorAssembler(h.Tensor, _loop.ParameterElements, what, _loop.GradientBuffers.Rent()));
     }
 
     /// <summary>
-    /// A complete, checksum-verified gradient, handed to the loop with its sum of squares: the loop's
+    /// A complete, verified gradient (its checksum on the stream, its write sequence in shared memory), handed to the loop with its sum of squares: the loop's
     /// <see cref="SliceGuard"/> judges its values (non-finite, out of bound) against the run's history, and decides
     /// between a broken worker (dropped, slice recomputed elsewhere) and a diverged run (two workers agree).
     /// </summary>
@@ -302,10 +313,16 @@ public sealed class TrainerService : Trainer.TrainerBase
         if (h.Tensor is not { SharedMemory: true } tensor) return h.Tensor?.Checksum;
         if (worker.SharedMemory is not { } segment)
             throw new ProtocolException(StatusCode.FailedPrecondition, $"gradient of step {h.Step} slice {h.Slice}: announced in shared memory, but this worker has no segment", "tensor.shared_memory");
-        var copy = TensorAssembler.CopyShared(tensor, _loop.ParameterElements, $"gradient of step {h.Step} slice {h.Slice}", segment, SharedRegion.Gradients, _loop.GradientBuffers.Rent());
-        var sum = TensorTransport.Checksum(System.Runtime.InteropServices.MemoryMarshal.AsBytes(copy.AsSpan()));
-        _loop.GradientBuffers.Return(copy);
-        return sum;
+        var buffer = _loop.GradientBuffers.Rent();
+        try
+        {
+            var copy = TensorAssembler.CopyShared(tensor, _loop.ParameterElements, $"gradient of step {h.Step} slice {h.Slice}", segment, SharedRegion.Gradients, buffer);
+            return TensorTransport.Checksum(System.Runtime.InteropServices.MemoryMarshal.AsBytes(copy.AsSpan()));
+        }
+        finally
+        {
+            _loop.GradientBuffers.Return(buffer);
+        }
     }
 
     private void AddChunk(WorkerConnection worker, GradientChunk c)
