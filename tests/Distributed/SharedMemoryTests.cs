@@ -89,6 +89,57 @@ public sealed class SharedMemoryTests
         Assert.Equal(StatusCode.FailedPrecondition, e.Code);
     }
 
+    /// <summary>
+    /// A writer rewrites a 1 MiB region as fast as it can while a reader copies it out: every copy the reader keeps is
+    /// one whole write (all its floats carry that write's number), never a mix of two; the others are refused.
+    /// </summary>
+    [Fact(Timeout = 30_000)]
+    public async Task CopiesTakenWhileTheRegionIsRewrittenAreWholeWritesOrRefused()
+    {
+        if (!SharedTensorSegment.Supported || !OperatingSystem.IsLinux()) return;   // no /dev/shm: the stream is the only path
+        const int elements = 1 << 18;
+        using var reader = SharedTensorSegment.TryCreate(elements * 4, out var reason) ?? throw new InvalidOperationException(reason);
+        using var writer = SharedTensorSegment.TryOpen(reader.Path, reader.Nonce, elements * 4, out reason) ?? throw new InvalidOperationException(reason);
+        var header = TensorTransport.SharedHeader(elements * 4, DType.Float32, elements, 1, 1, writer.Write(SharedRegion.Gradients, new byte[elements * 4]));
+        using var stop = new CancellationTokenSource();
+        var writing = Task.Run(() =>
+        {
+            var floats = new float[elements];
+            for (var n = 1; !stop.IsCancellationRequested; n++)
+            {
+                Array.Fill(floats, n);
+                // The header the "stream" carries: the sequence of the last finished write.
+                Volatile.Write(ref _announced, (long)writer.Write(SharedRegion.Gradients, System.Runtime.InteropServices.MemoryMarshal.AsBytes(floats.AsSpan())));
+            }
+        });
+        int whole = 0, refused = 0;
+        var copy = new float[elements];
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (clock.Elapsed < TimeSpan.FromSeconds(1) || whole < 20)
+        {
+            header.SharedSequence = (ulong)Volatile.Read(ref _announced);
+            if (header.SharedSequence == 0) continue;
+            try
+            {
+                TensorAssembler.CopyShared(header, elements, "gradient", reader, SharedRegion.Gradients, copy);
+            }
+            catch (ProtocolException e) when (e.Field == "tensor.shared_sequence")
+            {
+                refused++;
+                continue;
+            }
+            var first = copy[0];
+            var other = Array.FindIndex(copy, v => v != first);
+            Assert.True(other < 0, $"a copy mixed two writes: element 0 is from write {first}, element {other} from another");
+            whole++;
+        }
+        await stop.CancelAsync();
+        await writing;
+        Assert.True(whole >= 20, $"only {whole} whole copies ({refused} refused)");
+    }
+
+    private static long _announced;
+
     [Fact]
     public void PooledBuffersAreReusedNotReallocated()
     {
