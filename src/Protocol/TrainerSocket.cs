@@ -40,7 +40,7 @@ public enum SocketCallState
 /// client moves a tensor as 16 KiB DATA frames, each handed between two threads and sent by its own system call, and
 /// announces no larger frame size, so a step's megabytes took ~120 such round trips each way (issue 9). Here the same
 /// protobuf messages go as length-prefixed frames, one write per message, so a 1 MiB chunk is one system call.
-/// <para>Wire format: the worker opens with the 8-byte <see cref="Preface"/>, then every frame in both directions is a
+/// <para>Wire format: the worker opens with the 24-byte <see cref="Preface"/> (as long as HTTP/2's), then every frame in both directions is a
 /// 4-byte little-endian body length, a <see cref="SocketFrameKind"/> byte and the body. The coordinator's Kestrel tells
 /// this preface from HTTP/2's ("PRI * HTTP/2.0...") by its first bytes, so it shares the gRPC port, its TLS and the
 /// manifests' Service; the token is checked before anything else is read, with the same roles as the gRPC call.</para>
