@@ -66,14 +66,15 @@ public sealed unsafe class SharedTensorSegment : IDisposable
     /// <summary>Whether this process can offer or map a segment at all.</summary>
     public static bool Supported => OperatingSystem.IsLinux() && Directory.Exists(Folder) && BootId.Length > 0;
 
-    /// <summary>Region 0: parameters.</summary>
-    public Span<byte> Parameters => Region(0);
-
-    /// <summary>Region 1: gradients.</summary>
-    public Span<byte> Gradients => Region(1);
-
-    /// <summary>The region of <paramref name="region"/> (parameters or gradients).</summary>
-    public Span<byte> this[SharedRegion region] => Region((int)region);
+    /// <summary>The bytes of <paramref name="region"/> (parameters or gradients), <see cref="RegionBytes"/> long.</summary>
+    public Span<byte> this[SharedRegion region]
+    {
+        get
+        {
+            ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+            return new Span<byte>(_base + HeaderBytes + (int)region * RegionBytes, (int)RegionBytes);
+        }
+    }
 
     // The sequences sit after the magic and the nonce: bytes 16 (parameters) and 24 (gradients) of the header.
     private ulong* Sequence(SharedRegion region)
@@ -126,12 +127,6 @@ public sealed unsafe class SharedTensorSegment : IDisposable
         throw new ProtocolException(StatusCode.InvalidArgument,
             after ? $"{what}: the shared region was written while it was read: it now {state}, the header describes write {expected}"
                   : $"{what}: the shared region {state}, the header describes write {expected}", "tensor.shared_sequence");
-    }
-
-    private Span<byte> Region(int index)
-    {
-        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
-        return new Span<byte>(_base + HeaderBytes + index * RegionBytes, (int)RegionBytes);
     }
 
     /// <summary>The coordinator's side: a new segment for <paramref name="regionBytes"/>-byte tensors, or null with the reason.</summary>

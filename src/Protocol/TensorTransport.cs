@@ -25,6 +25,9 @@ public static class TensorTransport
 
     public static ulong Checksum(ReadOnlySpan<byte> payload) => XxHash64.HashToUInt64(payload);
 
+    /// <summary>The checksum of float32 values as they travel (their little-endian bytes).</summary>
+    public static ulong Checksum(ReadOnlySpan<float> values) => Checksum(MemoryMarshal.AsBytes(values));
+
     public static uint ChunkCount(long byteLength) => (uint)((byteLength + ChunkBytes - 1) / ChunkBytes);
 
     public static TensorHeader Header(ReadOnlySpan<byte> payload, DType dtype, long elements, ulong step, ulong version) => new()

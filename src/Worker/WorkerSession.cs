@@ -255,7 +255,7 @@ internal sealed class WorkerSession
         var shared = segment is not null && dtype != DType.Bfloat16 && _sharedGradientInFlight is null;
         var reuse = !shared && _streamGradientInFlight is null;
         var gradient = shared ? null : reuse ? _streamGradient ??= new byte[bytes] : new byte[bytes];
-        Span<byte> values = shared ? segment!.Gradients[..bytes] : gradient;
+        Span<byte> values = shared ? segment![SharedRegion.Gradients][..bytes] : gradient;
         if (a.GlobalBatchSize != model.Recipe.BatchSize)
             throw new ProtocolException(StatusCode.Internal, $"assignment for a global batch of {a.GlobalBatchSize}, the recipe's is {model.Recipe.BatchSize}");
         var node = new TreeNode((int)a.FirstMicroBatch, (int)a.EndMicroBatch);

@@ -34,7 +34,7 @@ public sealed class ParameterBroadcastTests
         Assert.True(first[0].Parameters.SharedMemory);
         Assert.Equal(0UL, first[0].Parameters.Checksum);
         Assert.Equal(segment.SequenceOf(SharedRegion.Parameters), first[0].Parameters.SharedSequence);
-        var regionAtVersion1 = segment.Parameters[..(int)(vector.Elements * 4)].ToArray();
+        var regionAtVersion1 = segment[SharedRegion.Parameters][..(int)(vector.Elements * 4)].ToArray();
         Assert.Equal(Enumerable.Range(0, 1000).Select(i => (float)i), System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(regionAtVersion1).ToArray());
 
         // Version 2 while the worker may still be before version 1's header: the region keeps version 1's write (what that
@@ -47,7 +47,7 @@ public sealed class ParameterBroadcastTests
         Assert.Equal(2UL, second[0].Parameters.ParameterVersion);
         Assert.True(second[0].Parameters.ChunkCount >= 1);
         Assert.Equal((int)second[0].Parameters.ChunkCount, second.Count(m => m.KindCase == CoordinatorMessage.KindOneofCase.ParametersChunk));
-        Assert.Equal(regionAtVersion1, segment.Parameters[..(int)(vector.Elements * 4)].ToArray());
+        Assert.Equal(regionAtVersion1, segment[SharedRegion.Parameters][..(int)(vector.Elements * 4)].ToArray());
         Assert.Equal(first[0].Parameters.SharedSequence, segment.SequenceOf(SharedRegion.Parameters));
         var chunks = second.Where(m => m.KindCase == CoordinatorMessage.KindOneofCase.ParametersChunk).SelectMany(m => m.ParametersChunk.Data.ToByteArray()).ToArray();
         Assert.Equal(second[0].Parameters.Checksum, TensorTransport.Checksum(chunks));

@@ -28,10 +28,10 @@ public sealed class SharedMemoryTests
         using var mapped = SharedTensorSegment.TryOpen(made.Path, made.Nonce, Region, out reason) ?? throw new InvalidOperationException(reason);
         made.Unlink();
         Assert.False(File.Exists(made.Path));   // nothing left behind, both mappings still work
-        mapped.Gradients[17] = 42;
-        Assert.Equal(42, made.Gradients[17]);
-        made.Parameters[5] = 7;
-        Assert.Equal(7, mapped.Parameters[5]);
+        mapped[SharedRegion.Gradients][17] = 42;
+        Assert.Equal(42, made[SharedRegion.Gradients][17]);
+        made[SharedRegion.Parameters][5] = 7;
+        Assert.Equal(7, mapped[SharedRegion.Parameters][5]);
     }
 
     [Fact]

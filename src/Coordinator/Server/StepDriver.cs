@@ -283,7 +283,7 @@ internal sealed class StepDriver
 
     /// <summary>The checksum of a push's bytes: the header's, or for one that came through shared memory the hash of the loop's copy.</summary>
     private static ulong ChecksumOf(SliceGradient g) =>
-        g.Checksum ?? TensorTransport.Checksum(System.Runtime.InteropServices.MemoryMarshal.AsBytes(g.Values.AsSpan()));
+        g.Checksum ?? TensorTransport.Checksum(g.Values);
 
     private void Reassign(WorkerConnection gone)
     {

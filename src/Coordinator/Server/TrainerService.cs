@@ -317,7 +317,7 @@ public sealed class TrainerService : Trainer.TrainerBase
         try
         {
             var copy = TensorAssembler.CopyShared(tensor, _loop.ParameterElements, $"gradient of step {h.Step} slice {h.Slice}", segment, SharedRegion.Gradients, buffer);
-            return TensorTransport.Checksum(System.Runtime.InteropServices.MemoryMarshal.AsBytes(copy.AsSpan()));
+            return TensorTransport.Checksum(copy);
         }
         finally
         {
