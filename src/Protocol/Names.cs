@@ -29,7 +29,8 @@ public static class Names
     public const int DefaultHttpPort = 50052;
     /// <summary>
     /// Version of the Trainer stream protocol a worker must speak. 2: a shared-memory payload is checked by its region's
-    /// write sequence (TensorHeader.shared_sequence), not by a checksum.
+    /// write sequence (TensorHeader.shared_sequence), not by a checksum. 3: TensorHeader.checksum is XXH3 (64-bit), not
+    /// XxHash64, so a worker of either version would refuse every tensor of the other.
     /// </summary>
-    public const uint ProtocolVersion = 2;
+    public const uint ProtocolVersion = 3;
 }

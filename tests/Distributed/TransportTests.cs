@@ -29,6 +29,20 @@ public class TransportTests
         Assert.Equal(MemoryMarshal.Cast<byte, float>(payload).ToArray(), assembler.ToFloat32());
     }
 
+    /// <summary>
+    /// The wire's checksum is XXH3 64-bit with seed 0 (protocol 3), what a client in another language must compute: the
+    /// empty input's value is the XXH3 specification's; the 4 KiB value pins today's bytes against a silent change of algorithm.
+    /// </summary>
+    [Fact]
+    public void TheChecksumIsXxh3OfThePayloadBytes()
+    {
+        Assert.Equal(0x2d06800538d394c2UL, TensorTransport.Checksum(ReadOnlySpan<byte>.Empty));
+        var payload = Enumerable.Range(0, 4096).Select(i => (byte)(i % 251)).ToArray();
+        Assert.Equal(0x7135ffa504f1bc71UL, TensorTransport.Checksum(payload));
+        Assert.Equal(TensorTransport.Checksum(payload), TensorTransport.Header(payload, DType.Float32, 1024, 0, 0).Checksum);
+        Assert.Equal(TensorTransport.Checksum(payload), TensorTransport.Checksum(MemoryMarshal.Cast<byte, float>(payload)));
+    }
+
     [Fact]
     public void ACorruptedChunkFailsTheChecksum()
     {
