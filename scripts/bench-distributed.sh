@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The distributed step's figures, measured on this machine in one run (README, "Distributed training and sampling"):
-#   1. swissroll: `coordinator train` (all cores, and 1 thread) vs `coordinator run --workers 2`, next to PyTorch 1.13
+#   1. swissroll: `coordinator train` (all cores, and 1 thread) vs `coordinator run --workers 2` (three alternating
+#      pairs, medians), next to PyTorch 1.13
 #      on the same model and batch (one process; DistributedDataParallel/gloo with 2 processes x 1 thread), when
 #      Debian's python3-torch is installed (scripts/peer/setup-peer.sh installs it);
 #   2. parameter + gradient exchange vs raw loopback TCP (`coordinator benchmark-exchange`), through the worker socket
@@ -25,6 +26,7 @@ report="$out/report.txt"; : > "$report"
 say() { printf '%s\n' "$*" | tee -a "$report"; }
 rate() { sed -n 's/.*; \([0-9.e+-]*\) steps\/s.*/\1/p' | tail -1; }
 ratio() { awk "BEGIN{printf \"%.2f\", $1 / $2}"; }
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END{print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
 if [ "$quick" = 1 ]; then swiss=1500; mnist=12; soak=1200; soakref=200; mnistsoak=60; mnistref=20; chaos=600; strag=200
 else swiss=3000; mnist=40; soak=3000; soakref=300; mnistsoak=300; mnistref=50; chaos=2000; strag=400; fi
 
@@ -32,12 +34,20 @@ say "# DistDiffusion distributed benchmark, $(date -u +%Y-%m-%dT%H:%MZ), commit 
 
 say "1. swissroll (MLP, 477,442 parameters, batch 256), $swiss steps each:"
 sw=(--recipe swissroll --steps "$swiss" --set checkpoint-every=0 --set sample-every=0)
-rm -rf "$out/s-train" "$out/s-train1" "$out/s-run2"
-t2=$("$coord" train "${sw[@]}" --out "$out/s-train" 2>/dev/null | rate)
+# This VM's speed drifts by 10% from one minute to the next: train and run alternate three times, and the ratio is
+# of the medians (each pair's own ratio printed too), so neither side is measured in a luckier minute.
+t2s=(); r2s=(); pairs=()
+for k in 1 2 3; do
+  rm -rf "$out/s-train" "$out/s-run2"
+  t=$("$coord" train "${sw[@]}" --out "$out/s-train" 2>/dev/null | rate)
+  r=$("$coord" run --workers 2 "${sw[@]}" --out "$out/s-run2" 2>/dev/null | rate)
+  t2s+=("$t"); r2s+=("$r"); pairs+=("$(ratio "$r" "$t")")
+done
+t2=$(median "${t2s[@]}"); r2=$(median "${r2s[@]}")
+rm -rf "$out/s-train1"
 t1=$("$coord" train "${sw[@]}" --threads 1 --out "$out/s-train1" 2>/dev/null | rate)
-r2=$("$coord" run --workers 2 "${sw[@]}" --out "$out/s-run2" 2>/dev/null | rate)
-say "   coordinator train ($(nproc) threads): $t2 steps/s; train (1 thread): $t1 steps/s"
-say "   coordinator run --workers 2: $r2 steps/s = $(ratio "$r2" "$t2")x train (goal >= 1)"
+say "   coordinator train ($(nproc) threads): $t2 steps/s (median of ${t2s[*]}); train (1 thread): $t1 steps/s"
+say "   coordinator run --workers 2: $r2 steps/s (median of ${r2s[*]}) = $(ratio "$r2" "$t2")x train (goal >= 1; run/train of each alternating pair: ${pairs[*]})"
 peer="$here/scripts/peer/ddp_swissroll.py"
 if /usr/bin/python3 -c 'import torch' >/dev/null 2>&1; then
   p1=$(/usr/bin/python3 "$peer" --mode single --threads 1 --steps "$swiss" 2>/dev/null | sed -n 's/.*: \([0-9.]*\) steps\/s.*/\1/p')
