@@ -1,1 +1,2 @@
+DistDiffusion.Protocol.SocketCompletions.PreferInline();
 return DistDiffusion.Worker.WorkerCli.Run(args);

@@ -41,7 +41,8 @@ internal sealed class WorkerSession
     private readonly Device _device;
     private readonly Func<string, WorkerModel> _modelFor;
     private readonly ILogger _log;
-    private readonly Channel<WorkerMessage> _outbox = Channel.CreateUnbounded<WorkerMessage>(new UnboundedChannelOptions { SingleReader = true });
+    /// <summary>Synchronous continuations: a gradient goes onto the socket from the thread that computed it, no thread woken in between.</summary>
+    private readonly Channel<WorkerMessage> _outbox = Channel.CreateUnbounded<WorkerMessage>(new UnboundedChannelOptions { SingleReader = true, AllowSynchronousContinuations = true });
     private TensorAssembler? _incomingParameters;
     /// <summary>The push whose gradient sits in the shared region until the coordinator acknowledges it.</summary>
     private (ulong Step, uint Slice)? _sharedGradientInFlight;

@@ -120,7 +120,15 @@ public sealed class CoordinatorServer : IAsyncDisposable
             // two system calls and a pass through the connection's pipes per 4 KiB of gradient. 64 KiB blocks and no
             // wait cut that to a few dozen calls per megabyte (benchmark-exchange, issue 9).
             builder.Services.AddSingleton<IMemoryPoolFactory<byte>>(new LargeBlockMemoryPoolFactory(LargeBlockMemoryPool.DefaultBlockBytes));
-            builder.WebHost.UseSockets(o => o.WaitForDataBeforeAllocatingBuffer = false);
+            // Inline scheduling: a connection's reads and writes continue on the thread that completed them instead of
+            // passing through Kestrel's I/O queues and then the thread pool (two thread wake-ups per message less). The
+            // handlers behind it never block a thread (stream reads and writes are awaited, the training loop runs on its
+            // own task), which is what this setting needs. benchmark-exchange, 8 alternating runs: see README.
+            builder.WebHost.UseSockets(o =>
+            {
+                o.WaitForDataBeforeAllocatingBuffer = false;
+                o.UnsafePreferInlineScheduling = true;
+            });
             builder.WebHost.ConfigureKestrel(k =>
             {
                 // Parameters and gradients are megabytes per step: windows that small round trips do not throttle.

@@ -14,7 +14,12 @@ namespace DistDiffusion.Coordinator.Server;
 public sealed class WorkerConnection
 {
     private static long _counter;
-    private readonly Channel<CoordinatorMessage> _outbox = Channel.CreateUnbounded<CoordinatorMessage>(new UnboundedChannelOptions { SingleReader = true });
+    /// <summary>
+    /// Synchronous continuations: <see cref="Send"/> wakes no thread. The writer task, when waiting, takes the message and
+    /// writes it on the sender's thread, up to the first write that cannot complete at once; a write's failure ends in
+    /// that task (its handler cancels the call with CancelAsync, whose callbacks run elsewhere), never in the sender.
+    /// </summary>
+    private readonly Channel<CoordinatorMessage> _outbox = Channel.CreateUnbounded<CoordinatorMessage>(new UnboundedChannelOptions { SingleReader = true, AllowSynchronousContinuations = true });
     private readonly CancellationTokenSource _abort = new();
     private readonly Stopwatch _sinceSeen = Stopwatch.StartNew();
     private long _bytesIn, _bytesOut, _stepsDone;
