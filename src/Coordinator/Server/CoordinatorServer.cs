@@ -123,7 +123,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
             // Inline scheduling: a connection's reads and writes continue on the thread that completed them instead of
             // passing through Kestrel's I/O queues and then the thread pool (two thread wake-ups per message less). The
             // handlers behind it never block a thread (stream reads and writes are awaited, the training loop runs on its
-            // own task), which is what this setting needs. benchmark-exchange, 8 alternating runs: see README.
+            // own task), which is what this setting needs. benchmark-exchange, 6 alternating runs: see README.
             builder.WebHost.UseSockets(o =>
             {
                 o.WaitForDataBeforeAllocatingBuffer = false;

@@ -266,21 +266,7 @@ public sealed class TrainerService : Trainer.TrainerBase
         var what = $"gradient of step {h.Step} slice {h.Slice}";
         if (h.Tensor.SharedMemory)
         {
-            if (worker.SharedMemory is not { } segment)
-                throw new ProtocolException(StatusCode.FailedPrecondition, $"{what}: announced in shared memory, but this worker has no segment", "tensor.shared_memory");
-            // Copied out, and checked to be the write the header describes: the worker may write its region again at any time.
-            var buffer = _loop.GradientBuffers.Rent();
-            float[] values;
-            try
-            {
-                values = TensorAssembler.CopyShared(h.Tensor, _loop.ParameterElements, what, segment, SharedRegion.Gradients, buffer);
-            }
-            catch
-            {
-                _loop.GradientBuffers.Return(buffer);   // refused: the buffer goes back to the pool, not to the collector
-                throw;
-            }
-            Deliver(worker, h, values);
+            Deliver(worker, h, CopySharedGradient(worker, h.Tensor, what));
             return;
         }
         worker.Incoming = (h, new TensorAssembler(h.Tensor, _loop.ParameterElements, what, _loop.GradientBuffers.Rent()));
@@ -311,17 +297,34 @@ public sealed class TrainerService : Trainer.TrainerBase
     private ulong? ChecksumOf(WorkerConnection worker, GradientHeader h)
     {
         if (h.Tensor is not { SharedMemory: true } tensor) return h.Tensor?.Checksum;
-        if (worker.SharedMemory is not { } segment)
-            throw new ProtocolException(StatusCode.FailedPrecondition, $"gradient of step {h.Step} slice {h.Slice}: announced in shared memory, but this worker has no segment", "tensor.shared_memory");
-        var buffer = _loop.GradientBuffers.Rent();
+        var copy = CopySharedGradient(worker, tensor, $"gradient of step {h.Step} slice {h.Slice}");
         try
         {
-            var copy = TensorAssembler.CopyShared(tensor, _loop.ParameterElements, $"gradient of step {h.Step} slice {h.Slice}", segment, SharedRegion.Gradients, buffer);
             return TensorTransport.Checksum(copy);
         }
         finally
         {
+            _loop.GradientBuffers.Return(copy);
+        }
+    }
+
+    /// <summary>
+    /// A gradient in the worker's shared region, copied into a pooled buffer and checked to be the write its header
+    /// describes (the worker may write its region again at any time). A refused copy's buffer goes back to the pool.
+    /// </summary>
+    private float[] CopySharedGradient(WorkerConnection worker, TensorHeader tensor, string what)
+    {
+        if (worker.SharedMemory is not { } segment)
+            throw new ProtocolException(StatusCode.FailedPrecondition, $"{what}: announced in shared memory, but this worker has no segment", "tensor.shared_memory");
+        var buffer = _loop.GradientBuffers.Rent();
+        try
+        {
+            return TensorAssembler.CopyShared(tensor, _loop.ParameterElements, what, segment, SharedRegion.Gradients, buffer);
+        }
+        catch
+        {
             _loop.GradientBuffers.Return(buffer);
+            throw;
         }
     }
 
