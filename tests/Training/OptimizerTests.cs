@@ -67,6 +67,60 @@ public class OptimizerTests
     }
 
     [Fact]
+    public void FlatStepIsTheGradStepBitForBitAndWritesTheNewParameters()
+    {
+        // The coordinator's path (a flat summed gradient and a presence bitmap, no .grad) against `train`'s (.grad): a
+        // clipped norm, AdamW decay, and a layer that has no gradient at first (skipped), then one, then none again
+        // (its zeroed .grad keeps it in the update with a zero gradient: so must the flat path).
+        using var scope = NewDisposeScope();
+        var recipe = new Recipe { LearningRate = 0.02, AdamBeta1 = 0.9, AdamBeta2 = 0.999, AdamEpsilon = 1e-8, WeightDecay = 0.1, GradClip = 0.5 };
+        manual_seed(11);
+        var a = nn.Sequential(("first", nn.Linear(37, 13)), ("second", nn.Linear(13, 5)), ("third", nn.Linear(5, 3)));
+        var b = nn.Sequential(("first", nn.Linear(37, 13)), ("second", nn.Linear(13, 5)), ("third", nn.Linear(5, 3)));
+        b.load_state_dict(a.state_dict());
+        using var viaGrad = new AdamOptimizer(a.named_parameters().Select(p => (p.name, p.parameter)), recipe.ToAdamOptions());
+        using var flat = new AdamOptimizer(b.named_parameters().Select(p => (p.name, p.parameter)), recipe.ToAdamOptions());
+        Assert.True(flat.CanStepFlat);
+        var gradients = ParameterVector.Of(a);
+        var parameters = ParameterVector.Of(b);
+        var x = randn(16, 37);
+        var updated = new float[parameters.Elements];
+        var thirdStart = b.named_parameters().Last().parameter.clone();
+        foreach (var (step, third) in new[] { (0, false), (1, true), (2, false), (3, false) })
+        {
+            viaGrad.ZeroGrad();
+            var hidden = a.named_children().Select(c => c.module).Cast<nn.Module<Tensor, Tensor>>().ToList();
+            var h = hidden[1].forward(hidden[0].forward(x * (step + 1)));
+            (third ? hidden[2].forward(h) : h).square().sum().backward();
+            var (values, _) = gradients.ReadGradients();
+            var present = new byte[1];
+            for (var i = 0; i < (third ? 6 : 4); i++) present[0] |= (byte)(1 << i);
+            var sum = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(values).ToArray();
+            var expected = viaGrad.Step();
+            var norm = flat.Step(sum, present, updated);
+            Assert.Equal(expected, norm);
+            Assert.True(norm > recipe.GradClip, $"step {step}: the clipping scale is in play");
+            foreach (var ((name, pa), (_, pb)) in a.named_parameters().Zip(b.named_parameters()))
+                Assert.True(pa.eq(pb).all().item<bool>(), $"step {step}, {name}: largest difference {(pa - pb).abs().max().item<float>()}");
+            foreach (var ((name, ma), (_, mb)) in viaGrad.StateTensors().OrderBy(kv => kv.Key).Zip(flat.StateTensors().OrderBy(kv => kv.Key)))
+                Assert.True(ma.eq(mb).all().item<bool>(), $"step {step}, {name}");
+            Assert.Equal(parameters.ReadValues(), System.Runtime.InteropServices.MemoryMarshal.AsBytes(updated.AsSpan()).ToArray());
+        }
+        Assert.False(thirdStart.eq(b.named_parameters().Last().parameter).all().item<bool>(), "the third layer took part");
+
+        // A non-finite gradient is refused before anything changes: parameters, moments, step count, the output.
+        var before = parameters.ReadValues();
+        var nan = new float[parameters.Elements];
+        nan[3] = float.NaN;
+        Array.Fill(updated, 42f);
+        Assert.Throws<NonFiniteGradientException>(() => flat.Step(nan, [0x3f], updated));
+        Assert.Equal(before, parameters.ReadValues());
+        Assert.Equal(4, flat.StepCount);
+        Assert.All(updated, v => Assert.Equal(42f, v));
+        Assert.Throws<ArgumentException>(() => flat.Step(new float[3], [0x3f], updated));
+    }
+
+    [Fact]
     public void CosineDecayRunsFromTheRateAfterWarmupToTheMinimumAtTheLastStep()
     {
         using var scope = NewDisposeScope();

@@ -48,8 +48,20 @@ internal sealed class ParameterBroadcast
     /// <summary>Reads the network's parameters as <paramref name="version"/> (after an update, or at start-up).</summary>
     public void Publish(ulong version, ulong step)
     {
-        var bytes = _buffers[(int)(version % 2)];
-        _vector.ReadValues(bytes);
+        _vector.ReadValues(BufferFor(version));
+        Published(version, step);
+    }
+
+    /// <summary>
+    /// The buffer <paramref name="version"/>'s bytes go into [Elements * 4] (not the current version's, which workers may
+    /// still be reading): an update can write the new parameters there as it computes them, then call <see cref="Published"/>.
+    /// </summary>
+    public byte[] BufferFor(ulong version) => _buffers[(int)(version % 2)];
+
+    /// <summary>Makes <paramref name="version"/> current, its bytes already written into <see cref="BufferFor"/>.</summary>
+    public void Published(ulong version, ulong step)
+    {
+        var bytes = BufferFor(version);
         lock (_gate) (Version, _step, _bytes, _header) = (version, step, bytes, null);
     }
 

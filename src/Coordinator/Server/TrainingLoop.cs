@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Runtime.InteropServices;
 using System.Threading.Channels;
 using DistDiffusion.Model;
 using DistDiffusion.Model.Checkpoints;
@@ -423,20 +424,33 @@ public sealed class TrainingLoop : BackgroundService
         double norm;
         using (Model.TorchRuntime.Compute())   // other threads allocate: torch temporaries must outlive their native calls
         {
-            _vector.WriteGradients(total, present);
-            GradientBuffers.Return(total);
+            // Where the optimizer can, it reads the summed gradient where it is and writes the new parameters straight
+            // into the broadcast's next buffer; otherwise (an accelerator, the tensor-op path) through .grad and back.
+            var version = _parameters.Version + 1;
+            var flat = s.Optimizer.CanStepFlat;
+            if (!flat) _vector.WriteGradients(total, present);
             _stateConsistent = false;
             try
             {
-                norm = s.ApplyGradients(plan, deferEma: true);
+                norm = flat
+                    ? s.ApplyGradients(plan, total, present, MemoryMarshal.Cast<byte, float>(_parameters.BufferFor(version).AsSpan()), deferEma: true)
+                    : s.ApplyGradients(plan, deferEma: true);
             }
             catch (NonFiniteGradientException e)
             {
                 _stateConsistent = true;   // refused before any tensor changed
                 throw new TrainingDivergedException($"training diverged at step {plan.Step}: the summed gradient of every slice is not finite ({e.Message})");
             }
+            finally
+            {
+                GradientBuffers.Return(total);
+            }
             _stateConsistent = true;
-            lock (_status.Gate) _parameters.Publish(_parameters.Version + 1, (ulong)s.StepsDone);
+            lock (_status.Gate)
+            {
+                if (flat) _parameters.Published(version, (ulong)s.StepsDone);
+                else _parameters.Publish(version, (ulong)s.StepsDone);
+            }
         }
         if (_options.SampleLedger is { } ledger)
             File.AppendAllText(ledger, System.Text.Json.JsonSerializer.Serialize(new { step = plan.Step, indices = plan.Indices, epochs = plan.Epochs }) + "\n");

@@ -37,6 +37,10 @@ public sealed class AdamOptimizer : IDisposable
     private readonly Dictionary<string, Tensor> _expAvg = new();
     private readonly Dictionary<string, Tensor> _expAvgSq = new();
     private readonly long _elements;
+    /// <summary>Each parameter's first element in the flat vector of <see cref="Step(Span{float}, ReadOnlySpan{byte}, Span{float})"/> (named_parameters order).</summary>
+    private readonly long[] _offsets;
+    /// <summary>Flat steps: the parameters that have had a gradient (what a .grad kept, zeroed, between steps is to <see cref="Step()"/>).</summary>
+    private readonly bool[] _hadFlatGradient;
 
     public double LearningRate { get; }
     public double Beta1 { get; }
@@ -67,6 +71,9 @@ public sealed class AdamOptimizer : IDisposable
         MinLearningRate = options.MinLearningRate;
         TotalSteps = options.TotalSteps;
         _elements = _params.Sum(p => p.Param.numel());
+        _offsets = new long[_params.Count];
+        for (var i = 1; i < _params.Count; i++) _offsets[i] = _offsets[i - 1] + _params[i - 1].Param.numel();
+        _hadFlatGradient = new bool[_params.Count];
         foreach (var (name, p) in _params)
         {
             _expAvg[name] = zeros_like(p).DetachFromDisposeScope();
@@ -127,17 +134,7 @@ public sealed class AdamOptimizer : IDisposable
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         var norm = GradientNorm();
-        if (!double.IsFinite(norm))
-            throw new NonFiniteGradientException(norm);
-        var clipScale = GradClip > 0 && norm > GradClip ? GradClip / (norm + 1e-6) : 1.0;
-        StepCount++;
-        var lr = LearningRateAt(StepCount);
-        var bias1 = 1.0 - Math.Pow(Beta1, StepCount);
-        var bias2 = 1.0 - Math.Pow(Beta2, StepCount);
-        var stepSize = lr / bias1;
-        var sqrtBias2 = Math.Sqrt(bias2);
-        var c = new ElementUpdate((float)clipScale, (float)Beta1, (float)(1 - Beta1), (float)Beta2, (float)(1 - Beta2),
-            (float)(1 - lr * WeightDecay), (float)sqrtBias2, (float)Epsilon, (float)-stepSize, WeightDecay > 0);
+        var c = NextUpdate(norm);
         // Every scalar operand of the tensor-op path is created here and held by `using` until the loop is done.
         // TorchSharp 0.107's Scalar has a finalizer and is not kept alive across the native call it is passed to: an
         // implicit double -> Scalar temporary can be finalized (freed) by a GC on another thread while libtorch still reads
@@ -147,11 +144,11 @@ public sealed class AdamOptimizer : IDisposable
         using var oneMinusBeta1 = (1 - Beta1).ToScalar();
         using var beta2 = Beta2.ToScalar();
         using var oneMinusBeta2 = (1 - Beta2).ToScalar();
-        using var decay = (1 - lr * WeightDecay).ToScalar();
-        using var sqrtBias2Scalar = sqrtBias2.ToScalar();
+        using var decay = c.DecayFactor.ToScalar();
+        using var sqrtBias2 = c.SqrtBias2Factor.ToScalar();
         using var epsilon = Epsilon.ToScalar();
-        using var negativeStep = (-stepSize).ToScalar();
-        using var clip = clipScale.ToScalar();
+        using var negativeStep = c.NegativeStepSize.ToScalar();
+        using var clip = c.ClipScale.ToScalar();
         void Update(int i)
         {
             using var inner = NewDisposeScope();
@@ -162,25 +159,108 @@ public sealed class AdamOptimizer : IDisposable
             var v = _expAvgSq[name];
             if (!UseTensorOps && InPlaceFloats(p) && InPlaceFloats(grad) && InPlaceFloats(m) && InPlaceFloats(v))
             {
-                UpdateElements(Floats(p), Floats(grad), Floats(m), Floats(v), c);
+                UpdateElements(Floats(p), Floats(grad), Floats(m), Floats(v), c.Elements);
                 return;
             }
             TorchRuntime.UseIntraOpThreads(1);   // the same bits on any thread, in any process
-            var g = clipScale != 1.0 ? grad.mul(clip) : grad;
+            var g = c.ClipScale != 1.0 ? grad.mul(clip) : grad;
             m.mul_(beta1).add_(g, alpha: oneMinusBeta1);
             v.mul_(beta2).addcmul_(g, g, value: oneMinusBeta2);
             if (WeightDecay > 0) p.mul_(decay);
-            var denom = v.sqrt().div_(sqrtBias2Scalar).add_(epsilon);
+            var denom = v.sqrt().div_(sqrtBias2).add_(epsilon);
             p.addcdiv_(m, denom, value: negativeStep);
         }
-        // Each parameter's update is the same sequence of element-wise float32 operations whichever thread runs it: the
-        // same bits. The element loop takes ~0.3 ms for the swiss roll's 477,442 parameters, so it runs in order below
-        // a million elements (waking threads would cost more than it saves).
-        if (UpdateThreads > 1 && (UseTensorOps || _elements >= 1 << 20))
-            Parallel.For(0, _params.Count, new ParallelOptions { MaxDegreeOfParallelism = UpdateThreads }, Update);
-        else for (var i = 0; i < _params.Count; i++) Update(i);
+        ForEachParameter(Update);
         return norm;
     }
+
+    /// <summary>
+    /// Whether <see cref="Step(Span{float}, ReadOnlySpan{byte}, Span{float})"/> applies: every parameter and moment a
+    /// contiguous float32 tensor in CPU memory, and the element loop not turned off by <see cref="UseTensorOps"/>.
+    /// </summary>
+    public bool CanStepFlat => !UseTensorOps && _params.All(p => InPlaceFloats(p.Param) && InPlaceFloats(_expAvg[p.Name]) && InPlaceFloats(_expAvgSq[p.Name]));
+
+    /// <summary>
+    /// One update from a flat gradient [Elements] in named_parameters order (the distributed coordinator's summed slices),
+    /// without going through .grad: the same bits as writing it into the gradients of the parameters marked in
+    /// <paramref name="present"/> and calling <see cref="Step()"/>, whose zeroed .grad keeps a parameter in the update
+    /// once it has had a gradient (so does this). A parameter not marked has a zero gradient (its range is cleared). The
+    /// parameters after the update are written into <paramref name="updated"/> [Elements] as well, each right after its
+    /// update while still in cache, for the broadcast. No copy into .grad, no .grad to zero, no read of the parameters
+    /// back. Returns the gradient norm before clipping; a non-finite one throws before anything changes.
+    /// </summary>
+    public unsafe double Step(Span<float> gradient, ReadOnlySpan<byte> present, Span<float> updated)
+    {
+        if (gradient.Length != _elements || updated.Length != _elements)
+            throw new ArgumentException($"flat step over {_elements} parameters with a gradient of {gradient.Length} and an output of {updated.Length} elements");
+        if (!CanStepFlat)
+            throw new InvalidOperationException("a flat step needs contiguous float32 CPU tensors and the element loop (CanStepFlat)");
+        using var scope = NewDisposeScope();
+        var takesPart = new bool[_params.Count];
+        var total = 0.0;
+        for (var i = 0; i < _params.Count; i++)
+        {
+            var g = gradient.Slice((int)_offsets[i], (int)_params[i].Param.numel());
+            var marked = Training.ParameterVector.IsPresent(present, i);
+            if (!marked) g.Clear();
+            takesPart[i] = marked || _hadFlatGradient[i];
+            // GradientNorm's order and per-parameter sums: the same double, bit for bit.
+            if (takesPart[i]) total += VectorMath.SumOfSquares(g);
+        }
+        var norm = Math.Sqrt(total);
+        var c = NextUpdate(norm);
+        takesPart.CopyTo(_hadFlatGradient, 0);
+        fixed (float* gradientStart = gradient, updatedStart = updated)
+        {
+            // Addresses, not spans, cross into the (possibly parallel) per-parameter update; both stay pinned until it returns.
+            var gradientAt = (nint)gradientStart;
+            var updatedAt = (nint)updatedStart;
+            void Update(int i)
+            {
+                using var inner = NewDisposeScope();
+                var (name, p) = _params[i];
+                var count = (int)p.numel();
+                var values = Floats(p);
+                if (takesPart[i])
+                    UpdateElements(values, new ReadOnlySpan<float>((float*)gradientAt + _offsets[i], count), Floats(_expAvg[name]), Floats(_expAvgSq[name]), c.Elements);
+                values.CopyTo(new Span<float>((float*)updatedAt + _offsets[i], count));
+            }
+            ForEachParameter(Update);
+        }
+        return norm;
+    }
+
+    /// <summary>
+    /// The constants of the next update (and the step count advanced to it), from the gradient norm before clipping: a
+    /// non-finite norm throws first and changes nothing.
+    /// </summary>
+    private UpdateConstants NextUpdate(double norm)
+    {
+        if (!double.IsFinite(norm))
+            throw new NonFiniteGradientException(norm);
+        var clipScale = GradClip > 0 && norm > GradClip ? GradClip / (norm + 1e-6) : 1.0;
+        StepCount++;
+        var lr = LearningRateAt(StepCount);
+        var stepSize = lr / (1.0 - Math.Pow(Beta1, StepCount));
+        var sqrtBias2 = Math.Sqrt(1.0 - Math.Pow(Beta2, StepCount));
+        var decay = 1 - lr * WeightDecay;
+        return new UpdateConstants(clipScale, decay, sqrtBias2, -stepSize,
+            new ElementUpdate((float)clipScale, (float)Beta1, (float)(1 - Beta1), (float)Beta2, (float)(1 - Beta2),
+                (float)decay, (float)sqrtBias2, (float)Epsilon, (float)-stepSize, WeightDecay > 0));
+    }
+
+    // Each parameter's update is the same sequence of element-wise float32 operations whichever thread runs it: the
+    // same bits. The element loop takes ~0.3 ms for the swiss roll's 477,442 parameters, so it runs in order below
+    // a million elements (waking threads would cost more than it saves).
+    private void ForEachParameter(Action<int> update)
+    {
+        if (UpdateThreads > 1 && (UseTensorOps || _elements >= 1 << 20))
+            Parallel.For(0, _params.Count, new ParallelOptions { MaxDegreeOfParallelism = UpdateThreads }, update);
+        else for (var i = 0; i < _params.Count; i++) update(i);
+    }
+
+    /// <summary>One update's constants in double (the tensor-op path's scalars) and rounded to float32 (the element loop's).</summary>
+    private readonly record struct UpdateConstants(double ClipScale, double DecayFactor, double SqrtBias2Factor, double NegativeStepSize, ElementUpdate Elements);
 
     /// <summary>
     /// Updates through libtorch's ops even where the element loop applies (tests compare the two paths; tensors on an

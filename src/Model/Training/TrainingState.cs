@@ -98,9 +98,7 @@ public sealed class TrainingState : IDisposable
     /// </summary>
     public double ApplyGradients(StepPlan plan, bool deferEma = false)
     {
-        if (plan.Step != StepsDone)
-            throw new InvalidOperationException($"plan is for step {plan.Step} but the run is at step {StepsDone}");
-        FlushEma();
+        BeforeUpdate(plan);
         double norm;
         try
         {
@@ -111,12 +109,39 @@ public sealed class TrainingState : IDisposable
             Optimizer.ZeroGrad();   // never let a rejected gradient accumulate into the next one
             throw;
         }
+        AfterUpdate(plan, deferEma);
+        Optimizer.ZeroGrad();
+        return norm;
+    }
+
+    /// <summary>
+    /// <see cref="ApplyGradients(StepPlan, bool)"/> from a flat gradient [elements, named_parameters order] of the
+    /// parameters marked in <paramref name="present"/> instead of .grad, where <see cref="AdamOptimizer.CanStepFlat"/>
+    /// (<see cref="AdamOptimizer.Step(Span{float}, ReadOnlySpan{byte}, Span{float})"/>): the same update, bit for bit,
+    /// with the new parameters written into <paramref name="updated"/> [elements] as well. The distributed coordinator's path.
+    /// </summary>
+    public double ApplyGradients(StepPlan plan, Span<float> gradient, ReadOnlySpan<byte> present, Span<float> updated, bool deferEma = false)
+    {
+        BeforeUpdate(plan);
+        var norm = Optimizer.Step(gradient, present, updated);
+        AfterUpdate(plan, deferEma);
+        return norm;
+    }
+
+    private void BeforeUpdate(StepPlan plan)
+    {
+        if (plan.Step != StepsDone)
+            throw new InvalidOperationException($"plan is for step {plan.Step} but the run is at step {StepsDone}");
+        FlushEma();
+    }
+
+    /// <summary>The step count, EMA and cursor move only once the optimizer took the update.</summary>
+    private void AfterUpdate(StepPlan plan, bool deferEma)
+    {
         StepsDone++;
         _emaPending = Ema is not null;
         if (!deferEma) FlushEma();
         Cursor = plan.Next;
-        Optimizer.ZeroGrad();
-        return norm;
     }
 
     private bool _emaPending;
