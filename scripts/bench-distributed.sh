@@ -7,7 +7,8 @@
 #   2. parameter + gradient exchange vs raw loopback TCP (`coordinator benchmark-exchange`), through the worker socket
 #      (remote workers' default), the gRPC stream (their --transport grpc) and shared memory (workers under the
 #      coordinator's kernel, what `run` uses);
-#   3. mnist-small: `run --workers 1` step time vs `train`, and 2 workers x 1 thread vs 1 worker x 1 thread, next to
+#   3. mnist-small: `run --workers 1` step time vs `train`, and 2 workers x 1 thread vs 1 worker x 1 thread (three
+#      alternating rounds, medians), next to
 #      the machine's ceiling for that ratio (two independent one-thread `train` processes at once vs one alone);
 #   4. memory: `coordinator benchmark-soak` (RSS of the coordinator and each worker at the reference step and at the end);
 #   5. what the bitwise guarantee costs: `train` with the recipe's micro-batches vs one backward over the whole batch;
@@ -73,17 +74,22 @@ rm -rf "$out/m-train" "$out/m-run1" "$out/m-w1" "$out/m-w2"
 mt=$("$coord" train "${mn[@]}" --out "$out/m-train" 2>/dev/null | rate)
 m1=$("$coord" run --workers 1 "${mn[@]}" --out "$out/m-run1" 2>/dev/null | rate)
 say "   train: $mt steps/s; run --workers 1 ($(nproc) threads): $m1 steps/s; step-time ratio run/train = $(ratio "$mt" "$m1") (goal <= 1.10)"
-w1=$("$coord" run --workers 1 --worker-threads 1 "${mn[@]}" --out "$out/m-w1" 2>/dev/null | rate)
-w2=$("$coord" run --workers 2 --worker-threads 1 "${mn[@]}" --out "$out/m-w2" 2>/dev/null | rate)
-say "   1 worker x 1 thread: $w1 steps/s; 2 workers x 1 thread: $w2 steps/s; speed-up $(ratio "$w2" "$w1")x (goal >= 1.8x)"
-# The machine's own ceiling for that speed-up: two independent one-thread trainings at once, no exchange at all.
-rm -rf "$out/m-solo" "$out/m-pair-a" "$out/m-pair-b"
-solo=$("$coord" train "${mn[@]}" --threads 1 --out "$out/m-solo" 2>/dev/null | rate)
-("$coord" train "${mn[@]}" --threads 1 --out "$out/m-pair-a" 2>/dev/null | rate > "$out/m-pair-a.rate") &
-pb=$("$coord" train "${mn[@]}" --threads 1 --out "$out/m-pair-b" 2>/dev/null | rate)
-wait
-pa=$(cat "$out/m-pair-a.rate")
-say "   ceiling on this machine: train --threads 1 alone $solo steps/s; two at once $pa + $pb steps/s = $(awk "BEGIN{printf \"%.2f\", ($pa + $pb) / $solo}")x one alone"
+# One worker and two alternate three times (and so do the ceiling's one and two trainings): medians, as in section 1.
+w1s=(); w2s=(); solos=(); duos=()
+for k in 1 2 3; do
+  rm -rf "$out/m-w1" "$out/m-w2" "$out/m-solo" "$out/m-pair-a" "$out/m-pair-b"
+  w1s+=("$("$coord" run --workers 1 --worker-threads 1 "${mn[@]}" --out "$out/m-w1" 2>/dev/null | rate)")
+  w2s+=("$("$coord" run --workers 2 --worker-threads 1 "${mn[@]}" --out "$out/m-w2" 2>/dev/null | rate)")
+  # The machine's own ceiling for that speed-up: two independent one-thread trainings at once, no exchange at all.
+  solos+=("$("$coord" train "${mn[@]}" --threads 1 --out "$out/m-solo" 2>/dev/null | rate)")
+  ("$coord" train "${mn[@]}" --threads 1 --out "$out/m-pair-a" 2>/dev/null | rate > "$out/m-pair-a.rate") &
+  pb=$("$coord" train "${mn[@]}" --threads 1 --out "$out/m-pair-b" 2>/dev/null | rate)
+  wait
+  duos+=("$(awk "BEGIN{print $(cat "$out/m-pair-a.rate") + $pb}")")
+done
+w1=$(median "${w1s[@]}"); w2=$(median "${w2s[@]}"); solo=$(median "${solos[@]}"); duo=$(median "${duos[@]}")
+say "   1 worker x 1 thread: $w1 steps/s (median of ${w1s[*]}); 2 workers x 1 thread: $w2 steps/s (median of ${w2s[*]}); speed-up $(ratio "$w2" "$w1")x (goal >= 1.8x)"
+say "   ceiling on this machine: train --threads 1 alone $solo steps/s (median of ${solos[*]}); two at once $duo steps/s together (median of ${duos[*]}) = $(ratio "$duo" "$solo")x one alone"
 
 say "4. memory over a long run (RSS at the reference step and at the end, every process):"
 "$coord" benchmark-soak --recipe swissroll --steps "$soak" --reference-step "$soakref" 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
