@@ -179,6 +179,7 @@ internal sealed class WorkerSession
 
     private SessionOutcome Finish(Finish finish)
     {
+        if (!finish.Reconnect) StepTimeline.Save();   // a worker told to stop may be killed before its exit handlers run
         _log.LogInformation("Coordinator finished the session: {Reason}", finish.Reason);
         return finish.Reconnect ? SessionOutcome.Reconnect : SessionOutcome.Finished;
     }
@@ -227,6 +228,7 @@ internal sealed class WorkerSession
         model.Vector.WriteValues(MemoryMarshal.Cast<byte, float>(payload));
         segment.ExpectSequence(SharedRegion.Parameters, header.SharedSequence, "parameters", after: true);
         model.ParameterVersion = header.ParameterVersion;
+        StepTimeline.Mark(StepMark.WorkerLoaded, header.Step);
     }
 
     private void ReceiveParameterChunk(WorkerModel model, TensorChunk chunk)
@@ -237,6 +239,7 @@ internal sealed class WorkerSession
         if (!assembler.IsComplete) return;
         model.Vector.WriteValues(assembler.ToFloat32());
         model.ParameterVersion = assembler.Header.ParameterVersion;
+        StepTimeline.Mark(StepMark.WorkerLoaded, assembler.Header.Step);
         _incomingParameters = null;
         _log.LogDebug("Loaded parameters version {Version}", model.ParameterVersion);
     }
@@ -248,6 +251,7 @@ internal sealed class WorkerSession
         if (a.Indices.Count != a.SampleSeeds.Count)
             throw new ProtocolException(StatusCode.Internal, $"assignment has {a.Indices.Count} indices but {a.SampleSeeds.Count} seeds");
         State = SessionState.Computing;
+        StepTimeline.Mark(StepMark.WorkerAssigned, a.Step);
         var clock = Stopwatch.StartNew();
         // A buffer (the shared region, or the reused stream buffer) is ours again once the coordinator acknowledged the
         // push it carried (it copies a shared gradient on arrival; chunks wrap the stream buffer until written).
@@ -275,6 +279,7 @@ internal sealed class WorkerSession
             if (reuse) _streamGradientInFlight = (a.Step, a.Slice);
         }
         var seconds = clock.Elapsed.TotalSeconds;
+        StepTimeline.Mark(StepMark.WorkerComputed, a.Step);
         Send(new WorkerMessage
         {
             Gradient = new GradientHeader

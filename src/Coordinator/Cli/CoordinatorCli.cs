@@ -17,6 +17,7 @@ public static class CoordinatorCli
         StatusCommand.Create(),
         BenchmarkExchangeCommand.Create(),
         BenchmarkSoakCommand.Create(),
+        BenchmarkTimelineCommand.Create(),
         BenchmarkStragglerCommand.Create(),
         BenchmarkChaosCommand.Create(),
         BenchmarkEvalCommand.Create(),

@@ -32,8 +32,7 @@ public static partial class SoakMonitor
     {
         if (!OperatingSystem.IsLinux()) throw new PlatformNotSupportedException("the soak reads /proc: Linux only");
         if (referenceStep < 1 || referenceStep >= steps) throw new ArgumentException($"reference step {referenceStep}: expected 1..{steps - 1}");
-        string[] args = ["run", "--workers", workers.ToString(CultureInfo.InvariantCulture), "--recipe", recipe, "--steps", steps.ToString(CultureInfo.InvariantCulture),
-            "--out", outDir, "--shared-memory", sharedMemory ? "true" : "false", "--worker-transport", TrainerTransports.Name(transport), "--log-level", "information", "--set", "checkpoint-every=0", "--set", "sample-every=0", .. sets.SelectMany(s => new[] { "--set", s })];
+        var args = RunCommand.BenchmarkRunArguments(recipe, workers, steps, outDir, sharedMemory, transport, "information", sets);
         using var process = Process.Start(RunCommand.StartInfo("coordinator", args)) ?? throw new InvalidOperationException("could not start coordinator run");
         var log = new System.Text.StringBuilder();
         var address = new TaskCompletionSource<Uri>(TaskCreationOptions.RunContinuationsAsynchronously);

@@ -100,6 +100,7 @@ internal sealed class StepDriver
                     if (d.Checksum is { } sum) Compare(d.Worker, d.Step, d.Slice, sum);
                     break;
                 case GradientArrived { Gradient: var gr }:
+                    StepTimeline.Mark(StepMark.Taken, gr.Step);
                     Answered(gr.Worker, gr.Step, gr.Slice);
                     if (round.Validate(gr) is not SliceRejection.None and var why)
                     {
@@ -144,6 +145,7 @@ internal sealed class StepDriver
                 }
             }
         }
+        StepTimeline.Mark(StepMark.Complete, round.Step);
         return round.Sum(_loop.GradientBuffers.Return);
     }
 

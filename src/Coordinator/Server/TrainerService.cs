@@ -222,6 +222,7 @@ public sealed class TrainerService : Trainer.TrainerBase
 
     private void StartGradient(WorkerConnection worker, GradientHeader h)
     {
+        StepTimeline.Mark(StepMark.Received, h.Step);
         CheckId(worker, h.WorkerId);
         if (worker.Incoming is { } pending)
             throw new ProtocolException(StatusCode.InvalidArgument, $"gradient header for step {h.Step} slice {h.Slice} while slice {pending.Header.Slice} of step {pending.Header.Step} is incomplete", "gradient");
@@ -277,9 +278,13 @@ public sealed class TrainerService : Trainer.TrainerBase
     /// <see cref="SliceGuard"/> judges its values (non-finite, out of bound) against the run's history, and decides
     /// between a broken worker (dropped, slice recomputed elsewhere) and a diverged run (two workers agree).
     /// </summary>
-    private void Deliver(WorkerConnection worker, GradientHeader h, float[] values) =>
-        _loop.Post(new GradientArrived(new SliceGradient(worker, h.Step, h.Slice, values, h.Present.ToByteArray(), h.Loss, h.ComputeSeconds,
-            VectorMath.SumOfSquares(values), h.Tensor.SharedMemory ? null : h.Tensor.Checksum)));
+    private void Deliver(WorkerConnection worker, GradientHeader h, float[] values)
+    {
+        var gradient = new SliceGradient(worker, h.Step, h.Slice, values, h.Present.ToByteArray(), h.Loss, h.ComputeSeconds,
+            VectorMath.SumOfSquares(values), h.Tensor.SharedMemory ? null : h.Tensor.Checksum);
+        StepTimeline.Mark(StepMark.Delivered, h.Step);
+        _loop.Post(new GradientArrived(gradient));
+    }
 
     private void Ignore(WorkerConnection worker, GradientHeader h, string note)
     {

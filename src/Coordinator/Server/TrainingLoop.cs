@@ -414,13 +414,16 @@ public sealed class TrainingLoop : BackgroundService
         var planning = Stopwatch.GetTimestamp();
         var s = _run.State;
         var plan = s.PlanStep();
+        StepTimeline.Mark(StepMark.Planned, (ulong)plan.Step);
         var driver = new StepDriver(_stepServices, s, plan);
+        StepTimeline.Mark(StepMark.Assigned, (ulong)plan.Step);
         // The previous step's EMA update, while the workers compute this one.
         using (Model.TorchRuntime.Compute()) s.FlushEma();
         _busySeconds += Stopwatch.GetElapsedTime(planning).TotalSeconds;
 
         var (total, present, loss) = await driver.RunAsync(ct);
         var gathered = Stopwatch.GetTimestamp();
+        StepTimeline.Mark(StepMark.Summed, (ulong)plan.Step);
         double norm;
         using (Model.TorchRuntime.Compute())   // other threads allocate: torch temporaries must outlive their native calls
         {
@@ -452,6 +455,7 @@ public sealed class TrainingLoop : BackgroundService
                 else _parameters.Publish(version, (ulong)s.StepsDone);
             }
         }
+        StepTimeline.Mark(StepMark.Applied, (ulong)plan.Step);
         if (_options.SampleLedger is { } ledger)
             File.AppendAllText(ledger, System.Text.Json.JsonSerializer.Serialize(new { step = plan.Step, indices = plan.Indices, epochs = plan.Epochs }) + "\n");
         var applying = Stopwatch.GetElapsedTime(gathered);
