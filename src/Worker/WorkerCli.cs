@@ -53,6 +53,11 @@ public static class WorkerCli
     {
         Description = "Exit (code 1) within a second or so once the process with this id, which must be this worker's parent, is gone (`coordinator run` passes its own)",
     };
+    public static readonly Option<string> CpuSchedulingOption = new("--cpu-scheduling")
+    {
+        Description = "batch (default: Linux's SCHED_BATCH, so a worker that wakes does not preempt the thread running on its core, e.g. the coordinator's next to it) or normal",
+        DefaultValueFactory = _ => "batch",
+    };
     public static readonly Option<string> LogLevelOption = new("--log-level")
     {
         Description = "Minimum log level: debug, information, warning, error",
@@ -78,7 +83,7 @@ public static class WorkerCli
     {
         var root = new RootCommand("DistDiffusion worker: joins a coordinator, computes gradients of its share of each step and serves sampling work")
         {
-            CoordinatorOption, TokenFileOption, ThreadsOption, DeviceOption, TlsCaOption, TransportOption, GiveUpOption, ExitWithParentOption, LogLevelOption, LogFormatOption,
+            CoordinatorOption, TokenFileOption, ThreadsOption, DeviceOption, TlsCaOption, TransportOption, GiveUpOption, ExitWithParentOption, CpuSchedulingOption, LogLevelOption, LogFormatOption,
         };
         root.SetAction(p => Execute(p));
         return root;
@@ -119,6 +124,12 @@ public static class WorkerCli
             var other => throw new ArgumentException($"--log-level {other}: expected debug, information, warning or error"),
         };
         var transport = TrainerTransports.Parse(p.GetValue(TransportOption)!, "--transport");
+        var scheduling = p.GetValue(CpuSchedulingOption)!.Trim().ToLowerInvariant() switch
+        {
+            "batch" => CpuSchedulingClass.Batch,
+            "normal" => CpuSchedulingClass.Normal,
+            var other => throw new ArgumentException($"--cpu-scheduling {other}: expected batch or normal"),
+        };
         var format = p.GetValue(LogFormatOption)!;
         if (format.Trim().ToLowerInvariant() is not ("text" or "json")) throw new ArgumentException($"--log-format {format}: expected text or json");
         var options = new WorkerOptions
@@ -138,6 +149,8 @@ public static class WorkerCli
             Console.Error.WriteLine($"error: --exit-with-parent {parent.Parent}: that process is gone (this worker's parent is now {ParentWatch.CurrentParent()?.ToString(System.Globalization.CultureInfo.InvariantCulture) ?? "unknown"})");
             return 1;
         }
+        // Before libtorch starts its threads: they inherit the class from this one.
+        CpuScheduling.Apply(scheduling);
         var device = TorchRuntime.ResolveDevice(options.Device, threads);
 
         var builder = Host.CreateApplicationBuilder();

@@ -25,6 +25,13 @@ public sealed partial class OrphanAndSignalTests() : TempFolderTest("dd-orphans"
         var (workers, _, _) = await UnderWay(run, runDir);
         try
         {
+            // Training: every thread of both workers runs as SCHED_BATCH (3), so none preempts the coordinator when it wakes.
+            foreach (var w in workers)
+            {
+                var policies = Directory.GetDirectories($"/proc/{w.Pid}/task").Select(t => DistDiffusion.Worker.CpuScheduling.PolicyOf(w.Pid, int.Parse(Path.GetFileName(t), System.Globalization.CultureInfo.InvariantCulture))).Where(p => p is not null).ToList();
+                Assert.NotEmpty(policies);
+                Assert.All(policies, p => Assert.Equal(3, p));
+            }
             // SIGKILL to the run process alone: its finally block, which kills the workers, never runs.
             run.Process.Kill(entireProcessTree: false);
             await run.Process.WaitForExitAsync();
