@@ -22,6 +22,8 @@ public sealed class CoordinatorCliTests() : TempFolderTest("dd-cli")
     [InlineData("sample", "--out", "a.png")]
     [InlineData("eval", "--checkpoint", "X", "--samples", "1")]
     [InlineData("frobnicate")]
+    [InlineData("benchmark-timeline", "--steps", "10", "--skip", "20")]
+    [InlineData("benchmark-timeline", "--workers", "0")]
     public void WrongFlagsOrValuesGiveOneLineAndExitCodeTwo(params string[] args)
     {
         var (code, _, err) = CliHarness.Run(args.Select(a => a == "X" ? Path.Combine(Path.GetTempPath(), "dd-missing-" + Guid.NewGuid()) : a).ToArray());
@@ -29,6 +31,25 @@ public sealed class CoordinatorCliTests() : TempFolderTest("dd-cli")
         var lines = err.Trim().Split('\n');
         Assert.Single(lines);
         Assert.StartsWith("error:", lines[0]);
+    }
+
+    [Fact]
+    public void AWorkersUnknownSchedulingClassIsNamedInOneLine()
+    {
+        var oldErr = Console.Error;
+        using var err = new StringWriter();
+        Console.SetError(err);
+        int code;
+        try
+        {
+            code = DistDiffusion.Worker.WorkerCli.Run(["--coordinator", "http://127.0.0.1:1", "--cpu-scheduling", "fifo"]);
+        }
+        finally
+        {
+            Console.SetError(oldErr);
+        }
+        Assert.Equal(2, code);
+        Assert.Equal("error: --cpu-scheduling fifo: expected batch or normal", err.ToString().Trim());
     }
 
     [Fact]
