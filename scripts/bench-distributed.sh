@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The distributed step's figures, measured on this machine in one run (README, "Distributed training and sampling"):
 #   1. swissroll: `coordinator train` (all cores, and 1 thread) vs `coordinator run --workers 2` (three alternating
-#      pairs, medians), next to PyTorch 1.13
+#      pairs, medians) and where a distributed step's time goes (`coordinator benchmark-timeline`), next to PyTorch 1.13
 #      on the same model and batch (one process; DistributedDataParallel/gloo with 2 processes x 1 thread), when
 #      Debian's python3-torch is installed (scripts/peer/setup-peer.sh installs it);
 #   2. parameter + gradient exchange vs raw loopback TCP (`coordinator benchmark-exchange`), through the worker socket
@@ -59,6 +59,9 @@ if /usr/bin/python3 -c 'import torch' >/dev/null 2>&1; then
 else
   say "   PyTorch peer: not installed (scripts/peer/setup-peer.sh installs Debian's python3-torch)"
 fi
+
+say "   where a run --workers 2 step goes (coordinator benchmark-timeline, $swiss steps, the first 100 left out):"
+"$coord" benchmark-timeline --recipe swissroll --steps "$swiss" 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
 
 say "2. exchange vs raw loopback TCP (a zero-compute worker; the coordinator's own Adam/EMA time subtracted):"
 for r in swissroll mnist-small; do
