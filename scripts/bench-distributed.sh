@@ -12,7 +12,8 @@
 #      the machine's ceiling for that ratio (two independent one-thread `train` processes at once vs one alone);
 #   4. memory: `coordinator benchmark-soak` (RSS of the coordinator and each worker at the reference step and at the end);
 #   5. what the bitwise guarantee costs: `train` with the recipe's micro-batches vs one backward over the whole batch;
-#   6. stragglers: `coordinator benchmark-straggler` (2 healthy workers vs the same plus one slowed tenfold);
+#   6. stragglers: `coordinator benchmark-straggler` (2 healthy workers vs the same plus one slowed tenfold, three
+#      alternating rounds, medians);
 #   7. faults: `coordinator benchmark-chaos` (workers and the coordinator SIGKILLed; samples per epoch, bits, time lost).
 # Usage: scripts/bench-distributed.sh [OUT_DIR] [--quick]   (default runs/bench-distributed; --quick: shorter runs)
 # Rates exclude each run's first step (joining, loading, one-time set-up).

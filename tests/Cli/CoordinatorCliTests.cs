@@ -24,6 +24,7 @@ public sealed class CoordinatorCliTests() : TempFolderTest("dd-cli")
     [InlineData("frobnicate")]
     [InlineData("benchmark-timeline", "--steps", "10", "--skip", "20")]
     [InlineData("benchmark-timeline", "--workers", "0")]
+    [InlineData("benchmark-straggler", "--rounds", "0")]
     public void WrongFlagsOrValuesGiveOneLineAndExitCodeTwo(params string[] args)
     {
         var (code, _, err) = CliHarness.Run(args.Select(a => a == "X" ? Path.Combine(Path.GetTempPath(), "dd-missing-" + Guid.NewGuid()) : a).ToArray());

@@ -167,4 +167,11 @@ internal static class CliSupport
             return ExitFailure;
         }
     }
+
+    /// <summary>The middle value (the mean of the two middle ones for an even count).</summary>
+    public static double Median(IEnumerable<double> values)
+    {
+        var sorted = values.Order().ToList();
+        return sorted.Count % 2 == 1 ? sorted[sorted.Count / 2] : (sorted[sorted.Count / 2 - 1] + sorted[sorted.Count / 2]) / 2;
+    }
 }

@@ -69,7 +69,7 @@ public static class StepTimelineAnalysis
         if (chains.Count == 0) throw new InvalidDataException($"{folder}: no complete step after step {skipSteps}");
         var steps = chains.Select(c => c.Sum()).ToList();
         var phases = PhaseNames.Select((p, i) => Stats(p.Name, p.Where, chains.Select(c => c[i]).ToList())).ToList();
-        return new TimelineReport(chains.Count, workers.Count, Median(steps), steps.Average(), phases,
+        return new TimelineReport(chains.Count, workers.Count, CliSupport.Median(steps), steps.Average(), phases,
             Stats("wait for the slower worker", "off the path: the faster worker's gradient waits for the other's", imbalance.Count > 0 ? imbalance : [0.0]),
             Stats("of which sending", "coordinator, within parameters out: every worker's parameters and assignment handed to its stream", sending.Count > 0 ? sending : [0.0]));
 
@@ -79,13 +79,7 @@ public static class StepTimelineAnalysis
     private static TimelinePhase Stats(string name, string where, List<double> values)
     {
         values.Sort();
-        return new TimelinePhase(name, where, Median(values), values.Average(), values[(int)(values.Count * 0.9)]);
-    }
-
-    private static double Median(IReadOnlyList<double> values)
-    {
-        var sorted = values.Order().ToList();
-        return sorted.Count % 2 == 1 ? sorted[sorted.Count / 2] : (sorted[sorted.Count / 2 - 1] + sorted[sorted.Count / 2]) / 2;
+        return new TimelinePhase(name, where, CliSupport.Median(values), values.Average(), values[(int)(values.Count * 0.9)]);
     }
 
     private static long Frequency(string file)
