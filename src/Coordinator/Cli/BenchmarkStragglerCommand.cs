@@ -57,7 +57,7 @@ internal static partial class BenchmarkStragglerCommand
             Console.WriteLine(string.Create(inv, $"straggler: {p.GetValue(recipe)}, {n} timed steps, straggler runs 1/{slow:G3} of every {ms} ms, {r} alternating rounds"));
             Console.WriteLine(string.Create(inv, $"2 healthy workers            {pairRate,8:F1} steps/s (median of {Rates(pairs)})  backups {pairs.Sum(m => m.Backups)}"));
             Console.WriteLine(string.Create(inv, $"2 healthy + 1 slowed {slow,4:G3}x    {withRate,8:F1} steps/s (median of {Rates(withStraggler)})  backups {withStraggler.Sum(m => m.Backups)}, straggler took part in {withStraggler.Sum(m => (long)m.StragglerSteps)} of {r * (n + w)} steps"));
-            Console.WriteLine(string.Create(inv, $"ratio {ratio:F2} (goal: at least {Goal:F1}): {(ratio >= Goal ? "met" : "NOT met")}; each round's: {string.Join(", ", pairs.Zip(withStraggler, (a, b) => (b.Rate / a.Rate).ToString("F2", inv)))}"));
+            Console.WriteLine(string.Create(inv, $"ratio {ratio:F3} (goal: at least {Goal:F1}): {(ratio >= Goal ? "met" : "NOT met")}; each round's: {string.Join(", ", pairs.Zip(withStraggler, (a, b) => (b.Rate / a.Rate).ToString("F2", inv)))}"));
             return CliSupport.ExitOk;
         });
         return cmd;
