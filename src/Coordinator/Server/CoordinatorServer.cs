@@ -28,11 +28,15 @@ public sealed class CoordinatorServer : IAsyncDisposable
 
     private readonly WebApplication _app;
     private readonly RunSetup _run;
+    private readonly Lazy<Task> _stopped;
 
     private CoordinatorServer(WebApplication app, RunSetup run, Uri address, Uri? healthAddress, Uri? httpAddress)
     {
         _app = app;
         _run = run;
+        // One wait for the whole server: each WaitForShutdownAsync registers on the host's stopping token until the host
+        // stops, and `run` polls Stopped four times a second (~1,000 registrations a minute, kept for the run's life).
+        _stopped = new Lazy<Task>(() => app.WaitForShutdownAsync());
         Address = address;
         HealthAddress = healthAddress;
         HttpAddress = httpAddress;
@@ -49,7 +53,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
     public SamplingCoordinator Sampling => _app.Services.GetRequiredService<SamplingCoordinator>();
     public string RunDir => _run.RunDir;
     /// <summary>Completes when the host stops (training complete without --keep-serving, or shutdown).</summary>
-    public Task Stopped => _app.WaitForShutdownAsync();
+    public Task Stopped => _stopped.Value;
 
     /// <summary>
     /// Builds the run and starts listening with one shared <paramref name="token"/> for every role (null needs
