@@ -35,7 +35,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
         _app = app;
         _run = run;
         // One wait for the whole server: each WaitForShutdownAsync registers on the host's stopping token until the host
-        // stops, and `run` polls Stopped four times a second (~1,000 registrations a minute, kept for the run's life).
+        // stops, and `run` reads Stopped twice every 250 ms (~480 registrations a minute, kept for the run's life).
         _stopped = new Lazy<Task>(() => app.WaitForShutdownAsync());
         Address = address;
         HealthAddress = healthAddress;
