@@ -162,6 +162,51 @@ public class OptimizerTests
     }
 
     [Fact]
+    public void EmaElementLoopMatchesTheTensorOpsAndTheFlatStepsFusedUpdateIsItBitForBit()
+    {
+        // 37 x 13 weights (whole vectors and a tail) on CPU. Three EMAs of the same training: by libtorch's ops, by the element
+        // loop after each .grad step (`train`), and fused into the optimizer's flat step (the coordinator's): the last two
+        // must agree in every bit, the first to float32 rounding.
+        using var scope = NewDisposeScope();
+        var recipe = new Recipe { LearningRate = 0.02, AdamBeta1 = 0.9, AdamBeta2 = 0.999, AdamEpsilon = 1e-8, WeightDecay = 0.1, GradClip = 0.5 };
+        manual_seed(9);
+        var a = nn.Linear(37, 13);
+        var b = nn.Linear(37, 13);
+        b.load_state_dict(a.state_dict());
+        var namedA = a.named_parameters().Select(p => (p.name, p.parameter)).ToList();
+        var namedB = b.named_parameters().Select(p => (p.name, p.parameter)).ToList();
+        using var gradStep = new AdamOptimizer(namedA, recipe.ToAdamOptions());
+        using var flatStep = new AdamOptimizer(namedB, recipe.ToAdamOptions());
+        using var ops = new ExponentialMovingAverage(namedA, 0.9) { UseTensorOps = true };
+        using var loop = new ExponentialMovingAverage(namedA, 0.9);
+        using var fused = new ExponentialMovingAverage(namedB, 0.9);
+        Assert.True(loop.CanUpdateInPlace);
+        Assert.False(ops.CanUpdateInPlace);
+        var vector = new ParameterVector(namedB.Select(p => (p.name, (Tensor)p.parameter)));
+        var x = randn(16, 37);
+        for (var step = 1; step <= 6; step++)
+        {
+            gradStep.ZeroGrad();
+            a.forward(x * step).square().sum().backward();
+            gradStep.Step();
+            ops.Update(step);
+            loop.Update(step);
+            b.zero_grad();
+            b.forward(x * step).square().sum().backward();
+            var (gradient, present) = vector.ReadGradients();
+            var updated = new float[vector.Elements];
+            var factors = fused.FactorsAt(step);
+            flatStep.Step(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(gradient.AsSpan()), present, updated, (name, values) => fused.UpdateParameter(name, values, factors));
+        }
+        foreach (var (name, _) in namedA)
+        {
+            Assert.True(loop.Weights[name].eq(fused.Weights[name]).all().item<bool>(), $"{name}: the fused EMA differs from the element loop's");
+            Assert.True(loop.Weights[name].allclose(ops.Weights[name], rtol: 1e-6, atol: 1e-7), $"{name}: largest difference {(loop.Weights[name] - ops.Weights[name]).abs().max().item<float>()}");
+            Assert.False(loop.Weights[name].eq(a.named_parameters().First(p => p.name == name).parameter).all().item<bool>());   // it lags the weights
+        }
+    }
+
+    [Fact]
     public void EmaWarmsUpThenFollowsDecay()
     {
         using var scope = NewDisposeScope();

@@ -187,9 +187,11 @@ public sealed class AdamOptimizer : IDisposable
     /// once it has had a gradient (so does this). A parameter not marked has a zero gradient (its range is cleared). The
     /// parameters after the update are written into <paramref name="updated"/> [Elements] as well, each right after its
     /// update while still in cache, for the broadcast. No copy into .grad, no .grad to zero, no read of the parameters
-    /// back. Returns the gradient norm before clipping; a non-finite one throws before anything changes.
+    /// back. <paramref name="updatedParameter"/>, if given, sees each parameter's new values at the same moment (the EMA
+    /// update reads them there instead of in a pass of its own). Returns the gradient norm before clipping; a non-finite
+    /// one throws before anything changes.
     /// </summary>
-    public unsafe double Step(Span<float> gradient, ReadOnlySpan<byte> present, Span<float> updated)
+    public unsafe double Step(Span<float> gradient, ReadOnlySpan<byte> present, Span<float> updated, ParameterUpdated? updatedParameter = null)
     {
         if (gradient.Length != _elements || updated.Length != _elements)
             throw new ArgumentException($"flat step over {_elements} parameters with a gradient of {gradient.Length} and an output of {updated.Length} elements");
@@ -224,6 +226,7 @@ public sealed class AdamOptimizer : IDisposable
                 if (takesPart[i])
                     UpdateElements(values, new ReadOnlySpan<float>((float*)gradientAt + _offsets[i], count), Floats(_expAvg[name]), Floats(_expAvgSq[name]), c.Elements);
                 values.CopyTo(new Span<float>((float*)updatedAt + _offsets[i], count));
+                updatedParameter?.Invoke(name, values);
             }
             ForEachParameter(Update);
         }
@@ -377,6 +380,9 @@ public sealed class AdamOptimizer : IDisposable
 /// The gradient's global norm is not finite: nothing was applied (thrown before any tensor changes), so the training state
 /// is still the last completed step's. The distributed coordinator treats it as divergence.
 /// </summary>
+/// <summary>Called with a parameter's name and its values [numel] right after the optimizer's flat step updated them.</summary>
+public delegate void ParameterUpdated(string name, ReadOnlySpan<float> values);
+
 public sealed class NonFiniteGradientException(double norm)
     : InvalidOperationException($"gradient norm is {norm}: refusing to apply a non-finite update")
 {

@@ -119,12 +119,18 @@ public sealed class TrainingState : IDisposable
     /// parameters marked in <paramref name="present"/> instead of .grad, where <see cref="AdamOptimizer.CanStepFlat"/>
     /// (<see cref="AdamOptimizer.Step(Span{float}, ReadOnlySpan{byte}, Span{float})"/>): the same update, bit for bit,
     /// with the new parameters written into <paramref name="updated"/> [elements] as well. The distributed coordinator's path.
+    /// <para>Where the EMA updates by its element loop, it is updated inside the step, each parameter right after its
+    /// Adam update while its new values are in cache (the same bits as a separate update). A separate update is another
+    /// pass over memory; in the coordinator it ran while the workers computed, and on 2 cores with 2 local workers it
+    /// delayed the second worker's start by its length every step.</para>
     /// </summary>
     public double ApplyGradients(StepPlan plan, Span<float> gradient, ReadOnlySpan<byte> present, Span<float> updated, bool deferEma = false)
     {
         BeforeUpdate(plan);
-        var norm = Optimizer.Step(gradient, present, updated);
-        AfterUpdate(plan, deferEma);
+        var ema = Ema is { CanUpdateInPlace: true } e ? e : null;
+        var factors = ema?.FactorsAt(StepsDone + 1) ?? default;
+        var norm = Optimizer.Step(gradient, present, updated, ema is null ? null : (name, values) => ema.UpdateParameter(name, values, factors));
+        AfterUpdate(plan, deferEma, emaUpdated: ema is not null);
         return norm;
     }
 
@@ -136,10 +142,10 @@ public sealed class TrainingState : IDisposable
     }
 
     /// <summary>The step count, EMA and cursor move only once the optimizer took the update.</summary>
-    private void AfterUpdate(StepPlan plan, bool deferEma)
+    private void AfterUpdate(StepPlan plan, bool deferEma, bool emaUpdated = false)
     {
         StepsDone++;
-        _emaPending = Ema is not null;
+        _emaPending = Ema is not null && !emaUpdated;
         if (!deferEma) FlushEma();
         Cursor = plan.Next;
     }
