@@ -58,6 +58,10 @@ public static class WorkerCli
         Description = "batch (default: Linux's SCHED_BATCH, so a worker that wakes does not preempt the thread running on its core, e.g. the coordinator's next to it) or normal",
         DefaultValueFactory = _ => "batch",
     };
+    public static readonly Option<string?> CpuAffinityOption = new("--cpu-affinity")
+    {
+        Description = "CPUs this worker's threads may run on, e.g. 1 or 0-3,8 (default: every CPU the process may use; `coordinator run` gives each worker CPUs of its own when they fit)",
+    };
     public static readonly Option<string> LogLevelOption = new("--log-level")
     {
         Description = "Minimum log level: debug, information, warning, error",
@@ -83,7 +87,7 @@ public static class WorkerCli
     {
         var root = new RootCommand("DistDiffusion worker: joins a coordinator, computes gradients of its share of each step and serves sampling work")
         {
-            CoordinatorOption, TokenFileOption, ThreadsOption, DeviceOption, TlsCaOption, TransportOption, GiveUpOption, ExitWithParentOption, CpuSchedulingOption, LogLevelOption, LogFormatOption,
+            CoordinatorOption, TokenFileOption, ThreadsOption, DeviceOption, TlsCaOption, TransportOption, GiveUpOption, ExitWithParentOption, CpuSchedulingOption, CpuAffinityOption, LogLevelOption, LogFormatOption,
         };
         root.SetAction(p => Execute(p));
         return root;
@@ -130,6 +134,7 @@ public static class WorkerCli
             "normal" => CpuSchedulingClass.Normal,
             var other => throw new ArgumentException($"--cpu-scheduling {other}: expected batch or normal"),
         };
+        var affinity = p.GetValue(CpuAffinityOption) is { } list ? CpuAffinity.Parse(list, "--cpu-affinity") : [];
         var format = p.GetValue(LogFormatOption)!;
         if (format.Trim().ToLowerInvariant() is not ("text" or "json")) throw new ArgumentException($"--log-format {format}: expected text or json");
         var options = new WorkerOptions
@@ -151,6 +156,7 @@ public static class WorkerCli
         }
         // Before libtorch starts its threads: they inherit the class from this one.
         CpuScheduling.Apply(scheduling);
+        CpuAffinity.Apply(affinity, "--cpu-affinity");
         var device = TorchRuntime.ResolveDevice(options.Device, threads);
 
         var builder = Host.CreateApplicationBuilder();

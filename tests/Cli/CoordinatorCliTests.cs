@@ -53,6 +53,50 @@ public sealed class CoordinatorCliTests() : TempFolderTest("dd-cli")
         Assert.Equal("error: --cpu-scheduling fifo: expected batch or normal", err.ToString().Trim());
     }
 
+    [Theory]
+    [InlineData("1-x", "error: --cpu-affinity 1-x: '1-x' is not a CPU number (0-1023) or a range of them; expected e.g. 1 or 0-3,8")]
+    [InlineData("3-1", "error: --cpu-affinity 3-1: range '3-1' ends before it starts")]
+    [InlineData("1023", "error: --cpu-affinity 1023: CPU 1023 is not one this process may use ({0})")]
+    public void AWorkersBadCpuListIsNamedInOneLine(string list, string expected)
+    {
+        var oldErr = Console.Error;
+        using var err = new StringWriter();
+        Console.SetError(err);
+        int code;
+        try
+        {
+            code = DistDiffusion.Worker.WorkerCli.Run(["--coordinator", "http://127.0.0.1:1", "--cpu-affinity", list]);
+        }
+        finally
+        {
+            Console.SetError(oldErr);
+        }
+        Assert.Equal(2, code);
+        Assert.Equal(string.Format(System.Globalization.CultureInfo.InvariantCulture, expected, DistDiffusion.Worker.CpuAffinity.Format(DistDiffusion.Worker.CpuAffinity.Allowed())), err.ToString().Trim());
+    }
+
+    [Fact]
+    public void CpuListsParseFormatAndSplitIntoBlocksOfTheirOwn()
+    {
+        Assert.Equal([0, 1, 2, 3, 8], DistDiffusion.Worker.CpuAffinity.Parse(" 2-3,0-1 , 8,3", "--x"));
+        Assert.Equal("0-3,8,10-11", DistDiffusion.Worker.CpuAffinity.Format([11, 8, 0, 1, 2, 3, 10]));
+        // Two workers of two threads on a cpuset 2-5: 2-3 and 4-5. Three such workers do not fit, one leaves CPUs free
+        // (for other work): neither is pinned (the kernel places them).
+        var blocks = DistDiffusion.Worker.CpuAffinity.Blocks([2, 3, 4, 5], 2, 2);
+        Assert.NotNull(blocks);
+        Assert.Equal(["2-3", "4-5"], blocks.Select(b => DistDiffusion.Worker.CpuAffinity.Format(b)));
+        Assert.Null(DistDiffusion.Worker.CpuAffinity.Blocks([2, 3, 4, 5], 3, 2));
+        Assert.Null(DistDiffusion.Worker.CpuAffinity.Blocks([2, 3, 4, 5], 1, 2));
+    }
+
+    [Fact]
+    public void AnUnknownPinningModeIsAUsageError()
+    {
+        var (code, _, err) = CliHarness.Run("run", "--workers", "2", "--recipe", "swissroll", "--out", Path.Combine(Path.GetTempPath(), "never"), "--pin-workers", "numa");
+        Assert.Equal(2, code);
+        Assert.Contains("--pin-workers numa: expected auto or none", err);
+    }
+
     [Fact]
     public void HelpIsAvailableOnEveryVerb()
     {

@@ -32,6 +32,15 @@ public sealed partial class OrphanAndSignalTests() : TempFolderTest("dd-orphans"
                 Assert.NotEmpty(policies);
                 Assert.All(policies, p => Assert.Equal(3, p));
             }
+            // ... and, where two one-thread workers fill the CPUs this process may use (2 cores), on a CPU of its own: every thread.
+            var blocks = DistDiffusion.Worker.CpuAffinity.Blocks(DistDiffusion.Worker.CpuAffinity.Allowed(), 2, 1);
+            var pinned = workers.Select(w => Directory.GetDirectories($"/proc/{w.Pid}/task")
+                .Select(t => DistDiffusion.Worker.CpuAffinity.Of(w.Pid, int.Parse(Path.GetFileName(t), System.Globalization.CultureInfo.InvariantCulture)))
+                .Where(c => c is not null).Select(c => DistDiffusion.Worker.CpuAffinity.Format(c!)).Distinct().ToList()).ToList();
+            if (blocks is null)
+                Assert.All(pinned, p => Assert.Equal([DistDiffusion.Worker.CpuAffinity.Format(DistDiffusion.Worker.CpuAffinity.Allowed())], p));
+            else
+                Assert.Equal(blocks.Select(b => DistDiffusion.Worker.CpuAffinity.Format(b)).Order(), pinned.Select(p => Assert.Single(p)).Order());
             // SIGKILL to the run process alone: its finally block, which kills the workers, never runs.
             run.Process.Kill(entireProcessTree: false);
             await run.Process.WaitForExitAsync();

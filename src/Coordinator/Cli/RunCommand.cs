@@ -33,10 +33,15 @@ internal static class RunCommand
         var logLevel = new Option<string>("--log-level") { Description = "Log level of the coordinator and workers (debug, information, warning, error)", DefaultValueFactory = _ => "warning" };
         var logEvery = CliSupport.LogEveryOption();
         var logFormat = new Option<string>("--log-format") { Description = "Log format of the coordinator and workers: text (lines prefixed [coordinator], [worker N]) or json (Serilog's compact JSON, one event per line, unprefixed)", DefaultValueFactory = _ => "text" };
+        var pinWorkers = new Option<string>("--pin-workers")
+        {
+            Description = "auto (default): each worker's threads on CPUs of its own when the workers' threads fill the CPUs this process may use exactly (as with --worker-threads 0); otherwise, and with none, wherever the kernel puts them",
+            DefaultValueFactory = _ => "auto",
+        };
         var devices = new Option<string?>("--devices") { Description = "Devices for the workers, round robin: GPU indices and/or cpu, e.g. 0,1 (default: every visible GPU, else the CPU)" };
         var cmd = new Command("run", "Train with a coordinator and N worker processes on this machine")
         {
-            logEvery, logFormat, devices, workers, recipe, set, steps, seed, output, resume, workerThreads, workerTransport, gradientDtype, ServeCommand.SharedMemory, keepCheckpoints, keepEvery, logLevel,
+            logEvery, logFormat, devices, pinWorkers, workers, recipe, set, steps, seed, output, resume, workerThreads, workerTransport, gradientDtype, ServeCommand.SharedMemory, keepCheckpoints, keepEvery, logLevel,
         };
         cmd.SetAction(p =>
         {
@@ -45,6 +50,12 @@ internal static class RunCommand
             var threads = p.GetValue(workerThreads);
             if (threads < 0) throw new UsageException($"--worker-threads {threads}: expected 0 (divide the cores) or a positive count");
             var transport = CliSupport.UserInput(() => TrainerTransports.Parse(p.GetValue(workerTransport)!, "--worker-transport"));
+            var pin = p.GetValue(pinWorkers)!.Trim().ToLowerInvariant() switch
+            {
+                "auto" => true,
+                "none" => false,
+                var other => throw new UsageException($"--pin-workers {other}: expected auto or none"),
+            };
             if (p.GetValue(resume) is null && p.GetValue(output) is null) throw new UsageException("--out DIR is required (or --resume DIR)");
             if (p.GetValue(resume) is null && p.GetValue(recipe) is null) throw new UsageException("--recipe is required (or --resume DIR)");
             var options = new CoordinatorOptions
@@ -90,7 +101,9 @@ internal static class RunCommand
                 options.Listen = "http://127.0.0.1:0";
                 server = Start();
             }
-            return RunAsync(server, credentials, n, threads > 0 ? threads : Math.Max(1, Environment.ProcessorCount / n), level, options.LogFormat, deviceList, transport).GetAwaiter().GetResult();
+            var perWorker = threads > 0 ? threads : Math.Max(1, Environment.ProcessorCount / n);
+            var cpus = pin ? Worker.CpuAffinity.Blocks(Worker.CpuAffinity.Allowed(), n, perWorker) : null;
+            return RunAsync(server, credentials, n, perWorker, level, options.LogFormat, deviceList, transport, cpus).GetAwaiter().GetResult();
         });
         return cmd;
     }
@@ -102,10 +115,11 @@ internal static class RunCommand
     /// runs out. Its output lines go to <paramref name="output"/> with <paramref name="prefix"/>.
     /// </summary>
     internal static Process StartWorker(Uri address, string workerToken, int threads, string logLevel, string prefix, Action<string> output, double giveUpAfterSeconds = 60,
-        string device = "cpu", string logFormat = "text", TrainerTransport transport = TrainerTransport.Socket)
+        string device = "cpu", string logFormat = "text", TrainerTransport transport = TrainerTransport.Socket, IReadOnlyList<int>? cpus = null)
     {
         var psi = WorkerStartInfo(["--coordinator", address.ToString(), "--threads", threads.ToString(CultureInfo.InvariantCulture), "--log-level", logLevel,
-            "--log-format", logFormat, "--device", device, "--transport", TrainerTransports.Name(transport), "--give-up-after", giveUpAfterSeconds.ToString(CultureInfo.InvariantCulture), "--exit-with-parent", Environment.ProcessId.ToString(CultureInfo.InvariantCulture)]);
+            "--log-format", logFormat, "--device", device, "--transport", TrainerTransports.Name(transport), "--give-up-after", giveUpAfterSeconds.ToString(CultureInfo.InvariantCulture), "--exit-with-parent", Environment.ProcessId.ToString(CultureInfo.InvariantCulture),
+            .. cpus is null ? Array.Empty<string>() : ["--cpu-affinity", Worker.CpuAffinity.Format(cpus)]]);
         psi.Environment.Remove(Names.TokenEnvironmentVariable);
         psi.Environment.Remove(Names.ClientTokenEnvironmentVariable);
         psi.Environment[Names.WorkerTokenEnvironmentVariable] = workerToken;
@@ -169,7 +183,8 @@ internal static class RunCommand
         return psi;
     }
 
-    private static async Task<int> RunAsync(CoordinatorServer started, ServerCredentials credentials, int workerCount, int threads, string logLevel, string logFormat, string[] devices, TrainerTransport transport)
+    private static async Task<int> RunAsync(CoordinatorServer started, ServerCredentials credentials, int workerCount, int threads, string logLevel, string logFormat, string[] devices, TrainerTransport transport,
+        IReadOnlyList<int>[]? cpus)
     {
         using var cts = new CancellationTokenSource();
         using var signals = StopSignals.Register(cts);
@@ -181,11 +196,11 @@ internal static class RunCommand
             RunEndpoints.Write(server.RunDir, server.Address, server.HttpAddress);
             var status = server.Loop.Status();
             Console.Error.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"run {status.RunId}: {status.Recipe} from step {status.Step} to {status.TargetStep}, coordinator {server.Address}, {workerCount} workers x {threads} threads, client token (status, sample) in {Path.Combine(server.RunDir, "token")}; `coordinator status --run {server.RunDir}` finds it"));
+                $"run {status.RunId}: {status.Recipe} from step {status.Step} to {status.TargetStep}, coordinator {server.Address}, {workerCount} workers x {threads} threads{(cpus is null ? "" : " on CPUs " + string.Join(" / ", cpus.Select(Worker.CpuAffinity.Format)))}, client token (status, sample) in {Path.Combine(server.RunDir, "token")}; `coordinator status --run {server.RunDir}` finds it"));
             for (var i = 0; i < workerCount; i++)
                 // JSON lines stay JSON: no prefix (each worker's events carry its id once it has joined).
                 processes.Add(StartWorker(server.Address, credentials.Worker!, threads, logLevel, logFormat == "json" ? "" : $"[worker {i + 1}] ", Console.Error.WriteLine,
-                    device: devices[i % devices.Length], logFormat: logFormat, transport: transport));
+                    device: devices[i % devices.Length], logFormat: logFormat, transport: transport, cpus: cpus?[i]));
 
             var bar = new ProgressBar("train", (long)status.Step, (long)status.TargetStep);
             // The rate excludes the first step (joining, loading, one-time set-up), as `coordinator train`'s does.
