@@ -8,7 +8,7 @@ namespace DistDiffusion.Worker;
 /// "0-3,8"). `coordinator run` gives each worker CPUs of its own when they fit. Unpinned, two workers woken one after the
 /// other could land on the same core's run queue while the other core ran the coordinator: in SCHED_BATCH the second
 /// waited for the first's time slice to end before the kernel moved it, and `benchmark-timeline`'s raw marks showed one
-/// step in six or seven starting a worker 2-4 ms late (perf sched: the core meanwhile idle or running the other worker).
+/// step in four to ten starting a worker 2-4 ms late (perf sched: the other core meanwhile idle or running the coordinator).
 /// Elsewhere than Linux this does nothing.
 /// </summary>
 public static class CpuAffinity

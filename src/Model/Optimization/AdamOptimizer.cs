@@ -37,7 +37,7 @@ public sealed class AdamOptimizer : IDisposable
     private readonly Dictionary<string, Tensor> _expAvg = new();
     private readonly Dictionary<string, Tensor> _expAvgSq = new();
     private readonly long _elements;
-    /// <summary>Each parameter's first element in the flat vector of <see cref="Step(Span{float}, ReadOnlySpan{byte}, Span{float})"/> (named_parameters order).</summary>
+    /// <summary>Each parameter's first element in the flat vector of <see cref="Step(Span{float}, ReadOnlySpan{byte}, Span{float}, ParameterUpdated)"/> (named_parameters order).</summary>
     private readonly long[] _offsets;
     /// <summary>Flat steps: the parameters that have had a gradient (what a .grad kept, zeroed, between steps is to <see cref="Step()"/>).</summary>
     private readonly bool[] _hadFlatGradient;
@@ -175,7 +175,7 @@ public sealed class AdamOptimizer : IDisposable
     }
 
     /// <summary>
-    /// Whether <see cref="Step(Span{float}, ReadOnlySpan{byte}, Span{float})"/> applies: every parameter and moment a
+    /// Whether <see cref="Step(Span{float}, ReadOnlySpan{byte}, Span{float}, ParameterUpdated)"/> applies: every parameter and moment a
     /// contiguous float32 tensor in CPU memory, and the element loop not turned off by <see cref="UseTensorOps"/>.
     /// </summary>
     public bool CanStepFlat => !UseTensorOps && _params.All(p => InPlaceFloats(p.Param) && InPlaceFloats(_expAvg[p.Name]) && InPlaceFloats(_expAvgSq[p.Name]));
@@ -376,13 +376,13 @@ public sealed class AdamOptimizer : IDisposable
     }
 }
 
+/// <summary>Called with a parameter's name and its values [numel] right after the optimizer's flat step updated them.</summary>
+public delegate void ParameterUpdated(string name, ReadOnlySpan<float> values);
+
 /// <summary>
 /// The gradient's global norm is not finite: nothing was applied (thrown before any tensor changes), so the training state
 /// is still the last completed step's. The distributed coordinator treats it as divergence.
 /// </summary>
-/// <summary>Called with a parameter's name and its values [numel] right after the optimizer's flat step updated them.</summary>
-public delegate void ParameterUpdated(string name, ReadOnlySpan<float> values);
-
 public sealed class NonFiniteGradientException(double norm)
     : InvalidOperationException($"gradient norm is {norm}: refusing to apply a non-finite update")
 {

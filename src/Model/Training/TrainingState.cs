@@ -117,7 +117,7 @@ public sealed class TrainingState : IDisposable
     /// <summary>
     /// <see cref="ApplyGradients(StepPlan, bool)"/> from a flat gradient [elements, named_parameters order] of the
     /// parameters marked in <paramref name="present"/> instead of .grad, where <see cref="AdamOptimizer.CanStepFlat"/>
-    /// (<see cref="AdamOptimizer.Step(Span{float}, ReadOnlySpan{byte}, Span{float})"/>): the same update, bit for bit,
+    /// (<see cref="AdamOptimizer.Step(Span{float}, ReadOnlySpan{byte}, Span{float}, ParameterUpdated)"/>): the same update, bit for bit,
     /// with the new parameters written into <paramref name="updated"/> [elements] as well. The distributed coordinator's path.
     /// <para>Where the EMA updates by its element loop, it is updated inside the step, each parameter right after its
     /// Adam update while its new values are in cache (the same bits as a separate update). A separate update is another
