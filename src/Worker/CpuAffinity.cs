@@ -76,16 +76,23 @@ public static class CpuAffinity
         return [.. Enumerable.Range(0, workers).Select(w => (IReadOnlyList<int>)[.. allowed.Skip(w * threads).Take(threads)])];
     }
 
+    /// <summary>Throws, naming <paramref name="flag"/>, unless every CPU in <paramref name="cpus"/> is one this process may use.</summary>
+    public static void CheckAllowed(IReadOnlyList<int> cpus, string flag)
+    {
+        if (!OperatingSystem.IsLinux() || cpus.Count == 0) return;
+        var allowed = Allowed();
+        if (cpus.FirstOrDefault(c => !allowed.Contains(c), -1) is var missing and >= 0)
+            throw new ArgumentException($"{flag} {Format(cpus)}: CPU {missing} is not one this process may use ({Format(allowed)})");
+    }
+
     /// <summary>
-    /// Restricts every thread of this process to <paramref name="cpus"/>; threads started afterwards inherit it from their
-    /// creator. Each CPU must be one this process may use. Returns the number of threads moved.
+    /// Restricts every thread of this process to <paramref name="cpus"/> (checked by <see cref="CheckAllowed"/> first);
+    /// threads started afterwards inherit it from their creator. Returns the number of threads moved.
     /// </summary>
     public static int Apply(IReadOnlyList<int> cpus, string flag)
     {
         if (!OperatingSystem.IsLinux() || cpus.Count == 0) return 0;
-        var allowed = Allowed();
-        if (cpus.FirstOrDefault(c => !allowed.Contains(c), -1) is var missing and >= 0)
-            throw new ArgumentException($"{flag} {Format(cpus)}: CPU {missing} is not one this process may use ({Format(allowed)})");
+        CheckAllowed(cpus, flag);
         var mask = new byte[MaskBytes];
         foreach (var c in cpus) mask[c / 8] |= (byte)(1 << (c % 8));
         var moved = 0;

@@ -135,6 +135,7 @@ public static class WorkerCli
             var other => throw new ArgumentException($"--cpu-scheduling {other}: expected batch or normal"),
         };
         var affinity = p.GetValue(CpuAffinityOption) is { } list ? CpuAffinity.Parse(list, "--cpu-affinity") : [];
+        CpuAffinity.CheckAllowed(affinity, "--cpu-affinity");   // with the other flags, before this process changes anything
         var format = p.GetValue(LogFormatOption)!;
         if (format.Trim().ToLowerInvariant() is not ("text" or "json")) throw new ArgumentException($"--log-format {format}: expected text or json");
         var options = new WorkerOptions

@@ -73,6 +73,9 @@ public sealed class CoordinatorCliTests() : TempFolderTest("dd-cli")
         }
         Assert.Equal(2, code);
         Assert.Equal(string.Format(System.Globalization.CultureInfo.InvariantCulture, expected, DistDiffusion.Worker.CpuAffinity.Format(DistDiffusion.Worker.CpuAffinity.Allowed())), err.ToString().Trim());
+        // Refused before the worker changed anything of this (the test) process: its scheduling class is still the normal one.
+        if (OperatingSystem.IsLinux())
+            Assert.Equal(0, DistDiffusion.Worker.CpuScheduling.PolicyOf(Environment.ProcessId, Environment.ProcessId));
     }
 
     [Fact]
