@@ -407,7 +407,8 @@ public sealed class TrainingLoop : BackgroundService
 
     /// <summary>
     /// One step: plan its batch, let a <see cref="StepDriver"/> hand out the slices and gather them (the previous step's
-    /// EMA update runs meanwhile), then apply the summed gradient and publish the new parameters.
+    /// EMA update runs meanwhile where it was deferred: the tensor-op path; the flat step on CPU updates the EMA in its own
+    /// pass), then apply the summed gradient and publish the new parameters.
     /// </summary>
     private async Task<(double Loss, double Norm, double SlowestCompute)> RunStepAsync(CancellationToken ct)
     {
@@ -417,7 +418,7 @@ public sealed class TrainingLoop : BackgroundService
         StepTimeline.Mark(StepMark.Planned, (ulong)plan.Step);
         var driver = new StepDriver(_stepServices, s, plan);
         StepTimeline.Mark(StepMark.Assigned, (ulong)plan.Step);
-        // The previous step's EMA update, while the workers compute this one.
+        // The previous step's EMA update if it was deferred (the tensor-op path), while the workers compute this one.
         using (Model.TorchRuntime.Compute()) s.FlushEma();
         _busySeconds += Stopwatch.GetElapsedTime(planning).TotalSeconds;
 

@@ -93,8 +93,9 @@ public sealed class TrainingState : IDisposable
     /// Applies the gradients now in the parameters' .grad (those of <paramref name="plan"/>'s whole global batch):
     /// Adam step, EMA update, step count and cursor advance. A non-finite gradient throws and changes nothing.
     /// With <paramref name="deferEma"/> the EMA update of this step waits for <see cref="FlushEma"/> (or the next update,
-    /// checkpoint or sampling-weights read, which flush it first): the distributed coordinator does it while the workers
-    /// compute the next step, off the critical path. It uses this step's parameters either way, so the EMA is the same.
+    /// checkpoint or sampling-weights read, which flush it first): the distributed coordinator, where it cannot take the
+    /// flat step (an accelerator), does it while the workers compute the next step. It uses this step's parameters either
+    /// way, so the EMA is the same.
     /// </summary>
     public double ApplyGradients(StepPlan plan, bool deferEma = false)
     {
