@@ -437,7 +437,7 @@ public sealed class TrainingLoop : BackgroundService
             try
             {
                 norm = flat
-                    ? s.ApplyGradients(plan, total, present, MemoryMarshal.Cast<byte, float>(_parameters.BufferFor(version).AsSpan()), deferEma: true)
+                    ? s.ApplyGradients(plan, total, present, MemoryMarshal.Cast<byte, float>(_parameters.BufferFor(version).AsSpan()))
                     : s.ApplyGradients(plan, deferEma: true);
             }
             catch (NonFiniteGradientException e)

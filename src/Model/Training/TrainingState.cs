@@ -123,15 +123,16 @@ public sealed class TrainingState : IDisposable
     /// <para>Where the EMA updates by its element loop, it is updated inside the step, each parameter right after its
     /// Adam update while its new values are in cache (the same bits as a separate update). A separate update is another
     /// pass over memory; in the coordinator it ran while the workers computed, and on 2 cores with 2 local workers it
-    /// delayed the second worker's start by its length every step.</para>
+    /// delayed the second worker's start by its length every step. (The flat step's parameters are CPU float32 tensors, so
+    /// are the EMA's clones of them: nothing is left to defer.)</para>
     /// </summary>
-    public double ApplyGradients(StepPlan plan, Span<float> gradient, ReadOnlySpan<byte> present, Span<float> updated, bool deferEma = false)
+    public double ApplyGradients(StepPlan plan, Span<float> gradient, ReadOnlySpan<byte> present, Span<float> updated)
     {
         BeforeUpdate(plan);
         var ema = Ema is { CanUpdateInPlace: true } e ? e : null;
         var factors = ema?.FactorsAt(StepsDone + 1) ?? default;
         var norm = Optimizer.Step(gradient, present, updated, ema is null ? null : (name, values) => ema.UpdateParameter(name, values, factors));
-        AfterUpdate(plan, deferEma, emaUpdated: ema is not null);
+        AfterUpdate(plan, deferEma: false, emaUpdated: ema is not null);
         return norm;
     }
 
