@@ -95,31 +95,16 @@ public static class CpuAffinity
         CheckAllowed(cpus, flag);
         var mask = new byte[MaskBytes];
         foreach (var c in cpus) mask[c / 8] |= (byte)(1 << (c % 8));
-        var moved = 0;
-        foreach (var task in Directory.EnumerateDirectories("/proc/self/task"))
+        return ThreadTable.ForEachOfThisProcess(tid =>
         {
-            if (!int.TryParse(Path.GetFileName(task), out var tid)) continue;
-            if (SetAffinity(tid, MaskBytes, mask) == 0) { moved++; continue; }
+            if (SetAffinity(tid, MaskBytes, mask) == 0) return true;
             var error = Marshal.GetLastPInvokeError();
-            if (error != 3)   // ESRCH: the thread ended meanwhile
-                throw new InvalidOperationException($"sched_setaffinity(thread {tid}, {Format(cpus)}) failed: {Marshal.GetPInvokeErrorMessage(error)}");
-        }
-        return moved;
+            if (error == 3) return false;   // ESRCH: the thread ended meanwhile
+            throw new InvalidOperationException($"sched_setaffinity(thread {tid}, {Format(cpus)}) failed: {Marshal.GetPInvokeErrorMessage(error)}");
+        });
     }
 
     /// <summary>The CPUs a thread may run on as the kernel reports them (/proc/PID/task/TID/status), or null if unreadable.</summary>
-    public static IReadOnlyList<int>? Of(int pid, int tid)
-    {
-        try
-        {
-            foreach (var line in File.ReadLines($"/proc/{pid}/task/{tid}/status"))
-                if (line.StartsWith("Cpus_allowed_list:", StringComparison.Ordinal))
-                    return Parse(line[(line.IndexOf(':') + 1)..].Trim(), "Cpus_allowed_list");
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            // gone, or not readable
-        }
-        return null;
-    }
+    public static IReadOnlyList<int>? Of(int pid, int tid) =>
+        ThreadTable.Field(pid, tid, "status", "Cpus_allowed_list") is { } list ? Parse(list, "Cpus_allowed_list") : null;
 }

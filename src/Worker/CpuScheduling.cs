@@ -39,10 +39,7 @@ public static class CpuScheduling
     public static int Apply(CpuSchedulingClass choice)
     {
         if (choice == CpuSchedulingClass.Normal || !OperatingSystem.IsLinux()) return 0;
-        var moved = 0;
-        foreach (var task in Directory.EnumerateDirectories("/proc/self/task"))
-            if (int.TryParse(Path.GetFileName(task), out var tid) && UseBatch(tid)) moved++;
-        return moved;
+        return ThreadTable.ForEachOfThisProcess(UseBatch);
     }
 
     /// <summary>Moves one thread (by its kernel id) into SCHED_BATCH; false when it ended meanwhile.</summary>
@@ -56,18 +53,6 @@ public static class CpuScheduling
     }
 
     /// <summary>A thread's scheduling policy as the kernel reports it (/proc/PID/task/TID/sched: 0 normal, 3 batch), or null if unreadable.</summary>
-    public static int? PolicyOf(int pid, int tid)
-    {
-        try
-        {
-            foreach (var line in File.ReadLines($"/proc/{pid}/task/{tid}/sched"))
-                if (line.StartsWith("policy", StringComparison.Ordinal) && int.TryParse(line[(line.IndexOf(':') + 1)..].Trim(), out var policy))
-                    return policy;
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            // gone, or not readable
-        }
-        return null;
-    }
+    public static int? PolicyOf(int pid, int tid) =>
+        int.TryParse(ThreadTable.Field(pid, tid, "sched", "policy"), out var policy) ? policy : null;
 }
