@@ -19,16 +19,18 @@ internal static class BenchmarkExchangeCommand
     public static Command Create()
     {
         var recipe = new Option<string>("--recipe") { Description = "Recipe whose network sets the message sizes", DefaultValueFactory = _ => "mnist-small" };
-        var steps = new Option<int>("--steps") { Description = "Steps to exchange", DefaultValueFactory = _ => 30 };
+        var steps = new Option<int>("--steps") { Description = "Steps to exchange, warm-up included", DefaultValueFactory = _ => 1100 };
+        var warmup = new Option<int>("--warmup") { Description = "Steps exchanged before the clock starts (the first few hundred run slower while the heap, the JIT's tiers and the sockets settle)", DefaultValueFactory = _ => 100 };
         var transport = new Option<string>("--transport") { Description = "socket (the worker socket, as remote workers use by default), grpc (the gRPC stream, a worker's --transport grpc) or shared-memory (payloads in /dev/shm, messages on the worker socket, as workers under the coordinator's kernel use)", DefaultValueFactory = _ => "socket" };
-        var cmd = new Command("benchmark-exchange", "Measure the parameter + gradient exchange rate against raw loopback TCP") { recipe, steps, transport };
-        cmd.SetAction(p => Run(p.GetValue(recipe)!, p.GetValue(steps), p.GetValue(transport)!));
+        var cmd = new Command("benchmark-exchange", "Measure the parameter + gradient exchange rate against raw loopback TCP") { recipe, steps, warmup, transport };
+        cmd.SetAction(p => Run(p.GetValue(recipe)!, p.GetValue(steps), p.GetValue(warmup), p.GetValue(transport)!));
         return cmd;
     }
 
-    private static int Run(string recipe, int steps, string transport)
+    private static int Run(string recipe, int steps, int warmup, string transport)
     {
-        if (steps < 2) throw new UsageException($"--steps {steps}: expected at least 2");
+        if (warmup < 1) throw new UsageException($"--warmup {warmup}: expected at least 1 (the first step is always warm-up)");
+        if (steps <= warmup) throw new UsageException($"--steps {steps}: expected more than --warmup ({warmup})");
         var (shared, messages) = transport switch
         {
             "socket" => (false, TrainerTransport.Socket),
@@ -50,12 +52,12 @@ internal static class BenchmarkExchangeCommand
                 Set = ["checkpoint-every=0", "sample-every=0"],
             };
             var server = CliSupport.UserInput(() => CoordinatorServer.StartAsync(options, token, Serilog.Events.LogEventLevel.Warning).GetAwaiter().GetResult());
-            var (bytes, seconds, busy) = ExchangeAsync(server, token, steps, shared, messages).GetAwaiter().GetResult();
+            var (bytes, seconds, busy) = ExchangeAsync(server, token, warmup, shared, messages).GetAwaiter().GetResult();
             var tcp = RawTcpAsync(bytes).GetAwaiter().GetResult();
             var exchange = seconds - busy;
             var rate = bytes / exchange;
             var inv = CultureInfo.InvariantCulture;
-            Console.WriteLine(string.Create(inv, $"steps: {steps - 1} timed, {seconds:F2} s wall, of which {busy:F2} s the coordinator's own work (gradient sum, Adam, EMA, parameter copy)"));
+            Console.WriteLine(string.Create(inv, $"steps: {steps - warmup} timed after {warmup} of warm-up, {seconds:F2} s wall, of which {busy:F2} s the coordinator's own work (planning, gradient sum, Adam, EMA)"));
             Console.WriteLine(string.Create(inv, $"exchange ({transport}): {bytes / 1048576.0:F1} MiB (parameters down + gradients up) in {exchange:F2} s = {rate / 1048576.0:F1} MiB/s (wall rate including the coordinator's work: {bytes / seconds / 1048576.0:F1} MiB/s)"));
             Console.WriteLine(string.Create(inv, $"raw loopback TCP: {tcp / 1048576.0:F1} MiB/s"));
             Console.WriteLine(string.Create(inv, $"exchange / raw TCP: {rate / tcp:P0}"));
@@ -69,9 +71,9 @@ internal static class BenchmarkExchangeCommand
 
     /// <summary>
     /// A worker that returns a zero gradient at once, through the stream or its shared-memory segment, verifying each
-    /// parameter set as a worker does (its checksum on the stream, its write sequence in shared memory); bytes moved and time from the end of step 1 (warm-up) to the last step.
+    /// parameter set as a worker does (its checksum on the stream, its write sequence in shared memory); bytes moved and time from step <paramref name="warmup"/>'s assignment (the steps before it are warm-up) to the last step.
     /// </summary>
-    private static async Task<(long Bytes, double Seconds, double Busy)> ExchangeAsync(CoordinatorServer started, string token, int steps, bool shared, TrainerTransport messages)
+    private static async Task<(long Bytes, double Seconds, double Busy)> ExchangeAsync(CoordinatorServer started, string token, int warmup, bool shared, TrainerTransport messages)
     {
         await using var server = started;
         using var channel = ClientChannel.Create(server.Address);
@@ -129,7 +131,7 @@ internal static class BenchmarkExchangeCommand
                         break;
                     case CoordinatorMessage.KindOneofCase.Assignment:
                         var a = m.Assignment;
-                        if (a.Step == 1)
+                        if (a.Step == (ulong)warmup)
                         {
                             clock.Start();
                             busyAtStart = server.Loop.BusySeconds;

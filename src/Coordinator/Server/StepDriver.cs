@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using DistDiffusion.Model;
 using DistDiffusion.Model.Training;
 using DistDiffusion.Protocol;
@@ -146,8 +147,14 @@ internal sealed class StepDriver
             }
         }
         StepTimeline.Mark(StepMark.Complete, round.Step);
-        return round.Sum(_loop.GradientBuffers.Return);
+        var summing = Stopwatch.GetTimestamp();
+        var summed = round.Sum(_loop.GradientBuffers.Return);
+        SummingSeconds = Stopwatch.GetElapsedTime(summing).TotalSeconds;
+        return summed;
     }
+
+    /// <summary>Seconds <see cref="RunAsync"/> spent summing the slices once all were in (the coordinator's own work, not the exchange).</summary>
+    public double SummingSeconds { get; private set; }
 
     /// <summary>A push (taken, refused or ignored) answers an assignment: the worker is no longer behind on it.</summary>
     public static void Answered(WorkerConnection w, ulong step, uint slice)

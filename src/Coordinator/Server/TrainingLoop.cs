@@ -123,8 +123,9 @@ public sealed class TrainingLoop : BackgroundService
     public ulong ParameterChecksum => _parameters.Header.Checksum;
     public long StepsDone => _run.State.StepsDone;
     /// <summary>
-    /// Seconds the loop spent computing (planning, summing gradients, Adam, EMA, serializing parameters) rather than
-    /// waiting for workers: the benchmark subtracts it to isolate the exchange itself.
+    /// Seconds the loop spent on its own work (planning, summing the slices, Adam, the EMA) rather than on the exchange
+    /// (handing parameters to the workers' streams or regions, taking their gradients) or waiting for workers: the
+    /// benchmark subtracts it to isolate the exchange itself.
     /// </summary>
     public double BusySeconds => Volatile.Read(ref _busySeconds);
     private double _busySeconds;
@@ -412,17 +413,22 @@ public sealed class TrainingLoop : BackgroundService
     /// </summary>
     private async Task<(double Loss, double Norm, double SlowestCompute)> RunStepAsync(CancellationToken ct)
     {
+        // Busy time is the coordinator's own work (planning, the EMA, Adam), not handing parameters and assignments to the
+        // workers' streams or regions: that is the exchange, which a socket write can do inline here.
         var planning = Stopwatch.GetTimestamp();
         var s = _run.State;
         var plan = s.PlanStep();
+        _busySeconds += Stopwatch.GetElapsedTime(planning).TotalSeconds;
         StepTimeline.Mark(StepMark.Planned, (ulong)plan.Step);
         var driver = new StepDriver(_stepServices, s, plan);
         StepTimeline.Mark(StepMark.Assigned, (ulong)plan.Step);
         // The previous step's EMA update if it was deferred (the tensor-op path), while the workers compute this one.
+        var flushing = Stopwatch.GetTimestamp();
         using (Model.TorchRuntime.Compute()) s.FlushEma();
-        _busySeconds += Stopwatch.GetElapsedTime(planning).TotalSeconds;
+        _busySeconds += Stopwatch.GetElapsedTime(flushing).TotalSeconds;
 
         var (total, present, loss) = await driver.RunAsync(ct);
+        _busySeconds += driver.SummingSeconds;
         var gathered = Stopwatch.GetTimestamp();
         StepTimeline.Mark(StepMark.Summed, (ulong)plan.Step);
         double norm;
