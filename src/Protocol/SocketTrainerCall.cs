@@ -54,7 +54,8 @@ public sealed class SocketTrainerCall : IClientStreamWriter<WorkerMessage>, IAsy
         _socket = socket;
         _stream = stream;
         _reader = new SocketFrameReader(stream);
-        _writer = new SocketFrameWriter(stream);
+        // Without TLS a chunk's frame header and data leave in one gathered send on the socket itself.
+        _writer = new SocketFrameWriter(stream, stream is NetworkStream ? socket : null);
     }
 
     public SocketCallState State => _state;

@@ -53,6 +53,80 @@ public static class TensorMessages
         ArrayPool<byte>.Shared.Return(array);
     }
 
+    /// <summary>
+    /// A message that is one large tensor chunk (a WorkerMessage's gradient_chunk, a CoordinatorMessage's parameters_chunk,
+    /// data of at least <see cref="PooledMinimumBytes"/>), cut where the generated serializer would put the data: the
+    /// bytes before it (<paramref name="head"/>, a few dozen after <paramref name="headroom"/> bytes left free for the
+    /// caller's framing) and the data itself, so a writer can send the data from where it lies instead of copying it
+    /// into a serialization buffer. <c>head[headroom..] + data</c> is byte for byte what
+    /// <see cref="MessageExtensions.ToByteArray"/> writes (the data is the last field at each level); a message for which
+    /// that cannot be shown from the sizes (unknown fields, say) is not split.
+    /// </summary>
+    public static bool TrySplitChunkData(IMessage message, int headroom, out byte[] head, out ReadOnlyMemory<byte> data)
+    {
+        head = [];
+        data = default;
+        var (outer, chunk) = message switch
+        {
+            WorkerMessage { KindCase: WorkerMessage.KindOneofCase.GradientChunk, GradientChunk: { Chunk: { } c } g } =>
+                (new GradientChunk { WorkerId = g.WorkerId, Slice = g.Slice }, c),
+            CoordinatorMessage { KindCase: CoordinatorMessage.KindOneofCase.ParametersChunk, ParametersChunk: { } c } => ((IMessage?)null, c),
+            _ => (null, (TensorChunk?)null),
+        };
+        if (chunk is null || chunk.Data.Length < PooledMinimumBytes) return false;
+        var rest = new TensorChunk { Step = chunk.Step, ParameterVersion = chunk.ParameterVersion, Index = chunk.Index };
+        var length = chunk.Data.Length;
+        // Sizes with the data included. TensorChunk: its other fields, then data (4) as tag, length, bytes.
+        var chunkSize = rest.CalculateSize() + Tagged(TensorChunk.DataFieldNumber, length);
+        // GradientChunk: worker_id and slice, then chunk (3); all of it field 3 of the WorkerMessage.
+        var outerSize = outer is null ? 0 : outer.CalculateSize() + Tagged(GradientChunk.ChunkFieldNumber, chunkSize);
+        var headSize = (outer is null
+            ? Tagged(CoordinatorMessage.ParametersChunkFieldNumber, chunkSize)
+            : Tagged(WorkerMessage.GradientChunkFieldNumber, outerSize)) - length;
+        if (headSize + length != message.CalculateSize()) return false;
+        var bytes = new byte[headroom + headSize];
+        var at = headroom;
+        if (outer is not null)
+        {
+            at = WriteField(bytes, at, WorkerMessage.GradientChunkFieldNumber, outerSize);
+            at = WriteMessage(bytes, at, outer);
+            at = WriteField(bytes, at, GradientChunk.ChunkFieldNumber, chunkSize);
+        }
+        else
+            at = WriteField(bytes, at, CoordinatorMessage.ParametersChunkFieldNumber, chunkSize);
+        at = WriteMessage(bytes, at, rest);
+        at = WriteField(bytes, at, TensorChunk.DataFieldNumber, length);
+        if (at != bytes.Length) return false;
+        head = bytes;
+        data = chunk.Data.Memory;
+        return true;
+    }
+
+    /// <summary>A length-delimited field's tag and length at <paramref name="at"/>; where its body begins.</summary>
+    private static int WriteField(byte[] bytes, int at, int field, int length)
+    {
+        at = WriteVarint(bytes, at, (uint)((field << 3) | LengthDelimited));
+        return WriteVarint(bytes, at, (uint)length);
+    }
+
+    private static int WriteMessage(byte[] bytes, int at, IMessage message)
+    {
+        var size = message.CalculateSize();
+        message.WriteTo(bytes.AsSpan(at, size));
+        return at + size;
+    }
+
+    private static int WriteVarint(byte[] bytes, int at, uint value)
+    {
+        for (; value >= 0x80; value >>= 7) bytes[at++] = (byte)(value | 0x80);
+        bytes[at++] = (byte)value;
+        return at;
+    }
+
+    /// <summary>Bytes of a length-delimited field <paramref name="field"/> with a body of <paramref name="length"/> bytes: tag, length, body.</summary>
+    private static int Tagged(int field, int length) =>
+        CodedOutputStream.ComputeTagSize(field) + CodedOutputStream.ComputeLengthSize(length) + length;
+
     /// <summary>As the generated marshaller writes a message: straight into gRPC's buffer.</summary>
     private static void Serialize<T>(T message, SerializationContext context) where T : IBufferMessage
     {

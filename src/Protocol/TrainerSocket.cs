@@ -1,5 +1,6 @@
 using System.Buffers;
 using System.Buffers.Binary;
+using System.Runtime.InteropServices;
 using System.Text;
 using DistDiffusion.Protocol.V1;
 using Google.Protobuf;
@@ -245,16 +246,43 @@ public sealed class SocketFrameReader
     }
 }
 
-/// <summary>Writes frames to a stream, one write call per frame. Like a gRPC stream, it takes one write at a time: callers wait for each.</summary>
+/// <summary>
+/// Writes frames, one send per frame. A message that is one large tensor chunk is not serialized into a buffer: its few
+/// dozen bytes of header go out with the chunk's data from where the data lies (<see cref="TensorMessages.TrySplitChunkData"/>),
+/// gathered into one system call on a plain TCP socket, or copied once into the coordinator's Kestrel pipe. Like a gRPC
+/// stream, it takes one write at a time: callers wait for each.
+/// </summary>
 public sealed class SocketFrameWriter
 {
-    private readonly Stream _stream;
+    private readonly Stream? _stream;
+    private readonly System.Net.Sockets.Socket? _socket;
+    private readonly System.IO.Pipelines.PipeWriter? _pipe;
+    private readonly ArraySegment<byte>[] _gather = new ArraySegment<byte>[2];
 
-    public SocketFrameWriter(Stream stream) => _stream = stream;
+    /// <param name="stream">The connection (TLS or plain).</param>
+    /// <param name="plainSocket">The socket under <paramref name="stream"/> when nothing sits between them (no TLS): a
+    /// chunk's header and data are then one gathered send.</param>
+    public SocketFrameWriter(Stream stream, System.Net.Sockets.Socket? plainSocket = null)
+    {
+        _stream = stream;
+        _socket = plainSocket;
+    }
 
-    /// <summary>A message frame: serialized straight into a pooled buffer behind its header.</summary>
+    /// <summary>Frames into a connection's output pipe (Kestrel's, after its TLS if any), flushed once per frame.</summary>
+    public SocketFrameWriter(System.IO.Pipelines.PipeWriter pipe) => _pipe = pipe;
+
+    /// <summary>A message frame: a large chunk's data sent from where it lies, anything else serialized into a pooled buffer behind its header.</summary>
     public async ValueTask WriteMessageAsync(IMessage message, int maxBody, CancellationToken ct)
     {
+        if (TensorMessages.TrySplitChunkData(message, TrainerSocket.FrameHeaderBytes, out var head, out var data))
+        {
+            var length = head.Length - TrainerSocket.FrameHeaderBytes + data.Length;
+            if (length > maxBody)
+                throw new RpcException(new Status(StatusCode.ResourceExhausted, $"message of {length} bytes: at most {maxBody} allowed"));
+            TrainerSocket.WriteHeader(head, SocketFrameKind.Message, length);
+            await WriteAsync(head, data, ct).ConfigureAwait(false);
+            return;
+        }
         var size = message.CalculateSize();
         if (size > maxBody)
             throw new RpcException(new Status(StatusCode.ResourceExhausted, $"message of {size} bytes: at most {maxBody} allowed"));
@@ -263,7 +291,7 @@ public sealed class SocketFrameWriter
         {
             TrainerSocket.WriteHeader(array, SocketFrameKind.Message, size);
             message.WriteTo(array.AsSpan(TrainerSocket.FrameHeaderBytes, size));
-            await WriteAsync(array.AsMemory(0, TrainerSocket.FrameHeaderBytes + size), ct).ConfigureAwait(false);
+            await WriteAsync(array.AsMemory(0, TrainerSocket.FrameHeaderBytes + size), default, ct).ConfigureAwait(false);
         }
         finally
         {
@@ -278,12 +306,45 @@ public sealed class SocketFrameWriter
         prefix.CopyTo(bytes);
         TrainerSocket.WriteHeader(bytes.AsSpan(prefix.Length), kind, body.Length);
         body.CopyTo(bytes.AsSpan(prefix.Length + TrainerSocket.FrameHeaderBytes));
-        return WriteAsync(bytes, ct);
+        return WriteAsync(bytes, default, ct);
     }
 
-    private async ValueTask WriteAsync(ReadOnlyMemory<byte> bytes, CancellationToken ct)
+    /// <summary><paramref name="first"/> then <paramref name="second"/> (may be empty), as one frame's bytes.</summary>
+    private async ValueTask WriteAsync(ReadOnlyMemory<byte> first, ReadOnlyMemory<byte> second, CancellationToken ct)
     {
-        await _stream.WriteAsync(bytes, ct).ConfigureAwait(false);
+        if (_pipe is not null)
+        {
+            _pipe.Write(first.Span);
+            if (!second.IsEmpty) _pipe.Write(second.Span);
+            // As a stream over the pipe behaves: a closed connection shows on the reading side, a cancelled flush here.
+            if ((await _pipe.FlushAsync(ct).ConfigureAwait(false)).IsCanceled)
+                throw new OperationCanceledException("the write to the worker socket was cancelled");
+            return;
+        }
+        if (_socket is not null && !second.IsEmpty
+            && MemoryMarshal.TryGetArray(first, out var a) && MemoryMarshal.TryGetArray(second, out var b))
+        {
+            ct.ThrowIfCancellationRequested();
+            _gather[0] = a;
+            _gather[1] = b;
+            // Socket.SendAsync over a buffer list takes no token. A write cancelled inside a frame would leave the stream
+            // unreadable anyway, so cancelling closes the connection (which ends the send).
+            int sent;
+            using (ct.UnsafeRegister(static s => ((System.Net.Sockets.Socket)s!).Dispose(), _socket))
+                sent = await _socket.SendAsync(_gather, System.Net.Sockets.SocketFlags.None).ConfigureAwait(false);
+            _gather[0] = _gather[1] = default;
+            var total = a.Count + b.Count;
+            // A stream socket's send completes whole or fails; should it ever return short, the rest goes the ordinary way.
+            if (sent < a.Count)
+            {
+                await _stream!.WriteAsync(first[sent..], ct).ConfigureAwait(false);
+                sent = a.Count;
+            }
+            if (sent < total) await _stream!.WriteAsync(second[(sent - a.Count)..], ct).ConfigureAwait(false);
+            return;
+        }
+        await _stream!.WriteAsync(first, ct).ConfigureAwait(false);
+        if (!second.IsEmpty) await _stream.WriteAsync(second, ct).ConfigureAwait(false);
         await _stream.FlushAsync(ct).ConfigureAwait(false);
     }
 }

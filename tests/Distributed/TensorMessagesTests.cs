@@ -121,6 +121,38 @@ public class TensorMessagesTests
         }
     }
 
+    [Theory]
+    [InlineData(1 << 20, "w1-abcdef", 2u, 7ul, 6ul, 1u)]
+    [InlineData((1 << 20) - 12, "", 0u, 0ul, 0ul, 0u)]                                   // every other field at its default: not written
+    [InlineData(TensorMessages.PooledMinimumBytes, "w", 300u, ulong.MaxValue, 1ul << 40, 9u)]   // long varints
+    public void AChunkSplitForSendingIsByteForByteTheGeneratedSerialization(int bytes, string worker, uint slice, ulong step, ulong version, uint index)
+    {
+        var chunk = new TensorChunk { Step = step, ParameterVersion = version, Index = index, Data = ByteString.CopyFrom(Payload(bytes)) };
+        IMessage[] messages =
+        [
+            new WorkerMessage { GradientChunk = new GradientChunk { WorkerId = worker, Slice = slice, Chunk = chunk } },
+            new CoordinatorMessage { ParametersChunk = chunk },
+        ];
+        foreach (var message in messages)
+        {
+            Assert.True(TensorMessages.TrySplitChunkData(message, 5, out var head, out var data));
+            Assert.Equal(new byte[5], head[..5]);   // the headroom is left to the caller
+            Assert.Equal(message.ToByteArray(), (byte[])[.. head[5..], .. data.ToArray()]);
+            Assert.True(chunk.Data.Memory.Span == data.Span);   // the data itself, not a copy
+        }
+    }
+
+    [Fact]
+    public void SmallChunksOtherMessagesAndUnknownFieldsAreNotSplit()
+    {
+        var small = GradientChunk(TensorMessages.PooledMinimumBytes - 1);
+        var heartbeat = new WorkerMessage { Heartbeat = new Heartbeat { WorkerId = "w1" } };
+        // A TensorChunk carrying an unknown field (31) is written after its data by the generated code: no cut before the data gives those bytes.
+        var withUnknown = new CoordinatorMessage { ParametersChunk = TensorChunk.Parser.ParseFrom([.. new TensorChunk { Index = 1, Data = ByteString.CopyFrom(Payload(1 << 17)) }.ToByteArray(), 0xF8, 0x01, 0x05]) };
+        foreach (var message in new IMessage[] { small, heartbeat, withUnknown, new CoordinatorMessage() })
+            Assert.False(TensorMessages.TrySplitChunkData(message, 5, out _, out _));
+    }
+
     /// <summary>A hand-framed length-delimited field: tag, varint length, bytes.</summary>
     private static byte[] Field(int number, byte[] value)
     {

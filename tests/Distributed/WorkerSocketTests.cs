@@ -59,6 +59,68 @@ public sealed class WorkerSocketTests() : TempFolderTest("dd-socket")
         Assert.Null(await reader.ReadAsync(1 << 20, CancellationToken.None));   // a clean end between frames
     }
 
+    /// <summary>
+    /// What the three ways of writing put on the wire (a stream, a plain TCP socket with its chunks' data gathered into
+    /// one send, a connection's pipe as the coordinator's Kestrel gives it) reads back as the same frames, each over a real
+    /// connection or pipe, with large chunks of both directions among small messages.
+    /// </summary>
+    [Fact(Timeout = 30_000)]
+    public async Task EveryWayOfWritingPutsTheSameFramesOnTheWire()
+    {
+        var data = ByteString.CopyFrom(Enumerable.Range(0, 1 << 20).Select(i => (byte)(i * 7)).ToArray());
+        IMessage[] messages =
+        [
+            new WorkerMessage { Heartbeat = new Heartbeat { WorkerId = "w1-abc" } },
+            new WorkerMessage { GradientChunk = new GradientChunk { WorkerId = "w1-abc", Slice = 3, Chunk = new TensorChunk { Step = 9, ParameterVersion = 8, Index = 0, Data = data } } },
+            new CoordinatorMessage { ParametersChunk = new TensorChunk { Step = 9, ParameterVersion = 9, Index = 1, Data = UnsafeByteOperations.UnsafeWrap(data.Memory[..300_000]) } },
+            new WorkerMessage { GradientChunk = new GradientChunk { WorkerId = "w1-abc", Slice = 3, Chunk = new TensorChunk { Step = 9, Index = 1, Data = UnsafeByteOperations.UnsafeWrap(data.Memory[..1000]) } } },
+        ];
+        var expected = messages.Select(m => m.ToByteArray()).ToList();
+
+        async Task<List<byte[]>> ReadAll(Stream input)
+        {
+            var reader = new SocketFrameReader(input);
+            var bodies = new List<byte[]>();
+            for (var i = 0; i < messages.Length; i++)
+            {
+                using var f = await reader.ReadAsync(2 << 20, CancellationToken.None);
+                Assert.Equal(SocketFrameKind.Message, f!.Kind);
+                bodies.Add(f.Body.ToArray());
+            }
+            return bodies;
+        }
+
+        // A plain TCP socket, written as a worker writes it (chunks gathered into one send).
+        using var listener = new TcpListener(IPAddress.Loopback, 0);
+        listener.Start();
+        using var client = new Socket(SocketType.Stream, ProtocolType.Tcp);
+        await client.ConnectAsync(IPAddress.Loopback, ((IPEndPoint)listener.LocalEndpoint).Port);
+        using var server = await listener.AcceptSocketAsync();
+        var received = ReadAll(new NetworkStream(server));
+        var socketWriter = new SocketFrameWriter(new NetworkStream(client), client);
+        foreach (var m in messages) await socketWriter.WriteMessageAsync(m, 2 << 20, CancellationToken.None);
+        Assert.Equal(expected, await received);
+
+        // A pipe, written as the coordinator writes into Kestrel's.
+        var pipe = new System.IO.Pipelines.Pipe();
+        received = ReadAll(pipe.Reader.AsStream());
+        var pipeWriter = new SocketFrameWriter(pipe.Writer);
+        foreach (var m in messages) await pipeWriter.WriteMessageAsync(m, 2 << 20, CancellationToken.None);
+        Assert.Equal(expected, await received);
+
+        // A stream (TLS's case).
+        using var wire = new MemoryStream();
+        var streamWriter = new SocketFrameWriter(wire);
+        foreach (var m in messages) await streamWriter.WriteMessageAsync(m, 2 << 20, CancellationToken.None);
+        wire.Position = 0;
+        Assert.Equal(expected, await ReadAll(wire));
+
+        // A message over the limit is refused before anything is written, chunk or not.
+        var before = wire.Length;
+        await Assert.ThrowsAsync<RpcException>(async () => await streamWriter.WriteMessageAsync(messages[1], 1 << 20, CancellationToken.None));
+        Assert.Equal(before, wire.Length);
+    }
+
     [Fact]
     public async Task ABrokenFrameIsRefusedBeforeItsBodyIsRead()
     {

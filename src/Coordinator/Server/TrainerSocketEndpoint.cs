@@ -78,9 +78,8 @@ public sealed class TrainerSocketEndpoint(IServiceProvider services, ServerCrede
             log.LogDebug("Worker socket from {Peer}: socket options not set ({Error})", peer, e.Message);
         }
         await using var inputStream = connection.Transport.Input.AsStream(leaveOpen: true);
-        await using var outputStream = connection.Transport.Output.AsStream(leaveOpen: true);
         var reader = new SocketFrameReader(inputStream);
-        var writer = new SocketFrameWriter(outputStream);
+        var writer = new SocketFrameWriter(connection.Transport.Output);
         try
         {
             if (await RefusalAsync(reader, peer) is { } refusal)
