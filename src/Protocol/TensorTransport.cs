@@ -117,6 +117,11 @@ public sealed class TensorAssembler
     private readonly byte[]? _bytes;
     private readonly bool[] _received;
     private int _receivedCount;
+    // The checksum is taken as the chunks come in order, each block hashed as it is copied, while it is in cache;
+    // _hashed chunks from the start are in it. Chunks that come out of order are hashed when their turn comes.
+    private readonly XxHash3 _hash = new();
+    private int _hashed;
+    private const int HashBlockBytes = 32 << 10;
 
     /// <param name="destination">float32 payloads are received straight into this array when given (a pooled buffer of
     /// <paramref name="expectedElements"/> floats); otherwise a new one.</param>
@@ -213,11 +218,35 @@ public sealed class TensorAssembler
             throw new ProtocolException(StatusCode.InvalidArgument,
                 $"{What}: chunk {chunk.Index} has {chunk.Data.Length} bytes, expected {expected}", "chunk.data");
         if (_received[chunk.Index]) return false;
-        chunk.Data.Span.CopyTo(Payload[(int)offset..]);
+        var destination = Payload.Slice((int)offset, expected);
+        var source = chunk.Data.Span;
+        if (chunk.Index == _hashed)
+        {
+            for (var at = 0; at < expected; at += HashBlockBytes)
+            {
+                var n = Math.Min(HashBlockBytes, expected - at);
+                source.Slice(at, n).CopyTo(destination[at..]);
+                _hash.Append(destination.Slice(at, n));
+            }
+            _hashed++;
+        }
+        else
+            source.CopyTo(destination);
         _received[chunk.Index] = true;
         _receivedCount++;
         BytesReceived += expected;
+        HashReceivedInOrder();
         return true;
+    }
+
+    /// <summary>Adds to the checksum the chunks received since the last one in it, in order, as far as they go.</summary>
+    private void HashReceivedInOrder()
+    {
+        for (; _hashed < _received.Length && _received[_hashed]; _hashed++)
+        {
+            var offset = (long)_hashed * TensorTransport.ChunkBytes;
+            _hash.Append(Payload.Slice((int)offset, (int)Math.Min(TensorTransport.ChunkBytes, (long)Header.ByteLength - offset)));
+        }
     }
 
     /// <summary>The complete payload as float32, after the checksum check (for float32, the receive buffer itself).</summary>
@@ -225,7 +254,8 @@ public sealed class TensorAssembler
     {
         if (!IsComplete)
             throw new ProtocolException(StatusCode.InvalidArgument, $"{What}: {_receivedCount} of {_received.Length} chunks received", "chunk");
-        var sum = TensorTransport.Checksum(Payload);
+        HashReceivedInOrder();   // every chunk is in: this completes the checksum (XXH3 in pieces is XXH3 of the whole)
+        var sum = _hash.GetCurrentHashAsUInt64();
         if (sum != Header.Checksum)
             throw new ProtocolException(StatusCode.InvalidArgument,
                 $"{What}: payload checksum {sum:x16} does not match the header's {Header.Checksum:x16}", "tensor.checksum");

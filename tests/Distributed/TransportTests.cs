@@ -23,10 +23,15 @@ public class TransportTests
         var chunks = TensorTransport.Chunks(payload, 3, 4).ToList();
         Assert.Equal((int)header.ChunkCount, chunks.Count);
         Assert.All(chunks, c => Assert.InRange(c.Data.Length, 1, TensorTransport.ChunkBytes));
-        var assembler = new TensorAssembler(header, bytes / 4, "t");
-        foreach (var c in chunks.AsEnumerable().Reverse()) Assert.True(assembler.Add(c));   // any order
-        Assert.False(assembler.Add(chunks[0]));                                         // a duplicate is ignored
-        Assert.Equal(MemoryMarshal.Cast<byte, float>(payload).ToArray(), assembler.ToFloat32());
+        // Any order: in order (hashed as they come), reversed, and the first one last (the rest wait for it).
+        var n = chunks.Count;
+        foreach (var order in new[] { Enumerable.Range(0, n), Enumerable.Range(0, n).Reverse(), [.. Enumerable.Range(1, n - 1), 0] })
+        {
+            var assembler = new TensorAssembler(header, bytes / 4, "t");
+            foreach (var i in order) Assert.True(assembler.Add(chunks[i]));
+            Assert.False(assembler.Add(chunks[0]));   // a duplicate is ignored
+            Assert.Equal(MemoryMarshal.Cast<byte, float>(payload).ToArray(), assembler.ToFloat32());
+        }
     }
 
     /// <summary>
@@ -43,17 +48,20 @@ public class TransportTests
         Assert.Equal(TensorTransport.Checksum(payload), TensorTransport.Checksum(MemoryMarshal.Cast<byte, float>(payload)));
     }
 
-    [Fact]
-    public void ACorruptedChunkFailsTheChecksum()
+    [Theory]
+    [InlineData(4096, 0, 100)]
+    [InlineData(3 * (1 << 20) - 8, 2, 100_000)]   // the last of three chunks, past the first hashed block
+    [InlineData(3 * (1 << 20) - 8, 1, 1)]
+    public void ACorruptedChunkFailsTheChecksum(int bytes, int corrupt, int at)
     {
-        var payload = Payload(4096);
-        var header = TensorTransport.Header(payload, DType.Float32, 1024, 0, 0);
-        var assembler = new TensorAssembler(header, 1024, "t");
-        var chunk = TensorTransport.Chunks(payload, 0, 0).Single();
-        var bad = chunk.Data.ToByteArray();
-        bad[100] ^= 0x40;
-        chunk.Data = Google.Protobuf.ByteString.CopyFrom(bad);
-        assembler.Add(chunk);
+        var payload = Payload(bytes);
+        var header = TensorTransport.Header(payload, DType.Float32, bytes / 4, 0, 0);
+        var assembler = new TensorAssembler(header, bytes / 4, "t");
+        var chunks = TensorTransport.Chunks(payload, 0, 0).ToList();
+        var bad = chunks[corrupt].Data.ToByteArray();
+        bad[at] ^= 0x40;
+        chunks[corrupt].Data = Google.Protobuf.ByteString.CopyFrom(bad);
+        foreach (var c in chunks) assembler.Add(c);
         var e = Assert.Throws<ProtocolException>(() => assembler.ToFloat32());
         Assert.Equal(StatusCode.InvalidArgument, e.Code);
         Assert.Contains("checksum", e.Message, StringComparison.Ordinal);
