@@ -64,10 +64,10 @@ fi
 say "   where a run --workers 2 step goes (coordinator benchmark-timeline, $swiss steps, the first 100 left out):"
 "$coord" benchmark-timeline --recipe swissroll --steps "$swiss" 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
 
-say "2. exchange vs raw loopback TCP (a zero-compute worker; the coordinator's own Adam/EMA time subtracted):"
+say "2. exchange vs raw loopback TCP (a zero-compute worker, 1,000 steps after 100 of warm-up; the coordinator's own planning, sum, Adam and EMA time subtracted):"
 for r in swissroll mnist-small; do
   for tr in socket grpc shared-memory; do
-    "$coord" benchmark-exchange --recipe "$r" --steps 200 --transport "$tr" 2>/dev/null | sed -n '2,4p' | tr '\n' ' ' \
+    "$coord" benchmark-exchange --recipe "$r" --transport "$tr" 2>/dev/null | sed -n '2,4p' | tr '\n' ' ' \
       | sed "s/^/   $r: /; s/\$/\n/" | tee -a "$report"
   done
 done
