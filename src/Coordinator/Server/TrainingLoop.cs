@@ -61,7 +61,10 @@ public sealed class TrainingLoop : BackgroundService
     private readonly CoordinatorOptions _options;
     private readonly ILogger<TrainingLoop> _log;
     private readonly IHostApplicationLifetime _lifetime;
-    private readonly Channel<LoopEvent> _events = Channel.CreateUnbounded<LoopEvent>();
+    // The loop reads alone, and continues on the thread that posts to it: the handler that completes a step's last
+    // gradient runs the update and sends the next parameters itself instead of waking another (on an idle core of a
+    // VM, waking a thread costs ~0.1 ms of a ~6 ms step). NextEventAsync leaves a timer's thread at once.
+    private readonly Channel<LoopEvent> _events = Channel.CreateUnbounded<LoopEvent>(new UnboundedChannelOptions { SingleReader = true, AllowSynchronousContinuations = true });
     private readonly ParameterVector _vector;
     private readonly WorkerRoster _workers;
     private readonly RunStatus _status;
@@ -394,6 +397,7 @@ public sealed class TrainingLoop : BackgroundService
 
     private async Task<LoopEvent?> NextEventAsync(TimeSpan timeout, CancellationToken ct)
     {
+        if (_events.Reader.TryRead(out var ready)) return ready;   // no timer to set up and tear down
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
         cts.CancelAfter(timeout);
         try
@@ -402,6 +406,8 @@ public sealed class TrainingLoop : BackgroundService
         }
         catch (OperationCanceledException) when (!ct.IsCancellationRequested)
         {
+            // The timeout's cancellation ran this continuation on the timer's thread: the loop goes on elsewhere.
+            await Task.Yield();
             return null;
         }
     }
