@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using DistDiffusion.Model.Optimization;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
@@ -267,7 +268,8 @@ public sealed class TrainerService : Trainer.TrainerBase
         var what = $"gradient of step {h.Step} slice {h.Slice}";
         if (h.Tensor.SharedMemory)
         {
-            Deliver(worker, h, CopySharedGradient(worker, h.Tensor, what));
+            var copy = CopySharedGradient(worker, h.Tensor, what, out var sumOfSquares);
+            Deliver(worker, h, copy, sumOfSquares);
             return;
         }
         worker.Incoming = (h, new TensorAssembler(h.Tensor, _loop.ParameterElements, what, _loop.GradientBuffers.Rent()));
@@ -278,10 +280,11 @@ public sealed class TrainerService : Trainer.TrainerBase
     /// <see cref="SliceGuard"/> judges its values (non-finite, out of bound) against the run's history, and decides
     /// between a broken worker (dropped, slice recomputed elsewhere) and a diverged run (two workers agree).
     /// </summary>
-    private void Deliver(WorkerConnection worker, GradientHeader h, float[] values)
+    /// <param name="sumOfSquares">The values' <see cref="VectorMath.SumOfSquares(ReadOnlySpan{float})"/> when already taken (with their copy).</param>
+    private void Deliver(WorkerConnection worker, GradientHeader h, float[] values, double? sumOfSquares = null)
     {
         var gradient = new SliceGradient(worker, h.Step, h.Slice, values, h.Present.ToByteArray(), h.Loss, h.ComputeSeconds,
-            VectorMath.SumOfSquares(values), h.Tensor.SharedMemory ? null : h.Tensor.Checksum);
+            sumOfSquares ?? VectorMath.SumOfSquares(values), h.Tensor.SharedMemory ? null : h.Tensor.Checksum);
         StepTimeline.Mark(StepMark.Delivered, h.Step);
         _loop.Post(new GradientArrived(gradient));
     }
@@ -302,7 +305,7 @@ public sealed class TrainerService : Trainer.TrainerBase
     private ulong? ChecksumOf(WorkerConnection worker, GradientHeader h)
     {
         if (h.Tensor is not { SharedMemory: true } tensor) return h.Tensor?.Checksum;
-        var copy = CopySharedGradient(worker, tensor, $"gradient of step {h.Step} slice {h.Slice}");
+        var copy = CopySharedGradient(worker, tensor, $"gradient of step {h.Step} slice {h.Slice}", out _);
         try
         {
             return TensorTransport.Checksum(copy);
@@ -315,16 +318,26 @@ public sealed class TrainerService : Trainer.TrainerBase
 
     /// <summary>
     /// A gradient in the worker's shared region, copied into a pooled buffer and checked to be the write its header
-    /// describes (the worker may write its region again at any time). A refused copy's buffer goes back to the pool.
+    /// describes (the worker may write its region again at any time), with its sum of squares for the slice guard
+    /// (float32: taken in the copy's own pass). A refused copy's buffer goes back to the pool.
     /// </summary>
-    private float[] CopySharedGradient(WorkerConnection worker, TensorHeader tensor, string what)
+    private float[] CopySharedGradient(WorkerConnection worker, TensorHeader tensor, string what, out double sumOfSquares)
     {
         if (worker.SharedMemory is not { } segment)
             throw new ProtocolException(StatusCode.FailedPrecondition, $"{what}: announced in shared memory, but this worker has no segment", "tensor.shared_memory");
         var buffer = _loop.GradientBuffers.Rent();
         try
         {
-            return TensorAssembler.CopyShared(tensor, _loop.ParameterElements, what, segment, SharedRegion.Gradients, buffer);
+            if (tensor.Dtype != DType.Float32)
+            {
+                var decoded = TensorAssembler.CopyShared(tensor, _loop.ParameterElements, what, segment, SharedRegion.Gradients, buffer);
+                sumOfSquares = VectorMath.SumOfSquares(decoded);
+                return decoded;
+            }
+            var payload = TensorAssembler.CheckShared(tensor, _loop.ParameterElements, what, segment, SharedRegion.Gradients);
+            sumOfSquares = VectorMath.CopyWithSumOfSquares(MemoryMarshal.Cast<byte, float>(payload), buffer);
+            segment.ExpectSequence(SharedRegion.Gradients, tensor.SharedSequence, what, after: true);   // the copy is exactly that write
+            return buffer;
         }
         catch
         {

@@ -20,17 +20,38 @@ public static class VectorMath
     /// Sum of squares in double (finite exactly when every element is: even float.MaxValue squared, times 2^31 elements,
     /// stays below double's range), accumulated per vector lane then across lanes, so the result is the same on every run.
     /// </summary>
-    public static double SumOfSquares(ReadOnlySpan<float> values)
+    public static double SumOfSquares(ReadOnlySpan<float> values) => SumOfSquares(values, []);
+
+    /// <summary>
+    /// <paramref name="source"/> copied into <paramref name="destination"/> and its <see cref="SumOfSquares(ReadOnlySpan{float})"/>
+    /// (the same double, bit for bit) in one pass: each vector is summed as it is copied, instead of read a second time.
+    /// </summary>
+    public static double CopyWithSumOfSquares(ReadOnlySpan<float> source, Span<float> destination)
+    {
+        if (destination.Length != source.Length) throw new ArgumentException($"copying {source.Length} elements into {destination.Length}");
+        return SumOfSquares(source, destination);
+    }
+
+    /// <param name="copy">Empty, or where <paramref name="values"/> are copied as they are read.</param>
+    private static double SumOfSquares(ReadOnlySpan<float> values, Span<float> copy)
     {
         var vectors = MemoryMarshal.Cast<float, Vector<float>>(values);
+        var into = MemoryMarshal.Cast<float, Vector<float>>(copy);
+        var copying = !copy.IsEmpty;
         var acc = Vector<double>.Zero;
-        foreach (var v in vectors)
+        for (var k = 0; k < vectors.Length; k++)
         {
+            var v = vectors[k];
+            if (copying) into[k] = v;
             Vector.Widen(v, out var low, out var high);
             acc += low * low + high * high;
         }
         var total = Vector.Sum(acc);
-        for (var i = vectors.Length * Vector<float>.Count; i < values.Length; i++) total += (double)values[i] * values[i];
+        for (var i = vectors.Length * Vector<float>.Count; i < values.Length; i++)
+        {
+            if (copying) copy[i] = values[i];
+            total += (double)values[i] * values[i];
+        }
         return total;
     }
 }
