@@ -53,7 +53,8 @@ internal sealed record DuplicateSeen(WorkerConnection Worker, ulong Step, uint S
 /// Adam and EMA through <see cref="TrainingState.ApplyGradients"/>, the same update `coordinator train` runs.
 /// A worker that disconnects or misses the deadline is dropped and its slices go to the others, so every step
 /// has exactly its planned samples. Workers that join are admitted at the next step boundary.
-/// All torch work happens on this loop; handlers only decode and validate bytes.
+/// All torch work happens on this loop, one event at a time (it may continue on the handler thread that posted the
+/// event it waited for); handlers only decode and validate bytes.
 /// </summary>
 public sealed class TrainingLoop : BackgroundService
 {
@@ -240,10 +241,13 @@ public sealed class TrainingLoop : BackgroundService
                 _log.LogDebug("Step {Step}: loss {Loss:G4}, gradient norm {Norm:G4}, {Seconds:F3} s over {Workers} workers", s.StepsDone, loss, norm, seconds, _workers.Live.Count);
                 _interval.Add(loss, s.Recipe.BatchSize);
                 if (s.StepsDone % _options.LogEvery == 0 || s.StepsDone == _run.TargetStep) Record(split, norm);
-                if (s.Recipe.CheckpointEvery > 0 && s.StepsDone % s.Recipe.CheckpointEvery == 0 && s.StepsDone < _run.TargetStep)
-                    SaveCheckpoint();
-                if (s.Recipe.SampleEvery > 0 && s.StepsDone % s.Recipe.SampleEvery == 0 && s.StepsDone < _run.TargetStep)
-                    SampleNow(stoppingToken);
+                var checkpointDue = s.Recipe.CheckpointEvery > 0 && s.StepsDone % s.Recipe.CheckpointEvery == 0 && s.StepsDone < _run.TargetStep;
+                var sampleDue = s.Recipe.SampleEvery > 0 && s.StepsDone % s.Recipe.SampleEvery == 0 && s.StepsDone < _run.TargetStep;
+                // The loop may be running on the thread that posted the step's last gradient, a connection's I/O thread:
+                // a checkpoint's disk writes and a snapshot's copies move to the thread pool first.
+                if (checkpointDue || sampleDue) await Task.Yield();
+                if (checkpointDue) SaveCheckpoint();
+                if (sampleDue) SampleNow(stoppingToken);
             }
             if (_options.SampleOnly)
             {
