@@ -93,14 +93,13 @@ public sealed class HostileInputTests() : TempFolderTest("dd-hostile")
     /// A gradient in shared memory is taken only as the write its header names: not an earlier write, not one in
     /// progress, not a sequence no finished write has. A good one is taken.
     /// </summary>
-    [Theory(Timeout = 60_000)]
+    [SharedMemoryTheory(Timeout = 60_000)]
     [InlineData("good")]
     [InlineData("earlier write")]
     [InlineData("write in progress")]
     [InlineData("no sequence")]
     public async Task ASharedMemoryGradientIsTakenOnlyAsTheWriteItsHeaderNames(string kind)
     {
-        if (!SharedTensorSegment.Supported || !OperatingSystem.IsLinux()) return;   // no /dev/shm: the stream is the only path
         await using var server = await Cluster.Start(Cluster.Options(Path.Combine(Dir, "run"), steps: 5));
         await using var w = await RawWorker.JoinSharedAsync(server.Address);
         var a = await w.NextAssignmentAsync();

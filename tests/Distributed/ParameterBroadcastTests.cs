@@ -16,10 +16,9 @@ public sealed class ParameterBroadcastTests
         return sent;
     }
 
-    [Fact]
+    [SharedMemoryFact]
     public void ARegionTheWorkerMayNotHaveReadIsLeftAloneAndTheParametersGoOnTheStream()
     {
-        if (!SharedTensorSegment.Supported || !OperatingSystem.IsLinux()) return;   // no /dev/shm: the stream is the only path
         using var weights = arange(0, 1000, dtype: ScalarType.Float32).reshape(10, 100);
         var vector = new ParameterVector([("w", weights)]);
         var broadcast = new ParameterBroadcast(vector, ema: null);

@@ -9,10 +9,10 @@ public sealed class SharedMemoryTests
 {
     private const long Region = 4096;
 
-    [Fact]
+    [SharedMemoryFact]
+    [System.Runtime.Versioning.SupportedOSPlatform("linux")]   // SharedMemoryFact skips it elsewhere
     public void AWorkerMapsOnlyTheOfferedSegmentWithItsNonceAndSize()
     {
-        if (!SharedTensorSegment.Supported || !OperatingSystem.IsLinux()) return;   // no /dev/shm: the stream is the only path
         using var made = SharedTensorSegment.TryCreate(Region, out var reason) ?? throw new InvalidOperationException(reason);
         Assert.Equal(UnixFileMode.UserRead | UnixFileMode.UserWrite, File.GetUnixFileMode(made.Path));
         Assert.Null(SharedTensorSegment.TryOpen(made.Path, made.Nonce ^ 1, Region, out reason));
@@ -34,10 +34,9 @@ public sealed class SharedMemoryTests
         Assert.Equal(7, mapped[SharedRegion.Parameters][5]);
     }
 
-    [Fact]
+    [SharedMemoryFact]
     public void AReaderTakesExactlyTheWriteItsHeaderDescribes()
     {
-        if (!SharedTensorSegment.Supported || !OperatingSystem.IsLinux()) return;   // no /dev/shm: the stream is the only path
         using var coordinator = SharedTensorSegment.TryCreate(Region, out var reason) ?? throw new InvalidOperationException(reason);
         using var worker = SharedTensorSegment.TryOpen(coordinator.Path, coordinator.Nonce, Region, out reason) ?? throw new InvalidOperationException(reason);
         var values = Enumerable.Range(0, 16).Select(i => i * 0.5f).ToArray();
@@ -93,10 +92,9 @@ public sealed class SharedMemoryTests
     /// A writer rewrites a 1 MiB region as fast as it can while a reader copies it out: every copy the reader keeps is
     /// one whole write (all its floats carry that write's number), never a mix of two; the others are refused.
     /// </summary>
-    [Fact(Timeout = 30_000)]
+    [SharedMemoryFact(Timeout = 30_000)]
     public async Task CopiesTakenWhileTheRegionIsRewrittenAreWholeWritesOrRefused()
     {
-        if (!SharedTensorSegment.Supported || !OperatingSystem.IsLinux()) return;   // no /dev/shm: the stream is the only path
         const int elements = 1 << 18;
         using var reader = SharedTensorSegment.TryCreate(elements * 4, out var reason) ?? throw new InvalidOperationException(reason);
         using var writer = SharedTensorSegment.TryOpen(reader.Path, reader.Nonce, elements * 4, out reason) ?? throw new InvalidOperationException(reason);
