@@ -123,7 +123,7 @@ public sealed class AdamOptimizer : IDisposable
         {
             if (p.grad is not { } g) continue;
             var cpu = g.device_type == DeviceType.CPU ? g.contiguous() : g.cpu().contiguous();
-            total += VectorMath.SumOfSquares(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(cpu.bytes));
+            total += VectorMath.SumOfSquares(FloatTensors.Values(cpu));
         }
         return Math.Sqrt(total);
     }
@@ -157,9 +157,9 @@ public sealed class AdamOptimizer : IDisposable
             if (p.grad is not { } grad) return;
             var m = _expAvg[name];
             var v = _expAvgSq[name];
-            if (!UseTensorOps && InPlaceFloats(p) && InPlaceFloats(grad) && InPlaceFloats(m) && InPlaceFloats(v))
+            if (!UseTensorOps && FloatTensors.InPlace(p) && FloatTensors.InPlace(grad) && FloatTensors.InPlace(m) && FloatTensors.InPlace(v))
             {
-                UpdateElements(Floats(p), Floats(grad), Floats(m), Floats(v), c.Elements);
+                UpdateElements(FloatTensors.Values(p), FloatTensors.Values(grad), FloatTensors.Values(m), FloatTensors.Values(v), c.Elements);
                 return;
             }
             TorchRuntime.UseIntraOpThreads(1);   // the same bits on any thread, in any process
@@ -178,7 +178,7 @@ public sealed class AdamOptimizer : IDisposable
     /// Whether <see cref="Step(Span{float}, ReadOnlySpan{byte}, Span{float}, ParameterUpdated)"/> applies: every parameter and moment a
     /// contiguous float32 tensor in CPU memory, and the element loop not turned off by <see cref="UseTensorOps"/>.
     /// </summary>
-    public bool CanStepFlat => !UseTensorOps && _params.All(p => InPlaceFloats(p.Param) && InPlaceFloats(_expAvg[p.Name]) && InPlaceFloats(_expAvgSq[p.Name]));
+    public bool CanStepFlat => !UseTensorOps && _params.All(p => FloatTensors.InPlace(p.Param) && FloatTensors.InPlace(_expAvg[p.Name]) && FloatTensors.InPlace(_expAvgSq[p.Name]));
 
     /// <summary>
     /// One update from a flat gradient [Elements] in named_parameters order (the distributed coordinator's summed slices),
@@ -222,9 +222,9 @@ public sealed class AdamOptimizer : IDisposable
                 using var inner = NewDisposeScope();
                 var (name, p) = _params[i];
                 var count = (int)p.numel();
-                var values = Floats(p);
+                var values = FloatTensors.Values(p);
                 if (takesPart[i])
-                    UpdateElements(values, new ReadOnlySpan<float>((float*)gradientAt + _offsets[i], count), Floats(_expAvg[name]), Floats(_expAvgSq[name]), c.Elements);
+                    UpdateElements(values, new ReadOnlySpan<float>((float*)gradientAt + _offsets[i], count), FloatTensors.Values(_expAvg[name]), FloatTensors.Values(_expAvgSq[name]), c.Elements);
                 values.CopyTo(new Span<float>((float*)updatedAt + _offsets[i], count));
                 updatedParameter?.Invoke(name, values);
             }
@@ -274,10 +274,6 @@ public sealed class AdamOptimizer : IDisposable
     /// <summary>The per-step constants of <see cref="UpdateElements"/>, rounded to float32 as libtorch rounds its scalars for float tensors.</summary>
     private readonly record struct ElementUpdate(float Clip, float Beta1, float OneMinusBeta1, float Beta2, float OneMinusBeta2,
         float Decay, float SqrtBias2, float Epsilon, float NegativeStep, bool Decays);
-
-    private static bool InPlaceFloats(Tensor t) => t.device_type == DeviceType.CPU && t.dtype == ScalarType.Float32 && t.is_contiguous();
-
-    private static Span<float> Floats(Tensor t) => System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(t.bytes);
 
     /// <summary>
     /// One Adam update of one parameter in a single pass over its memory, element by element in float32 and in the

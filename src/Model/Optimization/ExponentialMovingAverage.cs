@@ -45,7 +45,7 @@ public sealed class ExponentialMovingAverage : IDisposable
         if (CanUpdateInPlace)
         {
             var factors = FactorsAt(step);
-            foreach (var (name, p) in _params) UpdateParameter(name, Floats(p), factors);
+            foreach (var (name, p) in _params) UpdateParameter(name, FloatTensors.Values(p), factors);
             return;
         }
         var d = DecayAt(step);
@@ -62,7 +62,7 @@ public sealed class ExponentialMovingAverage : IDisposable
     public IReadOnlyDictionary<string, Tensor> Weights => _shadow;
 
     /// <summary>Whether the EMA updates by the element loop: every parameter and shadow a contiguous float32 CPU tensor, and <see cref="UseTensorOps"/> off.</summary>
-    public bool CanUpdateInPlace => !UseTensorOps && _params.All(p => InPlaceFloats(p.Param) && InPlaceFloats(_shadow[p.Name]));
+    public bool CanUpdateInPlace => !UseTensorOps && _params.All(p => FloatTensors.InPlace(p.Param) && FloatTensors.InPlace(_shadow[p.Name]));
 
     /// <summary>d and 1 - d after optimizer step <paramref name="step"/>, rounded to float32 as libtorch rounds its scalars for float tensors.</summary>
     public EmaFactors FactorsAt(long step)
@@ -80,12 +80,8 @@ public sealed class ExponentialMovingAverage : IDisposable
     {
         if (!_shadow.TryGetValue(name, out var shadow))
             throw new ArgumentException($"the EMA has no weight '{name}'", nameof(name));
-        UpdateElements(Floats(shadow), theta, factors.Keep, factors.Take);
+        UpdateElements(FloatTensors.Values(shadow), theta, factors.Keep, factors.Take);
     }
-
-    private static bool InPlaceFloats(Tensor t) => t.device_type == DeviceType.CPU && t.dtype == ScalarType.Float32 && t.is_contiguous();
-
-    private static Span<float> Floats(Tensor t) => MemoryMarshal.Cast<byte, float>(t.bytes);
 
     /// <summary>
     /// e <- e keep + theta take, element by element in float32 in the order of the tensor-op path (mul_, then add_ with
