@@ -34,16 +34,26 @@ public class OptimizerTests
         Assert.Equal(5, ours.StepCount);
     }
 
+    /// <summary>Adam with a clipped norm and AdamW decay: every branch of the element loop.</summary>
+    private static Recipe ClippedAdamW => new() { LearningRate = 0.02, AdamBeta1 = 0.9, AdamBeta2 = 0.999, AdamEpsilon = 1e-8, WeightDecay = 0.1, GradClip = 0.5 };
+
+    /// <summary>Two 37 x 13 layers (whole vectors and a tail) with the same weights, drawn from <paramref name="seed"/>.</summary>
+    private static (TorchSharp.Modules.Linear A, TorchSharp.Modules.Linear B) TwinLinears(int seed)
+    {
+        manual_seed(seed);
+        var a = nn.Linear(37, 13);
+        var b = nn.Linear(37, 13);
+        b.load_state_dict(a.state_dict());
+        return (a, b);
+    }
+
     [Fact]
     public void ElementLoopMatchesTheTensorOpsWithClippingAndWeightDecay()
     {
         // 37 x 13 weights: whole vectors and a tail, on CPU where the element loop applies; a clipped norm and AdamW decay.
         using var scope = NewDisposeScope();
-        var recipe = new Recipe { LearningRate = 0.02, AdamBeta1 = 0.9, AdamBeta2 = 0.999, AdamEpsilon = 1e-8, WeightDecay = 0.1, GradClip = 0.5 };
-        manual_seed(7);
-        var a = nn.Linear(37, 13);
-        var b = nn.Linear(37, 13);
-        b.load_state_dict(a.state_dict());
+        var recipe = ClippedAdamW;
+        var (a, b) = TwinLinears(7);
         var start = a.weight!.clone();
         using var loop = new AdamOptimizer(a.named_parameters().Select(p => (p.name, p.parameter)), recipe.ToAdamOptions());
         using var ops = new AdamOptimizer(b.named_parameters().Select(p => (p.name, p.parameter)), recipe.ToAdamOptions()) { UseTensorOps = true };
@@ -168,11 +178,8 @@ public class OptimizerTests
         // loop after each .grad step (`train`), and fused into the optimizer's flat step (the coordinator's): the last two
         // must agree in every bit, the first to float32 rounding.
         using var scope = NewDisposeScope();
-        var recipe = new Recipe { LearningRate = 0.02, AdamBeta1 = 0.9, AdamBeta2 = 0.999, AdamEpsilon = 1e-8, WeightDecay = 0.1, GradClip = 0.5 };
-        manual_seed(9);
-        var a = nn.Linear(37, 13);
-        var b = nn.Linear(37, 13);
-        b.load_state_dict(a.state_dict());
+        var recipe = ClippedAdamW;
+        var (a, b) = TwinLinears(9);
         var namedA = a.named_parameters().Select(p => (p.name, p.parameter)).ToList();
         var namedB = b.named_parameters().Select(p => (p.name, p.parameter)).ToList();
         using var gradStep = new AdamOptimizer(namedA, recipe.ToAdamOptions());
