@@ -68,13 +68,25 @@ install_trixie_libstdcxx() {
   log "libstdc++ now provides $need_symbol"
 }
 
+build=1
+upgrade=0
+for arg in "$@"; do
+  case "$arg" in
+    --no-build) build=0 ;;
+    --upgrade-libstdcxx) upgrade=1 ;;
+    *) die "unknown argument '$arg': expected --no-build or --upgrade-libstdcxx" ;;
+  esac
+done
+
 if has_symbol; then
-  log "libstdc++ provides $need_symbol: nothing to install"
-else
+  log "libstdc++ provides $need_symbol"
+elif [ "$upgrade" = 1 ]; then
   install_trixie_libstdcxx
+else
+  log "libstdc++ lacks $need_symbol: the build marks that one need of libLibTorchSharp.so weak in its output (Directory.Build.targets); nothing is installed"
 fi
 
-if [ "${1:-}" != "--no-build" ]; then
+if [ "$build" = 1 ]; then
   command -v dotnet >/dev/null || die "the .NET 10 SDK (dotnet) is not on PATH"
   log "restoring and building (Release)"
   dotnet build "$here/DistDiffusion.sln" -c Release -nologo -v q -clp:ErrorsOnly >&2
