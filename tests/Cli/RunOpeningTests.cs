@@ -1,5 +1,5 @@
 using DistDiffusion.Coordinator.Cli;
-using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Coordinator.Configuration;
 using DistDiffusion.Model.Checkpoints;
 using Microsoft.Extensions.Logging;
 

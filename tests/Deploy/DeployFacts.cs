@@ -2,7 +2,7 @@ using System.Reflection;
 using System.Text.RegularExpressions;
 using System.Xml.Linq;
 using DistDiffusion.Coordinator.Cli;
-using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Coordinator.Configuration;
 using DistDiffusion.Protocol;
 using DistDiffusion.Worker;
 

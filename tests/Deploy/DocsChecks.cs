@@ -1,5 +1,6 @@
-using System.Text;
 using System.Text.RegularExpressions;
+using System.Text;
+using DistDiffusion.Coordinator.Sampling;
 using k8s.Models;
 
 namespace DistDiffusion.Tests.Deploy;

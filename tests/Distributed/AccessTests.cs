@@ -1,7 +1,7 @@
 using System.Net;
-using DistDiffusion.Coordinator.Server;
-using DistDiffusion.Protocol;
+using DistDiffusion.Coordinator.Access;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 using Grpc.Core;
 using Grpc.Health.V1;
 using Grpc.Reflection.V1Alpha;

@@ -1,11 +1,11 @@
 using System.Runtime.InteropServices;
-using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Coordinator.Configuration;
 using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Sampling;
-using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 using Grpc.Core;
 using static TorchSharp.torch;
 

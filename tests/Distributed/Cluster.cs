@@ -1,15 +1,17 @@
 using System.Collections.Concurrent;
 using System.Diagnostics;
-using System.Net;
 using System.Net.Sockets;
+using System.Net;
+using DistDiffusion.Coordinator.Access;
 using DistDiffusion.Coordinator.Cli;
-using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Coordinator.Configuration;
+using DistDiffusion.Coordinator.Hosting;
 using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Training;
-using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Tests.Distributed;

@@ -1,5 +1,3 @@
-using DistDiffusion.Coordinator.Server;
-
 namespace DistDiffusion.Tests.Distributed;
 
 /// <summary>The coordinator server's own lifetime, apart from training.</summary>

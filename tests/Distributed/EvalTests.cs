@@ -1,5 +1,6 @@
 using DistDiffusion.Coordinator.Cli;
-using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Coordinator.Configuration;
+using DistDiffusion.Coordinator.Hosting;
 using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;

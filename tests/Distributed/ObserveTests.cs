@@ -1,10 +1,10 @@
-using System.Net;
 using System.Net.Http.Headers;
-using System.Text.Json;
+using System.Net;
 using System.Text.Json.Nodes;
+using System.Text.Json;
+using DistDiffusion.Coordinator.Access;
 using DistDiffusion.Coordinator.Cli;
 using DistDiffusion.Coordinator.Observe;
-using DistDiffusion.Coordinator.Server;
 
 namespace DistDiffusion.Tests.Distributed;
 

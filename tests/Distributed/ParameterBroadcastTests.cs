@@ -1,7 +1,8 @@
-using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Coordinator.Training;
+using DistDiffusion.Coordinator.Workers;
 using DistDiffusion.Model.Training;
-using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Tests.Distributed;

@@ -1,6 +1,6 @@
-using DistDiffusion.Coordinator.Server;
-using DistDiffusion.Protocol;
+using DistDiffusion.Coordinator.Monitoring;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 using Google.Rpc;
 using Grpc.Core;
 using Grpc.Health.V1;

@@ -1,5 +1,6 @@
-using DistDiffusion.Protocol;
+using DistDiffusion.Coordinator.Training;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 using Grpc.Core;
 using Grpc.Net.Client;
 

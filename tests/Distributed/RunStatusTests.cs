@@ -1,4 +1,4 @@
-using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Coordinator.Training;
 using DistDiffusion.Protocol.V1;
 
 namespace DistDiffusion.Tests.Distributed;

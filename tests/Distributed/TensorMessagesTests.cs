@@ -1,6 +1,7 @@
 using System.Buffers;
-using DistDiffusion.Protocol;
+using DistDiffusion.Coordinator.Training;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 using Google.Protobuf;
 using Grpc.Core;
 

@@ -1,10 +1,11 @@
 using System.Net;
-using System.Security.Cryptography;
 using System.Security.Cryptography.X509Certificates;
+using System.Security.Cryptography;
+using DistDiffusion.Coordinator.Access;
 using DistDiffusion.Coordinator.Cli;
-using DistDiffusion.Coordinator.Server;
-using DistDiffusion.Protocol;
+using DistDiffusion.Coordinator.Configuration;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 using Grpc.Core;
 using Grpc.Health.V1;
 

@@ -1,9 +1,10 @@
-using System.Net;
 using System.Net.Sockets;
+using System.Net;
 using System.Text;
-using DistDiffusion.Coordinator.Server;
-using DistDiffusion.Protocol;
+using DistDiffusion.Coordinator.Access;
+using DistDiffusion.Coordinator.Training;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 using Google.Protobuf;
 using Grpc.Core;
 

@@ -4,7 +4,8 @@ namespace DistDiffusion.Tests.Structure;
 
 /// <summary>
 /// Which of the project's namespaces each namespace uses, read from the C# sources: every <c>using</c> directive and
-/// every qualified name that starts with a declared namespace (comments do not count). A namespace also uses its parent
+/// every qualified name that names a declared namespace, fully or partly written (as C# resolves it from the enclosing
+/// namespaces), and every <c>global using</c>, which applies to its whole project (comments do not count). A namespace also uses its parent
 /// namespaces, whose types it sees without a <c>using</c>; so a parent that imports one of its children is a cycle too.
 /// </summary>
 internal sealed partial class NamespaceGraph
@@ -36,12 +37,41 @@ internal sealed partial class NamespaceGraph
             if (ns is null) continue;   // top-level statements: nothing can import them
             foreach (Match m in QualifiedName().Matches(code))
             {
-                var target = graph.Owner(m.Value);
+                var target = graph.Resolve(ns, m.Value);
                 if (target is not null && target != ns) graph.Add(ns, target, file);
             }
         }
+        // A global using applies to every file of its project (the sources under the same first folder), whatever
+        // namespace they declare.
+        foreach (var (file, code, _) in declared)
+            foreach (Match m in GlobalUsing().Matches(code))
+            {
+                var target = graph.Owner(m.Groups[1].Value);
+                if (target is null) continue;
+                foreach (var other in declared.Where(d => d.Namespace is not null && d.Namespace != target && Project(d.File) == Project(file)))
+                    graph.Add(other.Namespace!, target, file + " (global using)");
+            }
         return graph;
     }
+
+    /// <summary>
+    /// The namespace a name written in <paramref name="ns"/> refers to, as C# looks it up: from the innermost enclosing
+    /// namespace outwards, the first one with a child namespace of the name's first part (so `Observe.Dashboard` written in
+    /// `P.Coordinator.Server` is `P.Coordinator.Observe.Dashboard`), else the name as written.
+    /// </summary>
+    private string? Resolve(string ns, string name)
+    {
+        var first = name.Split('.')[0];
+        for (string? scope = ns; scope is not null; scope = Parent(scope))
+        {
+            var candidate = scope + "." + first;
+            if (Namespaces.Any(n => n == candidate || n.StartsWith(candidate + ".", StringComparison.Ordinal)))
+                return Owner(scope + "." + name);
+        }
+        return Owner(name);
+    }
+
+    private static string Project(string file) => file.Split('/')[0];
 
     /// <summary>The namespaces <paramref name="ns"/> uses.</summary>
     public IReadOnlyCollection<string> ImportsOf(string ns) =>
@@ -104,6 +134,9 @@ internal sealed partial class NamespaceGraph
 
     [GeneratedRegex(@"\b[A-Za-z_]\w*(?:\.\w+)+")]
     private static partial Regex QualifiedName();
+
+    [GeneratedRegex(@"^\s*global\s+using\s+(?:static\s+)?([\w.]+)\s*;", RegexOptions.Multiline)]
+    private static partial Regex GlobalUsing();
 
     [GeneratedRegex(@"//[^\n]*|/\*.*?\*/", RegexOptions.Singleline)]
     private static partial Regex Comments();

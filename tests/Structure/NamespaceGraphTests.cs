@@ -73,6 +73,26 @@ public sealed class NamespaceGraphTests
         ]);
         Assert.Equal(["P", "P.Child", "P"], viaParent.FindCycle());
 
+        // A partly written name resolves from the enclosing namespaces, as C# does.
+        var viaPartialName = NamespaceGraph.FromSources(
+        [
+            ("Server.cs", "namespace P.App.Server;\nclass S { object x = Observe.Dashboard.Path; }"),
+            ("Observe.cs", "using P.App.Server;\nnamespace P.App.Observe;\nclass Dashboard { S? s; }"),
+        ]);
+        Assert.Equal(["P.App.Observe", "P.App.Server", "P.App.Observe"], viaPartialName.FindCycle());
+        Assert.Equal(["Server.cs"], viaPartialName.Why("P.App.Server", "P.App.Observe"));
+
+        // A global using makes every namespace of its project import the target.
+        var viaGlobalUsing = NamespaceGraph.FromSources(
+        [
+            ("Lib/Usings.cs", "global using P.Lib.Low;"),
+            ("Lib/Low.cs", "namespace P.Lib.Low;\nclass L { P.Lib.High.H? h; }"),
+            ("Lib/High.cs", "namespace P.Lib.High;\nclass H { }"),
+            ("Other/O.cs", "namespace P.Other;\nclass O { }"),
+        ]);
+        Assert.Equal(["P.Lib.High", "P.Lib.Low", "P.Lib.High"], viaGlobalUsing.FindCycle());
+        Assert.DoesNotContain("P.Lib.Low", viaGlobalUsing.ImportsOf("P.Other"));
+
         var commentOnly = NamespaceGraph.FromSources(
         [
             ("A.cs", "using P.B;\nnamespace P.A;\nclass A { }"),

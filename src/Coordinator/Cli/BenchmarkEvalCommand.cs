@@ -1,7 +1,9 @@
 using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
-using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Coordinator.Access;
+using DistDiffusion.Coordinator.Configuration;
+using DistDiffusion.Coordinator.Hosting;
 using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;

@@ -1,11 +1,13 @@
 using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
-using System.Net;
 using System.Net.Sockets;
-using DistDiffusion.Coordinator.Server;
-using DistDiffusion.Protocol;
+using System.Net;
+using DistDiffusion.Coordinator.Configuration;
+using DistDiffusion.Coordinator.Hosting;
+using DistDiffusion.Coordinator.Training;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 
 namespace DistDiffusion.Coordinator.Cli;
 

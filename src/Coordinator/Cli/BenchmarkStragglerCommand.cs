@@ -2,7 +2,9 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
 using System.Runtime.InteropServices;
-using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Coordinator.Access;
+using DistDiffusion.Coordinator.Configuration;
+using DistDiffusion.Coordinator.Hosting;
 using DistDiffusion.Protocol;
 
 namespace DistDiffusion.Coordinator.Cli;

@@ -19,7 +19,7 @@ internal static class EvalCommand
     internal const long Seed = 1234;
 
     /// <summary>Most held-out images per bits/dim batch (the coordinator's limit too).</summary>
-    internal const int MaxBpdBatch = Server.SamplingService.MaxBpdBatch;
+    internal const int MaxBpdBatch = Transport.SamplingService.MaxBpdBatch;
 
     /// <summary>The data set's classifier for labelled MNIST-style data and a non-zero --classifier-samples (null otherwise).</summary>
     internal static CachedClassifier? ObtainClassifier(Recipe recipe, Dataset train, Dataset heldOut, int classifierSamples)

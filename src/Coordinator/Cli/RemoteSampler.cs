@@ -1,9 +1,10 @@
 using System.Globalization;
 using System.Runtime.InteropServices;
+using DistDiffusion.Coordinator.Observe;
 using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Diffusion;
-using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 using static TorchSharp.torch;
 
 namespace DistDiffusion.Coordinator.Cli;
@@ -14,8 +15,7 @@ internal static class RemoteSampler
     public static int Run(string addressText, string? tokenFile, double timeoutSeconds, string? tlsCa, int n, SamplingMethod kind, int steps, double eta,
         long seed, bool rawWeights, int trajectoryEvery, string output, Model.Sampling.ClassGuidance conditioning)
     {
-        var ext = Path.GetExtension(output).ToLowerInvariant();
-        if (ext is not ".png" and not ".npy") throw new UsageException($"--out {output}: expected a .png or .npy file");
+        var ext = CliSupport.UserInput(() => RunPictures.OutputKind(output));
         if (n < 1) throw new UsageException($"--n {n}: expected at least 1 sample");
         if (steps < 0) throw new UsageException($"--steps {steps}: expected >= 0");
         if (trajectoryEvery < 0) throw new UsageException($"--trajectory-every {trajectoryEvery}: expected >= 0");

@@ -1,9 +1,11 @@
 using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
-using DistDiffusion.Coordinator.Server;
-using DistDiffusion.Protocol;
+using DistDiffusion.Coordinator.Access;
+using DistDiffusion.Coordinator.Configuration;
+using DistDiffusion.Coordinator.Hosting;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 
 namespace DistDiffusion.Coordinator.Cli;
 

@@ -1,5 +1,6 @@
 using System.CommandLine;
 using System.Globalization;
+using DistDiffusion.Coordinator.Observe;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Sampling;
 
@@ -62,8 +63,7 @@ internal static class SampleCommand
         int trajectoryEvery, string output, int batch, string deviceSpec, int threads, ClassGuidance conditioning)
     {
         var kind = ParseSampler(samplerName);
-        var ext = Path.GetExtension(output).ToLowerInvariant();
-        if (ext is not ".png" and not ".npy") throw new UsageException($"--out {output}: expected a .png or .npy file");
+        var ext = CliSupport.UserInput(() => RunPictures.OutputKind(output));
         if (batch < 1) throw new UsageException($"--batch {batch}: expected >= 1");
         var device = CliSupport.ResolveDevice(deviceSpec, threads);
         var (model, data) = CliSupport.LoadModel(checkpointPath, rawWeights, device);

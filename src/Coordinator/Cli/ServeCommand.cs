@@ -1,5 +1,7 @@
 using System.CommandLine;
-using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Coordinator.Access;
+using DistDiffusion.Coordinator.Configuration;
+using DistDiffusion.Coordinator.Hosting;
 using DistDiffusion.Protocol;
 using Serilog.Events;
 

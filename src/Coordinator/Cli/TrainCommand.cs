@@ -1,5 +1,6 @@
 using System.CommandLine;
 using System.Globalization;
+using DistDiffusion.Coordinator.Observe;
 using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;

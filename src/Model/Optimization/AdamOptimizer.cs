@@ -203,7 +203,7 @@ public sealed class AdamOptimizer : IDisposable
         for (var i = 0; i < _params.Count; i++)
         {
             var g = gradient.Slice((int)_offsets[i], (int)_params[i].Param.numel());
-            var marked = Training.ParameterVector.IsPresent(present, i);
+            var marked = VectorMath.IsPresent(present, i);
             if (!marked) g.Clear();
             takesPart[i] = marked || _hadFlatGradient[i];
             // GradientNorm's order and per-parameter sums: the same double, bit for bit.

@@ -6,6 +6,9 @@ namespace DistDiffusion.Model.Optimization;
 /// <summary>Element-wise float32 arithmetic on flat gradient vectors, in a fixed order so results repeat bit for bit.</summary>
 public static class VectorMath
 {
+    /// <summary>Bit <paramref name="i"/> of a presence mask (parameter tensor i has a gradient), little-endian within each byte.</summary>
+    public static bool IsPresent(ReadOnlySpan<byte> present, int i) => i / 8 < present.Length && (present[i / 8] & (1 << (i % 8))) != 0;
+
     /// <summary>total[i] += part[i] (float32, element by element).</summary>
     public static void AddInPlace(Span<float> total, ReadOnlySpan<float> part)
     {

@@ -1,3 +1,4 @@
+using DistDiffusion.Model.Optimization;
 using System.Runtime.InteropServices;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -104,7 +105,7 @@ public sealed class ParameterVector
         using var noGrad = no_grad();
         for (var i = 0; i < _layout.Length; i++)
         {
-            if (!IsPresent(present, i)) continue;
+            if (!VectorMath.IsPresent(present, i)) continue;
             var (_, p, offset, count) = _layout[i];
             var slice = MemoryMarshal.AsBytes(values.Slice((int)offset, (int)count));
             if (p.grad is { } g)
@@ -119,8 +120,6 @@ public sealed class ParameterVector
             }
         }
     }
-
-    public static bool IsPresent(ReadOnlySpan<byte> present, int i) => i / 8 < present.Length && (present[i / 8] & (1 << (i % 8))) != 0;
 
     private void CheckLength(int length)
     {

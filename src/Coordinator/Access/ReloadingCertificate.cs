@@ -1,6 +1,6 @@
 using System.Security.Cryptography.X509Certificates;
 
-namespace DistDiffusion.Coordinator.Server;
+namespace DistDiffusion.Coordinator.Access;
 
 /// <summary>
 /// The server certificate from PEM files, read again when the certificate file changes: cert-manager renews a

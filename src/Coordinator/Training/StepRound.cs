@@ -1,6 +1,7 @@
+using DistDiffusion.Coordinator.Workers;
 using DistDiffusion.Model.Training;
 
-namespace DistDiffusion.Coordinator.Server;
+namespace DistDiffusion.Coordinator.Training;
 
 /// <summary>Why a pushed slice gradient was not taken into the step.</summary>
 internal enum SliceRejection

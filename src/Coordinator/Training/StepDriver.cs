@@ -1,12 +1,14 @@
 using System.Diagnostics;
-using DistDiffusion.Model;
+using DistDiffusion.Coordinator.Configuration;
+using DistDiffusion.Coordinator.Workers;
 using DistDiffusion.Model.Training;
-using DistDiffusion.Protocol;
+using DistDiffusion.Model;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 using Grpc.Core;
 using Microsoft.Extensions.Logging;
 
-namespace DistDiffusion.Coordinator.Server;
+namespace DistDiffusion.Coordinator.Training;
 
 /// <summary>
 /// What a step's driver uses of the loop that owns the run: its parts (roster, broadcast, guard, tree, results, buffers,

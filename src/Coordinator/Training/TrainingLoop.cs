@@ -1,49 +1,21 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
 using System.Threading.Channels;
-using DistDiffusion.Model;
+using DistDiffusion.Coordinator.Configuration;
+using DistDiffusion.Coordinator.Observe;
+using DistDiffusion.Coordinator.Sampling;
+using DistDiffusion.Coordinator.Workers;
 using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Optimization;
 using DistDiffusion.Model.Training;
-using DistDiffusion.Protocol;
+using DistDiffusion.Model;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 using Grpc.Core;
 using Microsoft.Extensions.Logging;
 
-namespace DistDiffusion.Coordinator.Server;
-
-/// <summary>
-/// A finished slice gradient, decoded and checksum-verified by the stream handler, with its sum of squares in double
-/// (non-finite when an element is) for the loop's <see cref="SliceGuard"/>, and the checksum of its bytes as sent (null
-/// when they came through shared memory, which is checked by its write sequence: the loop hashes its copy when a
-/// comparison needs one).
-/// </summary>
-internal sealed record SliceGradient(WorkerConnection Worker, ulong Step, uint Slice, float[] Values, byte[] Present, double Loss, double ComputeSeconds, double SumOfSquares, ulong? Checksum);
-
-/// <summary>What the stream handlers tell the loop.</summary>
-internal abstract record LoopEvent;
-internal sealed record WorkerJoined(WorkerConnection Worker) : LoopEvent;
-internal sealed record WorkerGone(WorkerConnection Worker, string Reason) : LoopEvent;
-internal sealed record GradientArrived(SliceGradient Gradient) : LoopEvent;
-
-/// <summary>A request from the sampling side for the current weights (served by the loop, which owns them).</summary>
-internal sealed record WeightsRequested(bool PreferEma, TaskCompletionSource<WeightsSnapshot> Reply) : LoopEvent;
-
-/// <summary>How the last step's wall time divides: the slowest worker's computing, the rest of the wait, the coordinator's own work.</summary>
-public readonly record struct StepSplit(double ComputeSeconds, double ExchangeSeconds, double UpdateSeconds);
-
-/// <summary>What the metrics endpoint reads besides <see cref="TrainingLoop.Status"/>.</summary>
-public readonly record struct Telemetry(double GradNorm, StepSplit LastStep, double? CheckpointAgeSeconds);
-
-/// <summary>One consistent set of weights to sample with: id (cache key on workers), parameter version, EMA or raw, float32 bytes.</summary>
-public sealed record WeightsSnapshot(ulong Id, ulong Version, bool Ema, byte[] Bytes, TensorHeader Header);
-
-/// <summary>The step in progress as the stream handlers see it (immutable; replaced as slices move).</summary>
-internal sealed record StepSnapshot(ulong Step, ulong Version, int[] SliceSizes, string[][] Holders, bool[] Done);
-
-/// <summary>A push the stream handler ignored (already in, or for a finished step): the loop compares its checksum.</summary>
-internal sealed record DuplicateSeen(WorkerConnection Worker, ulong Step, uint Slice, ulong? Checksum) : LoopEvent;
+namespace DistDiffusion.Coordinator.Training;
 
 /// <summary>
 /// The parameter server's training loop (synchronous data parallelism). For each step it plans the global batch,
@@ -77,8 +49,9 @@ public sealed class TrainingLoop : BackgroundService
     /// <summary>False only while an update is being applied: a checkpoint taken then would mix two steps.</summary>
     private bool _stateConsistent = true;
     private volatile StepSnapshot? _current;
-    private readonly Observe.MetricsJournal _journal;
-    private readonly Observe.StepInterval _interval = new();
+    private readonly MetricsJournal _journal;
+    private readonly StepRecorder _recorder;
+    private readonly CheckpointWriter _checkpoints;
 
     private readonly PeriodicSamples? _samples;
 
@@ -99,29 +72,24 @@ public sealed class TrainingLoop : BackgroundService
         _parameters = new ParameterBroadcast(_vector, emaVector);
         _guard = new SliceGuard(options.GradientBoundRatio);
         _tree = MicroBatchTree.For(run.State.Recipe);
-        RunId = Guid.NewGuid().ToString("N")[..12];
-        GradientDtype = options.ParseGradientDtype();
-        RecipeJson = run.State.Recipe.ToJson();
+        Description = new RunDescription(Guid.NewGuid().ToString("N")[..12], run.State.Recipe, options.ParseGradientDtype(), _vector, run.TrainSize);
         _parameters.Publish((ulong)run.State.StepsDone, (ulong)run.State.StepsDone);
-        _journal = new Observe.MetricsJournal(run.RunDir);
+        _journal = new MetricsJournal(run.RunDir);
+        _checkpoints = new CheckpointWriter(run, _status, _journal, log);
+        _recorder = new StepRecorder(run, _journal, log);
         _stepServices = new StepServices(_workers, _parameters, options, _guard, _tree, new RecentResults(), GradientBuffers, _status, _counters, log,
             NextEventAsync, Serve, Gone, snapshot => _current = snapshot);
     }
 
     /// <summary>OUT/metrics.jsonl and OUT/loss.png.</summary>
-    public Observe.MetricsJournal Journal => _journal;
+    public MetricsJournal Journal => _journal;
 
     public Telemetry ReadTelemetry() => _status.ReadTelemetry();
 
-    public string RunId { get; }
+    /// <summary>What a joining worker is told about the run (the Welcome), fixed for the loop's life.</summary>
+    public RunDescription Description { get; }
     /// <summary>Where the stream handlers receive gradients; the loop returns each buffer once summed.</summary>
     public TensorBufferPool GradientBuffers { get; }
-    public string RecipeJson { get; }
-    public DType GradientDtype { get; }
-    public long ParameterElements => _vector.Elements;
-    public int ParameterCount => _vector.Count;
-    public long TrainSize => _run.TrainSize;
-    public IEnumerable<ParameterInfo> ParameterInfos => _vector.Shapes.Select(s => new ParameterInfo { Name = s.Name, Shape = { s.Shape } });
     internal StepSnapshot? Current => _current;
     /// <summary>Checksum of the current parameters (what workers are sent): tests use it to see that nothing changed.</summary>
     public ulong ParameterChecksum => _parameters.Header.Checksum;
@@ -151,8 +119,6 @@ public sealed class TrainingLoop : BackgroundService
         return reply.Task.WaitAsync(ct);
     }
 
-    public Recipe Recipe => _run.State.Recipe;
-
     private void Serve(WeightsRequested request)
     {
         try
@@ -179,9 +145,9 @@ public sealed class TrainingLoop : BackgroundService
         var reply = new StatusReply
         {
             Recipe = s.Recipe.Name,
-            RecipeJson = RecipeJson,
+            RecipeJson = Description.RecipeJson,
             TargetStep = (ulong)_run.TargetStep,
-            RunId = RunId,
+            RunId = Description.RunId,
         };
         lock (_status.Gate)
         {
@@ -210,7 +176,7 @@ public sealed class TrainingLoop : BackgroundService
         try
         {
             _log.LogInformation("Run {RunId}: recipe {Recipe}, {Parameters} parameters, batch {Batch}, from step {Step} to {Target}, gradients as {Dtype}",
-                RunId, s.Recipe.Name, _vector.Elements, s.Recipe.BatchSize, s.StepsDone, _run.TargetStep, GradientDtype);
+                Description.RunId, s.Recipe.Name, _vector.Elements, s.Recipe.BatchSize, s.StepsDone, _run.TargetStep, Description.GradientDtype);
             var waitingLogged = false;
             var started = false;
             var clock = Stopwatch.StartNew();
@@ -239,14 +205,14 @@ public sealed class TrainingLoop : BackgroundService
                 var split = new StepSplit(compute, Math.Max(0, seconds - update - compute), update);
                 _status.StepDone(loss, norm, split, s.Recipe.BatchSize, seconds);
                 _log.LogDebug("Step {Step}: loss {Loss:G4}, gradient norm {Norm:G4}, {Seconds:F3} s over {Workers} workers", s.StepsDone, loss, norm, seconds, _workers.Live.Count);
-                _interval.Add(loss, s.Recipe.BatchSize);
-                if (s.StepsDone % _options.LogEvery == 0 || s.StepsDone == _run.TargetStep) Record(split, norm);
+                _recorder.Add(loss, s.Recipe.BatchSize);
+                if (s.StepsDone % _options.LogEvery == 0 || s.StepsDone == _run.TargetStep) _recorder.Record(split, norm, _workers.Live.Count);
                 var checkpointDue = s.Recipe.CheckpointEvery > 0 && s.StepsDone % s.Recipe.CheckpointEvery == 0 && s.StepsDone < _run.TargetStep;
                 var sampleDue = s.Recipe.SampleEvery > 0 && s.StepsDone % s.Recipe.SampleEvery == 0 && s.StepsDone < _run.TargetStep;
                 // The loop may be running on the thread that posted the step's last gradient, a connection's I/O thread:
                 // a checkpoint's disk writes and a snapshot's copies move to the thread pool first.
                 if (checkpointDue || sampleDue) await Task.Yield();
-                if (checkpointDue) SaveCheckpoint();
+                if (checkpointDue) _checkpoints.Save();
                 if (sampleDue) SampleNow(stoppingToken);
             }
             if (_options.SampleOnly)
@@ -256,7 +222,7 @@ public sealed class TrainingLoop : BackgroundService
             }
             else
             {
-                if (_status.LastCheckpoint.Step != s.StepsDone) await SaveFinalCheckpointAsync(stoppingToken);
+                if (_status.LastCheckpoint.Step != s.StepsDone) await _checkpoints.SaveFinalAsync(stoppingToken);
                 // The final picture, as `coordinator train` writes one, before the workers are let go.
                 if (_samples is not null && s.Recipe.SampleEvery > 0)
                 {
@@ -287,7 +253,7 @@ public sealed class TrainingLoop : BackgroundService
         catch (OperationCanceledException) when (stoppingToken.IsCancellationRequested)
         {
             // Shutdown (Ctrl+C, SIGTERM): keep the last completed step.
-            if (_status.LastCheckpoint.Step != s.StepsDone && !_options.SampleOnly) SaveCheckpoint();
+            if (_status.LastCheckpoint.Step != s.StepsDone && !_options.SampleOnly) _checkpoints.Save();
             foreach (var w in _workers.Connected) w.Send(new CoordinatorMessage { Finish = new Finish { Reason = "coordinator shutting down", Reconnect = true } });
             _completion.TrySetCanceled(stoppingToken);
         }
@@ -320,7 +286,7 @@ public sealed class TrainingLoop : BackgroundService
             {
                 try
                 {
-                    SaveCheckpoint();
+                    _checkpoints.Save();
                 }
 #pragma warning disable CA1031 // a failed final checkpoint while stopping is logged; the previous one stays valid
                 catch (Exception saveError)
@@ -346,25 +312,6 @@ public sealed class TrainingLoop : BackgroundService
             snapshot = _parameters.Snapshot(true, (ulong)_run.State.StepsDone);
         }
         _samples.Start(snapshot, _run.State.StepsDone, ct);
-    }
-
-    /// <summary>A line in OUT/metrics.jsonl and the loss in the log, every --log-every steps.</summary>
-    private void Record(StepSplit split, double norm)
-    {
-        var s = _run.State;
-        var (loss, rate) = _interval.Take();
-        var live = _workers.Live.Count;
-        _log.LogInformation("Step {Step} of {Target}: loss {Loss:G4}, gradient norm {Norm:G4}, {Rate:F0} samples/s, {Workers} workers; step time {Compute:F3} s compute, {Exchange:F3} s exchange, {Update:F3} s update",
-            s.StepsDone, _run.TargetStep, loss, norm, rate, live, split.ComputeSeconds, split.ExchangeSeconds, split.UpdateSeconds);
-        try
-        {
-            _journal.Append(new Observe.StepRecord(s.StepsDone, s.Cursor.Epoch, loss, norm, s.Optimizer.LearningRateAt(s.StepsDone), rate, live,
-                split.ComputeSeconds, split.ExchangeSeconds, split.UpdateSeconds));
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            _log.LogWarning(e, "Could not append to {Path}", _journal.Path);
-        }
     }
 
     /// <summary>
@@ -480,60 +427,6 @@ public sealed class TrainingLoop : BackgroundService
         _log.LogDebug("Step {Step} applied in {Ms:F1} ms after the last gradient", plan.Step, applying.TotalMilliseconds);
         _current = null;
         return (loss, norm, driver.SlowestCompute);
-    }
-
-    /// <summary>
-    /// Writes and verifies a checkpoint of the current step, then applies the retention. A checkpoint the disk refuses
-    /// (full, I/O error) is logged and training goes on; the next interval tries again. The status fields move only on success.
-    /// </summary>
-    private bool SaveCheckpoint()
-    {
-        var step = _run.State.StepsDone;
-        SavedCheckpoint saved;
-        try
-        {
-            using var guard = Model.TorchRuntime.Compute();
-            saved = CheckpointStore.Write(_run.RunDir, _run.State.ToCheckpoint(), _run.Retention);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            var (last, lastStep) = _status.LastCheckpoint;
-            _log.LogError(e, "Checkpoint of step {Step} not written; training goes on and the next checkpoint tries again (last checkpoint {LastCheckpoint}, step {LastStep})",
-                step, last.Length > 0 ? last : "none", lastStep);
-            return false;
-        }
-        _status.CheckpointSaved(saved.Folder, saved.Step);
-        try
-        {
-            _journal.WriteLossPlot(_run.State.Recipe.Name);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            _log.LogWarning(e, "Could not write {Path}", _journal.LossPlotPath);
-        }
-        foreach (var aside in saved.SetAside)
-            _log.LogWarning("{Folder} was not a valid checkpoint ({Reason}); moved it to {MovedTo}", aside.Folder, aside.Reason, aside.MovedTo);
-        _log.LogInformation("Checkpoint {Folder}", saved.Folder);
-        foreach (var gone in saved.Deleted)
-            _log.LogInformation("Deleted checkpoint {Folder} (retention: {Retention})", gone, _run.Retention);
-        foreach (var problem in saved.PruneProblems)
-            _log.LogWarning("Could not delete an old checkpoint: {Problem}", problem);
-        return true;
-    }
-
-    /// <summary>The checkpoint at the end of training, tried 3 times (1 s, then 2 s apart); then an IOException fails the run.</summary>
-    private async Task SaveFinalCheckpointAsync(CancellationToken ct)
-    {
-        const int attempts = 3;
-        var pause = TimeSpan.FromSeconds(1);
-        for (var attempt = 1; attempt <= attempts; attempt++)
-        {
-            if (SaveCheckpoint()) return;
-            if (attempt == attempts) break;
-            await Task.Delay(pause, ct);
-            pause *= 2;
-        }
-        throw new IOException($"the final checkpoint of step {_run.State.StepsDone} could not be written in {attempts} attempts; the last checkpoint is {_status.DescribeLastCheckpoint()}");
     }
 
     public override void Dispose()

@@ -1,13 +1,17 @@
 using System.Runtime.InteropServices;
+using DistDiffusion.Coordinator.Configuration;
+using DistDiffusion.Coordinator.Sampling;
+using DistDiffusion.Coordinator.Training;
+using DistDiffusion.Coordinator.Workers;
 using DistDiffusion.Model.Optimization;
-using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 using Google.Protobuf.WellKnownTypes;
 using Google.Rpc;
 using Grpc.Core;
 using StatusCode = Grpc.Core.StatusCode;
 
-namespace DistDiffusion.Coordinator.Server;
+namespace DistDiffusion.Coordinator.Transport;
 
 /// <summary>
 /// The worker-facing stream. Decodes and validates every message before anything reaches the training loop:
@@ -17,6 +21,9 @@ namespace DistDiffusion.Coordinator.Server;
 [BindServiceMethod(typeof(TrainerService), nameof(BindService))]
 public sealed class TrainerService : Trainer.TrainerBase
 {
+    /// <summary>Largest message the coordinator accepts, on gRPC and the worker socket alike: a 1 MiB tensor chunk plus its framing fields.</summary>
+    public const int MaxReceiveMessageBytes = TensorTransport.ChunkBytes + 64 * 1024;
+
     /// <summary>
     /// Registers Connect as the generated binding does, but with <see cref="TensorMessages"/>' marshallers: gradient
     /// chunks arrive in pooled arrays (same wire format). gRPC finds this through the attribute above, which takes
@@ -70,12 +77,12 @@ public sealed class TrainerService : Trainer.TrainerBase
                     ? new SharedMemoryOffer { Path = offered.Path, Nonce = offered.Nonce, RegionBytes = (ulong)offered.RegionBytes }
                     : null,
                 WorkerId = worker.Id,
-                RecipeJson = _loop.RecipeJson,
-                TrainSize = _loop.TrainSize,
-                Parameters = { _loop.ParameterInfos },
+                RecipeJson = _loop.Description.RecipeJson,
+                TrainSize = _loop.Description.TrainSize,
+                Parameters = { _loop.Description.ParameterInfos },
                 HeartbeatIntervalMs = (uint)(_options.HeartbeatSeconds * 1000),
-                GradientDtype = _loop.GradientDtype,
-                RunId = _loop.RunId,
+                GradientDtype = _loop.Description.GradientDtype,
+                RunId = _loop.Description.RunId,
             },
         });
         _log.LogInformation("Worker {Worker} joined from {Peer} ({Transport}): host {Host}, device {Device}, {Threads} threads", worker.Id, context.Peer, worker.Socket ? "worker socket" : "gRPC stream", worker.Host, worker.Device, worker.Threads);
@@ -192,7 +199,7 @@ public sealed class TrainerService : Trainer.TrainerBase
     {
         if (!_options.SharedMemory || !join.SharedMemory || join.BootId.Length == 0 || join.BootId != SharedTensorSegment.BootId)
             return null;
-        var segment = SharedTensorSegment.TryCreate(_loop.ParameterElements * 4, out var reason);
+        var segment = SharedTensorSegment.TryCreate(_loop.Description.ParameterElements * 4, out var reason);
         if (segment is null) _log.LogInformation("No shared memory for {Worker}: {Reason}", workerId, reason);
         return segment;
     }
@@ -256,15 +263,15 @@ public sealed class TrainerService : Trainer.TrainerBase
             throw new ProtocolException(StatusCode.InvalidArgument, $"sample_count {h.SampleCount}, slice {h.Slice} has {current.SliceSizes[h.Slice]} samples", "sample_count");
         if (!double.IsFinite(h.Loss))
             throw new ProtocolException(StatusCode.InvalidArgument, $"loss {h.Loss}: expected a finite number", "loss");
-        var presentBytes = (_loop.ParameterCount + 7) / 8;
+        var presentBytes = (_loop.Description.ParameterCount + 7) / 8;
         if (h.Present.Length != presentBytes)
-            throw new ProtocolException(StatusCode.InvalidArgument, $"present bitmap has {h.Present.Length} bytes, expected {presentBytes} for {_loop.ParameterCount} parameters", "present");
+            throw new ProtocolException(StatusCode.InvalidArgument, $"present bitmap has {h.Present.Length} bytes, expected {presentBytes} for {_loop.Description.ParameterCount} parameters", "present");
         if (h.Tensor is null)
             throw new ProtocolException(StatusCode.InvalidArgument, "gradient header without a tensor header", "tensor");
         if (h.Tensor.Step != h.Step || h.Tensor.ParameterVersion != h.ParameterVersion)
             throw new ProtocolException(StatusCode.InvalidArgument, $"tensor header says step {h.Tensor.Step} version {h.Tensor.ParameterVersion}, the gradient header step {h.Step} version {h.ParameterVersion}", "tensor.step");
-        if (h.Tensor.Dtype != _loop.GradientDtype)
-            throw new ProtocolException(StatusCode.InvalidArgument, $"gradient dtype {h.Tensor.Dtype}: this run exchanges {_loop.GradientDtype}", "tensor.dtype");
+        if (h.Tensor.Dtype != _loop.Description.GradientDtype)
+            throw new ProtocolException(StatusCode.InvalidArgument, $"gradient dtype {h.Tensor.Dtype}: this run exchanges {_loop.Description.GradientDtype}", "tensor.dtype");
         var what = $"gradient of step {h.Step} slice {h.Slice}";
         if (h.Tensor.SharedMemory)
         {
@@ -272,7 +279,7 @@ public sealed class TrainerService : Trainer.TrainerBase
             Deliver(worker, h, copy, sumOfSquares);
             return;
         }
-        worker.Incoming = (h, new TensorAssembler(h.Tensor, _loop.ParameterElements, what, _loop.GradientBuffers.Rent()));
+        worker.Incoming = (h, new TensorAssembler(h.Tensor, _loop.Description.ParameterElements, what, _loop.GradientBuffers.Rent()));
     }
 
     /// <summary>
@@ -330,11 +337,11 @@ public sealed class TrainerService : Trainer.TrainerBase
         {
             if (tensor.Dtype != DType.Float32)
             {
-                var decoded = TensorAssembler.CopyShared(tensor, _loop.ParameterElements, what, segment, SharedRegion.Gradients, buffer);
+                var decoded = TensorAssembler.CopyShared(tensor, _loop.Description.ParameterElements, what, segment, SharedRegion.Gradients, buffer);
                 sumOfSquares = VectorMath.SumOfSquares(decoded);
                 return decoded;
             }
-            var payload = TensorAssembler.CheckShared(tensor, _loop.ParameterElements, what, segment, SharedRegion.Gradients);
+            var payload = TensorAssembler.CheckShared(tensor, _loop.Description.ParameterElements, what, segment, SharedRegion.Gradients);
             sumOfSquares = VectorMath.CopyWithSumOfSquares(MemoryMarshal.Cast<byte, float>(payload), buffer);
             segment.ExpectSequence(SharedRegion.Gradients, tensor.SharedSequence, what, after: true);   // the copy is exactly that write
             return buffer;

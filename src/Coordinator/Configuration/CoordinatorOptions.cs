@@ -1,8 +1,8 @@
 using DistDiffusion.Model.Checkpoints;
-using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 
-namespace DistDiffusion.Coordinator.Server;
+namespace DistDiffusion.Coordinator.Configuration;
 
 /// <summary>
 /// Settings of `coordinator serve`, bound from the configuration section "Coordinator": appsettings.json,
@@ -86,7 +86,8 @@ public sealed class CoordinatorOptions
     /// A slice gradient whose per-sample norm exceeds this many times the median of recent slices is refused, its worker
     /// dropped and the slice recomputed elsewhere (see SliceGuard); a second worker agreeing makes it a real spike.
     /// </summary>
-    public double GradientBoundRatio { get; set; } = SliceGuard.DefaultRatio;
+    public double GradientBoundRatio { get; set; } = DefaultGradientBoundRatio;
+    public const double DefaultGradientBoundRatio = 100;
     /// <summary>
     /// A slice held longer than this many times the median time (per sample) of the step's finished slices gets a copy
     /// on an idle worker (or its halves on two); the first result is used, the other must have the same bits.

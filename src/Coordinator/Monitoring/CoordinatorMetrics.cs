@@ -1,8 +1,9 @@
 using System.Diagnostics.Metrics;
-using DistDiffusion.Coordinator.Server;
+using DistDiffusion.Coordinator.Sampling;
+using DistDiffusion.Coordinator.Training;
 using DistDiffusion.Protocol.V1;
 
-namespace DistDiffusion.Coordinator.Observe;
+namespace DistDiffusion.Coordinator.Monitoring;
 
 /// <summary>
 /// The coordinator's System.Diagnostics.Metrics instruments, all observable: each scrape of GET /metrics reads the

@@ -2,14 +2,16 @@ using System.Buffers;
 using System.IO.Pipelines;
 using System.Net.Sockets;
 using System.Text;
-using DistDiffusion.Protocol;
+using DistDiffusion.Coordinator.Access;
+using DistDiffusion.Coordinator.Configuration;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 using Google.Protobuf;
 using Grpc.Core;
-using Microsoft.AspNetCore.Connections;
 using Microsoft.AspNetCore.Connections.Features;
+using Microsoft.AspNetCore.Connections;
 
-namespace DistDiffusion.Coordinator.Server;
+namespace DistDiffusion.Coordinator.Transport;
 
 /// <summary>
 /// The coordinator's end of the worker socket (<see cref="TrainerSocket"/>): a connection middleware on the gRPC
@@ -237,7 +239,7 @@ public sealed class TrainerSocketEndpoint(IServiceProvider services, ServerCrede
             SocketFrame? next;
             try
             {
-                next = await reader.ReadAsync(CoordinatorServer.MaxReceiveMessageBytes, cancellationToken);
+                next = await reader.ReadAsync(TrainerService.MaxReceiveMessageBytes, cancellationToken);
             }
             catch (ProtocolException e)
             {

@@ -1,7 +1,13 @@
 using System.Diagnostics;
 using DistDiffusion.Protocol.V1;
 
-namespace DistDiffusion.Coordinator.Server;
+namespace DistDiffusion.Coordinator.Training;
+
+/// <summary>How the last step's wall time divides: the slowest worker's computing, the rest of the wait, the coordinator's own work.</summary>
+public readonly record struct StepSplit(double ComputeSeconds, double ExchangeSeconds, double UpdateSeconds);
+
+/// <summary>What the metrics endpoint reads besides <see cref="TrainingLoop.Status"/>.</summary>
+public readonly record struct Telemetry(double GradNorm, StepSplit LastStep, double? CheckpointAgeSeconds);
 
 /// <summary>
 /// What `coordinator status`, the dashboard and the metrics endpoint read about a run besides its step: the run's state,

@@ -1,9 +1,12 @@
 using System.Diagnostics;
 using System.Globalization;
+using DistDiffusion.Coordinator.Configuration;
+using DistDiffusion.Coordinator.Observe;
+using DistDiffusion.Coordinator.Sampling;
 using DistDiffusion.Protocol.V1;
 using static TorchSharp.torch;
 
-namespace DistDiffusion.Coordinator.Server;
+namespace DistDiffusion.Coordinator.Training;
 
 /// <summary>
 /// The recipe's sample-every for the distributed trainer: at such a step the loop pins its weights (one snapshot, EMA
@@ -105,8 +108,8 @@ public sealed class PeriodicSamples(SamplingCoordinator sampling, RunSetup run, 
             {
                 using var scope = NewDisposeScope();
                 var samples = tensor(values, [n, .. shape]);
-                var reference = Cli.RunPictures.Reference(recipe, n);
-                Cli.RunPictures.Write(path, samples, recipe, reference, $"{recipe.Name} step {step}");
+                var reference = RunPictures.Reference(recipe, n);
+                RunPictures.Write(path, samples, recipe, reference, $"{recipe.Name} step {step}");
             }
             log.LogInformation("Samples of step {Step} ({Count}, {Weights} weights of version {Version}) in {Seconds:F2} s: {Path}",
                 step, n, snapshot.Ema ? "EMA" : "raw", snapshot.Version, clock.Elapsed.TotalSeconds, path);

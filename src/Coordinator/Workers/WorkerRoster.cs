@@ -1,6 +1,6 @@
 using DistDiffusion.Protocol.V1;
 
-namespace DistDiffusion.Coordinator.Server;
+namespace DistDiffusion.Coordinator.Workers;
 
 /// <summary>
 /// Which workers the training loop may give slices to. A worker that connects is joining until the loop admits it at a

@@ -1,13 +1,15 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
 using System.Threading.Channels;
-using DistDiffusion.Protocol;
+using DistDiffusion.Coordinator.Configuration;
+using DistDiffusion.Coordinator.Workers;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 using Google.Protobuf;
 using Grpc.Core;
 using Microsoft.Extensions.Logging;
 
-namespace DistDiffusion.Coordinator.Server;
+namespace DistDiffusion.Coordinator.Sampling;
 
 /// <summary>
 /// Fans sampling requests out over the connected workers. A request becomes batches of chains

@@ -1,20 +1,26 @@
+using DistDiffusion.Coordinator.Access;
+using DistDiffusion.Coordinator.Configuration;
+using DistDiffusion.Coordinator.Sampling;
+using DistDiffusion.Coordinator.Monitoring;
+using DistDiffusion.Coordinator.Training;
+using DistDiffusion.Coordinator.Transport;
 using DistDiffusion.Protocol;
 using Grpc.Health.V1;
 using Grpc.HealthCheck;
-using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Connections;
-using Microsoft.AspNetCore.Hosting.Server;
 using Microsoft.AspNetCore.Hosting.Server.Features;
-using OpenTelemetry.Metrics;
+using Microsoft.AspNetCore.Hosting.Server;
+using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Server.Kestrel.Core;
 using Microsoft.AspNetCore.Server.Kestrel.Https;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
-using Serilog;
+using OpenTelemetry.Metrics;
 using Serilog.Events;
+using Serilog;
 
-namespace DistDiffusion.Coordinator.Server;
+namespace DistDiffusion.Coordinator.Hosting;
 
 /// <summary>
 /// The coordinator as an ASP.NET Core application on Kestrel (HTTP/2): the Trainer and Coordinator services,
@@ -23,9 +29,6 @@ namespace DistDiffusion.Coordinator.Server;
 /// </summary>
 public sealed class CoordinatorServer : IAsyncDisposable
 {
-    /// <summary>Largest message accepted: a 1 MiB tensor chunk plus its framing fields.</summary>
-    public const int MaxReceiveMessageBytes = TensorTransport.ChunkBytes + 64 * 1024;
-
     private readonly WebApplication _app;
     private readonly RunSetup _run;
     private readonly Lazy<Task> _stopped;
@@ -73,7 +76,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
         if (credentials.Open && !options.AllowUnauthenticated)
             throw new ArgumentException($"no token: give --worker-token-file PATH and --client-token-file PATH (or {Names.WorkerTokenEnvironmentVariable} and {Names.ClientTokenEnvironmentVariable}), or one shared token with --token-file PATH or {Names.TokenEnvironmentVariable} (or --allow-unauthenticated to serve without one)");
         // --log-format json: one compact JSON event per line, without the prefix (which would break the JSON).
-        var logger = Worker.WorkerCli.WriteConsole(new LoggerConfiguration()
+        var logger = DistDiffusion.Worker.WorkerCli.WriteConsole(new LoggerConfiguration()
             .MinimumLevel.Is(level)
             .MinimumLevel.Override("Microsoft", LogEventLevel.Warning)
             .MinimumLevel.Override("Grpc", LogEventLevel.Warning), options.LogFormat, logPrefix)
@@ -101,7 +104,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
             builder.Services.AddHostedService(s => s.GetRequiredService<SamplingCoordinator>());
             builder.Services.AddGrpc(o =>
             {
-                o.MaxReceiveMessageSize = MaxReceiveMessageBytes;
+                o.MaxReceiveMessageSize = TrainerService.MaxReceiveMessageBytes;
                 o.MaxSendMessageSize = ClientChannel.MaxReceiveMessageBytes;
                 o.EnableDetailedErrors = false;
             });
@@ -116,9 +119,9 @@ public sealed class CoordinatorServer : IAsyncDisposable
             var httpEndpoints = new List<ListenOptions>();
             if (httpListen is not null)
             {
-                builder.Services.AddSingleton<Observe.CoordinatorMetrics>();
-                builder.Services.AddSingleton<Observe.Dashboard>();
-                builder.Services.AddOpenTelemetry().WithMetrics(m => m.AddMeter(Observe.CoordinatorMetrics.MeterName).AddPrometheusExporter(p => p.ScrapeResponseCacheDurationMilliseconds = 0));
+                builder.Services.AddSingleton<CoordinatorMetrics>();
+                builder.Services.AddSingleton<Dashboard>();
+                builder.Services.AddOpenTelemetry().WithMetrics(m => m.AddMeter(CoordinatorMetrics.MeterName).AddPrometheusExporter(p => p.ScrapeResponseCacheDurationMilliseconds = 0));
             }
             // Kestrel receives into the free part of its current pool block, 4 KiB by default, after a zero-byte wait:
             // two system calls and a pass through the connection's pipes per 4 KiB of gradient. 64 KiB blocks and no
@@ -182,9 +185,9 @@ public sealed class CoordinatorServer : IAsyncDisposable
             app.UseMiddleware<AccessMiddleware>();
             if (httpListen is not null)
             {
-                app.Services.GetRequiredService<Observe.CoordinatorMetrics>();   // the instruments exist before the first scrape
+                app.Services.GetRequiredService<CoordinatorMetrics>();   // the instruments exist before the first scrape
                 app.UseOpenTelemetryPrometheusScrapingEndpoint(c => AccessMiddleware.OnHttpPort(c) && c.Request.Path == "/metrics");
-                var dashboard = app.Services.GetRequiredService<Observe.Dashboard>();
+                var dashboard = app.Services.GetRequiredService<Dashboard>();
                 app.Use(async (context, next) =>
                 {
                     if (AccessMiddleware.OnHttpPort(context))

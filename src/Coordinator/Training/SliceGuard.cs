@@ -1,4 +1,6 @@
-namespace DistDiffusion.Coordinator.Server;
+using DistDiffusion.Coordinator.Configuration;
+
+namespace DistDiffusion.Coordinator.Training;
 
 /// <summary>Why a slice gradient was refused by <see cref="SliceGuard"/>.</summary>
 internal enum SliceFault
@@ -21,9 +23,8 @@ internal enum SliceFault
 /// independent result that is also out of bound is a real spike and is accepted (both non-finite: the run diverged).</para>
 /// The loop's thread owns it.
 /// </summary>
-internal sealed class SliceGuard(double ratio = SliceGuard.DefaultRatio)
+internal sealed class SliceGuard(double ratio = CoordinatorOptions.DefaultGradientBoundRatio)
 {
-    public const double DefaultRatio = 100;
     public const int Window = 64;
     public const int WarmupSlices = 16;
     /// <summary>Per-sample gradient scale refused before there is a history (far above any healthy network's).</summary>

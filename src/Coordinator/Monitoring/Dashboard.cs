@@ -1,11 +1,12 @@
 using System.Reflection;
-using System.Text.Json;
 using System.Text.Json.Nodes;
-using DistDiffusion.Coordinator.Server;
+using System.Text.Json;
+using DistDiffusion.Coordinator.Configuration;
+using DistDiffusion.Coordinator.Training;
 using DistDiffusion.Model.Checkpoints;
 using Google.Protobuf;
 
-namespace DistDiffusion.Coordinator.Observe;
+namespace DistDiffusion.Coordinator.Monitoring;
 
 /// <summary>
 /// The HTTP port's pages besides /metrics: GET / (the dashboard: one self-contained page, no third-party assets) and the

@@ -1,11 +1,13 @@
 using System.Globalization;
 using System.Text;
+using DistDiffusion.Coordinator.Configuration;
+using DistDiffusion.Coordinator.Monitoring;
 using DistDiffusion.Protocol;
 using Grpc.Core;
 using Microsoft.AspNetCore.Connections.Features;
 using Microsoft.Extensions.Logging;
 
-namespace DistDiffusion.Coordinator.Server;
+namespace DistDiffusion.Coordinator.Access;
 
 /// <summary>What a token lets its bearer call.</summary>
 [Flags]
@@ -175,7 +177,7 @@ public sealed class AccessMiddleware(RequestDelegate next, ServerCredentials cre
     private async Task Http(HttpContext context)
     {
         var path = context.Request.Path.Value ?? "";
-        if (!Observe.Dashboard.IsKnown(path))
+        if (!Dashboard.IsKnown(path))
         {
             context.Response.StatusCode = StatusCodes.Status404NotFound;
             return;
@@ -186,7 +188,7 @@ public sealed class AccessMiddleware(RequestDelegate next, ServerCredentials cre
             context.Response.Headers.Allow = "GET, HEAD";
             return;
         }
-        if (!Observe.Dashboard.IsPublic(path) && !credentials.Open)
+        if (!Dashboard.IsPublic(path) && !credentials.Open)
         {
             var authorization = context.Request.Headers.Authorization.ToString();
             if ((credentials.RolesOf(authorization.Length == 0 ? null : authorization) & Roles.Client) == 0)

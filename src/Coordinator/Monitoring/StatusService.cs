@@ -1,9 +1,10 @@
-using DistDiffusion.Protocol;
+using DistDiffusion.Coordinator.Training;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 using Google.Protobuf;
 using Grpc.Core;
 
-namespace DistDiffusion.Coordinator.Server;
+namespace DistDiffusion.Coordinator.Monitoring;
 
 /// <summary>The client-facing Coordinator service: run and worker status.</summary>
 public sealed class StatusService(TrainingLoop loop) : Coordination.CoordinationBase

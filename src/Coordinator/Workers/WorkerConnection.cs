@@ -1,10 +1,10 @@
 using System.Diagnostics;
 using System.Threading.Channels;
-using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 using Grpc.Core;
 
-namespace DistDiffusion.Coordinator.Server;
+namespace DistDiffusion.Coordinator.Workers;
 
 /// <summary>
 /// The coordinator's side of one worker's stream: identity, protocol state, the outgoing queue (one writer

@@ -2,7 +2,7 @@ using System.Buffers;
 using System.Collections.Concurrent;
 using Microsoft.AspNetCore.Connections;
 
-namespace DistDiffusion.Coordinator.Server;
+namespace DistDiffusion.Coordinator.Hosting;
 
 /// <summary>
 /// Kestrel's connection buffers in blocks of <see cref="BlockBytes"/> instead of its default 4 KiB: the socket

@@ -1,8 +1,10 @@
+using DistDiffusion.Coordinator.Sampling;
+using DistDiffusion.Coordinator.Workers;
 using DistDiffusion.Model.Training;
-using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
+using DistDiffusion.Protocol;
 
-namespace DistDiffusion.Coordinator.Server;
+namespace DistDiffusion.Coordinator.Training;
 
 /// <summary>
 /// The coordinator's parameters as workers receive them: the current version's bytes and header (with its checksum),

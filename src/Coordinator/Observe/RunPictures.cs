@@ -6,7 +6,7 @@ using DistDiffusion.Model.Sampling;
 using DistDiffusion.Model.Training;
 using static TorchSharp.torch;
 
-namespace DistDiffusion.Coordinator.Cli;
+namespace DistDiffusion.Coordinator.Observe;
 
 /// <summary>Writes sample pictures and arrays: PNG grids for images, scatter plots over the data for points, .npy arrays.</summary>
 internal static class RunPictures
@@ -14,9 +14,10 @@ internal static class RunPictures
     /// <summary>Samples [N, ...] to <paramref name="path"/>: .npy (float32 [N, ...]) or .png (grid or scatter over <paramref name="reference"/>).</summary>
     public static void Write(string path, Tensor samples, Recipe recipe, Tensor? reference, string? title = null)
     {
+        var kind = OutputKind(path);
         var dir = Path.GetDirectoryName(Path.GetFullPath(path));
         if (!string.IsNullOrEmpty(dir)) Directory.CreateDirectory(dir);
-        switch (Path.GetExtension(path).ToLowerInvariant())
+        switch (kind)
         {
             case ".npy":
                 Npy.Write(path, samples);
@@ -25,10 +26,13 @@ internal static class RunPictures
                 if (recipe.IsImageData) ImageGrid.Save(samples, path);
                 else ScatterPlot.Save(samples, path, reference, title);
                 break;
-            default:
-                throw new UsageException($"--out {path}: expected a .png or .npy file");
         }
     }
+
+    /// <summary>The output's extension, ".png" or ".npy" (lower case); anything else is refused with the path named.</summary>
+    public static string OutputKind(string path) => Path.GetExtension(path).ToLowerInvariant() is var ext and (".png" or ".npy")
+        ? ext
+        : throw new ArgumentException($"--out {path}: expected a .png or .npy file");
 
     /// <summary>A trajectory strip next to <paramref name="path"/> (name-trajectory.png).</summary>
     public static string WriteTrajectory(string path, IReadOnlyList<Tensor> frames)

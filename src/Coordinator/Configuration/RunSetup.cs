@@ -3,7 +3,7 @@ using DistDiffusion.Model.Data;
 using DistDiffusion.Model.Training;
 using static TorchSharp.torch;
 
-namespace DistDiffusion.Coordinator.Server;
+namespace DistDiffusion.Coordinator.Configuration;
 
 /// <summary>A run ready to train: its state (fresh or from the latest checkpoint), the training-split size and the run folder.</summary>
 public sealed class RunSetup : IDisposable

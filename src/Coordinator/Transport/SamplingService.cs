@@ -1,4 +1,7 @@
 using System.Diagnostics;
+using DistDiffusion.Coordinator.Configuration;
+using DistDiffusion.Coordinator.Sampling;
+using DistDiffusion.Coordinator.Training;
 using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Diffusion;
 using DistDiffusion.Model.Imaging;
@@ -8,7 +11,7 @@ using Google.Protobuf;
 using Grpc.Core;
 using static TorchSharp.torch;
 
-namespace DistDiffusion.Coordinator.Server;
+namespace DistDiffusion.Coordinator.Transport;
 
 /// <summary>
 /// The client-facing Sampler service: validates the request, admits it when fewer than MaxConcurrentSampleRequests run,
@@ -21,7 +24,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
 {
     public override async Task Sample(SampleRequest request, IServerStreamWriter<SampleResponse> responseStream, ServerCallContext context)
     {
-        var recipe = loop.Recipe;
+        var recipe = loop.Description.Recipe;
         var T = recipe.Timesteps;
         var shape = recipe.SampleShape;
         Validate(request, T, recipe.IsImageData, shape.Aggregate(1L, (a, b) => a * b));
@@ -144,7 +147,7 @@ public sealed class SamplingService(TrainingLoop loop, SamplingCoordinator sampl
     /// </summary>
     public override async Task Evaluate(EvalRequest request, IServerStreamWriter<EvalResponse> responseStream, ServerCallContext context)
     {
-        var recipe = loop.Recipe;
+        var recipe = loop.Description.Recipe;
         ValidateEval(request, recipe);
         CheckConditioning(request.HasClassLabel ? request.ClassLabel : null, request.HasGuidance ? request.Guidance : null, recipe);
         await AdmittedAsync(() => EvaluateAsync(request, responseStream, context, recipe));
