@@ -1,5 +1,6 @@
 using DistDiffusion.Coordinator.Sampling;
 using DistDiffusion.Coordinator.Workers;
+using DistDiffusion.Protocol.V1;
 
 namespace DistDiffusion.Coordinator.Training;
 
@@ -14,7 +15,8 @@ internal sealed record SliceGradient(WorkerConnection Worker, ulong Step, uint S
 /// <summary>What the stream handlers tell the loop.</summary>
 internal abstract record LoopEvent;
 internal sealed record WorkerJoined(WorkerConnection Worker) : LoopEvent;
-internal sealed record WorkerGone(WorkerConnection Worker, string Reason) : LoopEvent;
+/// <summary>A worker's stream ended: it said Leave (<see cref="WorkerState.Left"/>) or it failed or was refused (<see cref="WorkerState.Dropped"/>).</summary>
+internal sealed record WorkerGone(WorkerConnection Worker, WorkerState Departure, string Reason) : LoopEvent;
 internal sealed record GradientArrived(SliceGradient Gradient) : LoopEvent;
 
 /// <summary>A request from the sampling side for the current weights (served by the loop, which owns them).</summary>

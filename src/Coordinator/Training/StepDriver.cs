@@ -132,7 +132,7 @@ internal sealed class StepDriver
                 {
                     var why = late ? $"missed the step deadline ({round.Deadline.TotalSeconds:F0} s) of step {round.Step}" : $"silent for {w.SecondsSinceSeen:F0} s (heartbeat every {_loop.Options.HeartbeatSeconds} s)";
                     w.Abort(StatusCode.DeadlineExceeded, why);
-                    _loop.Workers.Remove(w, why);
+                    _loop.Workers.Remove(w, WorkerState.Dropped, why);
                     Reassign(w);
                 }
             }
@@ -274,7 +274,7 @@ internal sealed class StepDriver
     private void Drop(WorkerConnection w, StatusCode code, string detail)
     {
         w.Abort(code, detail);
-        _loop.Workers.Remove(w, detail);
+        _loop.Workers.Remove(w, WorkerState.Dropped, detail);
         Reassign(w);
     }
 

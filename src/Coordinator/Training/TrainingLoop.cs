@@ -320,7 +320,7 @@ public sealed class TrainingLoop : BackgroundService
     /// </summary>
     private void Gone(WorkerGone g)
     {
-        _workers.Remove(g.Worker, g.Reason);
+        _workers.Remove(g.Worker, g.Departure, g.Reason);
         var segment = g.Worker.SharedMemory;
         g.Worker.SharedMemory = null;
         segment?.Dispose();

@@ -89,6 +89,7 @@ public sealed class TrainerService : Trainer.TrainerBase
         _loop.Post(new WorkerJoined(worker));
         _sampling.AddWorker(worker);
         var reason = "stream closed";
+        var departure = WorkerState.Dropped;
         try
         {
             while (await requestStream.MoveNext(linked.Token))
@@ -100,6 +101,7 @@ public sealed class TrainerService : Trainer.TrainerBase
                     if (Handle(worker, message) is { } left)
                     {
                         reason = left;
+                        departure = WorkerState.Left;
                         break;
                     }
                 }
@@ -138,7 +140,7 @@ public sealed class TrainerService : Trainer.TrainerBase
             worker.OfferedSegment = null;
             worker.SharedMemory?.Unlink();
             _sampling.RemoveWorker(worker);
-            _loop.Post(new WorkerGone(worker, reason));
+            _loop.Post(new WorkerGone(worker, departure, reason));
             worker.CloseOutbox();
             await writer.ConfigureAwait(false);
         }

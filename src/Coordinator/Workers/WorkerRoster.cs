@@ -56,12 +56,14 @@ internal sealed class WorkerRoster(object statusLock, ILogger log)
         _joining.Clear();
     }
 
-    /// <summary>The worker left (reason "left") or was dropped; it gets no more slices.</summary>
-    public void Remove(WorkerConnection w, string reason)
+    /// <summary>The worker left or was dropped (<paramref name="departure"/>); it gets no more slices. A worker dropped first stays dropped.</summary>
+    public void Remove(WorkerConnection w, WorkerState departure, string reason)
     {
+        if (departure is not (WorkerState.Dropped or WorkerState.Left))
+            throw new ArgumentOutOfRangeException(nameof(departure), departure, "expected Left or Dropped");
         var wasLive = _live.Remove(w) | _joining.Remove(w);
         if (w.State is not (WorkerState.Dropped or WorkerState.Left))
-            w.State = reason == "left" ? WorkerState.Left : WorkerState.Dropped;
+            w.State = departure;
         if (wasLive) log.LogWarning("Worker {Worker} removed: {Reason}; {Count} live", w.Id, reason, _live.Count);
     }
 
