@@ -51,6 +51,6 @@ public sealed class ParameterBroadcastTests
         Assert.Equal(first[0].Parameters.SharedSequence, segment.SequenceOf(SharedRegion.Parameters));
         var chunks = second.Where(m => m.KindCase == CoordinatorMessage.KindOneofCase.ParametersChunk).SelectMany(m => m.ParametersChunk.Data.ToByteArray()).ToArray();
         Assert.Equal(second[0].Parameters.Checksum, TensorTransport.Checksum(chunks));
-        Assert.Equal(2UL, worker.ParameterVersion);
+        Assert.Equal(2UL, worker.Schedule.ParameterVersion);
     }
 }

@@ -23,7 +23,12 @@ internal sealed record GradientArrived(SliceGradient Gradient) : LoopEvent;
 internal sealed record WeightsRequested(bool PreferEma, TaskCompletionSource<WeightsSnapshot> Reply) : LoopEvent;
 
 /// <summary>The step in progress as the stream handlers see it (immutable; replaced as slices move).</summary>
-internal sealed record StepSnapshot(ulong Step, ulong Version, int[] SliceSizes, string[][] Holders, bool[] Done);
+internal sealed record StepSnapshot(ulong Step, ulong Version, int[] SliceSizes, string[][] Holders, bool[] Done)
+{
+    /// <summary><see cref="StepRound.Judge"/> on this snapshot, for a push of <paramref name="workerId"/>.</summary>
+    public SliceRejection Judge(ulong step, uint slice, string workerId) =>
+        StepRound.Judge(Step, Holders.Length, step, slice, k => Done[k], k => Holders[k].Contains(workerId));
+}
 
 /// <summary>A push the stream handler ignored (already in, or for a finished step): the loop compares its checksum.</summary>
 internal sealed record DuplicateSeen(WorkerConnection Worker, ulong Step, uint Slice, ulong? Checksum) : LoopEvent;

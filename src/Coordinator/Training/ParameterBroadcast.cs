@@ -90,7 +90,7 @@ internal sealed class ParameterBroadcast
             foreach (var chunk in TensorTransport.Chunks(_bytes, header.Step, Version))
                 worker.Send(new CoordinatorMessage { ParametersChunk = chunk });
         }
-        worker.ParameterVersion = Version;
+        worker.Schedule.ParameterVersion = Version;
     }
 
     /// <summary>

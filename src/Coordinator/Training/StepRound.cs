@@ -166,12 +166,21 @@ internal sealed class StepRound
     }
 
     /// <summary>Whether a pushed gradient answers a slice of this step that its sender holds and that is not in yet.</summary>
-    public SliceRejection Validate(SliceGradient gradient)
+    public SliceRejection Validate(SliceGradient gradient) =>
+        Judge(Step, _slices.Count, gradient.Step, gradient.Slice, IsDone, k => _slices[k].Holders.Any(h => h.Worker == gradient.Worker));
+
+    /// <summary>
+    /// The one rule for a pushed slice gradient, in this order: it is for the round's step, names one of its slices, that
+    /// slice is not in yet, and its sender holds it. The loop applies it to the live round (<see cref="Validate"/>); the
+    /// stream handlers apply it to the round's last <see cref="Snapshot"/> (<see cref="StepSnapshot.Judge"/>) to refuse
+    /// or ignore a push before its payload is received.
+    /// </summary>
+    public static SliceRejection Judge(ulong roundStep, int sliceCount, ulong step, uint slice, Func<int, bool> isDone, Func<int, bool> isHolder)
     {
-        if (gradient.Step != Step) return SliceRejection.OtherStep;
-        if (gradient.Slice >= _slices.Count) return SliceRejection.NoSuchSlice;
-        if (IsDone((int)gradient.Slice)) return SliceRejection.Duplicate;
-        if (!_slices[(int)gradient.Slice].Holders.Any(h => h.Worker == gradient.Worker)) return SliceRejection.NotOwner;
+        if (step != roundStep) return SliceRejection.OtherStep;
+        if (slice >= sliceCount) return SliceRejection.NoSuchSlice;
+        if (isDone((int)slice)) return SliceRejection.Duplicate;
+        if (!isHolder((int)slice)) return SliceRejection.NotOwner;
         return SliceRejection.None;
     }
 

@@ -28,7 +28,7 @@ namespace DistDiffusion.Coordinator.Training;
 /// All torch work happens on this loop, one event at a time (it may continue on the handler thread that posted the
 /// event it waited for); handlers only decode and validate bytes.
 /// </summary>
-public sealed class TrainingLoop : BackgroundService
+public sealed class TrainingLoop : BackgroundService, IStepHost
 {
     private readonly RunSetup _run;
     private readonly CoordinatorOptions _options;
@@ -45,7 +45,7 @@ public sealed class TrainingLoop : BackgroundService
     private readonly SliceGuard _guard;
     private readonly MicroBatchTree _tree;
     private readonly StepCounters _counters = new();
-    private readonly StepServices _stepServices;
+    private readonly StepParts _stepParts;
     /// <summary>False only while an update is being applied: a checkpoint taken then would mix two steps.</summary>
     private bool _stateConsistent = true;
     private volatile StepSnapshot? _current;
@@ -77,8 +77,7 @@ public sealed class TrainingLoop : BackgroundService
         _journal = new MetricsJournal(run.RunDir);
         _checkpoints = new CheckpointWriter(run, _status, _journal, log);
         _recorder = new StepRecorder(run, _journal, log);
-        _stepServices = new StepServices(_workers, _parameters, options, _guard, _tree, new RecentResults(), GradientBuffers, _status, _counters, log,
-            NextEventAsync, Serve, Gone, snapshot => _current = snapshot);
+        _stepParts = new StepParts(_workers, _parameters, options, _guard, _tree, new RecentResults(), GradientBuffers, _status, _counters, log);
     }
 
     /// <summary>OUT/metrics.jsonl and OUT/loss.png.</summary>
@@ -118,6 +117,14 @@ public sealed class TrainingLoop : BackgroundService
         Post(new WeightsRequested(preferEma, reply));
         return reply.Task.WaitAsync(ct);
     }
+
+    void IStepHost.Publish(StepSnapshot? snapshot) => _current = snapshot;
+
+    void IStepHost.Serve(WeightsRequested request) => Serve(request);
+
+    void IStepHost.Gone(WorkerGone gone) => Gone(gone);
+
+    Task<LoopEvent?> IStepHost.NextEventAsync(TimeSpan timeout, CancellationToken ct) => NextEventAsync(timeout, ct);
 
     private void Serve(WeightsRequested request)
     {
@@ -377,7 +384,7 @@ public sealed class TrainingLoop : BackgroundService
         var plan = s.PlanStep();
         _busySeconds += Stopwatch.GetElapsedTime(planning).TotalSeconds;
         StepTimeline.Mark(StepMark.Planned, (ulong)plan.Step);
-        var driver = new StepDriver(_stepServices, s, plan);
+        var driver = new StepDriver(_stepParts, this, s, plan);
         StepTimeline.Mark(StepMark.Assigned, (ulong)plan.Step);
         // The previous step's EMA update if it was deferred (the tensor-op path), while the workers compute this one.
         var flushing = Stopwatch.GetTimestamp();

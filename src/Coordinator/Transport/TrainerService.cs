@@ -68,12 +68,12 @@ public sealed class TrainerService : Trainer.TrainerBase
         worker.Seen(first.CalculateSize());
         using var linked = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken, worker.Aborted);
         var writer = WriteLoopAsync(worker, responseStream, timeout, linked, context.CancellationToken);
-        worker.OfferedSegment = OfferSharedMemory(first.Join, worker.Id);
+        worker.Inbox.OfferedSegment = OfferSharedMemory(first.Join, worker.Id);
         worker.Send(new CoordinatorMessage
         {
             Welcome = new Welcome
             {
-                SharedMemory = worker.OfferedSegment is { } offered
+                SharedMemory = worker.Inbox.OfferedSegment is { } offered
                     ? new SharedMemoryOffer { Path = offered.Path, Nonce = offered.Nonce, RegionBytes = (ulong)offered.RegionBytes }
                     : null,
                 WorkerId = worker.Id,
@@ -136,8 +136,8 @@ public sealed class TrainerService : Trainer.TrainerBase
         finally
         {
             // The name goes now; the mapping stays until the loop removes the worker (it may be writing parameters into it).
-            worker.OfferedSegment?.Dispose();
-            worker.OfferedSegment = null;
+            worker.Inbox.OfferedSegment?.Dispose();
+            worker.Inbox.OfferedSegment = null;
             worker.SharedMemory?.Unlink();
             _sampling.RemoveWorker(worker);
             _loop.Post(new WorkerGone(worker, departure, reason));
@@ -208,9 +208,9 @@ public sealed class TrainerService : Trainer.TrainerBase
 
     private void AnswerOffer(WorkerConnection worker, SharedMemoryReply reply)
     {
-        if (worker.OfferedSegment is not { } segment)
+        if (worker.Inbox.OfferedSegment is not { } segment)
             throw new ProtocolException(StatusCode.FailedPrecondition, $"worker {worker.Id} answered a shared-memory offer it was not made (or answered twice)", "shared_memory_reply");
-        worker.OfferedSegment = null;
+        worker.Inbox.OfferedSegment = null;
         segment.Unlink();   // both sides have it mapped; no name is left behind whatever happens next
         if (reply.Accepted)
         {
@@ -234,33 +234,37 @@ public sealed class TrainerService : Trainer.TrainerBase
     {
         StepTimeline.Mark(StepMark.Received, h.Step);
         CheckId(worker, h.WorkerId);
-        if (worker.Incoming is { } pending)
+        if (worker.Inbox.Incoming is { } pending)
             throw new ProtocolException(StatusCode.InvalidArgument, $"gradient header for step {h.Step} slice {h.Slice} while slice {pending.Header.Slice} of step {pending.Header.Step} is incomplete", "gradient");
-        worker.Ignoring = null;
+        worker.Inbox.Ignoring = null;
         var current = _loop.Current;
         var done = (ulong)_loop.StepsDone;
-        if (current is null || h.Step < current.Step)
+        if (current is null)
         {
-            if (h.Step < (current?.Step ?? done))
+            if (h.Step < done)
             {
-                Ignore(worker, h, $"step {h.Step} is already done (the run is at step {current?.Step ?? done})");
+                Ignore(worker, h, $"step {h.Step} is already done (the run is at step {done})");
                 return;
             }
             throw new ProtocolException(StatusCode.FailedPrecondition, $"step {h.Step} is not in progress (the run is at step {done})", "step");
         }
-        if (h.Step > current.Step)
-            throw new ProtocolException(StatusCode.FailedPrecondition, $"step {h.Step} is not current: the run is at step {current.Step}", "step");
+        switch (current.Judge(h.Step, h.Slice, worker.Id))
+        {
+            case SliceRejection.OtherStep when h.Step < current.Step:
+                Ignore(worker, h, $"step {h.Step} is already done (the run is at step {current.Step})");
+                return;
+            case SliceRejection.OtherStep:
+                throw new ProtocolException(StatusCode.FailedPrecondition, $"step {h.Step} is not current: the run is at step {current.Step}", "step");
+            case SliceRejection.NoSuchSlice:
+                throw new ProtocolException(StatusCode.InvalidArgument, $"slice {h.Slice}: step {current.Step} has slices 0..{current.Holders.Length - 1}", "slice");
+            case SliceRejection.Duplicate:
+                Ignore(worker, h, $"slice {h.Slice} of step {h.Step} is already in");
+                return;
+            case SliceRejection.NotOwner:
+                throw new ProtocolException(StatusCode.FailedPrecondition, $"slice {h.Slice} of step {h.Step} is not assigned to {worker.Id}", "slice");
+        }
         if (h.ParameterVersion != current.Version)
             throw new ProtocolException(StatusCode.FailedPrecondition, $"parameter version {h.ParameterVersion} is not current: step {current.Step} uses version {current.Version}", "parameter_version");
-        if (h.Slice >= current.Holders.Length)
-            throw new ProtocolException(StatusCode.InvalidArgument, $"slice {h.Slice}: step {current.Step} has slices 0..{current.Holders.Length - 1}", "slice");
-        if (current.Done[h.Slice])
-        {
-            Ignore(worker, h, $"slice {h.Slice} of step {h.Step} is already in");
-            return;
-        }
-        if (!current.Holders[h.Slice].Contains(worker.Id))
-            throw new ProtocolException(StatusCode.FailedPrecondition, $"slice {h.Slice} of step {h.Step} is not assigned to {worker.Id}", "slice");
         if (h.SampleCount != current.SliceSizes[h.Slice])
             throw new ProtocolException(StatusCode.InvalidArgument, $"sample_count {h.SampleCount}, slice {h.Slice} has {current.SliceSizes[h.Slice]} samples", "sample_count");
         if (!double.IsFinite(h.Loss))
@@ -281,7 +285,7 @@ public sealed class TrainerService : Trainer.TrainerBase
             Deliver(worker, h, copy, sumOfSquares);
             return;
         }
-        worker.Incoming = (h, new TensorAssembler(h.Tensor, _loop.Description.ParameterElements, what, _loop.GradientBuffers.Rent()));
+        worker.Inbox.Incoming = (h, new TensorAssembler(h.Tensor, _loop.Description.ParameterElements, what, _loop.GradientBuffers.Rent()));
     }
 
     /// <summary>
@@ -303,7 +307,7 @@ public sealed class TrainerService : Trainer.TrainerBase
         _log.LogDebug("Ignoring push from {Worker}: {Note}", worker.Id, note);
         // The loop compares its checksum with the result it took (same slice, same bits, or a worker computes wrong).
         _loop.Post(new DuplicateSeen(worker, h.Step, h.Slice, ChecksumOf(worker, h)));
-        worker.Ignoring = (h.Step, h.Slice);
+        worker.Inbox.Ignoring = (h.Step, h.Slice);
         worker.Send(new CoordinatorMessage { Ack = new Ack { Step = h.Step, Slice = h.Slice, Applied = false, Note = note } });
     }
 
@@ -360,15 +364,15 @@ public sealed class TrainerService : Trainer.TrainerBase
         CheckId(worker, c.WorkerId);
         if (c.Chunk is null)
             throw new ProtocolException(StatusCode.InvalidArgument, "gradient chunk without data", "chunk");
-        if (worker.Ignoring is { } ignoring && ignoring.Step == c.Chunk.Step && ignoring.Slice == c.Slice)
+        if (worker.Inbox.Ignoring is { } ignoring && ignoring.Step == c.Chunk.Step && ignoring.Slice == c.Slice)
             return;
-        if (worker.Incoming is not { } incoming)
+        if (worker.Inbox.Incoming is not { } incoming)
             throw new ProtocolException(StatusCode.FailedPrecondition, $"gradient chunk {c.Chunk.Index} for step {c.Chunk.Step} slice {c.Slice} without a gradient header", "chunk");
         if (c.Slice != incoming.Header.Slice)
             throw new ProtocolException(StatusCode.InvalidArgument, $"chunk for slice {c.Slice} while receiving slice {incoming.Header.Slice}", "slice");
         incoming.Assembler.Add(c.Chunk);
         if (!incoming.Assembler.IsComplete) return;
-        worker.Incoming = null;
+        worker.Inbox.Incoming = null;
         Deliver(worker, incoming.Header, incoming.Assembler.ToFloat32());
     }
 

@@ -7,8 +7,9 @@ using Grpc.Core;
 namespace DistDiffusion.Coordinator.Workers;
 
 /// <summary>
-/// The coordinator's side of one worker's stream: identity, protocol state, the outgoing queue (one writer
-/// task drains it), the gradient being received, and the figures `coordinator status` shows.
+/// The coordinator's side of one worker's stream: identity, the outgoing queue (one writer task drains it; any thread
+/// may send), the figures `coordinator status` shows (thread-safe), and the state each owner keeps apart: the training
+/// loop's <see cref="Schedule"/> and the stream handler's <see cref="Inbox"/>.
 /// </summary>
 [System.Diagnostics.CodeAnalysis.SuppressMessage("Design", "CA1001", Justification = "The token source has no timer; the loop may abort a connection after its handler returned, so it is never disposed.")]
 public sealed class WorkerConnection
@@ -42,27 +43,20 @@ public sealed class WorkerConnection
     public string Peer { get; }
     /// <summary>Its Trainer stream is on the worker socket, not a gRPC call.</summary>
     public bool Socket { get; }
-    public WorkerState State { get; set; } = WorkerState.Joining;
-    /// <summary>Parameter version this worker was last sent (null: none).</summary>
-    public ulong? ParameterVersion { get; set; }
-    /// <summary>Gradient being received: its header and assembler; the slice it answers.</summary>
-    public (GradientHeader Header, TensorAssembler Assembler)? Incoming { get; set; }
-    /// <summary>The shared-memory segment offered in the Welcome, until the worker answers.</summary>
-    public SharedTensorSegment? OfferedSegment { get; set; }
-    /// <summary>The segment the worker mapped (payloads skip the stream); disposed by the loop when the worker is removed.</summary>
+    /// <summary>Written by the training loop's thread only (the roster and the step driver); status readers see a whole value.</summary>
+    public WorkerState State { get => (WorkerState)Volatile.Read(ref _state); set => Volatile.Write(ref _state, (int)value); }
+    private int _state = (int)WorkerState.Joining;
+    /// <summary>What the training loop keeps about this worker: its thread alone reads and writes it.</summary>
+    internal WorkerSchedule Schedule { get; } = new();
+    /// <summary>What the handler of this worker's stream keeps between messages: that handler alone reads and writes it.</summary>
+    internal WorkerInbox Inbox { get; } = new();
+    /// <summary>
+    /// The segment the worker mapped (payloads skip the stream): handed over once by the stream handler when the worker
+    /// accepts the offer, read by the loop when it sends parameters, taken back and disposed by the loop when the worker is removed.
+    /// </summary>
     public SharedTensorSegment? SharedMemory { get => Volatile.Read(ref _sharedMemory); set => Volatile.Write(ref _sharedMemory, value); }
     private SharedTensorSegment? _sharedMemory;
-    /// <summary>A push being ignored (stale or duplicate): its chunks are skipped.</summary>
-    public (ulong Step, uint Slice)? Ignoring { get; set; }
 
-    /// <summary>Assignments (step, slice) this worker has not answered yet; the loop's thread owns it.</summary>
-    public HashSet<(ulong Step, uint Slice)> Outstanding { get; } = [];
-    /// <summary>A backup took over a slice of this worker's that was slow; it gets no new slices until it answers.</summary>
-    public bool Straggling { get; set; }
-    /// <summary>Times in a row a backup had to take over a slice of this worker's.</summary>
-    public int Straggles { get; set; }
-    /// <summary>The first step this worker gets slices again after straggling: 2^Straggles steps later (at most 256).</summary>
-    public ulong SitOutUntilStep { get; set; }
     /// <summary>Slices this worker computed with other bits than another worker (a silent-data-corruption signal).</summary>
     public int Disagreements => Volatile.Read(ref _disagreements);
     private int _disagreements;
