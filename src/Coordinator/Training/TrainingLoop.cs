@@ -28,7 +28,7 @@ namespace DistDiffusion.Coordinator.Training;
 /// All torch work happens on this loop, one event at a time (it may continue on the handler thread that posted the
 /// event it waited for); handlers only decode and validate bytes.
 /// </summary>
-public sealed class TrainingLoop : BackgroundService, IStepHost
+public sealed partial class TrainingLoop : BackgroundService, IStepHost
 {
     private readonly RunSetup _run;
     private readonly CoordinatorOptions _options;
@@ -78,93 +78,6 @@ public sealed class TrainingLoop : BackgroundService, IStepHost
         _checkpoints = new CheckpointWriter(run, _status, _journal, log);
         _recorder = new StepRecorder(run, _journal, log);
         _stepParts = new StepParts(_workers, _parameters, options, _guard, _tree, new RecentResults(), GradientBuffers, _status, _counters, log);
-    }
-
-    /// <summary>OUT/metrics.jsonl and OUT/loss.png.</summary>
-    public MetricsJournal Journal => _journal;
-
-    public Telemetry ReadTelemetry() => _status.ReadTelemetry();
-
-    /// <summary>What a joining worker is told about the run (the Welcome), fixed for the loop's life.</summary>
-    public RunDescription Description { get; }
-    /// <summary>Where the stream handlers receive gradients; the loop returns each buffer once summed.</summary>
-    public TensorBufferPool GradientBuffers { get; }
-    internal StepSnapshot? Current => _current;
-    /// <summary>Checksum of the current parameters (what workers are sent): tests use it to see that nothing changed.</summary>
-    public ulong ParameterChecksum => _parameters.Header.Checksum;
-    public long StepsDone => _run.State.StepsDone;
-    /// <summary>
-    /// Seconds the loop spent on its own work (planning, summing the slices, Adam, the EMA) rather than on the exchange
-    /// (handing parameters to the workers' streams or regions, taking their gradients) or waiting for workers: the
-    /// benchmark subtracts it to isolate the exchange itself.
-    /// </summary>
-    public double BusySeconds => Volatile.Read(ref _busySeconds);
-    private double _busySeconds;
-    /// <summary>Slow slices given a copy (or their halves) on idle workers so far.</summary>
-    public long BackupsIssued => _counters.BackupsIssued;
-    /// <summary>Second results (straggler copies, verifications) whose bits were compared with the first.</summary>
-    public long ResultsCompared => _counters.ResultsCompared;
-    /// <summary>Completes when training reached its target step and the final checkpoint is written.</summary>
-    public Task Completion => _completion.Task;
-    private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
-
-    internal void Post(LoopEvent e) => _events.Writer.TryWrite(e);
-
-    /// <summary>The current weights (EMA when preferred and kept), read by the loop between steps.</summary>
-    public Task<WeightsSnapshot> SnapshotAsync(bool preferEma, CancellationToken ct)
-    {
-        var reply = new TaskCompletionSource<WeightsSnapshot>(TaskCreationOptions.RunContinuationsAsynchronously);
-        Post(new WeightsRequested(preferEma, reply));
-        return reply.Task.WaitAsync(ct);
-    }
-
-    void IStepHost.Publish(StepSnapshot? snapshot) => _current = snapshot;
-
-    void IStepHost.Serve(WeightsRequested request) => Serve(request);
-
-    void IStepHost.Gone(WorkerGone gone) => Gone(gone);
-
-    Task<LoopEvent?> IStepHost.NextEventAsync(TimeSpan timeout, CancellationToken ct) => NextEventAsync(timeout, ct);
-
-    private void Serve(WeightsRequested request)
-    {
-        try
-        {
-            WeightsSnapshot snapshot;
-            using (Model.TorchRuntime.Compute())
-            {
-                _run.State.FlushEma();
-                snapshot = _parameters.Snapshot(request.PreferEma, (ulong)_run.State.StepsDone);
-            }
-            request.Reply.TrySetResult(snapshot);
-        }
-#pragma warning disable CA1031 // the failure is handed to the waiting requester, not swallowed
-        catch (Exception e)
-#pragma warning restore CA1031
-        {
-            request.Reply.TrySetException(e);
-        }
-    }
-
-    public StatusReply Status()
-    {
-        var s = _run.State;
-        var reply = new StatusReply
-        {
-            Recipe = s.Recipe.Name,
-            RecipeJson = Description.RecipeJson,
-            TargetStep = (ulong)_run.TargetStep,
-            RunId = Description.RunId,
-        };
-        lock (_status.Gate)
-        {
-            reply.Step = (ulong)s.StepsDone;
-            reply.Epoch = s.Cursor.Epoch;
-            reply.ParameterVersion = _parameters.Version;
-            _status.FillUnderGate(reply);
-            reply.Workers.AddRange(_workers.Statuses());
-        }
-        return reply;
     }
 
     protected override async Task ExecuteAsync(CancellationToken stoppingToken)
@@ -306,68 +219,6 @@ public sealed class TrainingLoop : BackgroundService, IStepHost
         foreach (var w in _workers.Connected) w.Send(new CoordinatorMessage { Finish = new Finish { Reason = "coordinator stopped: " + e.Message, Reconnect = false } });
         _completion.TrySetException(e);
         _lifetime.StopApplication();
-    }
-
-    /// <summary>Pins the current weights (EMA when kept) and has the workers sample them while training goes on.</summary>
-    private void SampleNow(CancellationToken ct)
-    {
-        if (_samples is null) return;
-        WeightsSnapshot snapshot;
-        using (Model.TorchRuntime.Compute())
-        {
-            _run.State.FlushEma();
-            snapshot = _parameters.Snapshot(true, (ulong)_run.State.StepsDone);
-        }
-        _samples.Start(snapshot, _run.State.StepsDone, ct);
-    }
-
-    /// <summary>
-    /// The worker's stream handler has ended (it posts this last): remove the worker, and unmap its shared memory, which
-    /// nobody reads any more (the handler copied gradients out of it; only this loop wrote parameters into it).
-    /// </summary>
-    private void Gone(WorkerGone g)
-    {
-        _workers.Remove(g.Worker, g.Departure, g.Reason);
-        var segment = g.Worker.SharedMemory;
-        g.Worker.SharedMemory = null;
-        segment?.Dispose();
-    }
-
-    /// <summary>Waits up to <paramref name="timeout"/> for one event and handles joins and departures (outside a step).</summary>
-    private async Task HandleNextAsync(TimeSpan timeout, CancellationToken ct)
-    {
-        var e = await NextEventAsync(timeout, ct);
-        switch (e)
-        {
-            case WorkerJoined j: _workers.Register(j.Worker); break;
-            case WorkerGone g: Gone(g); break;
-            case GradientArrived a:
-                StepDriver.Answered(a.Gradient.Worker, a.Gradient.Step, a.Gradient.Slice);
-                StepDriver.Ack(a.Gradient, applied: false, "no step in progress");
-                GradientBuffers.Return(a.Gradient.Values);
-                break;
-            case DuplicateSeen d:
-                StepDriver.Answered(d.Worker, d.Step, d.Slice);
-                break;
-            case WeightsRequested w: Serve(w); break;
-        }
-    }
-
-    private async Task<LoopEvent?> NextEventAsync(TimeSpan timeout, CancellationToken ct)
-    {
-        if (_events.Reader.TryRead(out var ready)) return ready;   // no timer to set up and tear down
-        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
-        cts.CancelAfter(timeout);
-        try
-        {
-            return await _events.Reader.ReadAsync(cts.Token);
-        }
-        catch (OperationCanceledException) when (!ct.IsCancellationRequested)
-        {
-            // The timeout's cancellation ran this continuation on the timer's thread: the loop goes on elsewhere.
-            await Task.Yield();
-            return null;
-        }
     }
 
     /// <summary>
