@@ -97,6 +97,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
             builder.Services.AddSingleton<SamplingCoordinator>();
             builder.Services.AddSingleton<PeriodicSamples>();
             builder.Services.AddSingleton<TrainerSocketEndpoint>();
+            Observe.TensorBoardSink.Register(builder.Services, run.RunDir);   // RUN/tensorboard/ (hook: TensorBoard sink)
             builder.Services.AddHostedService(s => s.GetRequiredService<TrainingLoop>());
             builder.Services.AddHostedService(s => s.GetRequiredService<SamplingCoordinator>());
             builder.Services.AddGrpc(o =>
