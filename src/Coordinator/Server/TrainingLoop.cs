@@ -82,7 +82,7 @@ public sealed class TrainingLoop : BackgroundService
 
     private readonly PeriodicSamples? _samples;
 
-    public TrainingLoop(RunSetup run, CoordinatorOptions options, ILogger<TrainingLoop> log, IHostApplicationLifetime lifetime, PeriodicSamples? samples = null)
+    public TrainingLoop(RunSetup run, CoordinatorOptions options, ILogger<TrainingLoop> log, IHostApplicationLifetime lifetime, PeriodicSamples? samples = null, Observe.TensorBoardSink? tensorBoard = null)
     {
         _samples = samples;
         _run = run;
@@ -103,7 +103,7 @@ public sealed class TrainingLoop : BackgroundService
         GradientDtype = options.ParseGradientDtype();
         RecipeJson = run.State.Recipe.ToJson();
         _parameters.Publish((ulong)run.State.StepsDone, (ulong)run.State.StepsDone);
-        _journal = new Observe.MetricsJournal(run.RunDir);
+        _journal = new Observe.MetricsJournal(run.RunDir, tensorBoard);
         _stepServices = new StepServices(_workers, _parameters, options, _guard, _tree, new RecentResults(), GradientBuffers, _status, _counters, log,
             NextEventAsync, Serve, Gone, snapshot => _current = snapshot);
     }
