@@ -78,8 +78,8 @@ public sealed class TensorBoardSink : IDisposable
         }
     }
 
-    /// <summary>The picture <paramref name="pngPath"/> of step <paramref name="step"/> as an image summary.</summary>
-    public void Picture(long step, string pngPath)
+    /// <summary>The picture <paramref name="pngPath"/> of step <paramref name="step"/> as an image summary; returns <paramref name="pngPath"/>.</summary>
+    public string Picture(long step, string pngPath)
     {
         byte[] png;
         PngHeader header;
@@ -95,13 +95,14 @@ public sealed class TensorBoardSink : IDisposable
                 if (!_pictureWarned) _warn($"TensorBoard: sample picture {pngPath} not added: {e.Message} (later pictures that fail are skipped without a warning)");
                 _pictureWarned = true;
             }
-            return;
+            return pngPath;
         }
         lock (_lock)
         {
             var time = _clock.GetUtcNow();
             Write(file => file.WriteImage(step, time, PictureTag, png, header));
         }
+        return pngPath;
     }
 
     /// <summary>Under the lock: opens the file at the first event, writes and flushes; the first failure ends it.</summary>
