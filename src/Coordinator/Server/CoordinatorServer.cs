@@ -100,6 +100,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
             Observe.TensorBoardSink.Register(builder.Services, run.RunDir);   // RUN/tensorboard/ (hook: TensorBoard sink)
             builder.Services.AddHostedService(s => s.GetRequiredService<TrainingLoop>());
             builder.Services.AddHostedService(s => s.GetRequiredService<SamplingCoordinator>());
+            builder.Services.AddHostedService<Observe.LivenessProbe>();   // health service distdiffusion.liveness (hook: liveness)
             builder.Services.AddGrpc(o =>
             {
                 o.MaxReceiveMessageSize = MaxReceiveMessageBytes;
