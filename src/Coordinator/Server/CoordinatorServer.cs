@@ -120,7 +120,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
             {
                 builder.Services.AddSingleton<Observe.CoordinatorMetrics>();
                 builder.Services.AddSingleton<Observe.Dashboard>();
-                builder.Services.AddOpenTelemetry().WithMetrics(m => m.AddMeter(Observe.CoordinatorMetrics.MeterName).AddPrometheusExporter(p => p.ScrapeResponseCacheDurationMilliseconds = 0));
+                builder.Services.AddOpenTelemetry().WithMetrics(m => Observe.CoordinatorMetrics.Instruments(m).AddPrometheusExporter(p => p.ScrapeResponseCacheDurationMilliseconds = 0));
             }
             // Kestrel receives into the free part of its current pool block, 4 KiB by default, after a zero-byte wait:
             // two system calls and a pass through the connection's pipes per 4 KiB of gradient. 64 KiB blocks and no
