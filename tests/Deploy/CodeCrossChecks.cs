@@ -159,7 +159,7 @@ internal static class CodeCrossChecks
         // The configuration the coordinator would bind: its environment through its own Configure (unknown keys and bad values throw).
         var env = Environment(s.Container, set).Where(e => e.Name.StartsWith(facts.EnvironmentPrefix, StringComparison.OrdinalIgnoreCase) && !facts.TokenVariables.Contains(e.Name))
             .ToDictionary(e => e.Name[facts.EnvironmentPrefix.Length..].Replace("__", ":", StringComparison.Ordinal), e => e.Value);
-        Coordinator.Server.CoordinatorOptions options;
+        Coordinator.Configuration.CoordinatorOptions options;
         try
         {
             options = ServeCommand.Configure(env);

@@ -32,6 +32,7 @@ internal static class ServeCommand
     public static readonly Option<string?> TlsCert = new("--tls-cert") { Description = "TLS certificate (PEM); with --tls-key the server speaks https" };
     public static readonly Option<string?> TlsKey = new("--tls-key") { Description = "TLS private key (PEM)" };
     public static readonly Option<double?> StepDeadline = new("--step-deadline") { Description = "Seconds a worker has to return its gradient before it is dropped (default 600)" };
+    public static readonly Option<double?> LivenessTimeout = new("--liveness-timeout") { Description = "Seconds training with live workers may go without a step before health service distdiffusion.liveness answers NOT_SERVING (default 900; 0: off; keep it above --step-deadline)" };
     public static readonly Option<double?> Heartbeat = new("--heartbeat") { Description = "Seconds between worker heartbeats; silent for 4 of them means dropped (default 5)" };
     public static readonly Option<string?> GradientDtype = new("--gradient-dtype") { Description = "float32 (default, exact) or bfloat16 (half the bytes)" };
     public static readonly Option<int?> MinWorkers = new("--min-workers") { Description = "Wait for this many workers before the first step (default 1)" };
@@ -59,7 +60,7 @@ internal static class ServeCommand
         var cmd = new Command("serve", "Run the coordinator (parameter server) for workers to join, and serve samples")
         {
             Listen, Recipe, Set, Steps, Seed, Out, Resume, tokenFile, WorkerTokenFile, ClientTokenFile, AllowUnauthenticated, TlsCert, TlsKey, HealthListen, Http, LogEvery,
-            StepDeadline, Heartbeat, GradientDtype, MinWorkers, KeepServing, Checkpoint, SampleOnly, MaxSamples, device, threads, SharedMemory, GradientBoundRatio, StragglerFactor, VerifyFraction, MaxDisagreements,
+            StepDeadline, LivenessTimeout, Heartbeat, GradientDtype, MinWorkers, KeepServing, Checkpoint, SampleOnly, MaxSamples, device, threads, SharedMemory, GradientBoundRatio, StragglerFactor, VerifyFraction, MaxDisagreements,
             MaxSampleRequests, SampleDeadline, KeepCheckpoints, KeepEvery, SampleLedger, LogLevel, LogFormat,
         };
         cmd.SetAction(p =>
@@ -84,6 +85,7 @@ internal static class ServeCommand
             Put(nameof(CoordinatorOptions.TlsKey), TlsKey);
             Put(nameof(CoordinatorOptions.StepDeadlineSeconds), StepDeadline);
             Put(nameof(CoordinatorOptions.HeartbeatSeconds), Heartbeat);
+            Put(nameof(CoordinatorOptions.LivenessTimeoutSeconds), LivenessTimeout);
             Put(nameof(CoordinatorOptions.GradientDtype), GradientDtype);
             Put(nameof(CoordinatorOptions.KeepServing), KeepServing);
             Put(nameof(CoordinatorOptions.MinWorkers), MinWorkers);

@@ -71,7 +71,8 @@ internal static class TrainCommand
             var firstStep = state.StepsDone;
             var clock = new System.Diagnostics.Stopwatch();
             // OUT/metrics.jsonl gets a line every --log-every steps (appended on resume); OUT/loss.png is redrawn at each checkpoint.
-            var journal = new Observe.MetricsJournal(runDir);
+            using var tensorBoard = new TensorBoardSink(runDir, m => Console.Error.WriteLine("warning: " + m));   // hook: TensorBoard
+            var journal = new MetricsJournal(runDir, tensorBoard);
             var interval = new Observe.StepInterval();
             using var cts = new CancellationTokenSource();
             // Ctrl+C, SIGINT and SIGTERM (kill, Kubernetes) stop after the current step and write a checkpoint.
@@ -111,7 +112,7 @@ internal static class TrainCommand
                     OnCheckpointFailed = (step, e) => Console.Error.WriteLine(
                         $"error: the checkpoint of step {step} was not written: {e.Message.ReplaceLineEndings(" ")}; training goes on and the next checkpoint tries again"),
                     Retention = retention,
-                    OnSampleStep = st => Console.Error.WriteLine($"samples {RunPictures.WriteTrainingSamples(state, runDir, st)}"),
+                    OnSampleStep = st => Console.Error.WriteLine($"samples {tensorBoard.Picture(st, RunPictures.WriteTrainingSamples(state, runDir, st))}"),
                 };
                 trainer.Run(recipe.Steps, cts.Token);
             }

@@ -1,3 +1,4 @@
+using System.Globalization;
 using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Protocol.V1;
 using DistDiffusion.Protocol;
@@ -52,6 +53,8 @@ public sealed class CoordinatorOptions
     public int LogEvery { get; set; } = 100;
     /// <summary>A worker that has not returned its gradient this long after the assignment is dropped.</summary>
     public double StepDeadlineSeconds { get; set; } = 600;
+    /// <summary>Health service distdiffusion.liveness turns NOT_SERVING when training with live workers makes no progress this long (0: off).</summary>
+    public double LivenessTimeoutSeconds { get; set; } = 900;
     /// <summary>How often workers send heartbeats; a worker silent for 4 intervals is dropped.</summary>
     public double HeartbeatSeconds { get; set; } = 5;
     /// <summary>Bound on waiting for a worker's Join and on each write to a stream.</summary>
@@ -141,6 +144,7 @@ public sealed class CoordinatorOptions
         if (MinWorkers < 1) throw new ArgumentException($"--min-workers {MinWorkers}: expected at least 1");
         if (LogFormat.Trim().ToLowerInvariant() is not ("text" or "json")) throw new ArgumentException($"--log-format {LogFormat}: expected text or json");
         if (LogEvery < 1) throw new ArgumentException($"--log-every {LogEvery}: expected at least 1");
+        ValidateLivenessTimeout(LivenessTimeoutSeconds);
         if (Http is not null && Http != "none")
         {
             var http = ClientChannel.ParseAddress(Http, "--http");
@@ -166,5 +170,12 @@ public sealed class CoordinatorOptions
             if (health.Port != 0 && health.Port == main.Port)
                 throw new ArgumentException($"--health-listen {HealthListen}: port {health.Port} is --listen's port too");
         }
+    }
+
+    /// <summary>Checks a --liveness-timeout value in seconds: zero (off) or a finite positive number.</summary>
+    internal static void ValidateLivenessTimeout(double seconds)
+    {
+        if (!(seconds >= 0) || !double.IsFinite(seconds))
+            throw new ArgumentException(string.Create(CultureInfo.InvariantCulture, $"--liveness-timeout {seconds}: expected seconds, a finite number > 0 (or 0 to turn the check off)"));
     }
 }

@@ -1,7 +1,8 @@
 using DistDiffusion.Coordinator.Access;
 using DistDiffusion.Coordinator.Configuration;
-using DistDiffusion.Coordinator.Sampling;
 using DistDiffusion.Coordinator.Monitoring;
+using DistDiffusion.Coordinator.Observe;
+using DistDiffusion.Coordinator.Sampling;
 using DistDiffusion.Coordinator.Training;
 using DistDiffusion.Coordinator.Transport;
 using DistDiffusion.Protocol;
@@ -100,8 +101,10 @@ public sealed class CoordinatorServer : IAsyncDisposable
             builder.Services.AddSingleton<SamplingCoordinator>();
             builder.Services.AddSingleton<PeriodicSamples>();
             builder.Services.AddSingleton<TrainerSocketEndpoint>();
+            TensorBoardSink.Register(builder.Services, run.RunDir);   // RUN/tensorboard/ (hook: TensorBoard sink)
             builder.Services.AddHostedService(s => s.GetRequiredService<TrainingLoop>());
             builder.Services.AddHostedService(s => s.GetRequiredService<SamplingCoordinator>());
+            builder.Services.AddHostedService<LivenessProbe>();   // health service distdiffusion.liveness (hook: liveness)
             builder.Services.AddGrpc(o =>
             {
                 o.MaxReceiveMessageSize = TrainerService.MaxReceiveMessageBytes;
@@ -121,7 +124,7 @@ public sealed class CoordinatorServer : IAsyncDisposable
             {
                 builder.Services.AddSingleton<CoordinatorMetrics>();
                 builder.Services.AddSingleton<Dashboard>();
-                builder.Services.AddOpenTelemetry().WithMetrics(m => m.AddMeter(CoordinatorMetrics.MeterName).AddPrometheusExporter(p => p.ScrapeResponseCacheDurationMilliseconds = 0));
+                builder.Services.AddOpenTelemetry().WithMetrics(m => CoordinatorMetrics.Instruments(m).AddPrometheusExporter(p => p.ScrapeResponseCacheDurationMilliseconds = 0));
             }
             // Kestrel receives into the free part of its current pool block, 4 KiB by default, after a zero-byte wait:
             // two system calls and a pass through the connection's pipes per 4 KiB of gradient. 64 KiB blocks and no

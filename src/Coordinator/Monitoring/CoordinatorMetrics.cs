@@ -2,17 +2,23 @@ using System.Diagnostics.Metrics;
 using DistDiffusion.Coordinator.Sampling;
 using DistDiffusion.Coordinator.Training;
 using DistDiffusion.Protocol.V1;
+using OpenTelemetry.Metrics;
 
 namespace DistDiffusion.Coordinator.Monitoring;
 
 /// <summary>
 /// The coordinator's System.Diagnostics.Metrics instruments, all observable: each scrape of GET /metrics reads the
 /// training loop's status and telemetry and the sampling side's request count. OpenTelemetry's Prometheus exporter
-/// names them distdiffusion_*.
+/// names them distdiffusion_*; beside them go the runtime's (dotnet_*: GC, heap, JIT, thread pool, exceptions) and the
+/// process's (process_*: CPU time, memory, threads) from OpenTelemetry's instrumentation packages.
 /// </summary>
 public sealed class CoordinatorMetrics : IDisposable
 {
     public const string MeterName = "DistDiffusion.Coordinator";
+
+    /// <summary>Everything GET /metrics exports: this class's meter, the runtime's and the process's instruments.</summary>
+    public static MeterProviderBuilder Instruments(MeterProviderBuilder metrics) =>
+        metrics.AddMeter(MeterName).AddRuntimeInstrumentation().AddProcessInstrumentation();
 
     private readonly Meter _meter;
 

@@ -25,9 +25,10 @@ public sealed record StepRecord(
 
 /// <summary>
 /// OUT/metrics.jsonl (one <see cref="StepRecord"/> per logged step, appended: a resumed run adds to it, never rewrites it)
-/// and OUT/loss.png drawn from it.
+/// and OUT/loss.png drawn from it. Each record written is also handed to <paramref name="tensorBoard"/>, if given, as it
+/// went into the file.
 /// </summary>
-public sealed class MetricsJournal(string runDir)
+public sealed class MetricsJournal(string runDir, TensorBoardSink? tensorBoard = null)
 {
     public const string FileName = "metrics.jsonl";
     public const string LossPlotName = "loss.png";
@@ -45,9 +46,14 @@ public sealed class MetricsJournal(string runDir)
 
     public void Append(StepRecord record)
     {
-        var line = JsonSerializer.Serialize(record with { Time = record.Time ?? DateTimeOffset.UtcNow }, Json) + "\n";
+        var stamped = record with { Time = record.Time ?? DateTimeOffset.UtcNow };
+        var line = JsonSerializer.Serialize(stamped, Json) + "\n";
         lock (_lock) File.AppendAllText(Path, line);
+        tensorBoard?.Record(stamped);
     }
+
+    /// <summary>The TensorBoard sink the records go to as well, if any (the trainers hand it their pictures).</summary>
+    public TensorBoardSink? TensorBoard => tensorBoard;
 
     /// <summary>Every record in the file (a torn last line, from a killed process, is skipped).</summary>
     public static IReadOnlyList<StepRecord> Read(string path) => ReadAll(path);

@@ -14,7 +14,7 @@ namespace DistDiffusion.Coordinator.Training;
 /// training goes on; the picture goes to OUT/samples/step-N.png (the name `coordinator train` uses). One job at a time,
 /// and at most one waiting: a newer step waiting replaces an older one, which is skipped (logged).
 /// </summary>
-public sealed class PeriodicSamples(SamplingCoordinator sampling, RunSetup run, CoordinatorOptions options, ILogger<PeriodicSamples> log)
+public sealed class PeriodicSamples(SamplingCoordinator sampling, RunSetup run, CoordinatorOptions options, ILogger<PeriodicSamples> log, TensorBoardSink? tensorBoard = null)
 {
     private readonly object _lock = new();
     private Task _running = Task.CompletedTask;
@@ -111,6 +111,7 @@ public sealed class PeriodicSamples(SamplingCoordinator sampling, RunSetup run, 
                 var reference = RunPictures.Reference(recipe, n);
                 RunPictures.Write(path, samples, recipe, reference, $"{recipe.Name} step {step}");
             }
+            tensorBoard?.Picture(step, path);
             log.LogInformation("Samples of step {Step} ({Count}, {Weights} weights of version {Version}) in {Seconds:F2} s: {Path}",
                 step, n, snapshot.Ema ? "EMA" : "raw", snapshot.Version, clock.Elapsed.TotalSeconds, path);
         }

@@ -55,7 +55,7 @@ public sealed partial class TrainingLoop : BackgroundService, IStepHost
 
     private readonly PeriodicSamples? _samples;
 
-    public TrainingLoop(RunSetup run, CoordinatorOptions options, ILogger<TrainingLoop> log, IHostApplicationLifetime lifetime, PeriodicSamples? samples = null)
+    public TrainingLoop(RunSetup run, CoordinatorOptions options, ILogger<TrainingLoop> log, IHostApplicationLifetime lifetime, PeriodicSamples? samples = null, TensorBoardSink? tensorBoard = null)
     {
         _samples = samples;
         _run = run;
@@ -74,7 +74,7 @@ public sealed partial class TrainingLoop : BackgroundService, IStepHost
         _tree = MicroBatchTree.For(run.State.Recipe);
         Description = new RunDescription(Guid.NewGuid().ToString("N")[..12], run.State.Recipe, options.ParseGradientDtype(), _vector, run.TrainSize);
         _parameters.Publish((ulong)run.State.StepsDone, (ulong)run.State.StepsDone);
-        _journal = new MetricsJournal(run.RunDir);
+        _journal = new MetricsJournal(run.RunDir, tensorBoard);
         _checkpoints = new CheckpointWriter(run, _status, _journal, log);
         _recorder = new StepRecorder(run, _journal, log);
         _stepParts = new StepParts(_workers, _parameters, options, _guard, _tree, new RecentResults(), GradientBuffers, _status, _counters, log);
