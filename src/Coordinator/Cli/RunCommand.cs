@@ -159,17 +159,6 @@ internal static class RunCommand
     /// <summary>The worker executable shipped beside this one.</summary>
     internal static ProcessStartInfo WorkerStartInfo(IEnumerable<string> args) => StartInfo("worker", args);
 
-    /// <summary>
-    /// The arguments of a `coordinator run` that a benchmark starts as a child process: no checkpoints or sample pictures
-    /// along the way (they would be measured too), then the caller's recipe overrides.
-    /// </summary>
-    internal static string[] BenchmarkRunArguments(string recipe, int workers, long steps, string outDir, bool sharedMemory, TrainerTransport transport, string logLevel, IEnumerable<string> sets) =>
-    [
-        "run", "--workers", workers.ToString(CultureInfo.InvariantCulture), "--recipe", recipe, "--steps", steps.ToString(CultureInfo.InvariantCulture),
-        "--out", outDir, "--shared-memory", sharedMemory ? "true" : "false", "--worker-transport", TrainerTransports.Name(transport), "--log-level", logLevel,
-        "--set", "checkpoint-every=0", "--set", "sample-every=0", .. sets.SelectMany(s => new[] { "--set", s }),
-    ];
-
     /// <summary>One of the executables in this folder (its apphost, else `dotnet NAME.dll`), output redirected.</summary>
     internal static ProcessStartInfo StartInfo(string executable, IEnumerable<string> args)
     {
