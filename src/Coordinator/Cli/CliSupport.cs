@@ -47,6 +47,10 @@ internal static class CliSupport
         if (c.Guidance is { } g) setGuidance(g);
     }
 
+    /// <summary>What --recipe takes, wherever it is taken: a built-in name or a recipe file.</summary>
+    public static string RecipeDescription { get; } =
+        $"A built-in recipe ({string.Join(", ", Recipes.All.Select(r => r.Name))}; `coordinator recipes` lists them) or a recipe file NAME.json (`coordinator recipes --show NAME` prints one to start from)";
+
     public static Option<int> ThreadsOption() => new("--threads")
     {
         Description = "CPU threads for torch (0: all cores)",

@@ -15,6 +15,7 @@ public static class CoordinatorCli
         ServeCommand.Create(),
         RunCommand.Create(),
         StatusCommand.Create(),
+        RecipesCommand.Create(),
     };
 
     public static int Run(string[] args) => CliSupport.Invoke(Build(), args);

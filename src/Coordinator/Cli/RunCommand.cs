@@ -19,7 +19,7 @@ internal static class RunCommand
     public static Command Create()
     {
         var workers = new Option<int>("--workers") { Description = "Worker processes to start", DefaultValueFactory = _ => 2 };
-        var recipe = new Option<string?>("--recipe") { Description = "Named recipe" };
+        var recipe = new Option<string?>("--recipe") { Description = CliSupport.RecipeDescription };
         var set = new Option<string[]>("--set") { Description = "Override a recipe field, key=value (repeatable)" };
         var steps = new Option<int?>("--steps") { Description = "Train until this many steps are done" };
         var seed = new Option<long?>("--seed") { Description = "Run seed" };

@@ -13,7 +13,7 @@ namespace DistDiffusion.Coordinator.Cli;
 internal static class ServeCommand
 {
     public static readonly Option<string?> Listen = new("--listen") { Description = $"URL to listen on (default {Names.DefaultAddress}; http://0.0.0.0:50051 for all interfaces; port 0 picks one)" };
-    public static readonly Option<string?> Recipe = new("--recipe") { Description = "Named recipe for a new run" };
+    public static readonly Option<string?> Recipe = new("--recipe") { Description = CliSupport.RecipeDescription + " for a new run" };
     public static readonly Option<string[]> Set = new("--set") { Description = "Override a recipe field, key=value (repeatable)" };
     public static readonly Option<int?> Steps = new("--steps") { Description = "Train until this many steps are done (default: the recipe's)" };
     public static readonly Option<long?> Seed = new("--seed") { Description = "Run seed" };

@@ -12,7 +12,7 @@ internal static class TrainCommand
 {
     public static Command Create()
     {
-        var recipe = new Option<string?>("--recipe") { Description = "Named recipe: " + string.Join(", ", Recipes.All.Select(r => r.Name)) };
+        var recipe = new Option<string?>("--recipe") { Description = CliSupport.RecipeDescription };
         var set = new Option<string[]>("--set") { Description = "Override a recipe field, key=value (repeatable), e.g. --set learning-rate=2e-4", AllowMultipleArgumentsPerToken = false };
         var steps = new Option<int?>("--steps") { Description = "Train until this many steps are done (default: the recipe's)" };
         var seed = new Option<long?>("--seed") { Description = "Run seed: initial weights, data order, per-sample noise, synthetic data and the train/held-out split" };
