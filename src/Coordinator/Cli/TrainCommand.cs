@@ -44,8 +44,7 @@ internal static class TrainCommand
         // The same rules as serve and run (RunFolder): a damaged newest checkpoint is skipped with a warning, and on
         // resume --recipe, --set and --seed may only restate the run's own recipe.
         using var run = CliSupport.UserInput(() => RunFolder.Open(new RunRequest { Resume = resume, Out = outDir, Recipe = recipeName, Set = sets, Seed = seed, Steps = steps }));
-        foreach (var skipped in run.Skipped)
-            Console.Error.WriteLine($"warning: checkpoint {skipped.Folder} cannot be read, skipped: {skipped.Reason.ReplaceLineEndings(" ")}");
+        CliSupport.WarnSkipped(run.Skipped, run.CheckpointFolder);
         var recipe = run.Recipe;
         var runDir = run.RunDir;
         // The recipe keeps the data path as given (relative paths stay relative, so a moved checkout still resumes);
