@@ -202,7 +202,8 @@ internal static class RunCommand
                 var s = server.Loop.Status();
                 if (!clock.IsRunning && s.Step >= firstStep) clock.Start();
                 bar.Update((long)s.Step, $"loss {CliSupport.Format(s.Loss)}, {s.Workers.Count(w => w.State is WorkerState.Idle or WorkerState.Busy)} workers");
-                var failed = processes.Select((p, k) => (p, k)).FirstOrDefault(x => x.p.HasExited && x.p.ExitCode != 0 && !server.Loop.Completion.IsCompleted);
+                // A worker stopped by the same Ctrl+C (its own SIGINT, exit 130) is no failure of the run.
+                var failed = processes.Select((p, k) => (p, k)).FirstOrDefault(x => x.p.HasExited && x.p.ExitCode != 0 && !server.Loop.Completion.IsCompleted && !cts.IsCancellationRequested);
                 if (failed.p is not null)
                 {
                     failure = $"worker {failed.k + 1} exited with code {failed.p.ExitCode}";
@@ -219,10 +220,10 @@ internal static class RunCommand
                 Console.Error.WriteLine($"error: {failure}; stopped the run at step {final.Step} (resume with --resume {server.RunDir})");
                 return CliSupport.ExitFailure;
             }
-            if (cts.IsCancellationRequested)
+            if (cts.IsCancellationRequested && !server.Loop.Completion.IsCompletedSuccessfully)
             {
                 Console.Error.WriteLine($"stopped at step {final.Step}; resume with --resume {server.RunDir}");
-                return 130;
+                return signals.ExitCode;
             }
             if (server.Loop.Completion.IsFaulted) return CliSupport.ExitFailure;
             var steps = final.Step - firstStep;

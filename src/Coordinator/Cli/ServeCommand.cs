@@ -168,15 +168,15 @@ internal static class ServeCommand
             options.Http = "http://127.0.0.1:0";
             server = Start();
         }
-        return ServeAsync(server, cts.Token).GetAwaiter().GetResult();
+        return ServeAsync(server, signals, cts.Token).GetAwaiter().GetResult();
     }
 
-    private static async Task<int> ServeAsync(CoordinatorServer started, CancellationToken ct)
+    private static async Task<int> ServeAsync(CoordinatorServer started, StopSignals.Registration signals, CancellationToken ct)
     {
         await using var server = started;
         await Task.WhenAny(server.Stopped, Task.Delay(Timeout.Infinite, ct)).ConfigureAwait(false);
         await server.StopAsync();
         if (server.Loop.Completion.IsFaulted) return CliSupport.ExitFailure;
-        return ct.IsCancellationRequested && !server.Loop.Completion.IsCompletedSuccessfully ? 130 : CliSupport.ExitOk;
+        return ct.IsCancellationRequested && !server.Loop.Completion.IsCompletedSuccessfully ? signals.ExitCode : CliSupport.ExitOk;
     }
 }

@@ -72,8 +72,9 @@ internal static class TrainCommand
             var journal = new Observe.MetricsJournal(runDir);
             var interval = new Observe.StepInterval();
             using var cts = new CancellationTokenSource();
-            // Ctrl+C, SIGINT and SIGTERM (kill, Kubernetes) stop after the current step and write a checkpoint.
-            using (StopSignals.Register(cts))
+            // Ctrl+C, SIGINT and SIGTERM (kill, Kubernetes) stop after the current step and write a checkpoint; the exit
+            // code then says which signal (130, 131, 143), as for `run` and `serve`.
+            using (var signals = StopSignals.Register(cts))
             {
                 using var trainer = new LocalTrainer(state, train, runDir)
                 {
@@ -111,7 +112,15 @@ internal static class TrainCommand
                     Retention = retention,
                     OnSampleStep = st => Console.Error.WriteLine($"samples {RunPictures.WriteTrainingSamples(state, runDir, st)}"),
                 };
-                trainer.Run(recipe.Steps, cts.Token);
+                try
+                {
+                    trainer.Run(recipe.Steps, cts.Token);
+                }
+                catch (OperationCanceledException) when (cts.IsCancellationRequested)
+                {
+                    Console.Error.WriteLine(string.Create(inv, $"stopped at step {state.StepsDone}; resume with --resume {runDir}"));
+                    return signals.ExitCode;
+                }
             }
             var timed = state.StepsDone - firstStep - 1;
             var rate = timed > 0 ? timed / clock.Elapsed.TotalSeconds : double.NaN;
