@@ -242,33 +242,55 @@ public static class WorkerCli
         builder.Services.AddSingleton<TrainerWorker>();
         builder.Services.AddHostedService(s => s.GetRequiredService<TrainerWorker>());
         builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = TimeSpan.FromSeconds(10));
+        // In place of the console lifetime, which stops the host on the same signals but leaves no trace of which.
+        builder.Services.AddSingleton(s => new SignalLifetime(s.GetRequiredService<IHostApplicationLifetime>()));
+        builder.Services.AddSingleton<IHostLifetime>(s => s.GetRequiredService<SignalLifetime>());
         using var host = builder.Build();
         var worker = host.Services.GetRequiredService<TrainerWorker>();
         var lifetime = host.Services.GetRequiredService<IHostApplicationLifetime>();
-        // SIGINT, SIGQUIT and SIGTERM stop the host (as its console lifetime does) and set the exit code, unless the
-        // worker was already on its way out by itself (training complete, a failure).
-        PosixSignal? stoppedBy = null;
-        var signals = StopSignals.Select(signal => PosixSignalRegistration.Create(signal, c =>
-        {
-            c.Cancel = true;
-            if (!lifetime.ApplicationStopping.IsCancellationRequested) stoppedBy ??= c.Signal;
-            lifetime.StopApplication();
-        })).ToList();
+        var signals = host.Services.GetRequiredService<SignalLifetime>();
         using var stopWhenOrphaned = parent?.Gone.Register(() =>
         {
             host.Services.GetRequiredService<ILogger<TrainerWorker>>().LogError(
                 "The parent process {Parent} is gone (parent now {Current}): stopping", parent.Parent, ParentWatch.CurrentParent());
             lifetime.StopApplication();
         });
-        try
-        {
-            host.Run();
-        }
-        finally
-        {
-            foreach (var r in signals) r.Dispose();
-        }
+        host.Run();
         if (parent is { IsGone: true }) return 1;
-        return stoppedBy is { } by && worker.ExitCode == 0 ? SignalExitCode(by) : worker.ExitCode;
+        return signals.StoppedBy is { } by && worker.ExitCode == 0 ? SignalExitCode(by) : worker.ExitCode;
+    }
+
+    /// <summary>
+    /// The worker host's lifetime: SIGINT, SIGQUIT and SIGTERM stop the host, and the first of them is kept for the exit
+    /// code, unless the host was already stopping by itself (training complete, a failure, the parent gone).
+    /// </summary>
+    private sealed class SignalLifetime(IHostApplicationLifetime lifetime) : IHostLifetime, IDisposable
+    {
+        private const int NoSignal = int.MinValue;   // PosixSignal values are negative (SIGINT is -2)
+        private readonly List<PosixSignalRegistration> _registrations = [];
+        private int _stoppedBy = NoSignal;
+
+        /// <summary>The signal that stopped the worker, if one did.</summary>
+        public PosixSignal? StoppedBy => Volatile.Read(ref _stoppedBy) is var s and not NoSignal ? (PosixSignal)s : null;
+
+        public Task WaitForStartAsync(CancellationToken cancellationToken)
+        {
+            foreach (var signal in StopSignals) _registrations.Add(PosixSignalRegistration.Create(signal, OnSignal));
+            return Task.CompletedTask;
+        }
+
+        private void OnSignal(PosixSignalContext context)
+        {
+            context.Cancel = true;
+            if (!lifetime.ApplicationStopping.IsCancellationRequested) Interlocked.CompareExchange(ref _stoppedBy, (int)context.Signal, NoSignal);
+            lifetime.StopApplication();
+        }
+
+        public Task StopAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+
+        public void Dispose()
+        {
+            foreach (var r in _registrations) r.Dispose();
+        }
     }
 }
