@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # The distributed step's figures, measured on this machine in one run (README, "Distributed training and sampling"):
 #   1. swissroll: `coordinator train` (all cores, and 1 thread) vs `coordinator run --workers 2` (three alternating
-#      pairs, medians) and where a distributed step's time goes (`coordinator benchmark-timeline`), next to PyTorch 1.13
+#      pairs, medians) and where a distributed step's time goes (`bench timeline`), next to PyTorch 1.13
 #      on the same model and batch (one process; DistributedDataParallel/gloo with 2 processes x 1 thread), when
 #      Debian's python3-torch is installed (scripts/peer/setup-peer.sh installs it);
-#   2. parameter + gradient exchange vs raw loopback TCP (`coordinator benchmark-exchange`), through the worker socket
+#   2. parameter + gradient exchange vs raw loopback TCP (`bench exchange`), through the worker socket
 #      (remote workers' default), the gRPC stream (their --transport grpc) and shared memory (workers under the
 #      coordinator's kernel, what `run` uses);
 #   3. mnist-small: `run --workers 1` step time vs `train`, and 2 workers x 1 thread vs 1 worker x 1 thread (three
 #      alternating rounds, medians), next to
 #      the machine's ceiling for that ratio (two independent one-thread `train` processes at once vs one alone);
-#   4. memory: `coordinator benchmark-soak` (RSS of the coordinator and each worker at the reference step and at the end);
+#   4. memory: `bench soak` (RSS of the coordinator and each worker at the reference step and at the end);
 #   5. what the bitwise guarantee costs: `train` with the recipe's micro-batches vs one backward over the whole batch;
-#   6. stragglers: `coordinator benchmark-straggler` (2 healthy workers vs the same plus one slowed tenfold, three
+#   6. stragglers: `bench straggler` (2 healthy workers vs the same plus one slowed tenfold, three
 #      alternating rounds, medians);
-#   7. faults: `coordinator benchmark-chaos` (workers and the coordinator SIGKILLed; samples per epoch, bits, time lost).
+#   7. faults: `bench chaos` (workers and the coordinator SIGKILLed; samples per epoch, bits, time lost).
 # Usage: scripts/bench-distributed.sh [OUT_DIR] [--quick]   (default runs/bench-distributed; --quick: shorter runs)
 # Rates exclude each run's first step (joining, loading, one-time set-up).
 set -euo pipefail
@@ -23,6 +23,8 @@ out="$here/runs/bench-distributed"; quick=0
 while [ $# -gt 0 ]; do case "$1" in --quick) quick=1 ;; *) out="$1" ;; esac; shift; done
 "$here/scripts/setup.sh"
 coord="$here/src/Coordinator/bin/Release/net10.0/coordinator"
+# The benchmarks: bench/ (its own project, with coordinator and worker beside it); the solution build of setup.sh builds it.
+bench="$here/bench/bin/Release/net10.0/bench"
 mkdir -p "$out"
 report="$out/report.txt"; : > "$report"
 say() { printf '%s\n' "$*" | tee -a "$report"; }
@@ -61,13 +63,13 @@ else
   say "   PyTorch peer: not installed (scripts/peer/setup-peer.sh installs Debian's python3-torch)"
 fi
 
-say "   where a run --workers 2 step goes (coordinator benchmark-timeline, $swiss steps, the first 100 left out):"
-"$coord" benchmark-timeline --recipe swissroll --steps "$swiss" 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
+say "   where a run --workers 2 step goes (bench timeline, $swiss steps, the first 100 left out):"
+"$bench" timeline --recipe swissroll --steps "$swiss" 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
 
 say "2. exchange vs raw loopback TCP (a zero-compute worker, 1,000 steps after 100 of warm-up; the coordinator's own planning, sum, Adam and EMA time subtracted):"
 for r in swissroll mnist-small; do
   for tr in socket grpc shared-memory; do
-    "$coord" benchmark-exchange --recipe "$r" --transport "$tr" 2>/dev/null | sed -n '2,4p' | tr '\n' ' ' \
+    "$bench" exchange --recipe "$r" --transport "$tr" 2>/dev/null | sed -n '2,4p' | tr '\n' ' ' \
       | sed "s/^/   $r: /; s/\$/\n/" | tee -a "$report"
   done
 done
@@ -96,8 +98,8 @@ say "   1 worker x 1 thread: $w1 steps/s (median of ${w1s[*]}); 2 workers x 1 th
 say "   ceiling on this machine: train --threads 1 alone $solo steps/s (median of ${solos[*]}); two at once $duo steps/s together (median of ${duos[*]}) = $(ratio "$duo" "$solo")x one alone"
 
 say "4. memory over a long run (RSS at the reference step and at the end, every process):"
-"$coord" benchmark-soak --recipe swissroll --steps "$soak" --reference-step "$soakref" 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
-"$coord" benchmark-soak --recipe mnist-small --steps "$mnistsoak" --reference-step "$mnistref" 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
+"$bench" soak --recipe swissroll --steps "$soak" --reference-step "$soakref" 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
+"$bench" soak --recipe mnist-small --steps "$mnistsoak" --reference-step "$mnistref" 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
 say "5. cost of the micro-batch tree (bitwise-identical results): train with the recipe's micro-batches (swissroll 2, mnist-small 8) and 8 vs micro-batches=1:"
 rm -rf "$out/c-s8" "$out/c-s1" "$out/c-m8" "$out/c-m1"
 rm -rf "$out/c-s2"
@@ -110,9 +112,9 @@ d1=$("$coord" train "${mn[@]}" --set micro-batches=1 --out "$out/c-m1" 2>/dev/nu
 say "   mnist-small: 8 micro-batches $d8 steps/s, one backward $d1 steps/s: step time x$(ratio "$d1" "$d8")"
 
 say "6. stragglers:"
-"$coord" benchmark-straggler --steps "$strag" --set micro-batches=6 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
+"$bench" straggler --steps "$strag" --set micro-batches=6 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
 
 say "7. faults, $chaos steps:"
-"$coord" benchmark-chaos --steps "$chaos" --set micro-batches=6 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
+"$bench" chaos --steps "$chaos" --set micro-batches=6 2>/dev/null | sed 's/^/   /' | tee -a "$report" >/dev/null
 tail -40 "$report"
 say "report: $report"

@@ -1,6 +1,8 @@
 using System.CommandLine;
+using System.Runtime.InteropServices;
 using DistDiffusion.Model;
 using DistDiffusion.Protocol;
+using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
@@ -11,8 +13,11 @@ namespace DistDiffusion.Worker;
 
 /// <summary>
 /// `worker --coordinator URL [--token-file PATH] [--threads N] [--device D]`: a Generic Host running
-/// <see cref="TrainerWorker"/>. Exit codes: 0 training complete or stopped, 1 failure (or the parent given by
-/// --exit-with-parent is gone), 2 usage.
+/// <see cref="TrainerWorker"/>. Settings come from appsettings.json (section "Worker", next to the executable, then the
+/// working directory), environment variables (DISTDIFFUSION_Worker__KEY) and flags, later sources winning, as for
+/// `coordinator serve` (<see cref="WorkerSettings"/>). Exit codes: 0 training complete, 1 failure (or the parent given by
+/// --exit-with-parent is gone), 2 usage, and 128 + the signal's number when SIGINT (130), SIGQUIT (131) or SIGTERM (143)
+/// stopped it, as for the coordinator's `run`, `serve` and `train` (<see cref="SignalExitCode"/>).
 /// </summary>
 public static class WorkerCli
 {
@@ -112,14 +117,81 @@ public static class WorkerCli
         }
     }
 
+    /// <summary>
+    /// The exit code of a process that <paramref name="signal"/> asked to stop, and that stopped cleanly: 128 + the signal's
+    /// number, what a shell reports for a process the signal ended (and what torchrun's and Python's users see for Ctrl+C:
+    /// 130), so a supervisor or script tells an interrupted run from a finished one (0) and from a failure (1). The
+    /// coordinator's verbs use the same.
+    /// </summary>
+    public static int SignalExitCode(PosixSignal signal) => signal switch
+    {
+        PosixSignal.SIGINT => 130,
+        PosixSignal.SIGQUIT => 131,
+        PosixSignal.SIGTERM => 143,
+        _ => throw new ArgumentOutOfRangeException(nameof(signal), signal, "expected SIGINT, SIGQUIT or SIGTERM"),
+    };
+
+    /// <summary>The signals that stop a worker (and the coordinator's long-running verbs) cleanly.</summary>
+    public static IReadOnlyList<PosixSignal> StopSignals { get; } = [PosixSignal.SIGINT, PosixSignal.SIGQUIT, PosixSignal.SIGTERM];
+
+    /// <summary>
+    /// appsettings.json (beside the executable, then in the working directory), then DISTDIFFUSION_* environment variables,
+    /// then the flags given; section <see cref="WorkerSettings.Section"/>. An unknown key or a value of the wrong type is a
+    /// usage error naming it.
+    /// </summary>
+    internal static WorkerSettings Configure(IReadOnlyDictionary<string, string?> flags)
+    {
+        var config = new ConfigurationBuilder()
+            .AddJsonFile(Path.Combine(AppContext.BaseDirectory, "appsettings.json"), optional: true)
+            .AddJsonFile(Path.Combine(Directory.GetCurrentDirectory(), "appsettings.json"), optional: true)
+            .AddEnvironmentVariables(Names.EnvironmentPrefix)
+            .AddInMemoryCollection(flags)
+            .Build();
+        var settings = new WorkerSettings();
+        try
+        {
+            config.GetSection(WorkerSettings.Section).Bind(settings, b => b.ErrorOnUnknownConfiguration = true);
+        }
+        catch (InvalidOperationException e)
+        {
+            throw new ArgumentException("configuration: " + e.Message, e);
+        }
+        return settings;
+    }
+
+    /// <summary>The flags given on the command line (not their defaults), as configuration keys of <see cref="WorkerSettings"/>.</summary>
+    private static Dictionary<string, string?> Flags(ParseResult p)
+    {
+        var flags = new Dictionary<string, string?>();
+        void Put<T>(string key, Option<T> o)
+        {
+            if (p.GetResult(o) is { Implicit: false })
+                flags[$"{WorkerSettings.Section}:{key}"] = Convert.ToString(p.GetValue(o), System.Globalization.CultureInfo.InvariantCulture);
+        }
+        Put(nameof(WorkerSettings.Coordinator), CoordinatorOption);
+        Put(nameof(WorkerSettings.TokenFile), TokenFileOption);
+        Put(nameof(WorkerSettings.Threads), ThreadsOption);
+        Put(nameof(WorkerSettings.Device), DeviceOption);
+        Put(nameof(WorkerSettings.TlsCa), TlsCaOption);
+        Put(nameof(WorkerSettings.Transport), TransportOption);
+        Put(nameof(WorkerSettings.GiveUpAfter), GiveUpOption);
+        Put(nameof(WorkerSettings.ExitWithParent), ExitWithParentOption);
+        Put(nameof(WorkerSettings.CpuScheduling), CpuSchedulingOption);
+        Put(nameof(WorkerSettings.CpuAffinity), CpuAffinityOption);
+        Put(nameof(WorkerSettings.LogLevel), LogLevelOption);
+        Put(nameof(WorkerSettings.LogFormat), LogFormatOption);
+        return flags;
+    }
+
     private static int Execute(ParseResult p)
     {
-        var threads = p.GetValue(ThreadsOption);
-        var giveUp = p.GetValue(GiveUpOption);
+        var s = Configure(Flags(p));
+        var threads = s.Threads;
+        var giveUp = s.GiveUpAfter;
         if (giveUp < 0 || !double.IsFinite(giveUp)) throw new ArgumentException($"--give-up-after {giveUp}: expected seconds >= 0");
-        var parentId = p.GetValue(ExitWithParentOption);
+        var parentId = s.ExitWithParent;
         if (parentId is <= 0) throw new ArgumentException($"--exit-with-parent {parentId}: expected a process id");
-        var level = p.GetValue(LogLevelOption)!.ToLowerInvariant() switch
+        var level = s.LogLevel.ToLowerInvariant() switch
         {
             "debug" => LogEventLevel.Debug,
             "information" or "info" => LogEventLevel.Information,
@@ -127,24 +199,24 @@ public static class WorkerCli
             "error" => LogEventLevel.Error,
             var other => throw new ArgumentException($"--log-level {other}: expected debug, information, warning or error"),
         };
-        var transport = TrainerTransports.Parse(p.GetValue(TransportOption)!, "--transport");
-        var scheduling = p.GetValue(CpuSchedulingOption)!.Trim().ToLowerInvariant() switch
+        var transport = TrainerTransports.Parse(s.Transport, "--transport");
+        var scheduling = s.CpuScheduling.Trim().ToLowerInvariant() switch
         {
             "batch" => CpuSchedulingClass.Batch,
             "normal" => CpuSchedulingClass.Normal,
             var other => throw new ArgumentException($"--cpu-scheduling {other}: expected batch or normal"),
         };
-        var affinity = p.GetValue(CpuAffinityOption) is { } list ? CpuAffinity.Parse(list, "--cpu-affinity") : [];
+        var affinity = s.CpuAffinity is { } list ? CpuAffinity.Parse(list, "--cpu-affinity") : [];
         CpuAffinity.CheckAllowed(affinity, "--cpu-affinity");   // with the other flags, before this process changes anything
-        var format = p.GetValue(LogFormatOption)!;
+        var format = s.LogFormat;
         if (format.Trim().ToLowerInvariant() is not ("text" or "json")) throw new ArgumentException($"--log-format {format}: expected text or json");
         var options = new WorkerOptions
         {
-            Coordinator = ClientChannel.ParseAddress(p.GetValue(CoordinatorOption)!, "--coordinator"),
-            Token = Token.ResolveWorker(p.GetValue(TokenFileOption)),
+            Coordinator = ClientChannel.ParseAddress(s.Coordinator, "--coordinator"),
+            Token = Token.ResolveWorker(s.TokenFile),
             Threads = threads,
-            Device = p.GetValue(DeviceOption)!,
-            TlsCaFile = p.GetValue(TlsCaOption),
+            Device = s.Device,
+            TlsCaFile = s.TlsCa,
             GiveUpAfter = TimeSpan.FromSeconds(giveUp),
             Transport = transport,
         };
@@ -170,15 +242,55 @@ public static class WorkerCli
         builder.Services.AddSingleton<TrainerWorker>();
         builder.Services.AddHostedService(s => s.GetRequiredService<TrainerWorker>());
         builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = TimeSpan.FromSeconds(10));
+        // In place of the console lifetime, which stops the host on the same signals but leaves no trace of which.
+        builder.Services.AddSingleton(s => new SignalLifetime(s.GetRequiredService<IHostApplicationLifetime>()));
+        builder.Services.AddSingleton<IHostLifetime>(s => s.GetRequiredService<SignalLifetime>());
         using var host = builder.Build();
         var worker = host.Services.GetRequiredService<TrainerWorker>();
+        var lifetime = host.Services.GetRequiredService<IHostApplicationLifetime>();
+        var signals = host.Services.GetRequiredService<SignalLifetime>();
         using var stopWhenOrphaned = parent?.Gone.Register(() =>
         {
             host.Services.GetRequiredService<ILogger<TrainerWorker>>().LogError(
                 "The parent process {Parent} is gone (parent now {Current}): stopping", parent.Parent, ParentWatch.CurrentParent());
-            host.Services.GetRequiredService<IHostApplicationLifetime>().StopApplication();
+            lifetime.StopApplication();
         });
         host.Run();
-        return parent is { IsGone: true } ? 1 : worker.ExitCode;
+        if (parent is { IsGone: true }) return 1;
+        return signals.StoppedBy is { } by && worker.ExitCode == 0 ? SignalExitCode(by) : worker.ExitCode;
+    }
+
+    /// <summary>
+    /// The worker host's lifetime: SIGINT, SIGQUIT and SIGTERM stop the host, and the first of them is kept for the exit
+    /// code, unless the host was already stopping by itself (training complete, a failure, the parent gone).
+    /// </summary>
+    private sealed class SignalLifetime(IHostApplicationLifetime lifetime) : IHostLifetime, IDisposable
+    {
+        private const int NoSignal = int.MinValue;   // PosixSignal values are negative (SIGINT is -2)
+        private readonly List<PosixSignalRegistration> _registrations = [];
+        private int _stoppedBy = NoSignal;
+
+        /// <summary>The signal that stopped the worker, if one did.</summary>
+        public PosixSignal? StoppedBy => Volatile.Read(ref _stoppedBy) is var s and not NoSignal ? (PosixSignal)s : null;
+
+        public Task WaitForStartAsync(CancellationToken cancellationToken)
+        {
+            foreach (var signal in StopSignals) _registrations.Add(PosixSignalRegistration.Create(signal, OnSignal));
+            return Task.CompletedTask;
+        }
+
+        private void OnSignal(PosixSignalContext context)
+        {
+            context.Cancel = true;
+            if (!lifetime.ApplicationStopping.IsCancellationRequested) Interlocked.CompareExchange(ref _stoppedBy, (int)context.Signal, NoSignal);
+            lifetime.StopApplication();
+        }
+
+        public Task StopAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+
+        public void Dispose()
+        {
+            foreach (var r in _registrations) r.Dispose();
+        }
     }
 }

@@ -7,8 +7,6 @@ namespace DistDiffusion.Tests.Cli;
 [Collection(CliCollection.Name)]
 public sealed class CoordinatorCliTests() : TempFolderTest("dd-cli")
 {
-
-
     [Theory]
     [InlineData("train", "--recipe", "swissroll", "--out", "X", "--bogus")]
     [InlineData("train", "--recipe", "nope", "--out", "X")]
@@ -22,9 +20,6 @@ public sealed class CoordinatorCliTests() : TempFolderTest("dd-cli")
     [InlineData("sample", "--out", "a.png")]
     [InlineData("eval", "--checkpoint", "X", "--samples", "1")]
     [InlineData("frobnicate")]
-    [InlineData("benchmark-timeline", "--steps", "10", "--skip", "20")]
-    [InlineData("benchmark-timeline", "--workers", "0")]
-    [InlineData("benchmark-straggler", "--rounds", "0")]
     public void WrongFlagsOrValuesGiveOneLineAndExitCodeTwo(params string[] args)
     {
         var (code, _, err) = CliHarness.Run(args.Select(a => a == "X" ? Path.Combine(Path.GetTempPath(), "dd-missing-" + Guid.NewGuid()) : a).ToArray());

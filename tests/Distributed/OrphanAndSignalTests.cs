@@ -83,6 +83,53 @@ public sealed partial class OrphanAndSignalTests() : TempFolderTest("dd-orphans"
         }
     }
 
+    [Fact(Timeout = 120_000)]
+    public async Task SigtermStopsTrainWithACheckpointAndExitCode143()
+    {
+        var runDir = Path.Combine(Dir, "train");
+        using var train = new CoordinatorProcess(["train", "--recipe", "swissroll", "--seed", "11", "--steps", "100000", "--out", runDir, "--threads", "1",
+            .. Cluster.Sets().SelectMany(s => new[] { "--set", s })]);
+        await Cluster.WaitUntil(() => train.Process.HasExited || train.Output.Contains("training swissroll", StringComparison.Ordinal), TimeSpan.FromSeconds(60),
+            "training to start", () => train.Output);
+        Assert.False(train.Process.HasExited, train.Output);
+        await Task.Delay(TimeSpan.FromSeconds(1));   // some steps
+        await ProcessTable.Signal(train.Process.Id, "TERM");
+        await train.Process.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(30));
+        train.Process.WaitForExit();
+        // 128 + 15, as `run` and `serve` exit after SIGTERM and as a worker does.
+        Assert.True(train.Process.ExitCode == 143, $"exit code {train.Process.ExitCode}\n{train.Output}");
+        var stopped = StoppedAt().Match(train.Output);
+        Assert.True(stopped.Success, "no 'stopped at step N' line\n" + train.Output);
+        Assert.True(File.Exists(Path.Combine(runDir, "checkpoints", stopped.Groups[1].Value, "checkpoint.json")), train.Output);
+    }
+
+    [Theory(Timeout = 60_000)]
+    [InlineData("INT", 130)]
+    [InlineData("TERM", 143)]
+    public async Task AWorkerStoppedByASignalExitsWith128PlusItsNumber(string signal, int expected)
+    {
+        // Nothing listens there: the worker keeps retrying until the signal.
+        using var worker = new WorkerProcess(new Uri($"http://127.0.0.1:{Cluster.FreePort()}"), Cluster.Token, 1);
+        await Cluster.WaitUntil(() => worker.Process.HasExited || worker.Output.Contains("Retrying in", StringComparison.Ordinal), TimeSpan.FromSeconds(40),
+            "the worker's first retry", () => worker.Output);
+        Assert.False(worker.Process.HasExited, worker.Output);
+        await ProcessTable.Signal(worker.Process.Id, signal);
+        await worker.Process.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(30));
+        Assert.True(worker.Process.ExitCode == expected, $"exit code {worker.Process.ExitCode} after SIG{signal}\n{worker.Output}");
+    }
+
+    [Fact]
+    public void SignalsMapToTheSameExitCodesInTheCoordinatorAndTheWorker()
+    {
+        Assert.Equal(130, DistDiffusion.Worker.WorkerCli.SignalExitCode(System.Runtime.InteropServices.PosixSignal.SIGINT));
+        Assert.Equal(131, DistDiffusion.Worker.WorkerCli.SignalExitCode(System.Runtime.InteropServices.PosixSignal.SIGQUIT));
+        Assert.Equal(143, DistDiffusion.Worker.WorkerCli.SignalExitCode(System.Runtime.InteropServices.PosixSignal.SIGTERM));
+        using var cts = new CancellationTokenSource();
+        using var registration = DistDiffusion.Coordinator.Cli.StopSignals.Register(cts);
+        Assert.Null(registration.Received);
+        Assert.Equal(130, registration.ExitCode);   // cancelled otherwise than by a signal
+    }
+
     [Fact(Timeout = 60_000)]
     public async Task AWorkerWhoseParentIsAlreadyGoneDoesNotStart()
     {

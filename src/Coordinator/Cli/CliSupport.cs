@@ -47,6 +47,10 @@ internal static class CliSupport
         if (c.Guidance is { } g) setGuidance(g);
     }
 
+    /// <summary>What --recipe takes, wherever it is taken: a built-in name or a recipe file.</summary>
+    public static string RecipeDescription { get; } =
+        $"A built-in recipe ({string.Join(", ", Recipes.All.Select(r => r.Name))}; `coordinator recipes` lists them) or a recipe file NAME.json (`coordinator recipes --show NAME` prints one to start from)";
+
     public static Option<int> ThreadsOption() => new("--threads")
     {
         Description = "CPU threads for torch (0: all cores)",
@@ -116,12 +120,15 @@ internal static class CliSupport
     }
 
     /// <summary>
-    /// A model from a checkpoint folder (EMA weights unless <paramref name="rawWeights"/>); the checkpoint's CPU
+    /// A model from a checkpoint folder, or from the newest readable checkpoint of a run folder (EMA weights unless
+    /// <paramref name="rawWeights"/>): newer checkpoints that cannot be read are skipped with a warning on stderr, as
+    /// `train`, `serve` and `run` skip them (<see cref="RunFolder.LoadNewestReadable(string)"/>). The checkpoint's CPU
     /// tensors are released once copied. <paramref name="adjust"/> may rewrite the stored recipe (e.g. resolve its data path).
     /// </summary>
     public static (DiffusionModel Model, CheckpointData Checkpoint) LoadModel(string checkpointPath, bool rawWeights, Device device, Func<Recipe, Recipe>? adjust = null)
     {
-        var data = CheckpointStore.Load(checkpointPath);
+        var (data, folder, skipped) = RunFolder.LoadNewestReadable(checkpointPath);
+        WarnSkipped(skipped, folder);
         if (adjust is not null) data = data with { Recipe = adjust(data.Recipe) };
         try
         {
@@ -131,6 +138,14 @@ internal static class CliSupport
         {
             data.DisposeTensors();
         }
+    }
+
+    /// <summary>One warning line per checkpoint passed over, and which one is used instead (when any was).</summary>
+    public static void WarnSkipped(IReadOnlyList<SkippedCheckpoint> skipped, string? used = null)
+    {
+        foreach (var s in skipped)
+            Console.Error.WriteLine($"warning: checkpoint {s.Folder} cannot be read, skipped: {s.Reason.ReplaceLineEndings(" ")}");
+        if (skipped.Count > 0 && used is not null) Console.Error.WriteLine($"using the newest readable checkpoint instead: {used}");
     }
 
     public static string Format(double v) => v.ToString("G4", CultureInfo.InvariantCulture);

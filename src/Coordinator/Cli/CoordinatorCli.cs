@@ -15,12 +15,7 @@ public static class CoordinatorCli
         ServeCommand.Create(),
         RunCommand.Create(),
         StatusCommand.Create(),
-        BenchmarkExchangeCommand.Create(),
-        BenchmarkSoakCommand.Create(),
-        BenchmarkTimelineCommand.Create(),
-        BenchmarkStragglerCommand.Create(),
-        BenchmarkChaosCommand.Create(),
-        BenchmarkEvalCommand.Create(),
+        RecipesCommand.Create(),
     };
 
     public static int Run(string[] args) => CliSupport.Invoke(Build(), args);

@@ -21,7 +21,7 @@ internal static class RunCommand
     public static Command Create()
     {
         var workers = new Option<int>("--workers") { Description = "Worker processes to start", DefaultValueFactory = _ => 2 };
-        var recipe = new Option<string?>("--recipe") { Description = "Named recipe" };
+        var recipe = new Option<string?>("--recipe") { Description = CliSupport.RecipeDescription };
         var set = new Option<string[]>("--set") { Description = "Override a recipe field, key=value (repeatable)" };
         var steps = new Option<int?>("--steps") { Description = "Train until this many steps are done" };
         var seed = new Option<long?>("--seed") { Description = "Run seed" };
@@ -161,17 +161,6 @@ internal static class RunCommand
     /// <summary>The worker executable shipped beside this one.</summary>
     internal static ProcessStartInfo WorkerStartInfo(IEnumerable<string> args) => StartInfo("worker", args);
 
-    /// <summary>
-    /// The arguments of a `coordinator run` that a benchmark starts as a child process: no checkpoints or sample pictures
-    /// along the way (they would be measured too), then the caller's recipe overrides.
-    /// </summary>
-    internal static string[] BenchmarkRunArguments(string recipe, int workers, long steps, string outDir, bool sharedMemory, TrainerTransport transport, string logLevel, IEnumerable<string> sets) =>
-    [
-        "run", "--workers", workers.ToString(CultureInfo.InvariantCulture), "--recipe", recipe, "--steps", steps.ToString(CultureInfo.InvariantCulture),
-        "--out", outDir, "--shared-memory", sharedMemory ? "true" : "false", "--worker-transport", TrainerTransports.Name(transport), "--log-level", logLevel,
-        "--set", "checkpoint-every=0", "--set", "sample-every=0", .. sets.SelectMany(s => new[] { "--set", s }),
-    ];
-
     /// <summary>One of the executables in this folder (its apphost, else `dotnet NAME.dll`), output redirected.</summary>
     internal static ProcessStartInfo StartInfo(string executable, IEnumerable<string> args)
     {
@@ -215,7 +204,8 @@ internal static class RunCommand
                 var s = server.Loop.Status();
                 if (!clock.IsRunning && s.Step >= firstStep) clock.Start();
                 bar.Update((long)s.Step, $"loss {CliSupport.Format(s.Loss)}, {s.Workers.Count(w => w.State is WorkerState.Idle or WorkerState.Busy)} workers");
-                var failed = processes.Select((p, k) => (p, k)).FirstOrDefault(x => x.p.HasExited && x.p.ExitCode != 0 && !server.Loop.Completion.IsCompleted);
+                // A worker stopped by the same Ctrl+C (its own SIGINT, exit 130) is no failure of the run.
+                var failed = processes.Select((p, k) => (p, k)).FirstOrDefault(x => x.p.HasExited && x.p.ExitCode != 0 && !server.Loop.Completion.IsCompleted && !cts.IsCancellationRequested);
                 if (failed.p is not null)
                 {
                     failure = $"worker {failed.k + 1} exited with code {failed.p.ExitCode}";
@@ -232,10 +222,10 @@ internal static class RunCommand
                 Console.Error.WriteLine($"error: {failure}; stopped the run at step {final.Step} (resume with --resume {server.RunDir})");
                 return CliSupport.ExitFailure;
             }
-            if (cts.IsCancellationRequested)
+            if (cts.IsCancellationRequested && !server.Loop.Completion.IsCompletedSuccessfully)
             {
                 Console.Error.WriteLine($"stopped at step {final.Step}; resume with --resume {server.RunDir}");
-                return 130;
+                return signals.ExitCode;
             }
             if (server.Loop.Completion.IsFaulted) return CliSupport.ExitFailure;
             var steps = final.Step - firstStep;

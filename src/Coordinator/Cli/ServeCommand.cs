@@ -15,7 +15,7 @@ namespace DistDiffusion.Coordinator.Cli;
 internal static class ServeCommand
 {
     public static readonly Option<string?> Listen = new("--listen") { Description = $"URL to listen on (default {Names.DefaultAddress}; http://0.0.0.0:50051 for all interfaces; port 0 picks one)" };
-    public static readonly Option<string?> Recipe = new("--recipe") { Description = "Named recipe for a new run" };
+    public static readonly Option<string?> Recipe = new("--recipe") { Description = CliSupport.RecipeDescription + " for a new run" };
     public static readonly Option<string[]> Set = new("--set") { Description = "Override a recipe field, key=value (repeatable)" };
     public static readonly Option<int?> Steps = new("--steps") { Description = "Train until this many steps are done (default: the recipe's)" };
     public static readonly Option<long?> Seed = new("--seed") { Description = "Run seed" };
@@ -172,15 +172,15 @@ internal static class ServeCommand
             options.Http = "http://127.0.0.1:0";
             server = Start();
         }
-        return ServeAsync(server, cts.Token).GetAwaiter().GetResult();
+        return ServeAsync(server, signals, cts.Token).GetAwaiter().GetResult();
     }
 
-    private static async Task<int> ServeAsync(CoordinatorServer started, CancellationToken ct)
+    private static async Task<int> ServeAsync(CoordinatorServer started, StopSignals.Registration signals, CancellationToken ct)
     {
         await using var server = started;
         await Task.WhenAny(server.Stopped, Task.Delay(Timeout.Infinite, ct)).ConfigureAwait(false);
         await server.StopAsync();
         if (server.Loop.Completion.IsFaulted) return CliSupport.ExitFailure;
-        return ct.IsCancellationRequested && !server.Loop.Completion.IsCompletedSuccessfully ? 130 : CliSupport.ExitOk;
+        return ct.IsCancellationRequested && !server.Loop.Completion.IsCompletedSuccessfully ? signals.ExitCode : CliSupport.ExitOk;
     }
 }

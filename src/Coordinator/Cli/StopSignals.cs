@@ -5,21 +5,40 @@ namespace DistDiffusion.Coordinator.Cli;
 /// <summary>
 /// The signals that ask a long-running verb (`run`, `serve`, `train`) to stop cleanly: SIGINT (Ctrl+C, or
 /// `kill -INT` from a script or supervisor), SIGQUIT (Ctrl+\) and SIGTERM (`kill`, Kubernetes). Each cancels the
-/// verb's token; the verb then checkpoints its last completed step and exits (130).
+/// verb's token; the verb then checkpoints its last completed step and exits with 128 + the signal's number: 130 for
+/// SIGINT, 131 for SIGQUIT, 143 for SIGTERM, as a worker does (<see cref="Worker.WorkerCli.SignalExitCode"/>). A run
+/// whose training had completed when the signal came exits 0.
 /// </summary>
 internal static class StopSignals
 {
     /// <summary>Until disposed, the three signals cancel <paramref name="cts"/> instead of ending the process.</summary>
-    public static IDisposable Register(CancellationTokenSource cts)
+    public static Registration Register(CancellationTokenSource cts) => new(cts);
+
+    /// <summary>The signal handlers of one verb, and the first signal they received.</summary>
+    internal sealed class Registration : IDisposable
     {
-        var registrations = new[] { PosixSignal.SIGINT, PosixSignal.SIGQUIT, PosixSignal.SIGTERM }
-            .Select(s => PosixSignalRegistration.Create(s, c =>
+        private readonly List<PosixSignalRegistration> _registrations;
+        private int _received = NoSignal;
+        private const int NoSignal = int.MinValue;   // PosixSignal values are negative (SIGINT is -2)
+
+        public Registration(CancellationTokenSource cts) =>
+            _registrations = [.. Worker.WorkerCli.StopSignals.Select(s => PosixSignalRegistration.Create(s, c =>
             {
                 c.Cancel = true;
+                Interlocked.CompareExchange(ref _received, (int)c.Signal, NoSignal);
                 cts.Cancel();
-            }))
-            .ToList();
-        return new All(registrations);
+            }))];
+
+        /// <summary>The first stop signal received, if any.</summary>
+        public PosixSignal? Received => Volatile.Read(ref _received) is var r and not NoSignal ? (PosixSignal)r : null;
+
+        /// <summary>The exit code of a verb this stopped: 128 + the signal's number (130 when cancelled otherwise).</summary>
+        public int ExitCode => Received is { } s ? Worker.WorkerCli.SignalExitCode(s) : 130;
+
+        public void Dispose()
+        {
+            foreach (var r in _registrations) r.Dispose();
+        }
     }
 
     /// <summary>
@@ -64,12 +83,4 @@ internal static class StopSignals
     // "libc" is mapped by the runtime to the platform's C library (libc.so.6 on glibc, libSystem on macOS).
     [DllImport("libc", EntryPoint = "sigaction")]
     private static extern int sigaction(int signal, IntPtr action, IntPtr oldAction);
-
-    private sealed class All(List<PosixSignalRegistration> registrations) : IDisposable
-    {
-        public void Dispose()
-        {
-            foreach (var r in registrations) r.Dispose();
-        }
-    }
 }

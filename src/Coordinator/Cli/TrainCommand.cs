@@ -13,7 +13,7 @@ internal static class TrainCommand
 {
     public static Command Create()
     {
-        var recipe = new Option<string?>("--recipe") { Description = "Named recipe: " + string.Join(", ", Recipes.All.Select(r => r.Name)) };
+        var recipe = new Option<string?>("--recipe") { Description = CliSupport.RecipeDescription };
         var set = new Option<string[]>("--set") { Description = "Override a recipe field, key=value (repeatable), e.g. --set learning-rate=2e-4", AllowMultipleArgumentsPerToken = false };
         var steps = new Option<int?>("--steps") { Description = "Train until this many steps are done (default: the recipe's)" };
         var seed = new Option<long?>("--seed") { Description = "Run seed: initial weights, data order, per-sample noise, synthetic data and the train/held-out split" };
@@ -45,8 +45,7 @@ internal static class TrainCommand
         // The same rules as serve and run (RunFolder): a damaged newest checkpoint is skipped with a warning, and on
         // resume --recipe, --set and --seed may only restate the run's own recipe.
         using var run = CliSupport.UserInput(() => RunFolder.Open(new RunRequest { Resume = resume, Out = outDir, Recipe = recipeName, Set = sets, Seed = seed, Steps = steps }));
-        foreach (var skipped in run.Skipped)
-            Console.Error.WriteLine($"warning: checkpoint {skipped.Folder} cannot be read, skipped: {skipped.Reason.ReplaceLineEndings(" ")}");
+        CliSupport.WarnSkipped(run.Skipped, run.CheckpointFolder);
         var recipe = run.Recipe;
         var runDir = run.RunDir;
         // The recipe keeps the data path as given (relative paths stay relative, so a moved checkout still resumes);
@@ -75,8 +74,9 @@ internal static class TrainCommand
             var journal = new MetricsJournal(runDir, tensorBoard);
             var interval = new Observe.StepInterval();
             using var cts = new CancellationTokenSource();
-            // Ctrl+C, SIGINT and SIGTERM (kill, Kubernetes) stop after the current step and write a checkpoint.
-            using (StopSignals.Register(cts))
+            // Ctrl+C, SIGINT and SIGTERM (kill, Kubernetes) stop after the current step and write a checkpoint; the exit
+            // code then says which signal (130, 131, 143), as for `run` and `serve`.
+            using (var signals = StopSignals.Register(cts))
             {
                 using var trainer = new LocalTrainer(state, train, runDir)
                 {
@@ -114,7 +114,15 @@ internal static class TrainCommand
                     Retention = retention,
                     OnSampleStep = st => Console.Error.WriteLine($"samples {tensorBoard.Picture(st, RunPictures.WriteTrainingSamples(state, runDir, st))}"),
                 };
-                trainer.Run(recipe.Steps, cts.Token);
+                try
+                {
+                    trainer.Run(recipe.Steps, cts.Token);
+                }
+                catch (OperationCanceledException) when (cts.IsCancellationRequested)
+                {
+                    Console.Error.WriteLine(string.Create(inv, $"stopped at step {state.StepsDone}; resume with --resume {runDir}"));
+                    return signals.ExitCode;
+                }
             }
             var timed = state.StepsDone - firstStep - 1;
             var rate = timed > 0 ? timed / clock.Elapsed.TotalSeconds : double.NaN;

@@ -189,7 +189,15 @@ public sealed class RunFolder : IDisposable
     {
         var stored = checkpoint.Recipe;
         const string keeps = "a resumed run keeps the recipe stored in its checkpoint (only --steps may change; to change anything else start a new run in another folder)";
-        if (request.Recipe is not null && request.Recipe != stored.Name)
+        if (request.Recipe is not null && RecipeFile.IsFileName(request.Recipe))
+        {
+            // A recipe file restates the run's recipe when it gives the same fields (bar the steps and the seed, checked apart).
+            var given = Recipes.Get(request.Recipe);
+            var changed = Differences(stored, given with { Steps = stored.Steps, Seed = request.Seed ?? given.Seed });
+            if (changed.Count > 0)
+                throw new ArgumentException($"--recipe {request.Recipe}: would change {string.Join(", ", changed)} of the run in {folder}; {keeps}");
+        }
+        else if (request.Recipe is not null && request.Recipe != stored.Name)
             throw new ArgumentException($"--recipe {request.Recipe}: {folder} is a checkpoint of recipe {stored.Name}; {keeps}");
         if (request.Seed is { } seed && seed != stored.Seed)
             throw new ArgumentException($"--seed {seed.ToString(CultureInfo.InvariantCulture)}: {folder} is a checkpoint of a run with seed {stored.Seed.ToString(CultureInfo.InvariantCulture)}; {keeps}");

@@ -148,12 +148,45 @@ public sealed record Recipe
     /// <summary>A copy with one field set from text, e.g. <c>With("learning-rate", "2e-4")</c>. Not validated: fields that
     /// depend on each other (loss and variance, channels and groups) may be set in any order; call <see cref="Validate"/> after.</summary>
     /// <exception cref="ArgumentException">unknown field or a value that does not parse, naming both.</exception>
-    public Recipe With(string key, string value)
+    public Recipe With(string key, string value) => With(Field(key), value);
+
+    /// <summary>
+    /// A copy with one field set from a JSON value (a recipe file's, see <see cref="RecipeFile"/>): a string's text, a
+    /// number's or a boolean's literal, an array of integers as their comma-separated list, each read as
+    /// <see cref="With(string, string)"/> reads text, so the errors are --set's; null unsets data-path. Not validated.
+    /// </summary>
+    /// <exception cref="ArgumentException">unknown field or a value that does not parse, naming both.</exception>
+    public Recipe With(string key, JsonElement value)
+    {
+        var prop = Field(key);
+        var isList = prop.PropertyType == typeof(int[]);
+        var text = value.ValueKind switch
+        {
+            JsonValueKind.String => value.GetString(),
+            JsonValueKind.Number or JsonValueKind.True or JsonValueKind.False => value.GetRawText(),
+            JsonValueKind.Array when isList && value.EnumerateArray().All(e => e.ValueKind == JsonValueKind.Number) =>
+                string.Join(",", value.EnumerateArray().Select(e => e.GetRawText())),
+            JsonValueKind.Null when prop.PropertyType == typeof(string) => null,
+            JsonValueKind.Null => throw new ArgumentException($"recipe field '{Naming.Kebab(prop.Name)}': cannot use null: expected {Describe(prop.PropertyType)}"),
+            _ => throw new ArgumentException($"recipe field '{Naming.Kebab(prop.Name)}': cannot use {RecipeFile.Kind(value.ValueKind)} {value.GetRawText()}: expected {Describe(prop.PropertyType)}"),
+        };
+        if (text is not null) return With(prop, text);
+        var copy = this with { };
+        prop.SetValue(copy, null);
+        return copy;
+    }
+
+    /// <summary>The settable recipe field <paramref name="key"/> names (any case, dashes or underscores ignored).</summary>
+    private static PropertyInfo Field(string key)
     {
         var wanted = Normalize(key);
-        var prop = typeof(Recipe).GetProperties(BindingFlags.Public | BindingFlags.Instance)
+        return typeof(Recipe).GetProperties(BindingFlags.Public | BindingFlags.Instance)
             .FirstOrDefault(p => p.CanWrite && p.GetCustomAttribute<JsonIgnoreAttribute>() is null && Normalize(p.Name) == wanted)
             ?? throw new ArgumentException($"unknown recipe field '{key}'; expected one of: {string.Join(", ", FieldNames)}");
+    }
+
+    private Recipe With(PropertyInfo prop, string value)
+    {
         object? parsed;
         try
         {

@@ -236,8 +236,24 @@ public static class Recipes
     public static IReadOnlyList<Recipe> All { get; } =
         [SwissRoll, SwissRollDdpm, SwissRollSohl2015, MnistDdpm, MnistSmall, MnistCpu, MnistCpuGuided, FashionMnistAnnotated, Cifar10Ddpm];
 
-    /// <summary>The recipe named <paramref name="name"/>; <see cref="ArgumentException"/> listing the names otherwise.</summary>
+    /// <summary>
+    /// The recipe named <paramref name="name"/>, or the one written in the file it names when it ends in .json
+    /// (<see cref="RecipeFile"/>); <see cref="ArgumentException"/> listing the names otherwise.
+    /// </summary>
     public static Recipe Get(string name) =>
-        All.FirstOrDefault(r => string.Equals(r.Name, name, StringComparison.OrdinalIgnoreCase))
-        ?? throw new ArgumentException($"unknown recipe '{name}'; expected one of: {string.Join(", ", All.Select(r => r.Name))}");
+        RecipeFile.IsFileName(name)
+            ? RecipeFile.Load(name)
+            : All.FirstOrDefault(r => string.Equals(r.Name, name, StringComparison.OrdinalIgnoreCase))
+              ?? throw new ArgumentException($"unknown recipe '{name}'; expected one of: {string.Join(", ", All.Select(r => r.Name))}, or a recipe file NAME.json");
+
+    /// <summary>One line about a recipe: name, data, network, T, schedule, batch and steps (`coordinator recipes`).</summary>
+    public static string Line(Recipe recipe)
+    {
+        ArgumentNullException.ThrowIfNull(recipe);
+        var network = recipe.Network == NetworkKind.UNet
+            ? $"unet {recipe.BaseChannels}x({string.Join(",", recipe.ChannelMultipliers)})"
+            : $"{Naming.Kebab(recipe.Network.ToString())} {recipe.HiddenLayers}x{recipe.HiddenSize}";
+        return string.Create(System.Globalization.CultureInfo.InvariantCulture,
+            $"{recipe.Name,-24} {Naming.Kebab(recipe.Dataset.ToString()),-14} {network,-20} T={recipe.Timesteps,-5} {Naming.Kebab(recipe.BetaSchedule.ToString()),-8} batch {recipe.BatchSize,-4} {recipe.Steps,7} steps{(recipe.Classes > 0 ? $", {recipe.Classes} classes, guidance {recipe.Guidance}" : "")}");
+    }
 }

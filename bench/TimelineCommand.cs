@@ -1,17 +1,18 @@
 using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
+using DistDiffusion.Coordinator.Cli;
 using DistDiffusion.Protocol;
 
-namespace DistDiffusion.Coordinator.Cli;
+namespace DistDiffusion.Bench;
 
 /// <summary>
-/// `coordinator benchmark-timeline`: a `coordinator run` whose processes record when each step passes each point of
+/// `bench timeline`: a `coordinator run` whose processes record when each step passes each point of
 /// its critical path (<see cref="StepTimeline"/>), then a table of where the time went: the last worker's compute, its
 /// push, the coordinator's copy, check, sum and update, the parameters' way back. What the exchange and update cost
 /// per step, measured across the real processes rather than inferred from rates.
 /// </summary>
-internal static class BenchmarkTimelineCommand
+internal static class TimelineCommand
 {
     public static Command Create()
     {
@@ -21,7 +22,7 @@ internal static class BenchmarkTimelineCommand
         var skip = new Option<long>("--skip") { Description = "Steps left out at the start (joining, warm-up)", DefaultValueFactory = _ => 100 };
         var set = new Option<string[]>("--set") { Description = "Override a recipe field, key=value (repeatable)" };
         var transport = new Option<string>("--worker-transport") { Description = "How the workers' Trainer streams travel: socket (default) or grpc", DefaultValueFactory = _ => "socket" };
-        var cmd = new Command("benchmark-timeline", "Train with `coordinator run` and show where each step's time goes, process by process") { recipe, workers, steps, skip, set, ServeCommand.SharedMemory, transport };
+        var cmd = new Command("timeline", "Train with `coordinator run` and show where each step's time goes, process by process") { recipe, workers, steps, skip, set, ServeCommand.SharedMemory, transport };
         cmd.SetAction(p =>
         {
             var w = p.GetValue(workers);
@@ -53,7 +54,7 @@ internal static class BenchmarkTimelineCommand
     /// <summary>`coordinator run` as a child process with the timeline switched on for it and its workers; returns its exit code.</summary>
     internal static int Run(string recipe, int workers, long steps, string runDir, string marksDir, IEnumerable<string> sets, bool sharedMemory, TrainerTransport transport, out string log)
     {
-        var psi = RunCommand.StartInfo("coordinator", RunCommand.BenchmarkRunArguments(recipe, workers, steps, runDir, sharedMemory, transport, "warning", sets));
+        var psi = RunCommand.StartInfo("coordinator", BenchRuns.RunArguments(recipe, workers, steps, runDir, sharedMemory, transport, "warning", sets));
         psi.Environment[StepTimeline.Variable] = marksDir;
         using var process = Process.Start(psi) ?? throw new InvalidOperationException("could not start coordinator run");
         var output = new System.Text.StringBuilder();

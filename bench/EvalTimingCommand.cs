@@ -4,6 +4,7 @@ using System.Globalization;
 using DistDiffusion.Coordinator.Access;
 using DistDiffusion.Coordinator.Configuration;
 using DistDiffusion.Coordinator.Hosting;
+using DistDiffusion.Coordinator.Cli;
 using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Configuration;
 using DistDiffusion.Model.Data;
@@ -12,13 +13,13 @@ using DistDiffusion.Model.Metrics;
 using DistDiffusion.Model.Training;
 using DistDiffusion.Protocol;
 
-namespace DistDiffusion.Coordinator.Cli;
+namespace DistDiffusion.Bench;
 
 /// <summary>
-/// `coordinator benchmark-eval`: wall time of `eval` in this process vs `eval --address` on a coordinator with N worker
+/// `bench eval`: wall time of `eval` in this process vs `eval --address` on a coordinator with N worker
 /// processes (same weights, thread count and bits/dim batch), and whether the bits/dim figure is the same.
 /// </summary>
-internal static class BenchmarkEvalCommand
+internal static class EvalTimingCommand
 {
     public static Command Create()
     {
@@ -27,7 +28,7 @@ internal static class BenchmarkEvalCommand
         var batch = new Option<int>("--bpd-batch") { Description = "Held-out images per bits/dim batch (the unit of work of a worker)", DefaultValueFactory = _ => 8 };
         var workers = new Option<int>("--workers") { Description = "Worker processes of the distributed run", DefaultValueFactory = _ => 2 };
         var threads = new Option<int>("--threads") { Description = "Intra-op threads of this process and of each worker", DefaultValueFactory = _ => 1 };
-        var cmd = new Command("benchmark-eval", "Wall time of eval in one process vs over a coordinator's workers") { checkpoint, images, batch, workers, threads };
+        var cmd = new Command("eval", "Wall time of eval in one process vs over a coordinator's workers") { checkpoint, images, batch, workers, threads };
         cmd.SetAction(p =>
         {
             var m = p.GetValue(images);
@@ -68,7 +69,7 @@ internal static class BenchmarkEvalCommand
         var (model, data) = CliSupport.LoadModel(checkpoint, false, device, r => r.WithResolvedDataPath());
         using (model)
         {
-            if (!model.Recipe.IsImageData) throw new UsageException($"--checkpoint {checkpoint}: recipe {model.Recipe.Name} has 2-D data; benchmark-eval times bits/dim of an image recipe");
+            if (!model.Recipe.IsImageData) throw new UsageException($"--checkpoint {checkpoint}: recipe {model.Recipe.Name} has 2-D data; bench eval times bits/dim of an image recipe");
             var (train, heldOut) = DatasetLoader.Load(model.Recipe.ToDataOptions());
             using (train)
             using (heldOut)
@@ -115,7 +116,7 @@ internal static class BenchmarkEvalCommand
                 p.Dispose();
             }
         }
-        Console.WriteLine(string.Create(inv, $"benchmark-eval: {local.Recipe} step {local.Step}, {m} held-out images (bits/dim batch {batch}) and {local.SampleCount} samples, {threads} thread(s) each"));
+        Console.WriteLine(string.Create(inv, $"bench eval: {local.Recipe} step {local.Step}, {m} held-out images (bits/dim batch {batch}) and {local.SampleCount} samples, {threads} thread(s) each"));
         Console.WriteLine(string.Create(inv, $"one process        {localSeconds,8:F1} s"));
         Console.WriteLine(string.Create(inv, $"{used} workers          {remoteSeconds,8:F1} s  ({localSeconds / remoteSeconds:F2}x)"));
         Console.WriteLine(string.Create(inv, $"bits/dim {local.BitsPerDim:F4} one process, {remote.BitsPerDim:F4} workers: {(local.BitsPerDim == remote.BitsPerDim ? "identical" : "DIFFERENT")}"));

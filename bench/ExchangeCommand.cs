@@ -6,17 +6,18 @@ using System.Net;
 using DistDiffusion.Coordinator.Configuration;
 using DistDiffusion.Coordinator.Hosting;
 using DistDiffusion.Coordinator.Training;
+using DistDiffusion.Coordinator.Cli;
 using DistDiffusion.Protocol.V1;
 using DistDiffusion.Protocol;
 
-namespace DistDiffusion.Coordinator.Cli;
+namespace DistDiffusion.Bench;
 
 /// <summary>
-/// `coordinator benchmark-exchange`: how fast parameters and gradients move through the real coordinator (gRPC
+/// `bench exchange`: how fast parameters and gradients move through the real coordinator (gRPC
 /// on loopback, a worker that computes nothing and pushes zero gradients), next to the raw loopback TCP
 /// throughput measured in the same run with the same byte count.
 /// </summary>
-internal static class BenchmarkExchangeCommand
+internal static class ExchangeCommand
 {
     public static Command Create()
     {
@@ -24,7 +25,7 @@ internal static class BenchmarkExchangeCommand
         var steps = new Option<int>("--steps") { Description = "Steps to exchange, warm-up included", DefaultValueFactory = _ => 1100 };
         var warmup = new Option<int>("--warmup") { Description = "Steps exchanged before the clock starts (the first few hundred run slower while the heap, the JIT's tiers and the sockets settle)", DefaultValueFactory = _ => 100 };
         var transport = new Option<string>("--transport") { Description = "socket (the worker socket, as remote workers use by default), grpc (the gRPC stream, a worker's --transport grpc) or shared-memory (payloads in /dev/shm, messages on the worker socket, as workers under the coordinator's kernel use)", DefaultValueFactory = _ => "socket" };
-        var cmd = new Command("benchmark-exchange", "Measure the parameter + gradient exchange rate against raw loopback TCP") { recipe, steps, warmup, transport };
+        var cmd = new Command("exchange", "Measure the parameter + gradient exchange rate against raw loopback TCP") { recipe, steps, warmup, transport };
         cmd.SetAction(p => Run(p.GetValue(recipe)!, p.GetValue(steps), p.GetValue(warmup), p.GetValue(transport)!));
         return cmd;
     }

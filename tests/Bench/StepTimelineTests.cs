@@ -1,10 +1,11 @@
 using System.Globalization;
-using DistDiffusion.Coordinator.Cli;
+using DistDiffusion.Bench;
 using DistDiffusion.Protocol;
+using DistDiffusion.Tests.Distributed;
 
-namespace DistDiffusion.Tests.Distributed;
+namespace DistDiffusion.Tests.Bench;
 
-/// <summary>`coordinator benchmark-timeline`: the marks each process records and how a step is followed through them.</summary>
+/// <summary>`bench timeline`: the marks each process records and how a step is followed through them.</summary>
 [Collection(ClusterCollection.Name)]
 public sealed class StepTimelineTests() : TempFolderTest("dd-timeline")
 {
@@ -60,7 +61,7 @@ public sealed class StepTimelineTests() : TempFolderTest("dd-timeline")
         var marks = Path.Combine(Dir, "marks");
         var (exit, log) = await Task.Run(() =>
         {
-            var code = BenchmarkTimelineCommand.Run("swissroll", workers: 2, steps: 120, Path.Combine(Dir, "run"), marks, ["seed=5"], sharedMemory: true, TrainerTransport.Socket, out var output);
+            var code = TimelineCommand.Run("swissroll", workers: 2, steps: 120, Path.Combine(Dir, "run"), marks, ["seed=5"], sharedMemory: true, TrainerTransport.Socket, out var output);
             return (code, output);
         });
         Assert.True(exit == 0, log);

@@ -1,15 +1,16 @@
 using System.CommandLine;
 using System.Globalization;
+using DistDiffusion.Coordinator.Cli;
 using DistDiffusion.Protocol;
 
-namespace DistDiffusion.Coordinator.Cli;
+namespace DistDiffusion.Bench;
 
 /// <summary>
-/// `coordinator benchmark-soak`: a long `coordinator run` whose every process's resident memory is sampled against the
+/// `bench soak`: a long `coordinator run` whose every process's resident memory is sampled against the
 /// step; prints each process's RSS at the reference step, at the end and at its peak, and the growth per step.
 /// The distributed path must stay flat: the goal is an end RSS within 64 MB of the reference step's for every process.
 /// </summary>
-internal static class BenchmarkSoakCommand
+internal static class SoakCommand
 {
     public const long GoalBytes = 64L << 20;
 
@@ -22,7 +23,7 @@ internal static class BenchmarkSoakCommand
         var output = new Option<string?>("--out") { Description = "Run folder (default: a temporary folder, deleted afterwards)" };
         var set = new Option<string[]>("--set") { Description = "Override a recipe field, key=value (repeatable)" };
         var transport = new Option<string>("--worker-transport") { Description = "How the workers' Trainer streams travel: socket (default) or grpc", DefaultValueFactory = _ => "socket" };
-        var cmd = new Command("benchmark-soak", "Train with `coordinator run` and watch every process's memory against the step") { recipe, workers, steps, reference, output, set, ServeCommand.SharedMemory, transport };
+        var cmd = new Command("soak", "Train with `coordinator run` and watch every process's memory against the step") { recipe, workers, steps, reference, output, set, ServeCommand.SharedMemory, transport };
         cmd.SetAction(p =>
         {
             var w = p.GetValue(workers);
@@ -31,7 +32,7 @@ internal static class BenchmarkSoakCommand
             if (w < 1) throw new UsageException($"--workers {w}: expected at least 1");
             var t = CliSupport.UserInput(() => TrainerTransports.Parse(p.GetValue(transport)!, "--worker-transport"));
             if (r < 1 || r >= n) throw new UsageException($"--reference-step {r}: expected 1..{n - 1} (below --steps {n})");
-            if (!OperatingSystem.IsLinux()) throw new UsageException("benchmark-soak reads /proc: it runs on Linux only");
+            if (!OperatingSystem.IsLinux()) throw new UsageException("bench soak reads /proc: it runs on Linux only");
             var dir = p.GetValue(output) ?? Path.Combine(Path.GetTempPath(), "dd-soak-" + Guid.NewGuid().ToString("N"));
             try
             {

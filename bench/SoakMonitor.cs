@@ -1,11 +1,12 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.RegularExpressions;
+using DistDiffusion.Coordinator.Cli;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
 using Grpc.Core;
 
-namespace DistDiffusion.Coordinator.Cli;
+namespace DistDiffusion.Bench;
 
 /// <summary>One process of a soak: its role, RSS at the reference step, at the end and at its peak (bytes).</summary>
 public sealed record ProcessMemory(string Role, int Pid, long AtReference, long AtEnd, long Peak)
@@ -24,7 +25,7 @@ public sealed record SoakResult(string Recipe, int Workers, long ReferenceStep, 
 /// <summary>
 /// Runs `coordinator run` as a real process tree (this executable, its worker children) and samples the resident memory
 /// of every process against the training step (read from the run's own status RPC) until the run ends. Used by
-/// `coordinator benchmark-soak` and by the test that fails when per-step memory growth returns. Linux only (/proc).
+/// `bench soak` and by the test that fails when per-step memory growth returns. Linux only (/proc).
 /// </summary>
 public static partial class SoakMonitor
 {
@@ -32,7 +33,7 @@ public static partial class SoakMonitor
     {
         if (!OperatingSystem.IsLinux()) throw new PlatformNotSupportedException("the soak reads /proc: Linux only");
         if (referenceStep < 1 || referenceStep >= steps) throw new ArgumentException($"reference step {referenceStep}: expected 1..{steps - 1}");
-        var args = RunCommand.BenchmarkRunArguments(recipe, workers, steps, outDir, sharedMemory, transport, "information", sets);
+        var args = BenchRuns.RunArguments(recipe, workers, steps, outDir, sharedMemory, transport, "information", sets);
         using var process = Process.Start(RunCommand.StartInfo("coordinator", args)) ?? throw new InvalidOperationException("could not start coordinator run");
         var log = new System.Text.StringBuilder();
         var address = new TaskCompletionSource<Uri>(TaskCreationOptions.RunContinuationsAsynchronously);

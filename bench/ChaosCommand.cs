@@ -2,22 +2,23 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
+using DistDiffusion.Coordinator.Cli;
 using DistDiffusion.Model.Checkpoints;
 using DistDiffusion.Model.Training;
 using DistDiffusion.Protocol;
 using DistDiffusion.Protocol.V1;
 using Grpc.Core;
 
-namespace DistDiffusion.Coordinator.Cli;
+namespace DistDiffusion.Bench;
 
 /// <summary>
-/// `coordinator benchmark-chaos`: the promise that training survives lost workers and a lost coordinator without losing
+/// `bench chaos`: the promise that training survives lost workers and a lost coordinator without losing
 /// or doubling a sample or a bit. The same run twice, a `serve` process and worker processes on this machine: once
 /// undisturbed, once with a random worker SIGKILLed and restarted every K steps and the coordinator SIGKILLed and
 /// resumed from its checkpoints. Prints how many samples each epoch saw (from the coordinator's sample ledger), the
 /// largest difference between the two runs' final parameters, and the wall time the faults cost.
 /// </summary>
-internal static class BenchmarkChaosCommand
+internal static class ChaosCommand
 {
     public static Command Create()
     {
@@ -30,7 +31,7 @@ internal static class BenchmarkChaosCommand
         var seed = new Option<int>("--seed") { Description = "Seed of the run and of the choice of victims", DefaultValueFactory = _ => 1 };
         var output = new Option<string?>("--out") { Description = "Folder for both runs (default: a temporary folder, deleted afterwards)" };
         var set = new Option<string[]>("--set") { Description = "Override a recipe field, key=value (repeatable)" };
-        var cmd = new Command("benchmark-chaos", "An undisturbed run vs the same run with workers and the coordinator SIGKILLed: samples per epoch, parameter difference, time lost")
+        var cmd = new Command("chaos", "An undisturbed run vs the same run with workers and the coordinator SIGKILLed: samples per epoch, parameter difference, time lost")
         {
             recipe, steps, workers, killEvery, coordinatorKills, checkpointEvery, seed, output, set,
         };

@@ -1,7 +1,8 @@
 using System.Globalization;
+using DistDiffusion.Coordinator.Cli;
 using DistDiffusion.Protocol;
 
-namespace DistDiffusion.Coordinator.Cli;
+namespace DistDiffusion.Bench;
 
 /// <summary>One stretch of a step's critical path: where it runs, and its duration over the steps analysed (ms).</summary>
 public sealed record TimelinePhase(string Name, string Where, double MedianMs, double MeanMs, double P90Ms);

@@ -1,7 +1,8 @@
-using DistDiffusion.Coordinator.Cli;
+using DistDiffusion.Bench;
 using DistDiffusion.Protocol;
+using DistDiffusion.Tests.Distributed;
 
-namespace DistDiffusion.Tests.Distributed;
+namespace DistDiffusion.Tests.Bench;
 
 /// <summary>
 /// Long runs are the product: `coordinator run` with two worker processes must not grow with the step count. The

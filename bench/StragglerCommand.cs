@@ -5,18 +5,19 @@ using System.Runtime.InteropServices;
 using DistDiffusion.Coordinator.Access;
 using DistDiffusion.Coordinator.Configuration;
 using DistDiffusion.Coordinator.Hosting;
+using DistDiffusion.Coordinator.Cli;
 using DistDiffusion.Protocol;
 
-namespace DistDiffusion.Coordinator.Cli;
+namespace DistDiffusion.Bench;
 
 /// <summary>
-/// `coordinator benchmark-straggler`: steps/s of two healthy workers alone, then of the same two plus a third that is
+/// `bench straggler`: steps/s of two healthy workers alone, then of the same two plus a third that is
 /// slowed tenfold (stopped and continued by SIGSTOP/SIGCONT on a duty cycle). With slow slices copied to idle workers
 /// and a straggler sitting steps out until it answers, the three must reach at least 0.8x the healthy pair. The two
 /// configurations alternate (--rounds, 3 by default) and the ratio is of the medians: one run of each landed anywhere
 /// from 0.68x to 0.94x within an hour on this VM, whose speed drifts from minute to minute.
 /// </summary>
-internal static partial class BenchmarkStragglerCommand
+internal static partial class StragglerCommand
 {
     public const double Goal = 0.8;
     private const int SigStop = 19, SigCont = 18;   // Linux x86-64 / arm64
@@ -30,7 +31,7 @@ internal static partial class BenchmarkStragglerCommand
         var period = new Option<int>("--period-ms") { Description = "Duty-cycle period of the straggler (run, then stop)", DefaultValueFactory = _ => 100 };
         var set = new Option<string[]>("--set") { Description = "Override a recipe field, key=value (repeatable)" };
         var rounds = new Option<int>("--rounds") { Description = "Alternating rounds of the two configurations; the ratio is of the medians", DefaultValueFactory = _ => 3 };
-        var cmd = new Command("benchmark-straggler", "Steps/s of 2 healthy workers vs the same 2 plus one slowed tenfold") { recipe, steps, warmup, slowdown, period, set, rounds };
+        var cmd = new Command("straggler", "Steps/s of 2 healthy workers vs the same 2 plus one slowed tenfold") { recipe, steps, warmup, slowdown, period, set, rounds };
         cmd.SetAction(p =>
         {
             var n = p.GetValue(steps);
@@ -43,7 +44,7 @@ internal static partial class BenchmarkStragglerCommand
             if (ms < 10) throw new UsageException($"--period-ms {ms}: expected at least 10");
             var r = p.GetValue(rounds);
             if (r < 1) throw new UsageException($"--rounds {r}: expected at least 1");
-            if (!OperatingSystem.IsLinux()) throw new UsageException("benchmark-straggler stops processes with signals: Linux only");
+            if (!OperatingSystem.IsLinux()) throw new UsageException("bench straggler stops processes with signals: Linux only");
             var sets = p.GetValue(set) ?? [];
             var pairs = new List<Measurement>();
             var withStraggler = new List<Measurement>();
