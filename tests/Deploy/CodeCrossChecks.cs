@@ -151,9 +151,14 @@ internal static class CodeCrossChecks
             if (uri.Port != facts.DefaultPort) p.Add($"{s}: --listen port {uri.Port} is not {facts.DefaultPort}");
             if (!(s.Container.Container.Ports ?? []).Any(cp => cp.ContainerPort == uri.Port)) p.Add($"{s}: listens on {uri.Port}, which is no containerPort");
         }
-        if (!inv.Has("--keep-serving")) p.Add($"{s}: without --keep-serving the coordinator exits when training completes and the Deployment restarts it in a loop");
+        var sampleOnly = inv.Has("--sample-only");
         var resume = inv.Value("--resume");
-        if (resume is null) p.Add($"{s}: no --resume DIR: a rescheduled coordinator would not continue its run");
+        if (sampleOnly)
+        {
+            if (resume is not null) p.Add($"{s}: --resume with --sample-only: the serving coordinator trains nothing");
+            if (inv.Value("--checkpoint") is null) p.Add($"{s}: --sample-only without --checkpoint DIR: nothing to serve");
+        }
+        else if (resume is null) p.Add($"{s}: no --resume DIR: a rescheduled coordinator would not continue its run");
         else CheckPersistentOutput(s, resume, p);
 
         // The configuration the coordinator would bind: its environment through its own Configure (unknown keys and bad values throw).
@@ -169,6 +174,13 @@ internal static class CodeCrossChecks
             p.Add($"{s}: the coordinator rejects its configuration: {e.Message}");
             return;
         }
+        if (sampleOnly) return;   // the recipe and the weights come from the checkpoint; no dataset is read
+        if (options.KeepServing && set.Mode == DeployMode.Training)
+            p.Add($"{s}: its settings say KeepServing: it keeps serving after training, so neither its Job nor the workers' would complete");
+        var minWorkers = inv.Value("--min-workers") is { } flag ? int.Parse(flag, System.Globalization.CultureInfo.InvariantCulture) : options.MinWorkers;
+        foreach (var w in apps.Running(facts.WorkerExe))
+            if (w.Container.Pod.Owner.Object is V1Job { Spec.Completions: { } completions } && completions < minWorkers)
+                p.Add($"{s}: waits for {minWorkers} workers before the first step (MinWorkers), but the worker Job {w.Container.Pod.Owner.Name} runs only {completions}: the run would never start");
         var recipeName = inv.Value("--recipe") ?? options.Recipe;
         if (recipeName is null)
         {

@@ -37,6 +37,8 @@ internal sealed partial record DeployFacts(
     public const string GpuTaintValue = "present";
     public const string GpuTaintEffect = "NoSchedule";
     public const string GpuResource = "nvidia.com/gpu";
+    /// <summary>The exit code of a bad flag or setting, for `coordinator` (CliSupport.ExitUsage) and `worker` alike (WorkerCli: "2 usage").</summary>
+    public const int UsageExitCode = CliSupport.ExitUsage;
 
     private static readonly Lazy<DeployFacts> Instance = new(Read);
 

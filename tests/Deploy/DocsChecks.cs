@@ -6,11 +6,12 @@ using k8s.Models;
 namespace DistDiffusion.Tests.Deploy;
 
 /// <summary>
-/// docs/kubernetes.md against the code and the manifests: every `coordinator ...` and `worker ...` command in its code
-/// blocks parses with the real command lines, and its kubectl and docker commands name the objects, files, labels,
-/// taints, images and build arguments the manifests and the Dockerfile really have. It must also show each step the
-/// deployment needs (image builds of both variants, every Secret the pods mount with every key they read from it, the
-/// apply, port-forward and status, scale, sampling).
+/// docs/kubernetes.md against the code and the rendered manifests: every `coordinator ...` and `worker ...` command in its
+/// code blocks parses with the real command lines, and its kubectl and docker commands name the kustomizations, objects,
+/// labels, taints, images and build arguments that the kustomize renders of deploy/k8s and the Dockerfile really have. It
+/// must also show each step the deployment needs (image builds of both variants, every Secret the pods mount with every
+/// key they read from it, the dataset, the apply of each overlay, waiting for training to complete, serving, port-forward
+/// and status, sizing the workers, sampling).
 /// </summary>
 internal static partial class DocsChecks
 {
@@ -80,14 +81,14 @@ internal static partial class DocsChecks
         return words;
     }
 
-    public static List<string> Check(string markdown, ManifestSet set, DeployFacts facts, DockerfileFacts docker)
+    public static List<string> Check(string markdown, IReadOnlyList<ManifestSet> sets, DeployFacts facts, DockerfileFacts docker)
     {
         var p = new List<string>();
         var lines = CommandLines(markdown);
-        var apps = AppContainers.Of(set, facts, docker);
-        var images = set.Containers().Select(c => c.Container.Image).ToHashSet(StringComparer.Ordinal);
+        var apps = sets.Select(set => AppContainers.Of(set, facts, docker)).ToList();
+        var images = sets.SelectMany(set => set.Containers()).Select(c => c.Container.Image).ToHashSet(StringComparer.Ordinal);
         // Each Secret the pods mount, with the keys they project from it.
-        var secretKeys = set.Pods().SelectMany(pod => pod.Spec.Volumes ?? []).Where(v => v.Secret is not null)
+        var secretKeys = sets.SelectMany(set => set.Pods()).SelectMany(pod => pod.Spec.Volumes ?? []).Where(v => v.Secret is not null)
             .GroupBy(v => v.Secret.SecretName, StringComparer.Ordinal)
             .ToDictionary(g => g.Key, g => g.SelectMany(v => v.Secret.Items?.Select(i => i.Key) ?? []).ToHashSet(StringComparer.Ordinal), StringComparer.Ordinal);
         var seen = new HashSet<string>(StringComparer.Ordinal);
@@ -104,7 +105,7 @@ internal static partial class DocsChecks
             }
             else if (program == "kubectl")
             {
-                CheckKubectl(words, where, set, facts, apps, secretKeys, seen, p);
+                CheckKubectl(words, where, sets, facts, apps, secretKeys, seen, p);
             }
             else if (program == "docker" && words.Count > 1 && words[1] == "build")
             {
@@ -114,10 +115,13 @@ internal static partial class DocsChecks
         foreach (var (key, what) in new[]
         {
             ("docker build cpu", "building the cpu image"), ("docker build cuda", "building the cuda image"),
-            ("apply deploy/k8s", "`kubectl apply -f deploy/k8s`"),
+            ("apply " + DeployTarget.Gpu.Dir, $"`kubectl apply -k {DeployTarget.Gpu.Dir}`"), ("apply " + DeployTarget.Cpu.Dir, "training on a CPU-only cluster"),
+            ("apply " + DeployTarget.Setup, "creating the namespace, the claims and the policies before the first run"), ("apply " + DeployTarget.DownloadJob, "filling the dataset volume"), ("wait coordinator", "waiting for the training coordinator's Job to complete"),
+            ("apply " + DeployTarget.GpuServing.Dir, "serving samples after training"), ("apply " + DeployTarget.CpuServing.Dir, "serving on a CPU-only cluster"),
             ("port-forward", "`kubectl port-forward` to the coordinator"), ($"{facts.CoordinatorExe} status", "`coordinator status`"),
-            ("scale", "scaling the workers"), ($"{facts.CoordinatorExe} sample", "requesting samples from outside"),
-            ("create jobs/sample.yaml", "the sampling Job"), ("label gpu pool", "the GPU pool label"), ("taint gpu pool", "the GPU pool taint"),
+            ("patch workers", "sizing the training workers (the worker Job's completions and parallelism)"), ("scale", "scaling the sampling workers"),
+            ($"{facts.CoordinatorExe} sample", "requesting samples from outside"),
+            ("apply " + DeployTarget.SampleJob, "the sampling Job"), ("label gpu pool", "the GPU pool label"), ("taint gpu pool", "the GPU pool taint"),
         })
             if (!seen.Contains(key)) p.Add($"{RepoFiles.KubernetesDoc} shows no command for {what}");
         foreach (var name in secretKeys.Keys.Order(StringComparer.Ordinal))
@@ -138,36 +142,50 @@ internal static partial class DocsChecks
         return null;
     }
 
-    private static void CheckKubectl(List<string> words, string where, ManifestSet set, DeployFacts facts, AppContainers apps, Dictionary<string, HashSet<string>> secretKeys, HashSet<string> seen, List<string> p)
+    private static void CheckKubectl(List<string> words, string where, IReadOnlyList<ManifestSet> sets, DeployFacts facts, List<AppContainers> apps,
+        Dictionary<string, HashSet<string>> secretKeys, HashSet<string> seen, List<string> p)
     {
         if (After(words, "-n", "--namespace") is { } ns && ns != ManifestPolicyChecks.Namespace) p.Add($"{where}: namespace {ns}, the manifests use {ManifestPolicyChecks.Namespace}");
         var verbAt = words.FindIndex(w => !w.StartsWith('-') && w != "kubectl" && w != ManifestPolicyChecks.Namespace);
         var verb = verbAt < 0 ? "" : words[verbAt];
+        var kustomizations = RepoFiles.Kustomizations().ToDictionary(k => k.Dir, k => k.Kind, StringComparer.Ordinal);
         for (var i = 0; i < words.Count - 1; i++)
         {
+            var kustomize = words[i] is "-k" or "--kustomize" || (verb == "kustomize" && i == verbAt);
+            if (kustomize)
+            {
+                var dir = words[i + 1].TrimEnd('/');
+                if (!kustomizations.TryGetValue(dir, out var kind)) p.Add($"{where}: {dir} holds no {RepoFiles.Kustomization}");
+                else if (kind != "Kustomization") p.Add($"{where}: {dir} is a kustomize {kind}, which only a Kustomization can include");
+                if (verb is "apply" or "create") seen.Add("apply " + dir);
+                if (verb == "delete" && !dir.StartsWith(RepoFiles.ManifestFolder + "/jobs/", StringComparison.Ordinal))
+                    p.Add($"{where}: deletes everything {dir} renders, the volume claims too: the checkpoints and the dataset would be gone (delete the Jobs or Deployments by name)");
+                continue;
+            }
             // -f is a file only for the verbs that read manifests (for logs it means follow).
             if (words[i] is not ("-f" or "--filename") || verb is not ("apply" or "create" or "delete" or "replace")) continue;
             var path = words[i + 1];
             if (!File.Exists(RepoFiles.PathOf(path)) && !Directory.Exists(RepoFiles.PathOf(path))) p.Add($"{where}: {path} does not exist");
-            if (path.TrimEnd('/') == RepoFiles.ManifestFolder && words.Contains("apply")) seen.Add("apply deploy/k8s");
-            if (path.EndsWith("jobs/sample.yaml", StringComparison.Ordinal))
-            {
-                if (!words.Contains("create")) p.Add($"{where}: the sampling Job has a generateName: it needs `kubectl create`, not apply");
-                seen.Add("create jobs/sample.yaml");
-            }
+            // A file of a kustomization applied as it is: fine for plain objects, wrong where kustomize fills something in.
+            var text = File.Exists(RepoFiles.PathOf(path)) ? File.ReadAllText(RepoFiles.PathOf(path)) : "";
+            if (path.StartsWith(RepoFiles.ManifestFolder, StringComparison.Ordinal) && (Directory.Exists(RepoFiles.PathOf(path)) || text.Contains("image:", StringComparison.Ordinal) || text.Contains("configMapRef", StringComparison.Ordinal)))
+                p.Add($"{where}: {path} is part of a kustomization: apply it with -k (its images are placeholders and its ConfigMaps are generated)");
         }
         if (After(words, "-l", "--selector") is { } selector)
         {
             var kv = selector.Split('=', 2);
-            if (kv.Length != 2 || !set.Pods().Any(pod => pod.Labels.TryGetValue(kv[0], out var v) && v == kv[1])) p.Add($"{where}: no pod of the manifests is labelled {selector}");
+            if (kv.Length != 2 || !sets.SelectMany(s => s.Pods()).Any(pod => pod.Labels.TryGetValue(kv[0], out var v) && v == kv[1])) p.Add($"{where}: no pod of the manifests is labelled {selector}");
         }
         // TYPE/NAME references name objects the manifests define.
-        foreach (var w in words.Skip(1).Where((w, i) => !w.StartsWith('-') && words[i] is not ("-f" or "--filename") && Regex.IsMatch(w, "^(deployment|deploy|job|pod|svc|service)/[a-z0-9.-]+$")))
+        // (words[i] is the word before: a file of -f for the verbs that read manifests, a folder of -k, a patch of -p are no references)
+        bool Operand(string before) => before is "-k" or "--kustomize" or "-p" or "--patch" || (before is "-f" or "--filename" && verb is "apply" or "create" or "delete" or "replace") || (before == "kustomize" && verb == "kustomize");
+        foreach (var w in words.Skip(1).Where((w, i) => !w.StartsWith('-') && !Operand(words[i]) && Regex.IsMatch(w, "^(deployment|deploy|job|pod|svc|service|configmap|cm)/[a-z0-9.-]+$")))
         {
             var (type, name) = (w[..w.IndexOf('/', StringComparison.Ordinal)], w[(w.IndexOf('/', StringComparison.Ordinal) + 1)..]);
-            var kind = type switch { "deployment" or "deploy" => "Deployment", "job" => "Job", "pod" => "Pod", _ => "Service" };
-            if (!set.OfKind(kind).Any(o => o.Metadata?.Name == name)) p.Add($"{where}: no {kind} {name} in the manifests");
+            var kind = type switch { "deployment" or "deploy" => "Deployment", "job" => "Job", "pod" => "Pod", "configmap" or "cm" => "ConfigMap", _ => "Service" };
+            if (!sets.Any(s => s.OfKind(kind).Any(o => o.Metadata?.Name == name))) p.Add($"{where}: no {kind} {name} in the manifests");
         }
+        string? Named(string prefix) => words.FirstOrDefault(w => w.StartsWith(prefix, StringComparison.Ordinal))?[prefix.Length..];
         switch (verb)
         {
             case "create" when words.Count > verbAt + 3 && words[verbAt + 1] == "secret":
@@ -183,14 +201,27 @@ internal static partial class DocsChecks
                 seen.Add("create secret " + name);
                 break;
             case "scale":
-                var target = words.FirstOrDefault(w => w.StartsWith("deployment/", StringComparison.Ordinal))?["deployment/".Length..];
-                if (!apps.Running(facts.WorkerExe).Any(a => a.Container.Pod.Owner.Name == target)) p.Add($"{where}: {target} is not the worker Deployment");
+                var target = Named("deployment/");
+                if (!apps.Any(a => a.Running(facts.WorkerExe).Any(w => w.Container.Pod.Owner.Kind == "Deployment" && w.Container.Pod.Owner.Name == target)))
+                    p.Add($"{where}: {target} is not a worker Deployment (the training workers are a Job: patch its completions and parallelism)");
                 seen.Add("scale");
                 break;
+            case "patch" when Named("job/") is { } job:
+                CheckWorkerJobPatch(words, where, job, facts, apps, p);
+                seen.Add("patch workers");
+                break;
+            case "wait" when Named("job/") is { } waited:
+                var condition = After(words, "--for");
+                if (apps.Any(a => a.Running(facts.CoordinatorExe, "serve").Any(s => s.Container.Pod.Owner.Kind == "Job" && s.Container.Pod.Owner.Name == waited)))
+                {
+                    if (condition != "condition=complete") p.Add($"{where}: the coordinator's Job reports the end of training as --for=condition=complete");
+                    seen.Add("wait coordinator");
+                }
+                break;
             case "port-forward":
-                var svc = words.FirstOrDefault(w => w.StartsWith("svc/", StringComparison.Ordinal))?[4..];
+                var svc = Named("svc/");
                 var ports = words.LastOrDefault(w => Regex.IsMatch(w, @"^\d+:\d+$"))?.Split(':');
-                var service = set.All<V1Service>().FirstOrDefault(s => s.Metadata.Name == svc);
+                var service = sets.SelectMany(s => s.All<V1Service>()).FirstOrDefault(s => s.Metadata.Name == svc);
                 if (service is null || ports is null || !service.Spec.Ports.Any(sp => sp.Port.ToString(System.Globalization.CultureInfo.InvariantCulture) == ports[1]))
                     p.Add($"{where}: forwards to no port of a Service of the manifests");
                 seen.Add("port-forward");
@@ -204,6 +235,31 @@ internal static partial class DocsChecks
                 seen.Add("taint gpu pool");
                 break;
         }
+    }
+
+    /// <summary>`kubectl patch job/NAME -p JSON`: NAME is the training worker Job and the patch keeps completions = parallelism.</summary>
+    private static void CheckWorkerJobPatch(List<string> words, string where, string job, DeployFacts facts, List<AppContainers> apps, List<string> p)
+    {
+        if (!apps.Any(a => a.Running(facts.WorkerExe).Any(w => w.Container.Pod.Owner.Kind == "Job" && w.Container.Pod.Owner.Name == job)))
+        {
+            p.Add($"{where}: {job} is not the training worker Job");
+            return;
+        }
+        var patch = After(words, "-p", "--patch");
+        System.Text.Json.Nodes.JsonNode? spec;
+        try
+        {
+            spec = patch is null ? null : System.Text.Json.Nodes.JsonNode.Parse(patch)?["spec"];
+        }
+        catch (System.Text.Json.JsonException e)
+        {
+            p.Add($"{where}: the patch is not JSON: {e.Message}");
+            return;
+        }
+        var completions = spec?["completions"]?.GetValue<int>();
+        var parallelism = spec?["parallelism"]?.GetValue<int>();
+        if (completions is null || completions != parallelism || completions < 1)
+            p.Add($"{where}: an Indexed worker Job changes size by completions and parallelism together, to the same count (got {completions?.ToString(System.Globalization.CultureInfo.InvariantCulture) ?? "none"} and {parallelism?.ToString(System.Globalization.CultureInfo.InvariantCulture) ?? "none"})");
     }
 
     /// <summary>The keys a `kubectl create secret TYPE NAME ...` command sets.</summary>

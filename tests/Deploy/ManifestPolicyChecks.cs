@@ -3,46 +3,62 @@ using k8s.Models;
 namespace DistDiffusion.Tests.Deploy;
 
 /// <summary>
-/// The deployment's own rules: resources on every container, probes where a container serves, the restricted
-/// security context, GPUs and the GPU pool for workers, one Recreate coordinator, and network policies that
-/// let exactly the pods that dial the coordinator reach it.
+/// The deployment's own rules, on one rendered target: resources on every container, probes where a container serves,
+/// the restricted security context, GPUs and the GPU pool for the GPU overlays' workers (and neither for the CPU
+/// overlays'), a training run as Jobs that complete with it (or one Recreate sample-only coordinator for serving),
+/// settings from generated ConfigMaps, one-offs kept out of the overlays, and network policies that let exactly the pods
+/// that dial the coordinator reach it.
 /// </summary>
-internal static class ManifestPolicyChecks
+internal static partial class ManifestPolicyChecks
 {
     public const string Namespace = "distdiffusion";
 
     public static List<string> Check(ManifestSet set, DeployFacts facts, DockerfileFacts docker)
     {
         var p = new List<string>();
-        CheckLayout(set, p);
         var apps = AppContainers.Of(set, facts, docker);   // its own problems are CodeCrossChecks' to report
+        CheckLayout(set, facts, apps, p);
         foreach (var c in set.Containers()) CheckResources(c, p);
         foreach (var c in set.Containers()) CheckProbes(c, facts, p);
         foreach (var pod in set.Pods()) CheckSecurity(pod, docker, apps, p);
         CheckGpuPool(set, facts, apps, p);
-        CheckCoordinatorDeployment(set, facts, apps, p);
+        CheckCoordinator(set, facts, apps, p);
+        CheckWorkers(set, facts, apps, p);
         CheckNetworkPolicies(set, facts, apps, p);
         return p;
     }
 
-    private static void CheckLayout(ManifestSet set, List<string> p)
+    [System.Text.RegularExpressions.GeneratedRegex("^(?<name>[a-z0-9.-]+)-(?<hash>[a-z0-9]{10})$")]
+    private static partial System.Text.RegularExpressions.Regex GeneratedName();
+
+    private static void CheckLayout(ManifestSet set, DeployFacts facts, AppContainers apps, List<string> p)
     {
-        // `kubectl apply -f deploy/k8s` reads the folder's files in name order and does not descend into jobs/.
-        var topLevel = set.Objects.Where(o => !o.File[(RepoFiles.ManifestFolder.Length + 1)..].Contains('/', StringComparison.Ordinal)).ToList();
+        var target = set.Target?.Dir ?? RepoFiles.ManifestFolder;
         var namespaces = set.OfKind("Namespace").ToList();
         if (namespaces.Count != 1 || namespaces[0].Name != Namespace) p.Add($"expected one Namespace {Namespace}, found {namespaces.Count}");
-        else if (topLevel.Count == 0 || topLevel[0].Kind != "Namespace") p.Add($"the Namespace must be the first object `kubectl apply -f {RepoFiles.ManifestFolder}` creates (it reads files in name order)");
+        else if (namespaces[0].File != target) p.Add($"{namespaces[0]}: the Namespace belongs to {target}, which creates it before what lives in it");
         else if (namespaces[0].Metadata.Labels?.TryGetValue("pod-security.kubernetes.io/enforce", out var level) != true || level != "restricted")
             p.Add("the Namespace does not enforce the restricted Pod Security Standard");
         foreach (var o in set.Objects.Where(o => ManifestSchemaChecks.NamespacedKinds.Contains(o.Kind) && o.Metadata?.NamespaceProperty != Namespace))
             p.Add($"{o}: namespace {o.Metadata?.NamespaceProperty ?? "(unset)"}, expected {Namespace}");
-        foreach (var o in topLevel.Where(o => o.Kind is "Job" or "Pod"))
-            p.Add($"{o}: one-off Jobs and Pods belong in {RepoFiles.ManifestFolder}/jobs/, which `kubectl apply -f {RepoFiles.ManifestFolder}` does not apply");
+        // One-offs (the download, a sampling request, the samples reader) are their own kustomizations: in the deployment
+        // they would run again, or block the apply (a finished Job's template cannot change), with every `kubectl apply -k`.
+        foreach (var pod in set.Pods().Where(pod => pod.Owner.File == target))
+        {
+            var oneOff = pod.Owner.Kind == "Pod" || apps.All.Any(a => a.Container.Pod == pod && a.Exe == facts.CoordinatorExe && a.Invocation.Command.Name is "download" or "sample");
+            if (oneOff) p.Add($"{pod.Owner}: a one-off belongs in its own kustomization under {RepoFiles.ManifestFolder}/jobs/, not in {target}");
+        }
         foreach (var o in set.OfKind("Secret"))
             p.Add($"{o}: no Secret is committed; the token Secret is created by hand (docs/kubernetes.md)");
         foreach (var o in set.OfKind("ConfigMap"))
             foreach (var (k, v) in ((V1ConfigMap)o.Object).Data ?? new Dictionary<string, string>())
                 if (k.Contains("TOKEN", StringComparison.OrdinalIgnoreCase)) p.Add($"{o}: {k}: the token does not go into a ConfigMap");
+        // Settings come from a configMapGenerator: the name carries a hash of the content, so an edit changes the pod
+        // template that names it (a Deployment rolls; a Job must be re-created) instead of going unnoticed.
+        foreach (var c in set.Containers())
+            foreach (var name in (c.Container.EnvFrom ?? []).Select(e => e.ConfigMapRef?.Name).Concat((c.Container.Env ?? []).Select(e => e.ValueFrom?.ConfigMapKeyRef?.Name)).OfType<string>())
+                if (!GeneratedName().IsMatch(name))
+                    p.Add($"{c}: reads the ConfigMap {name}, whose name has no content hash: make it with a configMapGenerator, so a change of settings reaches the pods");
     }
 
     private static void CheckResources(ContainerInPod c, List<string> p)
@@ -139,17 +155,29 @@ internal static class ManifestPolicyChecks
         foreach (var w in workers)
         {
             var limits = w.Container.Container.Resources?.Limits ?? new Dictionary<string, ResourceQuantity>();
-            if (!limits.TryGetValue(DeployFacts.GpuResource, out var gpus) || ManifestSchemaChecks.Quantity(gpus) != 1)
-                p.Add($"{w}: a worker takes exactly one GPU: limits.{DeployFacts.GpuResource} must be 1");
+            var requests = w.Container.Container.Resources?.Requests ?? new Dictionary<string, ResourceQuantity>();
             var spec = w.Container.Pod.Spec;
-            if (spec.NodeSelector?.TryGetValue(DeployFacts.GpuPoolLabel, out var pool) != true || pool != DeployFacts.GpuPoolValue)
-                p.Add($"{w}: nodeSelector does not pick the GPU pool ({DeployFacts.GpuPoolLabel}={DeployFacts.GpuPoolValue})");
-            if (!Tolerates(spec.Tolerations, DeployFacts.GpuTaintKey, DeployFacts.GpuTaintValue, DeployFacts.GpuTaintEffect))
-                p.Add($"{w}: does not tolerate the GPU pool's taint {DeployFacts.GpuTaintKey}={DeployFacts.GpuTaintValue}:{DeployFacts.GpuTaintEffect}");
-            if (w.Container.Pod.Owner.Kind != "Deployment") p.Add($"{w}: workers run as a Deployment (so `kubectl scale` adds and removes them)");
-            if (w.Image.Variant != "cuda") p.Add($"{w}: a GPU worker runs the cuda image variant, not '{w.Image.Variant}'");
-            if (w.Invocation.Value("--device") is { } device && device != "auto" && !device.StartsWith("cuda", StringComparison.Ordinal))
-                p.Add($"{w}: --device {device} on a GPU worker");
+            var selectsPool = spec.NodeSelector?.TryGetValue(DeployFacts.GpuPoolLabel, out var pool) == true && pool == DeployFacts.GpuPoolValue;
+            var tolerates = Tolerates(spec.Tolerations, DeployFacts.GpuTaintKey, DeployFacts.GpuTaintValue, DeployFacts.GpuTaintEffect);
+            var device = w.Invocation.Value("--device");
+            if (set.Pool == WorkerPool.Gpu)
+            {
+                if (!limits.TryGetValue(DeployFacts.GpuResource, out var gpus) || ManifestSchemaChecks.Quantity(gpus) != 1)
+                    p.Add($"{w}: a worker takes exactly one GPU: limits.{DeployFacts.GpuResource} must be 1");
+                if (!selectsPool) p.Add($"{w}: nodeSelector does not pick the GPU pool ({DeployFacts.GpuPoolLabel}={DeployFacts.GpuPoolValue})");
+                if (!tolerates) p.Add($"{w}: does not tolerate the GPU pool's taint {DeployFacts.GpuTaintKey}={DeployFacts.GpuTaintValue}:{DeployFacts.GpuTaintEffect}");
+                if (w.Image.Variant != "cuda") p.Add($"{w}: a GPU worker runs the cuda image variant, not '{w.Image.Variant}'");
+                if (device is not null && device != "auto" && !device.StartsWith("cuda", StringComparison.Ordinal)) p.Add($"{w}: --device {device} on a GPU worker");
+            }
+            else
+            {
+                // A laptop cluster (kind, minikube) has no GPU, no device plugin and no GPU pool: any of them leaves the pod Pending.
+                if (limits.ContainsKey(DeployFacts.GpuResource) || requests.ContainsKey(DeployFacts.GpuResource)) p.Add($"{w}: a CPU worker requests {DeployFacts.GpuResource}, which no node of a CPU cluster has");
+                if (selectsPool) p.Add($"{w}: a CPU worker's nodeSelector picks the GPU pool ({DeployFacts.GpuPoolLabel}={DeployFacts.GpuPoolValue})");
+                if (tolerates) p.Add($"{w}: a CPU worker tolerates the GPU taint");
+                if (w.Image.Variant != facts.DefaultTorchDevice) p.Add($"{w}: a CPU worker runs the {facts.DefaultTorchDevice} image variant, not '{w.Image.Variant}'");
+                if (device is not null && device.StartsWith("cuda", StringComparison.Ordinal)) p.Add($"{w}: --device {device} on a CPU worker");
+            }
         }
         foreach (var c in set.Containers().Where(c => !workers.Any(w => w.Container == c)))
         {
@@ -160,7 +188,12 @@ internal static class ManifestPolicyChecks
         }
     }
 
-    private static void CheckCoordinatorDeployment(ManifestSet set, DeployFacts facts, AppContainers apps, List<string> p)
+    /// <summary>
+    /// The coordinator: one `serve`. Training: a Job that completes with the run (no --keep-serving), whose replacement
+    /// pod is made only once the old one has stopped, and whose failure policy fails at once on a usage error and does not
+    /// count disruptions. Serving: a sample-only Deployment of one Recreate replica reading the checkpoint claim.
+    /// </summary>
+    private static void CheckCoordinator(ManifestSet set, DeployFacts facts, AppContainers apps, List<string> p)
     {
         var servers = apps.Running(facts.CoordinatorExe, "serve").ToList();
         if (servers.Count != 1)
@@ -169,27 +202,96 @@ internal static class ManifestPolicyChecks
             return;
         }
         var s = servers[0];
-        if (s.Container.Pod.Owner.Object is not V1Deployment d) p.Add($"{s}: the coordinator runs as a Deployment");
+        var sampleOnly = s.Invocation.Has("--sample-only");
+        if (set.Mode == DeployMode.Training)
+        {
+            if (sampleOnly) p.Add($"{s}: the training coordinator runs with --sample-only: it would train nothing");
+            if (s.Invocation.Has("--keep-serving"))
+                p.Add($"{s}: --keep-serving: the coordinator would not exit when training completes, so neither its Job nor the workers' (who wait for its word) would ever complete and free their pods");
+            if (s.Container.Pod.Owner.Object is not V1Job job) p.Add($"{s}: the training coordinator runs as a Job (it completes with the run)");
+            else
+            {
+                if (job.Spec.Completions is not (null or 1) || job.Spec.Parallelism is not (null or 1)) p.Add($"{s}: the coordinator Job needs completions 1 and parallelism 1 (one coordinator per run folder)");
+                if (job.Spec.CompletionMode is "Indexed") p.Add($"{s}: the coordinator Job is not Indexed");
+                CheckJobRestarts(s, job, s.Container.Container.Name, p);
+            }
+        }
         else
         {
-            if (d.Spec.Replicas != 1) p.Add($"{s}: the coordinator Deployment must have exactly 1 replica");
-            if (d.Spec.Strategy?.Type != "Recreate") p.Add($"{s}: the coordinator Deployment must use the Recreate strategy (never two coordinators on one run folder)");
+            if (!sampleOnly) p.Add($"{s}: the serving coordinator needs --sample-only (it serves a finished run's weights)");
+            if (s.Container.Pod.Owner.Object is not V1Deployment d) p.Add($"{s}: the serving coordinator runs as a Deployment (it serves until deleted)");
+            else
+            {
+                if (d.Spec.Replicas != 1) p.Add($"{s}: the coordinator Deployment must have exactly 1 replica");
+                if (d.Spec.Strategy?.Type != "Recreate") p.Add($"{s}: the coordinator Deployment must use the Recreate strategy (the old pod releases the ReadWriteOnce checkpoint volume first)");
+            }
         }
         if (s.Image.Variant != facts.DefaultTorchDevice) p.Add($"{s}: the coordinator runs on a CPU node: image variant {facts.DefaultTorchDevice}, not {s.Image.Variant}");
         var required = s.Container.Pod.Spec.Affinity?.NodeAffinity?.RequiredDuringSchedulingIgnoredDuringExecution?.NodeSelectorTerms ?? [];
         var avoidsGpu = required.Count > 0 && required.All(t => (t.MatchExpressions ?? []).Any(e => e.Key == DeployFacts.GpuPoolLabel
             && ((e.OperatorProperty == "NotIn" && e.Values?.Contains(DeployFacts.GpuPoolValue) == true) || e.OperatorProperty == "DoesNotExist")));
-        if (!avoidsGpu) p.Add($"{s}: the coordinator's required node affinity does not keep it off the GPU pool ({DeployFacts.GpuPoolLabel} NotIn [{DeployFacts.GpuPoolValue}])");
+        if (set.Pool == WorkerPool.Gpu && !avoidsGpu) p.Add($"{s}: the coordinator's required node affinity does not keep it off the GPU pool ({DeployFacts.GpuPoolLabel} NotIn [{DeployFacts.GpuPoolValue}])");
         var spec = s.Container.Pod.Spec;
-        var resume = s.Invocation.Value("--resume");
-        if (resume is not null && AppContainers.MountFor(s.Container, resume) is { } m)
+        var folder = sampleOnly ? s.Invocation.Value("--checkpoint") : s.Invocation.Value("--resume");
+        if (folder is not null && AppContainers.MountFor(s.Container, folder) is { } m)
         {
             var claim = (spec.Volumes ?? []).FirstOrDefault(v => v.Name == m.Name)?.PersistentVolumeClaim?.ClaimName;
             var pvc = set.All<V1PersistentVolumeClaim>().FirstOrDefault(x => x.Metadata?.Name == claim);
-            if (pvc is null) p.Add($"{s}: --resume {resume} is not on a PersistentVolumeClaim: a rescheduled coordinator would start over");
+            if (pvc is null) p.Add($"{s}: {(sampleOnly ? "--checkpoint" : "--resume")} {folder} is not on a PersistentVolumeClaim: {(sampleOnly ? "it would serve no trained weights" : "a rescheduled coordinator would start over")}");
             else if (pvc.Spec.AccessModes?.Contains("ReadWriteOnce") != true && pvc.Spec.AccessModes?.Contains("ReadWriteOncePod") != true)
                 p.Add($"{s}: the checkpoint claim {claim} should be ReadWriteOnce (one writer)");
+            if (sampleOnly && m.ReadOnlyProperty != true) p.Add($"{s}: serving mounts the checkpoint volume {m.Name} writable: it only reads the trained run (mount it readOnly)");
         }
+        else if (sampleOnly) p.Add($"{s}: --checkpoint {folder ?? "(none)"} is on no volume");
+    }
+
+    /// <summary>
+    /// Workers. Training: one Indexed Job, completions = parallelism (all at once), that completes when every worker has
+    /// exited 0, which a worker does when the coordinator ends the run (Finish without reconnect). Serving: a Deployment
+    /// (scaled with `kubectl scale`) that never surges past the GPUs it has.
+    /// </summary>
+    private static void CheckWorkers(ManifestSet set, DeployFacts facts, AppContainers apps, List<string> p)
+    {
+        foreach (var w in apps.Running(facts.WorkerExe))
+        {
+            var owner = w.Container.Pod.Owner.Object;
+            if (set.Mode == DeployMode.Training)
+            {
+                if (owner is not V1Job job)
+                {
+                    p.Add($"{w}: training workers run as a Job, which completes (and frees their GPUs) when the coordinator ends the run");
+                    continue;
+                }
+                if (job.Spec.CompletionMode != "Indexed")
+                    p.Add($"{w}: the worker Job is not Indexed: a non-indexed Job with parallelism stops replacing failed workers once any one has succeeded");
+                if (job.Spec.Completions is not { } completions || job.Spec.Parallelism != completions || completions < 1)
+                    p.Add($"{w}: the worker Job needs completions = parallelism >= 1 (every worker runs at once; got completions {job.Spec.Completions?.ToString(System.Globalization.CultureInfo.InvariantCulture) ?? "unset"}, parallelism {job.Spec.Parallelism?.ToString(System.Globalization.CultureInfo.InvariantCulture) ?? "unset"})");
+                CheckJobRestarts(w, job, w.Container.Container.Name, p);
+            }
+            else if (owner is not V1Deployment d) p.Add($"{w}: serving workers run as a Deployment (they serve as long as the coordinator does; `kubectl scale` sizes them)");
+            else if (set.Pool == WorkerPool.Gpu && d.Spec.Strategy?.RollingUpdate?.MaxSurge?.Value is not ("0" or "0%"))
+                p.Add($"{w}: a GPU worker Deployment must roll with maxSurge 0: a surge pod would need a GPU of its own");
+        }
+    }
+
+    /// <summary>What a run's Job does with a pod that ends: see deploy/k8s/base/coordinator.yaml.</summary>
+    private static void CheckJobRestarts(AppContainer a, V1Job job, string container, List<string> p)
+    {
+        var spec = job.Spec;
+        if (spec.Template.Spec.RestartPolicy != "Never") p.Add($"{a}: the run's Jobs need restartPolicy Never (a podFailurePolicy requires it)");
+        if (spec.PodReplacementPolicy != "Failed")
+            p.Add($"{a}: podReplacementPolicy is {spec.PodReplacementPolicy ?? "unset"}: with anything but Failed the Job starts a replacement while the old pod is still stopping (two coordinators on one run folder, or a worker waiting for a GPU the old one holds)");
+        if (spec.ActiveDeadlineSeconds is not null) p.Add($"{a}: activeDeadlineSeconds {spec.ActiveDeadlineSeconds} would end a long run in the middle");
+        if (spec.TtlSecondsAfterFinished is not null) p.Add($"{a}: ttlSecondsAfterFinished deletes the finished run's Job, and the next `kubectl apply -k` would start it again");
+        if ((spec.BackoffLimitPerIndex ?? spec.BackoffLimit ?? 6) < 1) p.Add($"{a}: a backoff limit of 0 ends the run at the first crash");
+        var rules = spec.PodFailurePolicy?.Rules ?? [];
+        var failsOnUsage = rules.Any(r => r.Action == "FailJob" && r.OnExitCodes is { OperatorProperty: "In" } e
+            && (e.ContainerName is null || e.ContainerName == container) && e.Values.Contains(DeployFacts.UsageExitCode));
+        if (!failsOnUsage) p.Add($"{a}: no podFailurePolicy rule fails the Job on exit code {DeployFacts.UsageExitCode} (a bad flag or setting; retrying cannot help)");
+        var ignoresDisruption = rules.Any(r => r.Action == "Ignore" && (r.OnPodConditions ?? []).Any(c => c.Type == "DisruptionTarget" && (c.Status ?? "True") == "True"));
+        if (!ignoresDisruption) p.Add($"{a}: no podFailurePolicy rule ignores DisruptionTarget: every eviction, preemption or lost node would count against the backoff limit");
+        foreach (var r in rules.Where(r => r.OnExitCodes is { } e && (e.ContainerName is null || e.ContainerName == container) && r.Action is "Ignore" or "Count" or "FailIndex" or "FailJob"))
+            if (r.OnExitCodes.OperatorProperty == "In" && r.OnExitCodes.Values.Contains(0)) p.Add($"{a}: a podFailurePolicy rule names exit code 0, which is success");
     }
 
     private static void CheckNetworkPolicies(ManifestSet set, DeployFacts facts, AppContainers apps, List<string> p)
