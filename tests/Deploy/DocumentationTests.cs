@@ -128,16 +128,20 @@ public sealed partial class DocumentationTests
         return (program, args);
     }
 
-    /// <summary>Problems with the command lines of a document's shell code blocks (every block but ```text).</summary>
+    /// <summary>The languages of the code blocks whose lines are shell commands (a block without one counts as shell).</summary>
+    private static readonly HashSet<string> ShellLanguages = new(StringComparer.Ordinal) { "", "bash", "sh", "shell", "console", "zsh" };
+
+    /// <summary>Problems with the command lines of a document's shell code blocks (a leading "$ " prompt is dropped).</summary>
     internal static List<string> CommandProblems(string name, string markdown)
     {
         var problems = new List<string>();
-        foreach (var block in CodeBlocks(markdown).Where(b => b.Language != "text"))
+        foreach (var block in CodeBlocks(markdown).Where(b => ShellLanguages.Contains(b.Language)))
         {
             var joined = new StringBuilder();
             foreach (var raw in block.Lines)
             {
                 var line = raw.Trim();
+                if (joined.Length == 0 && line.StartsWith("$ ", StringComparison.Ordinal)) line = line[2..];
                 if (line.EndsWith('\\'))
                 {
                     joined.Append(line[..^1]).Append(' ');
@@ -439,6 +443,16 @@ public sealed partial class DocumentationTests
     public void A_right_command_passes(string command)
     {
         Assert.Empty(CommandProblems("README.md", "```sh\n" + command + "\n```\n"));
+    }
+
+    [Theory]
+    [InlineData("```console\n$ coordinator status --run runs/demo --jsn\n```\n", true)]
+    [InlineData("```yaml\ncommand: coordinator serve --bogus\n- coordinator --bogus\n```\n", false)]
+    [InlineData("```text\nworker       host             device\n```\n", false)]
+    public void Only_shell_blocks_are_parsed_as_commands(string markdown, bool reported)
+    {
+        var problems = CommandProblems("docs/x.md", markdown);
+        Assert.True(problems.Count > 0 == reported, $"expected {(reported ? "a problem" : "none")}; got:\n  " + string.Join("\n  ", problems));
     }
 
     [Theory]
