@@ -113,5 +113,6 @@ internal sealed partial record DeployFacts(
     public System.CommandLine.RootCommand Cli(string exe) =>
         exe == CoordinatorExe ? CoordinatorCli.Build()
         : exe == WorkerExe ? WorkerCli.Build()
+        : exe == "bench" ? DistDiffusion.Bench.BenchCli.Build()
         : throw new ArgumentException($"no executable named {exe}");
 }

@@ -16,27 +16,8 @@ public sealed partial class DocumentationTests
     /// <summary>The README is the front page, not the reference: the depth lives in docs/.</summary>
     private const int ReadmeMaxLines = 260;
 
-    // PENDING: commands the docs describe as the new truth but the code on this branch does not have yet; other
-    // branches add them and the lead empties these sets at merge (the Pending_* tests below fail once an entry is
-    // no longer pending, so a stale entry cannot stay behind).
-    //
-    // The benchmark verbs move out of `coordinator` into the `bench` executable (bench/DistDiffusion.Bench.csproj),
-    // `coordinator benchmark-exchange ...` becoming `bench exchange ...` with the same options. Until then a `bench
-    // VERB ...` line is checked against `coordinator benchmark-VERB`, whose options `bench VERB` keeps.
-    private static readonly Dictionary<string, string> PendingBenchVerbs = new(StringComparer.Ordinal)
-    {
-        ["exchange"] = "benchmark-exchange",
-        ["soak"] = "benchmark-soak",
-        ["timeline"] = "benchmark-timeline",
-        ["straggler"] = "benchmark-straggler",
-        ["chaos"] = "benchmark-chaos",
-        ["eval"] = "benchmark-eval",
-    };
-
-    // `coordinator recipes` (list the built-in recipes; `--show NAME` prints one as JSON): not a verb here yet, so its
-    // lines are not parsed. (`--recipe FILE.json` needs no entry: --recipe takes any string, so it parses already.)
-    private static readonly HashSet<string> PendingCoordinatorVerbs = new(StringComparer.Ordinal) { "recipes" };
-
+    // PENDING: files the docs link to that other branches are writing; the lead empties this set at merge (the
+    // Pending_* test below fails once an entry exists, so a stale entry cannot stay behind).
     // Files the docs link to that other branches are writing (docs/setup.md: set-up and the libstdc++ step;
     // docs/fuzzing.md: the fuzz targets). A link to one of them is accepted while it does not exist.
     private static readonly HashSet<string> PendingLinkTargets = new(StringComparer.Ordinal) { "docs/setup.md", "docs/fuzzing.md" };
@@ -104,27 +85,16 @@ public sealed partial class DocumentationTests
 
     /// <summary>
     /// The executable a doc line runs and its arguments as the real command line takes them, or null when the line
-    /// runs none of ours. A `bench VERB` line becomes `coordinator benchmark-VERB` (see <see cref="PendingBenchVerbs"/>);
-    /// a pending coordinator verb gives <paramref name="pending"/> true.
+    /// runs none of ours (the benchmark tool `bench` is one of ours).
     /// </summary>
-    private static (string Exe, List<string> Args)? Resolve(List<string> words, string where, List<string> problems, out bool pending)
+    private static (string Exe, List<string> Args)? Resolve(List<string> words)
     {
-        pending = false;
         if (words.Count == 0) return null;
         var facts = DeployFacts.Current;
         var program = ProgramOf(words[0]);
         var args = words.Skip(1).ToList();
-        if (program == BenchExe)
-        {
-            if (args.Count == 0 || !PendingBenchVerbs.TryGetValue(args[0], out var stand))
-            {
-                problems.Add($"{where}: `bench` has the verbs {string.Join(", ", PendingBenchVerbs.Keys)}, not '{(args.Count == 0 ? "" : args[0])}'");
-                return null;
-            }
-            return (facts.CoordinatorExe, [stand, .. args.Skip(1)]);
-        }
+        if (program == BenchExe) return (BenchExe, args);
         if (!facts.Executables.Contains(program)) return null;
-        if (program == facts.CoordinatorExe && args.Count > 0 && PendingCoordinatorVerbs.Contains(args[0])) pending = true;
         return (program, args);
     }
 
@@ -152,7 +122,7 @@ public sealed partial class DocumentationTests
                 joined.Clear();
                 if (command.Length == 0 || command.StartsWith('#')) continue;
                 var where = $"{name}: `{command}`";
-                if (Resolve(CommandWords(command), where, problems, out var pending) is not { } inv || pending) continue;
+                if (Resolve(CommandWords(command)) is not { } inv) continue;
                 CliInvocation.Parse(DeployFacts.Current, inv.Exe, inv.Args, where, problems);
             }
         }
@@ -182,10 +152,10 @@ public sealed partial class DocumentationTests
                     options = null;
                     var words = raw.Split(' ', StringSplitOptions.RemoveEmptyEntries).ToList();
                     var where = $"{name}: `{raw.Trim()}`";
-                    if (Resolve(words, where, problems, out var pending) is not { } inv || pending) continue;
+                    if (Resolve(words) is not { } inv) continue;
                     var root = facts.Cli(inv.Exe);
                     Command command = root;
-                    if (inv.Exe == facts.CoordinatorExe)
+                    if (inv.Exe == facts.CoordinatorExe || inv.Exe == BenchExe)
                     {
                         var sub = inv.Args.FirstOrDefault() ?? "";
                         if (root.Subcommands.FirstOrDefault(c => c.Name == sub) is not { } found)
@@ -366,22 +336,6 @@ public sealed partial class DocumentationTests
     }
 
     [Fact]
-    public void Pending_coordinator_verbs_are_still_missing()
-    {
-        var verbs = DeployFacts.Current.Cli(DeployFacts.Current.CoordinatorExe).Subcommands.Select(c => c.Name).ToHashSet(StringComparer.Ordinal);
-        var arrived = PendingCoordinatorVerbs.Where(verbs.Contains).ToList();
-        Assert.True(arrived.Count == 0, $"coordinator has {string.Join(", ", arrived)} now: remove it from {nameof(PendingCoordinatorVerbs)} so the docs' lines are parsed");
-    }
-
-    [Fact]
-    public void Pending_bench_verbs_still_stand_in_coordinator()
-    {
-        var verbs = DeployFacts.Current.Cli(DeployFacts.Current.CoordinatorExe).Subcommands.Select(c => c.Name).ToHashSet(StringComparer.Ordinal);
-        var gone = PendingBenchVerbs.Values.Where(v => !verbs.Contains(v)).ToList();
-        Assert.True(gone.Count == 0, $"coordinator no longer has {string.Join(", ", gone)}: parse the docs' `bench` lines with bench's own command line and empty {nameof(PendingBenchVerbs)}");
-    }
-
-    [Fact]
     public void Pending_link_targets_do_not_exist_yet()
     {
         var arrived = PendingLinkTargets.Where(t => File.Exists(RepoFiles.PathOf(t))).ToList();
@@ -426,7 +380,7 @@ public sealed partial class DocumentationTests
     [InlineData("coordinator trian --recipe swissroll --out /tmp/x", "trian")]
     [InlineData("worker --coordinator http://127.0.0.1:50051 --gpu 0", "has no option --gpu")]
     [InlineData("bench exchange --recipe swissroll --stepz 100", "has no option --stepz")]
-    [InlineData("bench exchnage --steps 100", "`bench` has the verbs")]
+    [InlineData("bench exchnage --steps 100", "Unrecognized command or argument 'exchnage'")]
     [InlineData("src/Coordinator/bin/Release/net10.0/coordinator status --run runs/demo --jsn | head", "has no option --jsn")]
     public void A_wrong_command_is_reported(string command, string expected)
     {
@@ -460,7 +414,7 @@ public sealed partial class DocumentationTests
     [InlineData("coordinator train --recipe NAME --out DIR\n                  [--keep-everything K]", "shows --keep-everything")]
     [InlineData("coordinator benchmark-nothing [--steps N]", "has no verb 'benchmark-nothing'")]
     [InlineData("worker --coordinator URL [--transport socket|grpc|carrier-pigeon] [--gpu N]", "worker shows --gpu")]
-    [InlineData("bench chaos [--kill-every K] [--kill-all]", "coordinator benchmark-chaos shows --kill-all")]
+    [InlineData("bench chaos [--kill-every K] [--kill-all]", "bench chaos shows --kill-all")]
     public void A_wrong_synopsis_is_reported(string synopsis, string expected)
     {
         var problems = SynopsisProblems("README.md", "```text\n" + synopsis + "\n```\n");
