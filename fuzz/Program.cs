@@ -42,9 +42,13 @@ internal static class Program
 
     private static int Fuzz(string name)
     {
+        // Nothing instrumented may run before SharpFuzz sets up the coverage map: what a target reuses (a coordinator)
+        // starts with the first input.
         var target = AllTargets.Create(name);
-        // Start what the target reuses (a coordinator) before the loop, so the first input is not timed with it.
-        foreach (var _ in target.Seeds()) { }
+        // An exception on another thread (the coordinator's) ends the process, which afl-fuzz sees only as a lost fork
+        // server: say what it was where FUZZ_DEATH_LOG points.
+        if (Environment.GetEnvironmentVariable("FUZZ_DEATH_LOG") is { Length: > 0 } deathLog)
+            AppDomain.CurrentDomain.UnhandledException += (_, e) => File.AppendAllText(deathLog, $"{DateTime.UtcNow:O} {name}: {e.ExceptionObject}\n");
         SharpFuzz.Fuzzer.Run(stream =>
         {
             using var ms = new MemoryStream();

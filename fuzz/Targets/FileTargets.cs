@@ -212,13 +212,12 @@ public sealed class CheckpointManifestTarget : FuzzTarget
     private readonly string _folder;
     private readonly string _manifest;
 
+    private bool _ready;
+
     public CheckpointManifestTarget()
     {
         _folder = Path.Combine(Scratch("manifest"), "checkpoints", "7");
-        Directory.CreateDirectory(_folder);
         _manifest = Path.Combine(_folder, CheckpointStore.ManifestFileName);
-        foreach (var (name, bytes) in TensorFiles())
-            File.WriteAllBytes(Path.Combine(_folder, name), bytes);
     }
 
     public override string Name => "checkpoint-manifest";
@@ -234,6 +233,14 @@ public sealed class CheckpointManifestTarget : FuzzTarget
 
     protected override void Run(byte[] input)
     {
+        if (!_ready)
+        {
+            // At the first input, not in the constructor: under AFL nothing instrumented may run before the fuzzing loop.
+            Directory.CreateDirectory(_folder);
+            foreach (var (name, bytes) in TensorFiles())
+                File.WriteAllBytes(Path.Combine(_folder, name), bytes);
+            _ready = true;
+        }
         File.WriteAllBytes(_manifest, input);
         var data = CheckpointStore.Load(_folder);
         try
