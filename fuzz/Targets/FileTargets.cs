@@ -33,24 +33,28 @@ public sealed class IdxTarget : FuzzTarget
     {
         File.WriteAllBytes(_plain, input);
         File.WriteAllBytes(_gz, input);
+        var outcomes = new List<string>();
         foreach (var path in new[] { _plain, _gz })
         {
-            Read(() => IdxReader.ReadImages(path), 4);
-            Read(() => IdxReader.ReadLabels(path), 1);
+            outcomes.Add(Read(() => IdxReader.ReadImages(path), 4, path));
+            outcomes.Add(Read(() => IdxReader.ReadLabels(path), 1, path));
         }
+        Note(string.Join("; ", outcomes));
     }
 
     /// <summary>One read; a tensor it returns has as many elements as its header declares, and is disposed.</summary>
-    private static void Read(Func<Tensor> read, int rank)
+    private static string Read(Func<Tensor> read, int rank, string path)
     {
         try
         {
             using var t = read();
             Check(t.dim() == rank, $"idx: a tensor of rank {t.dim()}, expected {rank}");
+            return "read";
         }
         catch (InvalidDataException e)
         {
-            Check(e.Message.StartsWith("IDX file ", StringComparison.Ordinal), $"idx: an error that does not name the file: {e.Message}");
+            Check(e.Message.StartsWith($"IDX file {path}: ", StringComparison.Ordinal), $"idx: an error that does not name the file: {e.Message}");
+            return e.Message[(path.Length + 11)..].Split('(')[0].Trim();
         }
     }
 
@@ -112,23 +116,26 @@ public sealed class PngTarget : FuzzTarget
     protected override void Run(byte[] input)
     {
         File.WriteAllBytes(_path, input);
-        Decode(() =>
+        var read = Decode(() =>
         {
             var (width, height, rgba) = PngReader.Read(_path);
             Check(width > 0 && height > 0 && rgba.LongLength == 4L * width * height, $"png: {width}x{height} with {rgba.LongLength} bytes of RGBA");
         });
-        Decode(() => ImageFolderReader.Decode(_path, 8, 3, _destination));
+        var folder = Decode(() => ImageFolderReader.Decode(_path, 8, 3, _destination));
+        Note($"{read}; {folder}");
     }
 
-    private void Decode(Action decode)
+    private string Decode(Action decode)
     {
         try
         {
             decode();
+            return "decoded";
         }
         catch (InvalidDataException e)
         {
             Check(e.Message.StartsWith($"image {_path}: ", StringComparison.Ordinal), $"png: an error that does not name the file: {e.Message}");
+            return e.Message[(_path.Length + 8)..].Split('(')[0].Trim();
         }
     }
 

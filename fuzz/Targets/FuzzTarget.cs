@@ -37,12 +37,14 @@ public abstract class FuzzTarget
     public void Execute(byte[] input)
     {
         ArgumentNullException.ThrowIfNull(input);
+        LastAccepted = false;
         var before = AllThreads ? GC.GetTotalAllocatedBytes() : GC.GetAllocatedBytesForCurrentThread();
         try
         {
             _note = null;
             Run(input);
             LastOutcome = _note ?? "accepted";
+            LastAccepted = true;
         }
         catch (Exception e) when (Expected(e))
         {
@@ -58,6 +60,9 @@ public abstract class FuzzTarget
 
     /// <summary>What the last input came to: "accepted", or the expected error's type and first line.</summary>
     public string LastOutcome { get; private set; } = "";
+
+    /// <summary>Whether the last input ran to the end without a documented error.</summary>
+    public bool LastAccepted { get; private set; }
 
     [ThreadStatic] private static string? _note;
 

@@ -148,7 +148,7 @@ public sealed class SocketCoordinatorTarget : FuzzTarget
 /// <summary>
 /// The worker's end of the worker socket (<see cref="SocketTrainerCall"/>): a loopback listener plays the coordinator,
 /// reads the preface and Hello, then answers with the input and closes. The worker reads the answer (Accepted or a Status)
-/// and then its messages until the stream ends. Documented errors (what the worker catches): RpcException (a status with a detail),
+/// and then its messages until the stream ends. Documented errors (what the worker catches): RpcException (the status the peer sent),
 /// <see cref="ProtocolException"/>,
 /// <see cref="SocketMismatchException"/> (no worker socket there).
 /// </summary>
@@ -223,7 +223,8 @@ public sealed class SocketWorkerTarget : FuzzTarget, IDisposable
         }
     }
 
-    protected override bool Expected(Exception e) => FuzzCoordinator.IsStatus(e) || e is SocketMismatchException or ProtocolException;
+    // The coordinator's status is the peer's to choose (any code, any detail): the worker passes it on as an RpcException.
+    protected override bool Expected(Exception e) => e is RpcException or SocketMismatchException or ProtocolException;
 
     protected override long AllocationLimit(byte[] input) => 16L * input.Length + (32L << 20);
 
