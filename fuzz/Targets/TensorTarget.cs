@@ -87,8 +87,9 @@ public sealed class TensorTarget : FuzzTarget
         rest[..at].CopyTo(payload);
         payload.AsSpan(at, count).Fill(input[8]);
         rest[at..].CopyTo(payload.AsSpan(at + count));
-        // Google.Protobuf keeps every unknown field as an object: a payload of 2-byte fields costs ~25 times its size.
-        _limit += 64L * payload.Length;
+        // Six parses (generated, pooled from a sequence and from a frame, for each message type). Google.Protobuf allocates
+        // up to ~17 times a payload's size for one parse of it (measured: 2 MiB of small repeated or unknown fields).
+        _limit += 6 * 33L * payload.Length;
         Compare(payload, WorkerMessage.Parser, TensorMessages.ParseWorkerMessage, TensorMessages.ParseWorkerMessage, m => TensorMessages.Release(m));
         Compare(payload, CoordinatorMessage.Parser, TensorMessages.ParseCoordinatorMessage, TensorMessages.ParseCoordinatorMessage, m => TensorMessages.Release(m));
     }
