@@ -1,3 +1,4 @@
+using DistDiffusion.Model;
 using DistDiffusion.Model.Data;
 using SkiaSharp;
 
@@ -110,7 +111,7 @@ public class ImageFolderReaderTests
         var e = Assert.Throws<InvalidDataException>(() => ImageFolderReader.Load(tmp.Path, 8));
         Assert.Contains(huge, e.Message, StringComparison.Ordinal);
         Assert.Contains("100000x100000", e.Message, StringComparison.Ordinal);
-        Assert.Contains($"at most {ImageFolderReader.MaxImageSide} pixels a side", e.Message, StringComparison.Ordinal);
+        Assert.Contains($"at most {ImageLimits.MaxSide} pixels a side", e.Message, StringComparison.Ordinal);
     }
 
     [Fact]
@@ -130,6 +131,6 @@ public class ImageFolderReaderTests
         var e = Assert.Throws<InvalidDataException>(() => ImageFolderReader.Load(tmp.Path, 8));
         Assert.Contains(huge, e.Message, StringComparison.Ordinal);
         Assert.Contains("10000x10000", e.Message, StringComparison.Ordinal);
-        Assert.Contains($"at most {ImageFolderReader.MaxImagePixels} pixels", e.Message, StringComparison.Ordinal);
+        Assert.Contains($"at most {ImageLimits.MaxPixels} pixels", e.Message, StringComparison.Ordinal);
     }
 }

@@ -338,10 +338,14 @@ public static class CheckpointStore
     {
         if (!File.Exists(path))
             throw new CheckpointException(path, "missing file", null);
+        var text = File.ReadAllBytes(path);
+        // JsonDocument checks a string's UTF-8 only when it is read (an InvalidOperationException then): check it all first.
+        if (!System.Text.Unicode.Utf8.IsValid(text))
+            throw new CheckpointException(path, "not valid UTF-8", null);
         JsonDocument document;
         try
         {
-            document = JsonDocument.Parse(File.ReadAllBytes(path));
+            document = JsonDocument.Parse(text);
         }
         catch (JsonException e)
         {

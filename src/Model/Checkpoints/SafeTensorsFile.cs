@@ -207,6 +207,9 @@ public static class SafeTensorsFile
 
     private static (List<Entry> Entries, Dictionary<string, string> Metadata) ParseHeader(string source, ReadOnlySpan<byte> header, long dataLength)
     {
+        // JsonDocument checks a string's UTF-8 only when it is read (an InvalidOperationException then): check it all first.
+        if (!System.Text.Unicode.Utf8.IsValid(header))
+            throw Invalid(source, "header is not valid UTF-8");
         JsonDocument document;
         try
         {

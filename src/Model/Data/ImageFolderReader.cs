@@ -9,17 +9,11 @@ namespace DistDiffusion.Model.Data;
 /// each image is resized so its shorter side is <c>size</c> (high-quality filtering), centre-cropped to
 /// size x size and scaled to [-1, 1]. Alpha is ignored. One channel = luma (0.299 R + 0.587 G + 0.114 B).
 /// Image files are untrusted: dimensions are read from the header first, and an image over
-/// <see cref="MaxImageSide"/> pixels a side or <see cref="MaxImagePixels"/> pixels is refused before it is decoded.
+/// <see cref="ImageLimits.MaxSide"/> pixels a side or <see cref="ImageLimits.MaxPixels"/> pixels is refused before it is decoded.
 /// </summary>
 public static class ImageFolderReader
 {
     private static readonly string[] Extensions = [".png", ".jpg", ".jpeg"];
-
-    /// <summary>Widest and tallest image accepted (read from the file's header, before decoding).</summary>
-    public const int MaxImageSide = 16_384;
-
-    /// <summary>Most pixels one image may have (8192 x 8192: a 256 MiB RGBA buffer while it is decoded).</summary>
-    public const long MaxImagePixels = 8192L * 8192;
 
     public static Dataset Load(string folder, int size, int channels = 3)
     {
@@ -49,13 +43,8 @@ public static class ImageFolderReader
         using var codec = SKCodec.Create(path)
             ?? throw new InvalidDataException($"image {path}: not a decodable PNG or JPEG file");
         var info = new SKImageInfo(codec.Info.Width, codec.Info.Height, SKColorType.Rgba8888, SKAlphaType.Unpremul);
-        if (info.Width <= 0 || info.Height <= 0)
-            throw new InvalidDataException($"image {path}: has zero size ({info.Width}x{info.Height})");
         // The codec has read only the header so far: refuse sizes that would need gigabytes to decode.
-        if (info.Width > MaxImageSide || info.Height > MaxImageSide)
-            throw new InvalidDataException($"image {path}: its header declares {info.Width}x{info.Height} pixels; expected at most {MaxImageSide} pixels a side");
-        if ((long)info.Width * info.Height > MaxImagePixels)
-            throw new InvalidDataException($"image {path}: its header declares {info.Width}x{info.Height} pixels; expected at most {MaxImagePixels} pixels (8192x8192)");
+        ImageLimits.CheckDeclared(path, info.Width, info.Height);
         using var decoded = SKBitmap.Decode(codec, info)
             ?? throw new InvalidDataException($"image {path}: decoding failed (corrupt or truncated data)");
 
