@@ -159,16 +159,14 @@ run_step() {
   return "$rc"
 }
 
-inside() {   # inside COMMAND: COMMAND in the root, in a private mount and pid namespace
-  unshare --mount --pid --fork --kill-child=SIGKILL -- "$BASH" "$self" --inside "$root" "$dotnet_dir" "$1"
-}
-
 commit="$(git -C "$here" rev-parse HEAD)"
 [ -z "$(git -C "$here" status --porcelain --untracked-files=no)" ] || log "note: uncommitted changes in $here are not part of the check (it clones HEAD $commit)"
 work="$(mktemp -d /var/tmp/distdiffusion-fresh-debian.XXXXXX)"
 root="$work/root"
 [ "$chromium" = 1 ] && prerequisites+=(chromium)
 include="$(IFS=,; echo "${prerequisites[*]}")"
+# "${inside[@]}" COMMAND: COMMAND in the root, in a private mount and pid namespace (a real command, for timeout).
+inside=(unshare --mount --pid --fork --kill-child=SIGKILL -- "$BASH" "$self" --inside "$root" "$dotnet_dir")
 
 note "check-fresh-debian on $(hostname) at $stamp: commit $commit, Debian $suite, .NET SDK $("$dotnet_dir/dotnet" --version) from $dotnet_dir"
 note "prerequisites in the root beyond minbase: ${prerequisites[*]}"
@@ -210,10 +208,12 @@ quoted_test_args=""
 [ "$chromium" = 1 ] || test_args+=(--filter "FullyQualifiedName!~DashboardBrowserTests")
 [ ${#test_args[@]} -eq 0 ] || quoted_test_args="$(printf ' %q' "${test_args[@]}")"
 
+run_step "dotnet --info in the root" "$log_dir/dotnet-info.log" "${inside[@]}" "dotnet --info" \
+  || die "the host's .NET SDK does not run in the root: see $log_dir/dotnet-info.log"
 demo_rc=0 test_rc=0
-run_step "scripts/demo.sh" "$log_dir/demo.log" inside "scripts/demo.sh" || demo_rc=$?
+run_step "scripts/demo.sh" "$log_dir/demo.log" "${inside[@]}" "scripts/demo.sh" || demo_rc=$?
 grep -E 'sliced Wasserstein|trained|steps/s' "$log_dir/demo.log" | tail -n 3 | sed 's/^/  demo: /' | tee -a "$summary" >&2 || true
-run_step "scripts/test.sh$quoted_test_args" "$log_dir/test.log" inside "scripts/test.sh$quoted_test_args" || test_rc=$?
+run_step "scripts/test.sh$quoted_test_args" "$log_dir/test.log" "${inside[@]}" "scripts/test.sh$quoted_test_args" || test_rc=$?
 grep -E '^(Passed|Failed)!|Total tests:' "$log_dir/test.log" | sed 's/^/  test: /' | tee -a "$summary" >&2 || true
 grep -E '^\s+Failed [A-Za-z]' "$log_dir/test.log" | sed 's/^/  test: /' | tee -a "$summary" >&2 || true
 
