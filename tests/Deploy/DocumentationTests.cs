@@ -16,12 +16,6 @@ public sealed partial class DocumentationTests
     /// <summary>The README is the front page, not the reference: the depth lives in docs/.</summary>
     private const int ReadmeMaxLines = 260;
 
-    // PENDING: files the docs link to that other branches are writing; the lead empties this set at merge (the
-    // Pending_* test below fails once an entry exists, so a stale entry cannot stay behind).
-    // Files the docs link to that other branches are writing (docs/setup.md: set-up and the libstdc++ step;
-    // docs/fuzzing.md: the fuzz targets). A link to one of them is accepted while it does not exist.
-    private static readonly HashSet<string> PendingLinkTargets = new(StringComparer.Ordinal) { "docs/setup.md", "docs/fuzzing.md" };
-
     private const string BenchExe = "bench";
 
     /// <summary>README.md, CHANGELOG.md and every docs/*.md, as paths relative to the repository.</summary>
@@ -252,7 +246,6 @@ public sealed partial class DocumentationTests
                     problems.Add($"{name}: the link ({target}) leaves the repository");
                     continue;
                 }
-                if (PendingLinkTargets.Contains(path) && read(path) is null) continue;
                 if (isDirectory(path))
                 {
                     if (anchor is not null) problems.Add($"{name}: the link ({target}) gives an anchor in a folder");
@@ -333,13 +326,6 @@ public sealed partial class DocumentationTests
         var missing = Documents().Where(d => d.StartsWith("docs/", StringComparison.Ordinal) && d != "docs/index.md")
             .Where(d => !index.Contains($"({Path.GetFileName(d)})", StringComparison.Ordinal)).ToList();
         Assert.True(missing.Count == 0, "docs/index.md does not link " + string.Join(", ", missing));
-    }
-
-    [Fact]
-    public void Pending_link_targets_do_not_exist_yet()
-    {
-        var arrived = PendingLinkTargets.Where(t => File.Exists(RepoFiles.PathOf(t))).ToList();
-        Assert.True(arrived.Count == 0, $"{string.Join(", ", arrived)} exist now: remove them from {nameof(PendingLinkTargets)} so links into them are checked (anchors too)");
     }
 
     // ---------------------------------------------------------------- the checks can fail

@@ -101,12 +101,14 @@ internal static partial class ManifestPolicyChecks
                 if (kind != "startup") p.Add($"{c}: serves port {ports[0].ContainerPort} but has no {kind} probe");
                 continue;
             }
-            // Native gRPC probes call grpc.health.v1.Health/Check, the one method the coordinator serves without a token;
+            // Native gRPC probes call grpc.health.v1.Health/Check, the one method the coordinator serves without a token,
+            // about "" (the process), a distdiffusion.v1 service, or the liveness service (no progress while training);
             // which port they must use (the cleartext health port beside TLS) is SecurityChecks' to say.
             if (probe.Grpc is null) p.Add($"{c}: the {kind} probe is not a gRPC (grpc.health.v1) probe");
             else if (!ports.Any(cp => cp.ContainerPort == probe.Grpc.Port))
                 p.Add($"{c}: the {kind} probe checks port {probe.Grpc.Port}, which the container does not serve");
-            else if (!string.IsNullOrEmpty(probe.Grpc.Service) && !probe.Grpc.Service.StartsWith("distdiffusion.v1.", StringComparison.Ordinal))
+            else if (!string.IsNullOrEmpty(probe.Grpc.Service) && !probe.Grpc.Service.StartsWith("distdiffusion.v1.", StringComparison.Ordinal)
+                     && probe.Grpc.Service != Coordinator.Monitoring.LivenessProbe.ServiceName)
                 p.Add($"{c}: the {kind} probe asks about service {probe.Grpc.Service}, which the coordinator's health service does not report");
         }
     }
