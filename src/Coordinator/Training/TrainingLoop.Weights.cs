@@ -1,19 +1,4 @@
-using System.Diagnostics;
-using System.Runtime.InteropServices;
-using System.Threading.Channels;
-using DistDiffusion.Coordinator.Configuration;
-using DistDiffusion.Coordinator.Observe;
 using DistDiffusion.Coordinator.Sampling;
-using DistDiffusion.Coordinator.Workers;
-using DistDiffusion.Model.Checkpoints;
-using DistDiffusion.Model.Configuration;
-using DistDiffusion.Model.Optimization;
-using DistDiffusion.Model.Training;
-using DistDiffusion.Model;
-using DistDiffusion.Protocol.V1;
-using DistDiffusion.Protocol;
-using Grpc.Core;
-using Microsoft.Extensions.Logging;
 
 namespace DistDiffusion.Coordinator.Training;
 
