@@ -89,7 +89,7 @@ public sealed class RandomnessTests
             .Where(f => File.ReadAllText(f).Contains("SeedMix.", StringComparison.Ordinal))
             .ToList();
         Assert.Empty(offenders);
-        var driver = File.ReadAllText(Path.Combine(src, "Coordinator", "Server", "StepDriver.cs"));
+        var driver = File.ReadAllText(Path.Combine(src, "Coordinator", "Training", "StepDriver.cs"));
         Assert.Contains("Randomness.VerifyDraw", driver, StringComparison.Ordinal);
     }
 
