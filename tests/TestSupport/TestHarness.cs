@@ -2,10 +2,13 @@ using DistDiffusion.Coordinator.Cli;
 
 namespace DistDiffusion.Tests;
 
-/// <summary>Runs the `coordinator` command line in process with stdout and stderr captured (callers run one at a time).</summary>
+/// <summary>Runs a command line in process with stdout and stderr captured (callers run one at a time).</summary>
 internal static class CliHarness
 {
-    public static (int Code, string Out, string Err) Run(params string[] args)
+    public static (int Code, string Out, string Err) Run(params string[] args) => Capture(() => CoordinatorCli.Run(args));
+
+    /// <summary>Runs an entry point (a command line's Run) with stdout and stderr captured.</summary>
+    public static (int Code, string Out, string Err) Capture(Func<int> run)
     {
         var (oldOut, oldErr) = (Console.Out, Console.Error);
         using var o = new StringWriter();
@@ -14,7 +17,7 @@ internal static class CliHarness
         Console.SetError(e);
         try
         {
-            return (CoordinatorCli.Run(args), o.ToString(), e.ToString());
+            return (run(), o.ToString(), e.ToString());
         }
         finally
         {
